@@ -1,0 +1,298 @@
+"""The layer suite: real CPU speedup of CP blocks against the fastest execution of the original conv.
+
+    python benchmarks/layer_suite.py [--quick] [--repeat N] [--json OUT] [--backends a,b,...]
+
+For each layer × rank × batch (1, 32) × threads (1, 2) — a *cell* — it builds the original conv (random
+weights) and a CP block with random factors (the paper's 4-layer form), prepares both on every registered
+backend and times them side by side (:func:`cpbench.timing.time_pair`, short selection budget). The cell's
+result is a final paired measurement of the fastest baseline (over all backends) against the fastest
+compressed execution (over all backends):
+
+    speedup    = median(fastest baseline) / median(fastest compressed), with a paired bootstrap CI
+    theo       = FLOPs(original conv) / FLOPs(CP4 block), from torch.utils.flop_counter.FlopCounterMode
+    efficiency = speedup / theo
+
+Targets (printed at the end): median efficiency >= 0.8; no cell with theo >= 2 slower than its baseline;
+with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells.
+
+The paper's grouped AlexNet conv2 (96→256, groups=2) is decomposed per group (CPBlock with G=2), rank 100
+per group, so G·R = 200 channels between the 1×1 layers (the "rank 200" of the block-diagonal
+expansion, with half its 1×1 FLOPs since the off-diagonal zero blocks are not computed).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cpbench.errors import BackendError
+from cpbench.execution import rel_error
+from cpbench.layers import CPBlock, geometry
+from cpbench.machine import machine_info
+from cpbench.pluginmanager import Plugins
+from cpbench.threads import thread_limits
+from cpbench.timing import TimingBudget, time_pair
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    in_ch: int
+    out_ch: int
+    k: int
+    pad: int
+    size: int
+    groups: int
+    ranks: tuple[int, ...]  # rank per group
+    note: str = ""
+
+
+LAYERS = [
+    Layer("alexnet-conv2", 64, 192, 5, 2, 27, 1, (100, 200)),
+    Layer("alexnet-conv2-paper", 96, 256, 5, 2, 27, 2, (100,),
+          "groups=2, CP per group (CPBlock G=2), R=100 per group = 200 total"),
+    Layer("vgg16-conv3_1", 128, 256, 3, 1, 56, 1, (64, 128)),
+    Layer("charnet-conv2", 48, 128, 9, 0, 16, 1, (32, 64)),
+]
+BATCHES = (1, 32)
+THREADS = (1, 2)
+
+# Selection: every backend × (baseline, compressed), short. Final: the two winners, longer.
+SELECT_BUDGET = TimingBudget(warmup=1, min_rounds=3, max_rounds=40, budget_s=0.6, min_round_s=0.005,
+                             target_ci_rel=0.05)
+FINAL_BUDGET = TimingBudget(warmup=2, min_rounds=12, max_rounds=300, budget_s=4.0, min_round_s=0.005,
+                            target_ci_rel=0.015)
+QUICK_FINAL_BUDGET = TimingBudget(warmup=1, min_rounds=8, max_rounds=100, budget_s=1.5, min_round_s=0.005,
+                                  target_ci_rel=0.03)
+
+
+def build(layer: Layer, rank: int, seed: int = 0) -> tuple[nn.Conv2d, CPBlock]:
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(layer.in_ch, layer.out_ch, layer.k, padding=layer.pad, groups=layer.groups)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+    geo = geometry(conv)
+    G = layer.groups
+    out = torch.randn(G, layer.out_ch // G, rank, generator=g) / math.sqrt(rank)
+    in_ = torch.randn(G, layer.in_ch // G, rank, generator=g) / math.sqrt(layer.in_ch // G)
+    h = torch.randn(G, layer.k, rank, generator=g) / math.sqrt(layer.k)
+    w = torch.randn(G, layer.k, rank, generator=g) / math.sqrt(layer.k)
+    block = CPBlock(geo, out, in_, h=h, w=w, bias=conv.bias.detach())
+    return conv.eval(), block.eval()
+
+
+def flops(module: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as fc, torch.inference_mode():
+        module(x)
+    return fc.get_total_flops()
+
+
+def prepare_all(backends, model, x, threads, errors, tag):
+    out = {}
+    for b in backends:
+        try:
+            p = b.prepare(model, x, threads=threads)
+            xi = p.convert_input(x)
+            with torch.inference_mode():
+                y = p(xi)
+            out[b.name] = (p, xi, y)
+        except BackendError as exc:
+            errors[f"{b.name}/{tag}"] = str(exc)
+        except Exception as exc:  # a backend bug must not stop the suite; it is reported
+            errors[f"{b.name}/{tag}"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def close_all(preps):
+    for p, _, _ in preps.values():
+        try:
+            p.close()
+        except Exception:
+            pass
+
+
+def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x):
+    conv, block = build(layer, rank)
+    theo = flops(conv, x) / flops(block, x)
+    errors: dict[str, str] = {}
+    comp = prepare_all(backends, block, x, threads, errors, "compressed")
+    with torch.inference_mode():
+        ref = block(x)
+    per_backend = {}
+    for name in sorted(set(comp) & set(base_preps)):
+        (pb, xb, _), (pc, xc, yc) = base_preps[name], comp[name]
+        err = rel_error(yc.contiguous() if not yc.is_mkldnn else yc, ref)
+        if err > 1e-4:
+            errors[f"{name}/compressed"] = f"output differs from torch-cpu by {err:.2e}"
+            continue
+        pt = time_pair(lambda: pb(xb), lambda: pc(xc), SELECT_BUDGET)
+        per_backend[name] = {
+            "baseline_ms": pt.baseline.median_ms, "compressed_ms": pt.compressed.median_ms,
+            "speedup": pt.speedup, "rel_error": err,
+            "cp_forms": [c["form"] for c in pc.info.get("cp_forms", [])] or None,
+            "compile_seconds": pc.info.get("compile_seconds"),
+        }
+    if not per_backend:
+        close_all(comp)
+        return {"layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "theo": theo,
+                "errors": errors, "status": "error"}
+    best_b = min(per_backend, key=lambda n: per_backend[n]["baseline_ms"])
+    best_c = min(per_backend, key=lambda n: per_backend[n]["compressed_ms"])
+    (pb, xb, _), (pc, xc, _) = base_preps[best_b], comp[best_c]
+    final = time_pair(lambda: pb(xb), lambda: pc(xc), final_budget)
+    close_all(comp)
+    return {
+        "layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "theo": theo,
+        "best_baseline": best_b, "best_compressed": best_c,
+        "compressed_form": per_backend[best_c]["cp_forms"],
+        "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
+        "speedup": final.speedup, "ci": list(final.speedup_ci), "efficiency": final.speedup / theo,
+        "noisy": final.noisy, "rounds": final.baseline.rounds,
+        "backends": per_backend, "errors": errors, "status": "ok",
+    }
+
+
+def run_suite(backends, *, quick: bool, log=print) -> list[dict]:
+    cells = []
+    final_budget = QUICK_FINAL_BUDGET if quick else FINAL_BUDGET
+    threads_list = (2,) if quick else THREADS
+    for layer in LAYERS:
+        ranks = layer.ranks[:1] if quick else layer.ranks
+        for batch in BATCHES:
+            x = torch.randn(batch, layer.in_ch, layer.size, layer.size, generator=torch.Generator().manual_seed(1))
+            for threads in threads_list:
+                with thread_limits(threads):
+                    conv, _ = build(layer, ranks[0])
+                    base_errors: dict[str, str] = {}
+                    base = prepare_all(backends, conv, x, threads, base_errors, "baseline")
+                    for rank in ranks:
+                        t0 = time.perf_counter()
+                        cell = run_cell(layer, rank, batch, threads, backends, base, final_budget, x)
+                        cell["errors"].update(base_errors)
+                        cell["seconds"] = time.perf_counter() - t0
+                        cells.append(cell)
+                        log(format_row(cell))
+                    close_all(base)
+                    del base
+                    gc.collect()
+    return cells
+
+
+HEADER = (f"{'layer':<20} {'R':>4} {'B':>3} {'T':>2} {'theo':>6} {'base ms':>9} {'cp ms':>9} "
+          f"{'speedup':>7} {'95% CI':>15} {'eff':>5}  {'baseline on':<14} {'compressed on (form)'}")
+
+
+def format_row(c: dict) -> str:
+    if c["status"] != "ok":
+        return f"{c['layer']:<20} {c['rank']:>4} {c['batch']:>3} {c['threads']:>2} ERROR {c['errors']}"
+    forms = ",".join(sorted(set(c["compressed_form"] or []))) or "cp4"
+    ci = f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]"
+    return (f"{c['layer']:<20} {c['rank']:>4} {c['batch']:>3} {c['threads']:>2} {c['theo']:>6.2f} "
+            f"{c['baseline_ms']:>9.3f} {c['compressed_ms']:>9.3f} {c['speedup']:>7.2f} {ci:>15} "
+            f"{c['efficiency']:>5.2f}  {c['best_baseline']:<14} {c['best_compressed']} ({forms})"
+            + ("  noisy" if c["noisy"] else ""))
+
+
+def _key(c):
+    return (c["layer"], c["rank"], c["batch"], c["threads"])
+
+
+def summarize(runs: list[list[dict]]) -> dict:
+    first = [c for c in runs[0] if c["status"] == "ok"]
+    effs = [c["efficiency"] for c in first]
+    slow = [_key(c) for c in first if c["theo"] >= 2 and c["speedup"] < 1.0]
+    summary = {
+        "cells": len(runs[0]), "ok_cells": len(first),
+        "median_efficiency": statistics.median(effs) if effs else float("nan"),
+        "target_median_efficiency": (statistics.median(effs) >= 0.8) if effs else False,
+        "slower_than_baseline_with_theo_ge_2": slow,
+        "target_no_slowdown": not slow and len(first) == len(runs[0]),
+        "backend_wins_baseline": _count(c["best_baseline"] for c in first),
+        "backend_wins_compressed": _count(c["best_compressed"] for c in first),
+    }
+    if len(runs) > 1:
+        a = {_key(c): c for c in first}
+        b = {_key(c): c for c in runs[1] if c["status"] == "ok"}
+        common = sorted(set(a) & set(b))
+        inside = [k for k in common
+                  if b[k]["ci"][0] <= a[k]["speedup"] <= b[k]["ci"][1]
+                  and a[k]["ci"][0] <= b[k]["speedup"] <= a[k]["ci"][1]]
+        summary["repeat_cells"] = len(common)
+        summary["repeat_inside_other_ci"] = len(inside)
+        summary["repeat_fraction"] = len(inside) / len(common) if common else 0.0
+        summary["target_repeatable"] = bool(common) and len(inside) / len(common) >= 0.9
+        summary["repeat_outside"] = [list(k) + [round(a[k]["speedup"], 3), [round(v, 3) for v in b[k]["ci"]],
+                                                round(b[k]["speedup"], 3), [round(v, 3) for v in a[k]["ci"]]]
+                                     for k in common if k not in inside]
+    return summary
+
+
+def _count(names) -> dict:
+    out: dict[str, int] = {}
+    for n in names:
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    ok = lambda flag: "PASS" if flag else "FAIL"  # noqa: E731
+    print("", file=out)
+    print(f"cells: {summary['ok_cells']}/{summary['cells']} ok", file=out)
+    print(f"[{ok(summary['target_median_efficiency'])}] median efficiency {summary['median_efficiency']:.3f} "
+          f"(target >= 0.8)", file=out)
+    print(f"[{ok(summary['target_no_slowdown'])}] cells with theo >= 2 slower than baseline: "
+          f"{len(summary['slower_than_baseline_with_theo_ge_2'])} {summary['slower_than_baseline_with_theo_ge_2']}",
+          file=out)
+    if "repeat_fraction" in summary:
+        print(f"[{ok(summary['target_repeatable'])}] repeat: {summary['repeat_inside_other_ci']}/"
+              f"{summary['repeat_cells']} cells with each run's speedup inside the other's CI "
+              f"({summary['repeat_fraction']:.0%}, target >= 90%)", file=out)
+        for row in summary["repeat_outside"]:
+            print(f"    outside: {row}", file=out)
+    else:
+        print("[ -- ] repeatability: run with --repeat 2", file=out)
+    print(f"fastest baseline backend: {summary['backend_wins_baseline']}", file=out)
+    print(f"fastest compressed backend: {summary['backend_wins_compressed']}", file=out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="threads=2 only, first rank per layer, shorter timing")
+    ap.add_argument("--repeat", type=int, default=1, help="run the suite N times (N=2 checks repeatability)")
+    ap.add_argument("--json", help="write cells, summary and machine info here")
+    ap.add_argument("--backends", help="comma-separated backend names (default: all registered)")
+    args = ap.parse_args(argv)
+    plugins = Plugins()
+    names = args.backends.split(",") if args.backends else plugins.backends.names()
+    backends = [plugins.backends.get(n) for n in names]
+    print(f"backends: {', '.join(names)}; torch {torch.__version__}; {os.cpu_count()} logical CPUs", flush=True)
+    runs = []
+    t0 = time.perf_counter()
+    for i in range(args.repeat):
+        print(f"\n== run {i + 1}/{args.repeat}", flush=True)
+        print(HEADER, flush=True)
+        runs.append(run_suite(backends, quick=args.quick, log=lambda s: print(s, flush=True)))
+    summary = summarize(runs)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    print_summary(summary)
+    print(f"wall time: {summary['wall_seconds']:.0f} s")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"summary": summary, "runs": runs, "machine": machine_info(),
+                       "layers": [l.__dict__ for l in LAYERS]}, fh, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""cpbench: benchmark low-rank decompositions of CNN conv layers for real CPU speedup.
+
+The public surface is re-exported here; everything else is internal.
+"""
+from __future__ import annotations
+
+from .errors import (
+    BackendError,
+    CacheError,
+    CpbenchError,
+    MatrixError,
+    PluginError,
+    RankError,
+    UnknownNameError,
+    UsageError,
+    WeightError,
+)
+from .factorization import Factorization
+from .pluginmanager import get_plugins, hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "Factorization",
+    "get_plugins",
+    "get_decomposer",
+    "decompose",
+    "compress",
+    "save",
+    "load",
+    "CpbenchError",
+    "UsageError",
+    "UnknownNameError",
+    "MatrixError",
+    "RankError",
+    "WeightError",
+    "PluginError",
+    "BackendError",
+    "CacheError",
+]
+
+
+def get_decomposer(name: str):
+    """The registered decomposer object called ``name`` (raises UnknownNameError listing the others)."""
+    return get_plugins().decomposers.get(name)
+
+
+def decompose(weight, rank, method: str = "cp-nls", **options) -> Factorization:
+    """Decompose a conv kernel ``(out_channels, in_channels/groups, kh, kw)`` with a registered method."""
+    return get_decomposer(method).decompose(weight, rank, **options)
+
+
+def __getattr__(name: str):
+    # Heavier pieces load on first use so `import cpbench` stays cheap for plugins.
+    if name in ("compress", "save", "load"):
+        from . import surgery
+
+        return getattr(surgery, name)
+    raise AttributeError(f"module 'cpbench' has no attribute {name!r}")

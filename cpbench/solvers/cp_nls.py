@@ -1,0 +1,411 @@
+"""CP decomposition by matrix-free damped Gauss-Newton (Levenberg-Marquardt), as Tensorlab's
+``cpd_nls`` and Lebedev et al. (ICLR 2015).
+
+Objective (float64)::
+
+    f(A) = 1/2 ||W - [[A_0, ..., A_{N-1}]]||^2 + mu/2 sum_k ||A_k||^2
+
+The Jacobian ``J`` of the model is never formed. With ``G_k = A_k^T A_k`` and
+``Gamma_nm = hadamard_{k != n, m} G_k`` (Sorber, Van Barel, De Lathauwer, SIAM J. Optim. 2013):
+
+* gradient   ``g_n = A_n Gamma_nn - W_(n) khatri_rao(A_k, k != n) + mu A_n`` (MTTKRP through a
+  two-node dimension tree: two ``numel(W) x R`` matmuls give all modes);
+* Gram-vector ``(J^T J X)_n = X_n Gamma_nn + A_n sum_{m != n} (X_m^T A_m) * Gamma_nm``.
+
+Each iteration solves ``(J^T J + (mu + lambda) I) p = -g`` by preconditioned CG with the
+block-Jacobi preconditioner ``(Gamma_nn + (mu + lambda) I)^{-1}`` (Cholesky), and adapts the
+damping ``lambda`` from the gain ratio ``rho = actual / predicted decrease`` (Nielsen's rule).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from ._cp_common import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    CPResult,
+    SolverInputError,
+    _contract_partial,
+    balance_columns,
+    degeneracy,
+    grams,
+    hadamard,
+    khatri_rao,
+    make_init,
+    mttkrp_all,
+    rel_error,
+    validate_inputs,
+)
+from .cp_als import _als_sweeps
+
+__all__ = ["cp_nls", "CONDITIONING_MODES", "INIT_MODES"]
+
+CONDITIONING_MODES = ("penalty", "none")
+INIT_MODES = ("als", "svd", "random")
+
+# relative fit (f_fit / ||W||^2) below which f and g are computed from the explicit residual
+# instead of the Gram-matrix expansion, whose cancellation error is ~1e-16 ||W||^2
+_EXACT_RESIDUAL_BELOW = 1e-6
+
+
+def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
+    return float(sum((x * y).sum() for x, y in zip(xs, ys)))
+
+
+class _Problem:
+    """Evaluation of f, g and J^T J products for one tensor (float64)."""
+
+    def __init__(self, t: torch.Tensor, rank: int):
+        self.t = t
+        self.n = t.dim()
+        self.shape = tuple(t.shape)
+        self.rank = rank
+        self.m = max(1, self.n // 2)
+        self.t2 = t.reshape(math.prod(self.shape[: self.m]), -1)
+        self.norm_sq = float((t * t).sum())
+
+    # -- objective ---------------------------------------------------------------------------
+    def evaluate(self, factors: list[torch.Tensor], mu: float) -> dict:
+        """f and the cached pieces needed for the gradient at ``factors``."""
+        m, rank = self.m, self.rank
+        g = grams(factors)
+        krl = khatri_rao(factors[:m])
+        krr = khatri_rao(factors[m:])
+        pl = self.t2 @ krr
+        inner = float((pl * krl).sum())
+        had = g[0]
+        for x in g[1:]:
+            had = had * x
+        model_sq = float(had.sum())
+        f_fit = 0.5 * (self.norm_sq - 2.0 * inner + model_sq)
+        resid = None
+        if f_fit < _EXACT_RESIDUAL_BELOW * self.norm_sq:
+            resid = self.t2 - krl @ krr.T
+            f_fit = 0.5 * float((resid * resid).sum())
+        f_fit = max(f_fit, 0.0)
+        sq = sum(float(torch.diagonal(x).sum()) for x in g)
+        return {
+            "factors": factors,
+            "grams": g,
+            "krl": krl,
+            "pl": pl,
+            "resid": resid,
+            "f_fit": f_fit,
+            "sq": sq,  # sum_k ||A_k||^2
+            "f": f_fit + 0.5 * mu * sq,
+        }
+
+    def gradient(self, ev: dict, mu: float) -> list[torch.Tensor]:
+        """Gradient of f at the evaluated point (one more big matmul)."""
+        n, m, rank = self.n, self.m, self.rank
+        factors, g = ev["factors"], ev["grams"]
+        if ev["resid"] is not None:
+            e = ev["resid"].reshape(self.shape)
+            mk = mttkrp_all(e, factors)
+            return [-mk[k] + mu * factors[k] for k in range(n)]
+        pl = ev["pl"].reshape(self.shape[:m] + (rank,))
+        pr = (self.t2.T @ ev["krl"]).reshape(self.shape[m:] + (rank,))
+        out = []
+        for k in range(n):
+            if k < m:
+                mk = _contract_partial(pl, factors[:m], k)
+            else:
+                mk = _contract_partial(pr, factors[m:], k - m)
+            gam = hadamard([g[j] for j in range(n) if j != k], rank, mk)
+            out.append(factors[k] @ gam - mk + mu * factors[k])
+        return out
+
+
+class _GramOperator:
+    """``(J^T J + shift I) X`` and the block-Jacobi preconditioner at one point."""
+
+    def __init__(self, factors: list[torch.Tensor], g: list[torch.Tensor], shift: float):
+        n = len(factors)
+        rank = factors[0].shape[1]
+        self.factors = factors
+        self.n = n
+        self.shift = shift
+        like = factors[0]
+        self.gam = [[None] * n for _ in range(n)]
+        for a in range(n):
+            for b in range(a, n):
+                h = hadamard([g[k] for k in range(n) if k != a and k != b], rank, like)
+                self.gam[a][b] = h
+                self.gam[b][a] = h
+        eye = torch.eye(rank, dtype=like.dtype)
+        self.chol = []
+        for a in range(n):
+            mat = self.gam[a][a] + shift * eye
+            c, info = torch.linalg.cholesky_ex(mat)
+            j = 0
+            while int(info) != 0 and j < 8:  # tiny shift only: pad the diagonal
+                bump = (10.0**j) * 1e-12 * float(torch.diagonal(mat).abs().max() + 1e-300)
+                c, info = torch.linalg.cholesky_ex(mat + bump * eye)
+                j += 1
+            self.chol.append(c)
+
+    def apply(self, xs: list[torch.Tensor], shift: float | None = None) -> list[torch.Tensor]:
+        shift = self.shift if shift is None else shift
+        n = self.n
+        z = [xs[k].T @ self.factors[k] for k in range(n)]  # X_m^T A_m
+        out = []
+        for a in range(n):
+            s = None
+            for b in range(n):
+                if b == a:
+                    continue
+                term = z[b] * self.gam[a][b]
+                s = term if s is None else s + term
+            y = xs[a] @ self.gam[a][a] + shift * xs[a]
+            if s is not None:
+                y = y + self.factors[a] @ s
+            out.append(y)
+        return out
+
+    def precondition(self, rs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cholesky_solve(r.T, c).T for r, c in zip(rs, self.chol)]
+
+
+def _pcg(op: _GramOperator, b: list[torch.Tensor], max_iter: int, rtol: float):
+    """Preconditioned CG for ``op.apply(x) = b`` from ``x = 0``. Returns (x, iterations)."""
+    x = [torch.zeros_like(v) for v in b]
+    r = [v.clone() for v in b]
+    z = op.precondition(r)
+    d = [v.clone() for v in z]
+    rz = _dot(r, z)
+    bnorm = math.sqrt(_dot(b, b))
+    if bnorm == 0.0:
+        return x, 0
+    it = 0
+    for it in range(1, max_iter + 1):
+        q = op.apply(d)
+        dq = _dot(d, q)
+        if dq <= 0 or not math.isfinite(dq):
+            it -= 1
+            break
+        alpha = rz / dq
+        x = [xi + alpha * di for xi, di in zip(x, d)]
+        r = [ri - alpha * qi for ri, qi in zip(r, q)]
+        if math.sqrt(_dot(r, r)) <= rtol * bnorm:
+            break
+        z = op.precondition(r)
+        rz_new = _dot(r, z)
+        beta = rz_new / rz
+        rz = rz_new
+        d = [zi + beta * di for zi, di in zip(z, d)]
+    return x, it
+
+
+def cp_nls(
+    tensor: torch.Tensor,
+    rank: int,
+    *,
+    seed: int = 0,
+    init: str | Sequence[torch.Tensor] = "als",
+    max_iter: int = 500,
+    tol: float = 1e-9,
+    tol_step: float = 1e-10,
+    tol_grad: float = 1e-12,
+    time_budget_s: float | None = None,
+    conditioning: str = "penalty",
+    memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET_BYTES,
+    als_sweeps: int = 10,
+    cg_max_iter: int = 25,
+    cg_tol: float = 1e-3,
+    penalty_start: float = 1e-3,
+    penalty_decay: float = 0.5,
+    penalty_final: float = 1e-7,
+    damping_start: float = 1e-3,
+) -> CPResult:
+    """CP decomposition by matrix-free Levenberg-Marquardt (damped Gauss-Newton) with PCG.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        Real tensor of shape ``(I_0, ..., I_{N-1})``, ``N >= 2``, finite. Computed in float64.
+    rank : int
+        Number of rank-1 terms ``R >= 1``.
+    seed : int, default 0
+        Seed of the ``torch.Generator`` for the random parts of the initialisation.
+    init : {"als", "svd", "random"} or sequence of torch.Tensor, default "als"
+        ``"svd"``: TensorLy's SVD initialisation (see :func:`cp_als`); ``"als"``: that plus
+        ``als_sweeps`` ALS sweeps; ``"random"``: standard normal factors scaled to ``||W||``;
+        a sequence: initial factors of shapes ``(I_k, R)`` (copied).
+    max_iter : int, default 500
+        Maximum number of LM iterations (accepted or rejected steps).
+    tol : float, default 1e-9
+        Stop when an accepted step changes ``f`` by less than ``tol * f`` (only once the
+        penalty schedule has reached its final value).
+    tol_step : float, default 1e-10
+        Stop when ``||p|| <= tol_step * ||A||`` (step relative to the factors' norm).
+    tol_grad : float, default 1e-12
+        Stop when ``||g|| <= tol_grad * ||W||^2`` (absolute floor on the gradient).
+    time_budget_s : float or None, default None
+        Wall-clock budget, checked after every iteration (the ALS warm start counts).
+    conditioning : {"penalty", "none"}, default "penalty"
+        ``"penalty"``: add ``mu/2 sum_k ||A_k||^2``, with ``mu`` set so that the penalty is
+        ``penalty_start * ||W||^2 / 2`` at the start (balanced columns), multiplied by
+        ``penalty_decay`` after every accepted step until it reaches ``penalty_final`` times its
+        start, where it is kept (continuation). With balanced columns the penalty equals
+        ``N mu/2 sum_r ||term_r||^(2/N)``: it damps terms that grow to cancel each other (the
+        degeneracy of ALS) while its final value is too small to change the fit measurably
+        (measured in ``benchmarks/kernel_suite.py``). ``"none"``: pure least squares.
+        In both modes the columns of every rank-1 term are rescaled to equal norms after each
+        step (the model is unchanged).
+    memory_budget_bytes : int or None, default 2 GiB
+        Raise :class:`SolverInputError` if the estimated working memory exceeds it.
+    als_sweeps : int, default 10
+        Sweeps of the ``"als"`` initialisation.
+    cg_max_iter : int, default 25
+        Maximum PCG iterations per LM step.
+    cg_tol : float, default 1e-3
+        PCG stops at ``||residual|| <= cg_tol * ||g||``.
+    penalty_start, penalty_decay, penalty_final : float
+        The continuation schedule of ``conditioning="penalty"`` (see above).
+    damping_start : float, default 1e-3
+        Initial ``lambda`` relative to the largest diagonal entry of ``J^T J``.
+
+    Returns
+    -------
+    CPResult
+        ``factors[k]`` of shape ``(I_k, R)`` in the input dtype. ``info`` has ``iterations``,
+        ``objective`` (final ``f`` including the penalty), ``grad_norm`` (of ``f``),
+        ``converged`` (stopped by ``tol``/``tol_step``/``tol_grad``), ``degeneracy``,
+        ``rel_error``, ``seconds``, ``stop_reason`` (``"tol"``, ``"tol_step"``, ``"tol_grad"``,
+        ``"max_iter"``, ``"time_budget"``), and ``cg_iterations_total``, ``damping`` (final
+        ``lambda``), ``penalty`` (final ``mu``), ``penalty_value`` (``mu/2 sum ||A_k||^2``),
+        ``fit_objective`` (``0.5 ||W - [[A]]||^2``), ``accepted_steps``, ``init_seconds``.
+
+    Raises
+    ------
+    SolverInputError
+        Bad rank, non-finite or < 2-mode tensor, memory estimate above the budget, unknown
+        ``init``/``conditioning``, or bad numeric options.
+    """
+    t_start = time.perf_counter()
+    t = validate_inputs(tensor, rank, memory_budget_bytes, solver="nls")
+    rank = int(rank)
+    if conditioning not in CONDITIONING_MODES:
+        raise SolverInputError(
+            f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}"
+        )
+    if isinstance(init, str) and init not in INIT_MODES:
+        raise SolverInputError(f"init must be one of {INIT_MODES} or a list of factors, got {init!r}")
+    if int(max_iter) < 0 or int(cg_max_iter) < 1 or int(als_sweeps) < 0:
+        raise SolverInputError(
+            f"max_iter >= 0, cg_max_iter >= 1 and als_sweeps >= 0 required, got "
+            f"{max_iter}, {cg_max_iter}, {als_sweeps}"
+        )
+    if not (0.0 < penalty_decay <= 1.0):
+        raise SolverInputError(f"penalty_decay must be in (0, 1], got {penalty_decay}")
+    deadline = None if time_budget_s is None else t_start + float(time_budget_s)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    # ---- initialisation
+    if isinstance(init, str) and init == "als":
+        factors = make_init(t, rank, "svd", gen)
+        if als_sweeps > 0:
+            factors, _, _ = _als_sweeps(t, factors, int(als_sweeps), 0.0, deadline)
+    else:
+        factors = make_init(t, rank, init, gen)
+    factors = balance_columns(factors)
+    init_seconds = time.perf_counter() - t_start
+
+    prob = _Problem(t, rank)
+    norm_sq = prob.norm_sq
+    if norm_sq == 0.0:
+        zeros = [torch.zeros_like(f) for f in factors]
+        info = {
+            "iterations": 0, "objective": 0.0, "grad_norm": 0.0, "converged": True,
+            "degeneracy": 0.0, "rel_error": 0.0, "seconds": time.perf_counter() - t_start,
+            "stop_reason": "zero_tensor", "cg_iterations_total": 0, "damping": 0.0,
+            "penalty": 0.0, "penalty_value": 0.0, "fit_objective": 0.0,
+            "accepted_steps": 0, "init_seconds": init_seconds,
+        }
+        return CPResult([z.to(tensor.dtype) for z in zeros], info)
+
+    # ---- penalty schedule
+    use_penalty = conditioning == "penalty" and penalty_start > 0
+    if use_penalty:
+        sq0 = sum(float((f * f).sum()) for f in factors)
+        mu = penalty_start * norm_sq / max(sq0, 1e-300)
+        mu_final = mu * penalty_final
+    else:
+        mu = mu_final = 0.0
+
+    ev = prob.evaluate(factors, mu)
+    grad = prob.gradient(ev, mu)
+    diag_max = max(float(torch.diagonal(hadamard([ev["grams"][j] for j in range(prob.n) if j != k], rank, t)).max()) for k in range(prob.n))
+    lam = damping_start * max(diag_max, 1e-300)
+    nu = 2.0
+    cg_total = 0
+    accepted = 0
+    stop = "max_iter"
+    it = 0
+    for it in range(1, int(max_iter) + 1):
+        if deadline is not None and time.perf_counter() >= deadline:
+            it -= 1
+            stop = "time_budget"
+            break
+        gnorm = math.sqrt(_dot(grad, grad))
+        if gnorm <= tol_grad * norm_sq and mu <= mu_final:
+            it -= 1
+            stop = "tol_grad"
+            break
+        op = _GramOperator(ev["factors"], ev["grams"], mu + lam)
+        step, cg_it = _pcg(op, [-x for x in grad], int(cg_max_iter), float(cg_tol))
+        cg_total += cg_it
+        hp = op.apply(step, shift=mu)
+        pred = -_dot(grad, step) - 0.5 * _dot(step, hp)
+        xnorm = math.sqrt(sum(float((f * f).sum()) for f in ev["factors"]))
+        pnorm = math.sqrt(_dot(step, step))
+        trial = [f + p for f, p in zip(ev["factors"], step)]
+        trial = balance_columns(trial)
+        ev_new = prob.evaluate(trial, mu)
+        actual = ev["f"] - ev_new["f"]
+        rho = actual / pred if pred > 0 else -1.0
+        if rho > 0 and math.isfinite(ev_new["f"]):
+            accepted += 1
+            f_old = ev["f"]
+            ev = ev_new
+            lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            nu = 2.0
+            schedule_done = mu <= mu_final
+            if use_penalty and mu > mu_final:
+                mu_new = max(mu * penalty_decay, mu_final)
+                ev["f"] = ev["f_fit"] + 0.5 * mu_new * ev["sq"]
+                mu = mu_new
+            grad = prob.gradient(ev, mu)
+            if schedule_done and abs(f_old - ev["f"]) <= tol * f_old:
+                stop = "tol"
+                break
+        else:
+            lam *= nu
+            nu *= 2.0
+        if pnorm <= tol_step * xnorm and mu <= mu_final:
+            stop = "tol_step"
+            break
+    factors = ev["factors"]
+    gnorm = math.sqrt(_dot(grad, grad))
+    rel = rel_error(t, factors)
+    info = {
+        "iterations": it,
+        "objective": ev["f"],
+        "grad_norm": gnorm,
+        "converged": stop in ("tol", "tol_step", "tol_grad"),
+        "degeneracy": degeneracy(factors, norm_sq),
+        "rel_error": rel,
+        "seconds": time.perf_counter() - t_start,
+        "stop_reason": stop,
+        "cg_iterations_total": cg_total,
+        "damping": lam,
+        "penalty": mu,
+        "penalty_value": 0.5 * mu * ev["sq"],
+        "fit_objective": ev["f_fit"],
+        "accepted_steps": accepted,
+        "init_seconds": init_seconds,
+    }
+    return CPResult(factors=[f.to(tensor.dtype) for f in factors], info=info)

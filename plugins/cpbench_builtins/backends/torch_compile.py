@@ -1,0 +1,74 @@
+"""``torch-compile``: ``torch.compile`` with the inductor backend on CPU (C++/OpenMP code via gcc).
+
+``prepare`` compiles and runs the model twice on the example input (so no lazy compilation is left
+for the timed calls) and reports that wall time apart as ``info["compile_seconds"]``. Inductor's
+``freezing`` is on by default: parameters become constants, so convolution weights are pre-packed
+for oneDNN once instead of on every call (inference only; runs use ``torch.inference_mode``).
+Any compile failure (no C++ compiler, an unsupported op, ...) raises :class:`BackendError` with one
+line saying why; the harness records it as the cell's error.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+
+import torch
+from torch import nn
+
+from cpbench import hookimpl
+from cpbench.backend import Prepared
+from cpbench.errors import BackendError
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((ln.strip() for ln in text if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+class TorchCompile:
+    name = "torch-compile"
+
+    def __init__(self, *, mode: str | None = None, freezing: bool = True, channels_last: bool = True):
+        self.mode = mode
+        self.freezing = freezing
+        self.channels_last = channels_last
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
+        cxx = _compiler()
+        if cxx is None:
+            raise BackendError("torch.compile (inductor, CPU) needs a C++ compiler; none found (set CXX or install g++)")
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        model = copy.deepcopy(model).eval().to(memory_format=fmt)
+        x = example_input.contiguous(memory_format=fmt)
+        t0 = time.perf_counter()
+        try:
+            torch._dynamo.reset()  # a new cell: no guards from an earlier model / thread count
+            compiled = torch.compile(model, backend="inductor", mode=self.mode,
+                                     options={"freezing": self.freezing}, dynamic=False)
+            with torch.inference_mode():
+                compiled(x)
+                compiled(x)
+        except Exception as exc:
+            raise BackendError(f"torch.compile failed: {_one_line(exc)}") from None
+        compile_seconds = time.perf_counter() - t0
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return compiled(x)
+
+        info = {"threads": threads, "compile_seconds": compile_seconds, "backend": "inductor",
+                "mode": self.mode, "freezing": self.freezing, "cxx": cxx,
+                "layout": "channels_last" if self.channels_last else "contiguous"}
+        return Prepared(run=run, info=info, convert_input=lambda t: t.contiguous(memory_format=fmt))
+
+
+@hookimpl
+def cpbench_register_backends(registry):
+    registry.add(TorchCompile())
