@@ -6,6 +6,7 @@ then ``cpbench_cell_finished`` is called. A crash loses no finished cell; ``resu
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
         raise UsageError(f"{path} already holds results; pass --resume to finish that run, or choose another --out")
     ctx = ctx or RunContext(timing=matrix.timing, dataset_size=matrix.run.get("dataset_size", {}),
                             per_layer_timing=matrix.run.get("per_layer_timing", True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = Path(matrix.source)
+    if src.is_file() and not (out_dir / "matrix.toml").exists():
+        shutil.copyfile(src, out_dir / "matrix.toml")  # the report shows what produced the run
     cells = matrix.cells()
     done = finished_keys(path) if resume else set()
     todo = [c for c in cells if c.key not in done]

@@ -13,7 +13,7 @@ Recipes (measured on 2 threads, see ``benchmarks/train_charnet.py``):
 
 * :data:`DEFAULT_RECIPE` -- base training of CharNet on SynthChars: SGD + Nesterov momentum 0.9,
   peak LR 0.05 on a one-cycle schedule (15% linear warm-up, cosine decay), weight decay 5e-4,
-  batch 128, 4 epochs over 60k images.
+  batch 128, 3 epochs over 60k images.
 * :data:`FINETUNE_RECIPE` -- fine-tuning after a layer was replaced by its low-rank/CP
   approximation: the same SGD but a 25x smaller peak LR (2e-3), short warm-up and cosine decay, 1
   epoch, no weight decay, gradient-norm clipping at 5. CP layers are a product of several thin
@@ -70,7 +70,7 @@ class Recipe:
     seed: seeds shuffling and dropout.
     """
 
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9

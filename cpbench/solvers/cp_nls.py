@@ -43,12 +43,13 @@ from .cp_als import _als_sweeps
 
 __all__ = ["cp_nls", "CONDITIONING_MODES", "INIT_MODES"]
 
-CONDITIONING_MODES = ("penalty", "none")
+CONDITIONING_MODES = ("terms", "l2", "none")
 INIT_MODES = ("als", "svd", "random")
 
 # relative fit (f_fit / ||W||^2) below which f and g are computed from the explicit residual
 # instead of the Gram-matrix expansion, whose cancellation error is ~1e-16 ||W||^2
 _EXACT_RESIDUAL_BELOW = 1e-6
+_DEBUG = bool(__import__("os").environ.get("CPBENCH_NLS_DEBUG"))
 
 
 def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
@@ -58,7 +59,8 @@ def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
 class _Problem:
     """Evaluation of f, g and J^T J products for one tensor (float64)."""
 
-    def __init__(self, t: torch.Tensor, rank: int):
+    def __init__(self, t: torch.Tensor, rank: int, penalty: str = "terms"):
+        self.penalty = penalty
         self.t = t
         self.n = t.dim()
         self.shape = tuple(t.shape)
@@ -86,7 +88,13 @@ class _Problem:
             resid = self.t2 - krl @ krr.T
             f_fit = 0.5 * float((resid * resid).sum())
         f_fit = max(f_fit, 0.0)
-        sq = sum(float(torch.diagonal(x).sum()) for x in g)
+        if self.penalty == "terms":
+            d = torch.ones(rank, dtype=self.t.dtype)
+            for x in g:
+                d = d * torch.diagonal(x)
+            sq = float(d.sum())  # sum_r ||term_r||^2
+        else:
+            sq = sum(float(torch.diagonal(x).sum()) for x in g)  # sum_k ||A_k||^2
         return {
             "factors": factors,
             "grams": g,
@@ -94,7 +102,7 @@ class _Problem:
             "pl": pl,
             "resid": resid,
             "f_fit": f_fit,
-            "sq": sq,  # sum_k ||A_k||^2
+            "sq": sq,  # penalty / (mu/2)
             "f": f_fit + 0.5 * mu * sq,
         }
 
@@ -102,10 +110,11 @@ class _Problem:
         """Gradient of f at the evaluated point (one more big matmul)."""
         n, m, rank = self.n, self.m, self.rank
         factors, g = ev["factors"], ev["grams"]
+        pen = self.penalty_grad(factors, g, mu)
         if ev["resid"] is not None:
             e = ev["resid"].reshape(self.shape)
             mk = mttkrp_all(e, factors)
-            return [-mk[k] + mu * factors[k] for k in range(n)]
+            return [-mk[k] + pen[k] for k in range(n)]
         pl = ev["pl"].reshape(self.shape[:m] + (rank,))
         pr = (self.t2.T @ ev["krl"]).reshape(self.shape[m:] + (rank,))
         out = []
@@ -115,30 +124,66 @@ class _Problem:
             else:
                 mk = _contract_partial(pr, factors[m:], k - m)
             gam = hadamard([g[j] for j in range(n) if j != k], rank, mk)
-            out.append(factors[k] @ gam - mk + mu * factors[k])
+            out.append(factors[k] @ gam - mk + pen[k])
+        return out
+
+    def penalty_grad(self, factors, g, mu):
+        if mu == 0.0:
+            return [0.0] * self.n
+        if self.penalty == "l2":
+            return [mu * f for f in factors]
+        diags = [torch.diagonal(x) for x in g]
+        out = []
+        for k in range(self.n):
+            d = torch.ones_like(diags[0])
+            for j in range(self.n):
+                if j != k:
+                    d = d * diags[j]
+            out.append(mu * factors[k] * d)
         return out
 
 
 class _GramOperator:
-    """``(J^T J + shift I) X`` and the block-Jacobi preconditioner at one point."""
+    """``(J^T J + H_pen + lam I) X`` and its block-Jacobi preconditioner at one point.
 
-    def __init__(self, factors: list[torch.Tensor], g: list[torch.Tensor], shift: float):
+    Vectors are the factors stacked row-wise, shape ``(sum_k I_k, R)``.
+    ``H_pen`` is the Gauss-Newton matrix of the penalty: ``mu I`` for ``"l2"``; for ``"terms"``
+    (``mu/2 sum_r ||term_r||^2``, itself a least-squares term whose Jacobian has the CP
+    structure with the cross-term products removed) it is ``J^T J`` with every
+    ``Gamma_ab`` replaced by ``mu diag(diag(Gamma_ab))``; both fold into modified ``Gamma``.
+    """
+
+    def __init__(
+        self, factors: list[torch.Tensor], g: list[torch.Tensor], mu: float, penalty: str, lam: float
+    ):
         n = len(factors)
         rank = factors[0].shape[1]
         self.factors = factors
+        self.sizes = [f.shape[0] for f in factors]
         self.n = n
-        self.shift = shift
+        self.lam = lam
         like = factors[0]
-        self.gam = [[None] * n for _ in range(n)]
+        eye = torch.eye(rank, dtype=like.dtype)
+        gam_off = torch.zeros((n, n, rank, rank), dtype=like.dtype)
+        gam_diag = []
         for a in range(n):
             for b in range(a, n):
                 h = hadamard([g[k] for k in range(n) if k != a and k != b], rank, like)
-                self.gam[a][b] = h
-                self.gam[b][a] = h
-        eye = torch.eye(rank, dtype=like.dtype)
+                if mu > 0.0:
+                    if penalty == "terms":
+                        h = h + mu * torch.diag(torch.diagonal(h))
+                    elif a == b:
+                        h = h + mu * eye
+                if a == b:
+                    gam_diag.append(h)
+                else:
+                    gam_off[a, b] = h
+                    gam_off[b, a] = h
+        self.gam_off = gam_off
+        self.gam_diag = gam_diag
         self.chol = []
         for a in range(n):
-            mat = self.gam[a][a] + shift * eye
+            mat = gam_diag[a] + lam * eye
             c, info = torch.linalg.cholesky_ex(mat)
             j = 0
             while int(info) != 0 and j < 8:  # tiny shift only: pad the diagonal
@@ -147,55 +192,56 @@ class _GramOperator:
                 j += 1
             self.chol.append(c)
 
-    def apply(self, xs: list[torch.Tensor], shift: float | None = None) -> list[torch.Tensor]:
-        shift = self.shift if shift is None else shift
+    def apply(self, x: torch.Tensor, damped: bool = True) -> torch.Tensor:
+        xs = torch.split(x, self.sizes)
+        fs = self.factors
         n = self.n
-        z = [xs[k].T @ self.factors[k] for k in range(n)]  # X_m^T A_m
-        out = []
-        for a in range(n):
-            s = None
-            for b in range(n):
-                if b == a:
-                    continue
-                term = z[b] * self.gam[a][b]
-                s = term if s is None else s + term
-            y = xs[a] @ self.gam[a][a] + shift * xs[a]
-            if s is not None:
-                y = y + self.factors[a] @ s
-            out.append(y)
-        return out
+        if n > 1:
+            z = torch.stack([xs[k].T @ fs[k] for k in range(n)])  # X_m^T A_m, (N, R, R)
+            s = torch.einsum("bij,abij->aij", z, self.gam_off)
+            y = torch.cat([torch.addmm(xs[a] @ self.gam_diag[a], fs[a], s[a]) for a in range(n)])
+        else:  # pragma: no cover - N >= 2 always
+            y = xs[0] @ self.gam_diag[0]
+        if damped:
+            y.add_(x, alpha=self.lam)
+        return y
 
-    def precondition(self, rs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.cholesky_solve(r.T, c).T for r, c in zip(rs, self.chol)]
+    def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        rs = torch.split(r, self.sizes)
+        return torch.cat([torch.cholesky_solve(ra.T, c).T for ra, c in zip(rs, self.chol)])
 
 
-def _pcg(op: _GramOperator, b: list[torch.Tensor], max_iter: int, rtol: float):
+def _vdot(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.dot(x.reshape(-1), y.reshape(-1)))
+
+
+def _pcg(op: _GramOperator, b: torch.Tensor, max_iter: int, rtol: float):
     """Preconditioned CG for ``op.apply(x) = b`` from ``x = 0``. Returns (x, iterations)."""
-    x = [torch.zeros_like(v) for v in b]
-    r = [v.clone() for v in b]
+    x = torch.zeros_like(b)
+    r = b.clone()
     z = op.precondition(r)
-    d = [v.clone() for v in z]
-    rz = _dot(r, z)
-    bnorm = math.sqrt(_dot(b, b))
+    d = z.clone()
+    rz = _vdot(r, z)
+    bnorm = math.sqrt(_vdot(b, b))
     if bnorm == 0.0:
         return x, 0
     it = 0
     for it in range(1, max_iter + 1):
         q = op.apply(d)
-        dq = _dot(d, q)
+        dq = _vdot(d, q)
         if dq <= 0 or not math.isfinite(dq):
             it -= 1
             break
         alpha = rz / dq
-        x = [xi + alpha * di for xi, di in zip(x, d)]
-        r = [ri - alpha * qi for ri, qi in zip(r, q)]
-        if math.sqrt(_dot(r, r)) <= rtol * bnorm:
+        x.add_(d, alpha=alpha)
+        r.add_(q, alpha=-alpha)
+        if math.sqrt(_vdot(r, r)) <= rtol * bnorm:
             break
         z = op.precondition(r)
-        rz_new = _dot(r, z)
+        rz_new = _vdot(r, z)
         beta = rz_new / rz
         rz = rz_new
-        d = [zi + beta * di for zi, di in zip(z, d)]
+        d = z.add_(d, alpha=beta)
     return x, it
 
 
@@ -210,7 +256,7 @@ def cp_nls(
     tol_step: float = 1e-10,
     tol_grad: float = 1e-12,
     time_budget_s: float | None = None,
-    conditioning: str = "penalty",
+    conditioning: str = "terms",
     memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET_BYTES,
     als_sweeps: int = 10,
     cg_max_iter: int = 25,
@@ -314,7 +360,7 @@ def cp_nls(
     factors = balance_columns(factors)
     init_seconds = time.perf_counter() - t_start
 
-    prob = _Problem(t, rank)
+    prob = _Problem(t, rank, "l2" if conditioning == "l2" else "terms")
     norm_sq = prob.norm_sq
     if norm_sq == 0.0:
         zeros = [torch.zeros_like(f) for f in factors]
@@ -328,11 +374,15 @@ def cp_nls(
         return CPResult([z.to(tensor.dtype) for z in zeros], info)
 
     # ---- penalty schedule
-    use_penalty = conditioning == "penalty" and penalty_start > 0
-    if use_penalty:
+    use_penalty = conditioning != "none" and penalty_start > 0
+    penalty_kind = "l2" if conditioning == "l2" else "terms"
+    if use_penalty and penalty_kind == "l2":
         sq0 = sum(float((f * f).sum()) for f in factors)
         mu = penalty_start * norm_sq / max(sq0, 1e-300)
-        mu_final = mu * penalty_final
+        mu_final = mu * penalty_final / penalty_start
+    elif use_penalty:
+        mu = float(penalty_start)  # the "terms" penalty is scale-free: mu is relative
+        mu_final = float(penalty_final)
     else:
         mu = mu_final = 0.0
 
@@ -343,6 +393,7 @@ def cp_nls(
     nu = 2.0
     cg_total = 0
     accepted = 0
+    history = [ev["f_fit"]]
     stop = "max_iter"
     it = 0
     for it in range(1, int(max_iter) + 1):
@@ -355,18 +406,21 @@ def cp_nls(
             it -= 1
             stop = "tol_grad"
             break
-        op = _GramOperator(ev["factors"], ev["grams"], mu + lam)
-        step, cg_it = _pcg(op, [-x for x in grad], int(cg_max_iter), float(cg_tol))
+        op = _GramOperator(ev["factors"], ev["grams"], mu, penalty_kind, lam)
+        gcat = torch.cat(grad)
+        step, cg_it = _pcg(op, -gcat, int(cg_max_iter), float(cg_tol))
         cg_total += cg_it
-        hp = op.apply(step, shift=mu)
-        pred = -_dot(grad, step) - 0.5 * _dot(step, hp)
+        hp = op.apply(step, damped=False)
+        pred = -_vdot(gcat, step) - 0.5 * _vdot(step, hp)
         xnorm = math.sqrt(sum(float((f * f).sum()) for f in ev["factors"]))
-        pnorm = math.sqrt(_dot(step, step))
-        trial = [f + p for f, p in zip(ev["factors"], step)]
+        pnorm = math.sqrt(_vdot(step, step))
+        trial = [f + p for f, p in zip(ev["factors"], torch.split(step, op.sizes))]
         trial = balance_columns(trial)
         ev_new = prob.evaluate(trial, mu)
         actual = ev["f"] - ev_new["f"]
         rho = actual / pred if pred > 0 else -1.0
+        if _DEBUG:
+            print(f"it {it} f {ev['f']:.6e} rho {rho:.3f} lam {lam:.3e} cg {cg_it} |p|/|x| {pnorm / max(xnorm, 1e-300):.2e} mu {mu:.2e}")
         if rho > 0 and math.isfinite(ev_new["f"]):
             accepted += 1
             f_old = ev["f"]
@@ -379,6 +433,7 @@ def cp_nls(
                 ev["f"] = ev["f_fit"] + 0.5 * mu_new * ev["sq"]
                 mu = mu_new
             grad = prob.gradient(ev, mu)
+            history.append(ev["f_fit"])
             if schedule_done and abs(f_old - ev["f"]) <= tol * f_old:
                 stop = "tol"
                 break
@@ -407,5 +462,6 @@ def cp_nls(
         "fit_objective": ev["f_fit"],
         "accepted_steps": accepted,
         "init_seconds": init_seconds,
+        "rel_error_history": [math.sqrt(2.0 * h / norm_sq) for h in history],
     }
     return CPResult(factors=[f.to(tensor.dtype) for f in factors], info=info)

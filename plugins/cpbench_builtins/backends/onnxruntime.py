@@ -49,6 +49,10 @@ def _make_session(onnx_bytes: bytes, threads: int):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between runs: spinning ORT threads steal the cores from whatever runs next
+    # (the other arm of a paired timing, or another engineer's job on this shared machine).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(onnx_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -66,7 +70,7 @@ class OnnxRuntime:
         model = copy.deepcopy(model).eval()
         info: dict = {"threads": threads, "fuse": self.fuse, "onnxruntime": ort.__version__,
                       "intra_op_num_threads": threads, "inter_op_num_threads": 1,
-                      "graph_optimization_level": "ORT_ENABLE_ALL"}
+                      "graph_optimization_level": "ORT_ENABLE_ALL", "allow_spinning": False}
         if self.fuse == "auto":
             model, choices = optimize_cp_blocks(model, example_input, layout="contiguous", threads=threads,
                                                 forms=("cp4", "cp3"))

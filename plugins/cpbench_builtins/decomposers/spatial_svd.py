@@ -59,7 +59,8 @@ class SpatialSVD:
 
     def params(self, geo, rank):
         G = geo.groups
-        return G * rank * (geo.in_channels // G * geo.kh + geo.out_channels // G * geo.kw)
+        return (G * rank * (geo.in_channels // G * geo.kh + geo.out_channels // G * geo.kw)
+                + (geo.out_channels if geo.bias else 0))
 
     def macs(self, geo, rank, in_hw):
         from cpbench.flops import conv_out_hw

@@ -79,7 +79,8 @@ class Tucker2:
     def params(self, geo, rank):
         ro, ri = _pair(rank)
         G = geo.groups
-        return G * (geo.in_channels // G * ri + ro * ri * geo.kh * geo.kw + geo.out_channels // G * ro)
+        return (G * (geo.in_channels // G * ri + ro * ri * geo.kh * geo.kw + geo.out_channels // G * ro)
+                + (geo.out_channels if geo.bias else 0))
 
     def macs(self, geo, rank, in_hw):
         from cpbench.flops import conv_out_hw

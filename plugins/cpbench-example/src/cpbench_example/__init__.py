@@ -1,0 +1,1 @@
+"""A minimal cpbench plugin: copy this package to start your own."""
