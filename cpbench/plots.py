@@ -261,7 +261,7 @@ def style_map(names) -> dict[str, tuple[str, str]]:
     return {n: (cmap(i % 10), _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(sorted(set(names)))}
 
 
-def _figure(w=7.5, h=4.8) -> Figure:
+def _figure(w=9.0, h=4.8) -> Figure:
     fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -270,6 +270,11 @@ def _figure(w=7.5, h=4.8) -> Figure:
 def _noisy_handle():
     return Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
                   label="noisy timing (hollow)")
+
+
+def _legend(ax, handles):
+    """One legend outside the axes, on the right, so it never hides a point."""
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _log_if_wide(ax, values, axis="x"):
@@ -307,14 +312,13 @@ def draw_pareto(points: list[ParetoPoint], *, title: str = "", paper: bool = Fal
     if paper:
         ax.plot([PAPER_POINT["drop"]], [PAPER_POINT["speedup"]], marker="*", markersize=16, color="gold",
                 markeredgecolor="black", linestyle="none", label=PAPER_POINT["label"])
-    if any(p.noisy for p in points):
-        ax.add_artist(ax.legend(handles=[_noisy_handle()], loc="lower right", fontsize=8))
     ax.axhline(1.0, color="0.6", linewidth=0.8)
     ax.set_xlabel("accuracy drop after fine-tuning (percentage points)")
     ax.set_ylabel("measured whole-network speedup (×, 95% CI)")
     ax.set_title(title or "speedup against accuracy drop")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    handles, _ = ax.get_legend_handles_labels()
+    _legend(ax, handles + ([_noisy_handle()] if any(p.noisy for p in points) else []))
     return fig
 
 
@@ -347,12 +351,12 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
     _log_if_wide(ax, [lo, hi], "x")
     _log_if_wide(ax, [lo, hi], "y")
     if any(p.noisy for p in points):
-        ax.add_artist(ax.legend(handles=[_noisy_handle()], loc="lower right", fontsize=8))
+        handles.append(_noisy_handle())
     ax.set_xlabel("theoretical layer speedup (FLOP ratio, ×)")
     ax.set_ylabel("measured layer speedup (×, 95% CI)")
     ax.set_title(title or "per-layer efficiency: measured against theoretical speedup")
     ax.grid(alpha=0.3)
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    _legend(ax, handles)
     return fig
 
 

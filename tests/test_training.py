@@ -33,8 +33,8 @@ def small_net(seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def data():
-    x, y = generate(2400, seed=0, split="train", difficulty=0.3)
-    xt, yt = generate(720, seed=0, split="test", difficulty=0.3)
+    x, y = generate(1200, seed=0, split="train", difficulty=0.3)
+    xt, yt = generate(360, seed=0, split="test", difficulty=0.3)
     return (x, y), (xt, yt)
 
 
@@ -52,7 +52,7 @@ def test_tiny_train_learns_and_reports(data):
     assert after > 0.15 and after > before + 0.1, (before, after)
     assert len(hist["loss"]) == 2 and hist["loss"][1] < hist["loss"][0]
     assert len(hist["val_acc"]) == 2 and 0 <= hist["val_acc"][-1] <= 1
-    assert hist["seconds"] > 0 and hist["steps"] == 2 * (2400 // 32) and not hist["diverged"]
+    assert hist["seconds"] > 0 and hist["steps"] == 2 * (1200 // 32) and not hist["diverged"]
     assert calls[-1][0] == calls[-1][1] == hist["steps"] and isinstance(calls[-1][2], str)
 
 

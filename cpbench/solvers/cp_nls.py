@@ -146,26 +146,39 @@ class _Problem:
 class _GramOperator:
     """``(J^T J + H_pen + lam I) X`` and its block-Jacobi preconditioner at one point.
 
-    Vectors are the factors stacked row-wise, shape ``(sum_k I_k, R)``.
     ``H_pen`` is the Gauss-Newton matrix of the penalty: ``mu I`` for ``"l2"``; for ``"terms"``
     (``mu/2 sum_r ||term_r||^2``, itself a least-squares term whose Jacobian has the CP
     structure with the cross-term products removed) it is ``J^T J`` with every
     ``Gamma_ab`` replaced by ``mu diag(diag(Gamma_ab))``; both fold into modified ``Gamma``.
+
+    Vectors are packed either row-stacked, shape ``(sum_k I_k, R)``, or, when the modes are
+    small (``batched``), zero-padded to ``(N, max_k I_k, R)`` so that every product is one
+    batched call; padded rows stay exactly zero under ``apply`` and ``precondition``.
     """
 
     def __init__(
-        self, factors: list[torch.Tensor], g: list[torch.Tensor], mu: float, penalty: str, lam: float
+        self,
+        factors: list[torch.Tensor],
+        g: list[torch.Tensor],
+        mu: float,
+        penalty: str,
+        lam: float,
+        batched: bool | None = None,
     ):
         n = len(factors)
         rank = factors[0].shape[1]
-        self.factors = factors
         self.sizes = [f.shape[0] for f in factors]
         self.n = n
         self.lam = lam
+        imax = max(self.sizes)
+        if batched is None:
+            extra = n * imax - sum(self.sizes)
+            batched = extra * rank * rank <= 300_000
+        self.batched = batched
         like = factors[0]
         eye = torch.eye(rank, dtype=like.dtype)
         gam_off = torch.zeros((n, n, rank, rank), dtype=like.dtype)
-        gam_diag = []
+        gam_diag = torch.empty((n, rank, rank), dtype=like.dtype)
         for a in range(n):
             for b in range(a, n):
                 h = hadamard([g[k] for k in range(n) if k != a and k != b], rank, like)
@@ -175,38 +188,60 @@ class _GramOperator:
                     elif a == b:
                         h = h + mu * eye
                 if a == b:
-                    gam_diag.append(h)
+                    gam_diag[a] = h
                 else:
                     gam_off[a, b] = h
                     gam_off[b, a] = h
         self.gam_off = gam_off
         self.gam_diag = gam_diag
-        self.chol = []
-        for a in range(n):
-            mat = gam_diag[a] + lam * eye
-            c, info = torch.linalg.cholesky_ex(mat)
-            j = 0
-            while int(info) != 0 and j < 8:  # tiny shift only: pad the diagonal
-                bump = (10.0**j) * 1e-12 * float(torch.diagonal(mat).abs().max() + 1e-300)
-                c, info = torch.linalg.cholesky_ex(mat + bump * eye)
-                j += 1
-            self.chol.append(c)
+        mats = gam_diag + lam * eye
+        chol, info = torch.linalg.cholesky_ex(mats)
+        j = 0
+        while bool((info != 0).any()) and j < 8:  # tiny shift only: pad the diagonal
+            bump = (10.0**j) * 1e-12 * float(torch.diagonal(mats, dim1=-2, dim2=-1).abs().max() + 1e-300)
+            chol, info = torch.linalg.cholesky_ex(mats + bump * eye)
+            j += 1
+        self.chol = chol
+        self.factors = factors
+        if batched:
+            self.a = self.pack(factors)
+            self.at = self.a.transpose(1, 2)
 
+    # packing ------------------------------------------------------------------------------
+    def pack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not self.batched:
+            return torch.cat(list(xs))
+        imax = max(self.sizes)
+        out = torch.zeros((self.n, imax, xs[0].shape[1]), dtype=xs[0].dtype)
+        for k, x in enumerate(xs):
+            out[k, : x.shape[0]] = x
+        return out
+
+    def unpack(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.batched:
+            return list(torch.split(x, self.sizes))
+        return [x[k, :s] for k, s in enumerate(self.sizes)]
+
+    # products -----------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, damped: bool = True) -> torch.Tensor:
-        xs = torch.split(x, self.sizes)
-        fs = self.factors
-        n = self.n
-        if n > 1:
-            z = torch.stack([xs[k].T @ fs[k] for k in range(n)])  # X_m^T A_m, (N, R, R)
+        if self.batched:
+            z = torch.bmm(x.transpose(1, 2), self.a)  # X_m^T A_m, (N, R, R)
+            s = torch.einsum("bij,abij->aij", z, self.gam_off)
+            y = torch.baddbmm(torch.bmm(x, self.gam_diag), self.a, s)
+        else:
+            xs = torch.split(x, self.sizes)
+            fs = self.factors
+            n = self.n
+            z = torch.stack([xs[k].T @ fs[k] for k in range(n)])
             s = torch.einsum("bij,abij->aij", z, self.gam_off)
             y = torch.cat([torch.addmm(xs[a] @ self.gam_diag[a], fs[a], s[a]) for a in range(n)])
-        else:  # pragma: no cover - N >= 2 always
-            y = xs[0] @ self.gam_diag[0]
         if damped:
             y.add_(x, alpha=self.lam)
         return y
 
     def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        if self.batched:
+            return torch.cholesky_solve(r.transpose(1, 2), self.chol).transpose(1, 2)
         rs = torch.split(r, self.sizes)
         return torch.cat([torch.cholesky_solve(ra.T, c).T for ra, c in zip(rs, self.chol)])
 
@@ -407,14 +442,14 @@ def cp_nls(
             stop = "tol_grad"
             break
         op = _GramOperator(ev["factors"], ev["grams"], mu, penalty_kind, lam)
-        gcat = torch.cat(grad)
+        gcat = op.pack(grad)
         step, cg_it = _pcg(op, -gcat, int(cg_max_iter), float(cg_tol))
         cg_total += cg_it
         hp = op.apply(step, damped=False)
         pred = -_vdot(gcat, step) - 0.5 * _vdot(step, hp)
         xnorm = math.sqrt(sum(float((f * f).sum()) for f in ev["factors"]))
         pnorm = math.sqrt(_vdot(step, step))
-        trial = [f + p for f, p in zip(ev["factors"], torch.split(step, op.sizes))]
+        trial = [f + p for f, p in zip(ev["factors"], op.unpack(step))]
         trial = balance_columns(trial)
         ev_new = prob.evaluate(trial, mu)
         actual = ev["f"] - ev_new["f"]

@@ -193,9 +193,12 @@ def _render(labels: torch.Tensor, g: torch.Generator, difficulty: float) -> tupl
     wl, wr = widths[nb_idx[0]], widths[nb_idx[1]]
     dl = -(wc / 2 + gap[0] + wl / 2)
     dr = wc / 2 + gap[1] + wr / 2
-    gx_all = torch.cat([gxc, gxc - dl.view(n, 1, 1), gxc - dr.view(n, 1, 1)])
-    gy_all = gyc.repeat(3, 1, 1)
-    grid = torch.stack([gx_all, gy_all], dim=3)
+    grid = torch.empty(3, n, IMG, IMG, 2)
+    grid[0, ..., 0] = gxc
+    torch.sub(gxc, dl.view(n, 1, 1), out=grid[1, ..., 0])
+    torch.sub(gxc, dr.view(n, 1, 1), out=grid[2, ..., 0])
+    grid[..., 1] = gyc
+    grid = grid.view(3 * n, IMG, IMG, 2)
     src = atlas[torch.cat([centre_idx, nb_idx[0], nb_idx[1]])]
     warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     ink_c, ink_l, ink_r = warped.split(n)

@@ -1,0 +1,144 @@
+"""asv benchmarks of compressed layers: time ratio compressed/baseline (lower is better) and forward times.
+
+The ratio is measured side by side in one process with :func:`cpbench.timing.time_pair` (interleaved
+rounds), so machine drift cancels; asv treats a larger tracked value as worse, which is what a ratio
+``compressed_ms / baseline_ms`` means (1 / speedup).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._fixtures import (
+    BACKENDS,
+    DECOMPOSER_NAMES,
+    LAYER_NAMES,
+    RANKS,
+    THREADS,
+    build_block,
+    decompose_all,
+    make_conv,
+    make_input,
+    random_cp_block,
+)
+
+# Short paired timing: enough rounds for a stable median ratio, bounded to ~1 s per cell.
+_BUDGET = dict(warmup=2, min_rounds=10, max_rounds=200, budget_s=0.6, min_round_s=0.005, target_ci_rel=0.02)
+
+
+def _ratio(base: torch.nn.Module, comp: torch.nn.Module, x: torch.Tensor, backend: str, threads: int) -> float:
+    from cpbench import get_plugins
+    from cpbench.threads import thread_limits
+    from cpbench.timing import TimingBudget, time_pair
+
+    be = get_plugins().backends.get(backend)
+    with thread_limits(threads):
+        pa = be.prepare(base, x, threads=threads)
+        pb = be.prepare(comp, x, threads=threads)
+        try:
+            xa, xb = pa.convert_input(x), pb.convert_input(x)
+            t = time_pair(lambda: pa(xa), lambda: pb(xb), TimingBudget(**_BUDGET))
+        finally:
+            pb.close()
+            pa.close()
+    return 1.0 / t.speedup
+
+
+class TrackSpeedup:
+    """compressed_ms / baseline_ms of each decomposer's replacement block (lower is better)."""
+
+    params = (LAYER_NAMES, DECOMPOSER_NAMES, RANKS, BACKENDS, THREADS)
+    param_names = ["layer", "decomposer", "rank", "backend", "threads"]
+    unit = "ratio"
+    rounds = 1
+    timeout = 600
+
+    def setup_cache(self):
+        return decompose_all()
+
+    setup_cache.timeout = 600
+
+    def setup(self, cache, layer, decomposer, rank, backend, threads):
+        self.conv, self.block = build_block(cache, layer, decomposer, rank)
+        self.x = make_input(layer)
+
+    def track_time_ratio(self, cache, layer, decomposer, rank, backend, threads):
+        return _ratio(self.conv, self.block, self.x, backend, threads)
+
+
+class TrackCPBlock:
+    """compressed_ms / baseline_ms of the paper's CP4 block (seeded random factors), eager torch, 1 thread.
+
+    Needs no decomposition, so it runs in seconds: the benchmark the regression demo uses.
+    """
+
+    params = (LAYER_NAMES, RANKS)
+    param_names = ["layer", "rank"]
+    unit = "ratio"
+    rounds = 1
+    timeout = 120
+
+    def setup(self, layer, rank):
+        self.conv, self.block = random_cp_block(layer, rank)
+        self.x = make_input(layer)
+
+    def track_time_ratio(self, layer, rank):
+        return _ratio(self.conv, self.block, self.x, "torch-cpu", 1)
+
+
+class _Threads:
+    def _set_threads(self, threads):
+        from threadpoolctl import threadpool_limits
+
+        self._torch_threads = torch.get_num_threads()
+        self._pools = threadpool_limits(limits=threads)
+        torch.set_num_threads(threads)
+
+    def teardown(self, *args):
+        torch.set_num_threads(self._torch_threads)
+        self._pools.restore_original_limits()
+
+
+class TimeForward(_Threads):
+    """Wall time of one forward pass of the CP4 block (batch 1, eager, inference mode)."""
+
+    params = (LAYER_NAMES, RANKS, THREADS)
+    param_names = ["layer", "rank", "threads"]
+    repeat = (3, 20, 4.0)
+    timeout = 120
+
+    def setup(self, layer, rank, threads):
+        self._set_threads(threads)
+        self.conv, self.block = random_cp_block(layer, rank)
+        self.x = make_input(layer)
+        self._mode = torch.inference_mode()
+        self._mode.__enter__()
+
+    def teardown(self, *args):
+        self._mode.__exit__(None, None, None)
+        super().teardown(*args)
+
+    def time_cp_block_forward(self, layer, rank, threads):
+        self.block(self.x)
+
+
+class TimeConvForward(_Threads):
+    """Wall time of the original conv's forward pass (the baseline of TimeForward)."""
+
+    params = (LAYER_NAMES, THREADS)
+    param_names = ["layer", "threads"]
+    repeat = (3, 20, 4.0)
+    timeout = 120
+
+    def setup(self, layer, threads):
+        self._set_threads(threads)
+        self.conv = make_conv(layer)
+        self.x = make_input(layer)
+        self._mode = torch.inference_mode()
+        self._mode.__enter__()
+
+    def teardown(self, *args):
+        self._mode.__exit__(None, None, None)
+        super().teardown(*args)
+
+    def time_conv_forward(self, layer, threads):
+        self.conv(self.x)
