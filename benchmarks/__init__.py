@@ -1,7 +1,24 @@
-"""cpbench's asv (airspeed velocity) regression suite: the ``bench_*.py`` modules in this package.
+"""cpbench's asv (airspeed velocity) regression suite: the ``bench_*.py`` modules of this package.
 
-asv imports every module here during discovery; only ``bench_*.py`` define asv benchmarks
-(names starting with ``time_``, ``track_``, ``peakmem_``). The other scripts in this directory
-(kernel_suite.py, layer_suite.py, train_charnet.py) are stand-alone command-line tools whose main
-code is guarded by ``if __name__ == "__main__":``. See docs/regression-tracking.md.
+See docs/regression-tracking.md. ``_fixtures.py`` holds the fixed layers, seeded kernels and bounded
+decomposer settings the benchmarks share.
+
+The other scripts in this directory (kernel_suite.py, layer_suite.py, train_charnet.py, ...) are
+stand-alone command-line tools, not asv benchmarks. asv imports every module of the benchmark package
+during discovery and takes any module-level function named ``time_*``/``track_*``/... for a benchmark
+(``layer_suite`` imports ``cpbench.timing.time_pair``, which asv would try to run). So when this
+package is imported by asv's runner, those scripts are registered as empty placeholder modules and
+asv never executes them. Run them as before: ``python benchmarks/layer_suite.py ...``.
 """
+import sys as _sys
+
+if "asv_runner" in _sys.modules:  # imported by asv's discovery/runner, not by a user
+    import os as _os
+    import types as _types
+
+    for _file in sorted(_os.listdir(_os.path.dirname(__file__))):
+        _stem, _ext = _os.path.splitext(_file)
+        if _ext == ".py" and not _stem.startswith(("bench_", "_")):
+            _name = f"{__name__}.{_stem}"
+            _stub = _types.ModuleType(_name, f"placeholder: {_file} is a script, not an asv benchmark module")
+            _sys.modules.setdefault(_name, _stub)

@@ -341,7 +341,7 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
     if len(points) <= 30:
         for p in points:
             ax.annotate(f"{p.layer} r{p.rank}", (p.theoretical, p.measured), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7, color="0.35")
+                        xytext=(7, -3), va="top", fontsize=7, color="0.35")
     handles = [Line2D([], [], linestyle="none", marker="s", color=c, label=f"backend {n}") for n, c in colours.items()]
     handles += [Line2D([], [], linestyle="none", marker=m, color="0.3", label=n) for n, m in markers.items()]
     values = [p.theoretical for p in points] + [p.measured_hi for p in points] + [p.measured_lo for p in points]

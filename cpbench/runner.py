@@ -254,10 +254,12 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
                                              memo_key=key_of("acc", cell.model, ctx.dataset_size))
             row["accuracy_decomposed"] = _accuracy(compressed, plugins, dataset, ctx)
             if cell.finetune_epochs > 0:
-                tkey = key_of("tuned", cell.model, layers, cell.decomposer, cell.rank, cell.finetune_epochs,
-                              cell.seed, ctx.dataset_size)
-                compressed, secs, acc = _MEMO["tuned"].get_or(
-                    tkey, lambda: _finetune(compressed, plugins, dataset, cell, ctx, step))
+                # the starting point (every weight of the compressed net) plus the recipe identify the result
+                tkey = key_of("tuned", *[v for _, v in sorted(compressed.state_dict().items())],
+                              cell.finetune_epochs, cell.seed, ctx.dataset_size)
+                compressed, secs, acc, hit = _MEMO["tuned"].get_or(
+                    tkey, lambda: _finetune(compressed, plugins, dataset, cell, ctx, step, tkey))
+                row["finetune_cached"] = hit
                 row["accuracy_finetuned"], row["finetune_seconds"] = acc, secs
     compressed.eval()
 
@@ -293,22 +295,30 @@ def _small_info(info: dict) -> dict:
     return {k: v for k, v in info.items() if k != "per_group" and isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _finetune(compressed, plugins, dataset, cell, ctx, step):
-    from .training import FINETUNE_RECIPE, finetune
+def _finetune(compressed, plugins, dataset, cell, ctx, step, key):
+    from .training import FINETUNE_RECIPE, finetune, recipe_hash
 
     model = copy.deepcopy(compressed)
     recipe = getattr(plugins.models.get(cell.model["name"]), "finetune_recipe", FINETUNE_RECIPE)
     recipe = recipe.replace(epochs=cell.finetune_epochs, seed=cell.seed)
     if ctx.dataset_size.get("train"):
         recipe = recipe.replace(n_train=ctx.dataset_size["train"])
+    key = f"{key}-{recipe_hash(recipe)}"
+    cache = ctx.cache()
+    hit = cache.get("finetuned", key)
+    if hit is not None:
+        model.load_state_dict(hit[0])
+        return model.eval(), hit[1]["seconds"], hit[1]["accuracy"], True
     step(f"fine-tuning {cell.finetune_epochs} epoch(s)")
     train = _dataset(plugins, dataset, "train", ctx)
     start = time.perf_counter()
     with thread_limits(ctx.train_threads):
         finetune(model, train, recipe)
         model.eval()
+        seconds = time.perf_counter() - start
         acc = _accuracy(model, plugins, dataset, ctx)
-    return model, time.perf_counter() - start, acc
+    cache.put("finetuned", key, model.state_dict(), {"seconds": seconds, "accuracy": acc})
+    return model, seconds, acc, False
 
 
 def _time_models(backend, base, compressed, x, threads, budget):

@@ -1,0 +1,31 @@
+"""A cell on the character network, tiny: train → decompose → evaluate → fine-tune → time; then cached."""
+import pytest
+
+from cpbench.matrix import parse_matrix
+from cpbench.runner import RunContext, clear_memo, run_cell
+
+DOC = {
+    "matrix": {"model": ["charnet"], "layers": [["conv2"]], "decomposer": ["spatial-svd"], "rank": [8],
+               "finetune_epochs": [1]},
+    "timing": {"budget_s": 0.2, "min_rounds": 5, "warmup": 1},
+}
+
+
+@pytest.mark.slow
+def test_charnet_cell_end_to_end_and_cached(tmp_path):
+    m = parse_matrix(DOC)
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), timing=m.timing, per_layer_timing=True,
+                     dataset_size={"train": 1500, "val": 100, "test": 400})
+    (cell,) = m.cells()
+    clear_memo()
+    row = run_cell(cell, ctx)
+    assert row["status"] == "ok", row.get("error")
+    assert 0 <= row["accuracy_base"] <= 1 and row["accuracy_decomposed"] is not None
+    assert row["accuracy_finetuned"] is not None and row["finetune_seconds"] > 0
+    assert row["finetune_cached"] is False and row["decomposition_cached"] == {"conv2": False}
+    assert row["theoretical_speedup"] > 1 and row["layer_theoretical_speedup"]["conv2"] > row["theoretical_speedup"]
+    clear_memo()  # a new process: everything expensive comes from the disk cache
+    again = run_cell(cell, ctx)
+    assert again["finetune_cached"] is True and again["decomposition_cached"] == {"conv2": True}
+    assert again["accuracy_finetuned"] == row["accuracy_finetuned"]
+    assert again["rel_error"] == row["rel_error"]
