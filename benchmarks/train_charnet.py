@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default=None)
     ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--schedule", default=None)
+    ap.add_argument("--grad-clip", type=float, default=None)
+    ap.add_argument("--warmup", type=float, default=None)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--recipe-seed", type=int, default=None)
     ap.add_argument("--save", type=Path, default=None)
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
         "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
-        "n_train": args.n_train, "seed": args.recipe_seed,
+        "n_train": args.n_train, "seed": args.recipe_seed, "grad_clip": args.grad_clip,
+        "warmup": args.warmup,
     }.items() if v is not None}
     recipe = DEFAULT_RECIPE.replace(**changes)
     n_train = recipe.n_train or DEFAULT_SIZES["train"]

@@ -181,9 +181,7 @@ def cmd_run(args) -> int:
     path = _matrix_path(args.matrix)
     matrix = load_matrix(path, registries=plugins.registries)
     out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
-    ctx = RunContext(cache_dir=args.cache_dir, use_cache=not args.no_cache, timing=matrix.timing,
-                     dataset_size=matrix.run.get("dataset_size", {}),
-                     per_layer_timing=matrix.run.get("per_layer_timing", True))
+    ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     ex_opts = {}
     if args.executor == "dask":
         ex_opts = {k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers),
@@ -253,12 +251,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+EXPERIMENTS = {
+    "lebedev2015": "the paper's character network: conv2+conv3 by four decomposers, fine-tuned, timed",
+    "lebedev2015-alexnet": "the paper's AlexNet conv2 (grouped 5×5, block-diagonal) at ranks 100–300, timed",
+}
+
+
 def cmd_reproduce(args) -> int:
-    if args.experiment != "lebedev2015":
-        raise UsageError(f"unknown experiment {args.experiment!r}; available: lebedev2015")
-    args.matrix = "lebedev2015"
-    args.out = args.out or "cpbench-runs/lebedev2015"
-    return cmd_run(args)
+    if args.experiment not in EXPERIMENTS:
+        raise UsageError(f"unknown experiment {args.experiment!r}; available: {', '.join(EXPERIMENTS)}")
+    args.matrix = args.experiment
+    args.out = args.out or f"cpbench-runs/{args.experiment}"
+    code = cmd_run(args)
+    from .results import read_results
+    from .table import paper_table, paper_verdict
+
+    rows = read_results(args.out)
+    console = Console()
+    console.print(paper_table(rows, title=f"{args.experiment}: {EXPERIMENTS[args.experiment]}"))
+    if args.experiment == "lebedev2015":
+        for line in paper_verdict(rows):
+            console.print(line)
+    return code
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class CPDecomposer:
         outs, ins, hs, ws, hws, infos = [], [], [], [], [], []
         for g in range(G):
             tensor = kernels[g] if form == "cp4" else kernels[g].reshape(tg, sg, kh * kw)
-            factors, info = self.fit(tensor, rank, seed=seed + g, **options)
+            factors, info = self._fit_checked(tensor, rank, seed + g, options)
             factors = [f.to(weight.dtype) for f in factors]
             outs.append(factors[0])
             ins.append(factors[1])
@@ -156,6 +156,20 @@ class CPDecomposer:
         info.update(rank=rank, groups=groups, group_mode=group_mode, form=form,
                     seconds=time.perf_counter() - start, degeneracy=degeneracy(named, weight))
         return Factorization(named, err, info)
+
+    def _fit_checked(self, tensor, rank, seed, options):
+        try:
+            return self.fit(tensor, rank, seed=seed, **options)
+        except TypeError as exc:  # an unknown option: say which ones exist
+            if "unexpected keyword" in str(exc) or "got an unexpected" in str(exc):
+                raise UsageError(f"{self.name}: {exc}") from None
+            raise
+        except ValueError as exc:
+            if isinstance(exc, (UsageError, WeightError)):
+                raise
+            if "memory" in str(exc):
+                raise RankError(f"{self.name}: {exc}") from None
+            raise UsageError(f"{self.name}: {exc}") from None
 
     def build(self, conv: nn.Conv2d, factorization: Factorization) -> nn.Module:
         geo = geometry(conv)

@@ -42,11 +42,12 @@ __all__ = [
     "CPGemmBlock",
     "as_layout",
     "build_form",
+    "chunk_size",
     "optimize_cp_blocks",
     "rel_error",
 ]
 
-FORMS = ("cp4", "cp3", "cp3-gemm", "cp4-gemm")
+FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm")
 QUICK_BUDGET = TimingBudget(warmup=2, min_rounds=6, max_rounds=60, budget_s=0.6, min_round_s=0.002,
                             target_ci_rel=0.03)
 MATCH_RTOL = 1e-5
@@ -86,8 +87,9 @@ class CPGemmBlock(nn.Module):
     Ungrouped blocks only (``geo.groups == 1``). Exact re-expression of ``block``.
     """
 
-    def __init__(self, block: CPBlock, *, fused: bool):
+    def __init__(self, block: CPBlock, *, fused: bool, chunk: int | None = None):
         super().__init__()
+        self.chunk = chunk
         if block.geo.groups != 1:
             raise ValueError("CPGemmBlock needs an ungrouped CP block")
         src = block.fused() if fused and block.form == "cp4" else block
@@ -102,6 +104,8 @@ class CPGemmBlock(nn.Module):
         self.rank = block.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk is not None and x.shape[0] > self.chunk:
+            return self._forward_chunked(x, self.chunk)
         y = torch.matmul(x.permute(0, 2, 3, 1), self.w_in).permute(0, 3, 1, 2)
         for m in self.mids:
             y = m(y)
@@ -110,8 +114,42 @@ class CPGemmBlock(nn.Module):
             self.bias, z.reshape(-1, z.shape[-1]), self.w_out).reshape(*z.shape[:-1], -1)
         return z.permute(0, 3, 1, 2)
 
+    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        # A few images at a time: the R-channel intermediates stay in L2 between the three layers
+        # instead of streaming through DRAM; the last GEMM writes straight into its slice of the output.
+        n = x.shape[0]
+        xh = x.permute(0, 2, 3, 1)
+        t = self.w_out.shape[1]
+        out = None
+        for i in range(0, n, chunk):
+            y = torch.matmul(xh[i:i + chunk], self.w_in).permute(0, 3, 1, 2)
+            for m in self.mids:
+                y = m(y)
+            z = y.permute(0, 2, 3, 1)
+            if out is None:
+                out = z.new_empty((n, z.shape[1], z.shape[2], t))
+            o = out[i:i + chunk].view(-1, t)
+            z2 = z.reshape(-1, z.shape[-1])
+            if self.bias is None:
+                torch.mm(z2, self.w_out, out=o)
+            else:
+                torch.addmm(self.bias, z2, self.w_out, out=o)
+        return out.permute(0, 3, 1, 2)
 
-def build_form(block: CPBlock, form: str) -> nn.Module:
+
+# Working set (R-channel input + output of the depthwise layer) a chunk of images may occupy.
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_size(block: CPBlock, input_shape) -> int:
+    """Images per chunk so the depthwise layer's input and output fit in about :data:`CHUNK_BYTES`."""
+    n, _, h, w = input_shape
+    gr = block.geo.groups * block.rank
+    per_image = 2 * h * w * gr * 4
+    return max(1, min(n, CHUNK_BYTES // max(per_image, 1)))
+
+
+def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """``block`` re-expressed as ``form`` (one of :data:`FORMS`), eval mode, same device/dtype."""
     if form == "cp4":
         if block.form != "cp4":
@@ -121,6 +159,10 @@ def build_form(block: CPBlock, form: str) -> nn.Module:
         out = block.fused()
     elif form == "cp3-gemm":
         out = CPGemmBlock(block, fused=True)
+    elif form == "cp3-gemm-chunked":
+        if input_shape is None:
+            raise ValueError("the chunked form needs the input shape")
+        out = CPGemmBlock(block, fused=True, chunk=chunk_size(block, input_shape))
     elif form == "cp4-gemm":
         if block.form != "cp4":
             raise ValueError("a CP3 block has no CP4 form")
@@ -130,7 +172,7 @@ def build_form(block: CPBlock, form: str) -> nn.Module:
     return out.eval()
 
 
-def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None) -> list[str]:
+def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_shape=None) -> list[str]:
     wanted = list(forms) if forms is not None else list(FORMS)
     out = []
     for f in wanted:
@@ -138,6 +180,8 @@ def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None) -> lis
             continue  # the GEMM view is free only in channels_last; grouped blocks keep convs
         if f.startswith("cp4") and block.form != "cp4":
             continue
+        if f.endswith("-chunked") and (input_shape is None or chunk_size(block, input_shape) >= input_shape[0]):
+            continue  # one chunk is the unchunked form
         out.append(f)
     return out
 
@@ -227,11 +271,11 @@ def optimize_cp_blocks(
             best_form, best = block.form, block
             speed_vs_built = 1.0
             tried: dict = {}
-            for form in _candidates(block, layout, forms):
+            for form in _candidates(block, layout, forms, tuple(xin.shape)):
                 if form == block.form:
                     continue
                 try:
-                    cand = as_layout(build_form(block, form), layout)
+                    cand = as_layout(build_form(block, form, tuple(xin.shape)), layout)
                     err = rel_error(cand(xin), ref)
                 except Exception as exc:  # a form that cannot run here is simply not chosen
                     tried[form] = {"error": f"{type(exc).__name__}: {exc}"}

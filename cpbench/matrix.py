@@ -40,7 +40,7 @@ DEFAULTS: dict[str, list] = {
 REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run")
 TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel")
-RUN_KEYS = ("description", "dataset_size", "per_layer_timing", "cell_timeout_s")
+RUN_KEYS = ("description", "dataset_size", "finetune_samples", "per_layer_timing", "cell_timeout_s")
 
 
 @dataclass(frozen=True)

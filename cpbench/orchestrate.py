@@ -44,8 +44,7 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
     path = out_dir / RESULTS_FILE
     if path.exists() and path.stat().st_size and not resume:
         raise UsageError(f"{path} already holds results; pass --resume to finish that run, or choose another --out")
-    ctx = ctx or RunContext(timing=matrix.timing, dataset_size=matrix.run.get("dataset_size", {}),
-                            per_layer_timing=matrix.run.get("per_layer_timing", True))
+    ctx = ctx or RunContext.from_matrix(matrix)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(matrix.source)
     if src.is_file() and not (out_dir / "matrix.toml").exists():

@@ -215,18 +215,19 @@ def _matrix_text(run_dir: Path) -> str | None:
 
 # -- HTML -------------------------------------------------------------------------------------
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1400px;
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1700px;
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.5em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .meta{color:#666}table{border-collapse:collapse;font-size:.82em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
-th{background:#f3f3f3;position:sticky;top:0}table.sortable th{cursor:pointer;user-select:none;white-space:nowrap}
+th{background:#f3f3f3;position:sticky;top:0}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr.error td{background:#fdecea}tr.noisy td.sp{background:#fff6d6}
 .scroll{overflow-x:auto}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em;max-width:60em}.note{color:#8a5a00;background:#fff6d6;padding:.4em .7em;
 display:inline-block}pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:.85em}
-.kv td:first-child{color:#555}
+.kv td:first-child{color:#555}#summary td{white-space:nowrap}#summary td.wrap{white-space:normal;min-width:7em}
+#summary td.err{white-space:normal;min-width:18em;max-width:40em}
 """
 
 _JS = """
@@ -265,7 +266,7 @@ def _e(v) -> str:
 
 def _html_table(rows: list[dict]) -> str:
     cols = summary_columns()
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    head = "".join(f'<th data-col="{_e(c)}">{_e(c).replace("_", "_<wbr>")}</th>' for c in cols)
     body = []
     for r in rows:
         s = row_summary(r)
@@ -276,7 +277,8 @@ def _html_table(rows: list[dict]) -> str:
             raw = "" if v is None else ("1" if v is True else "0" if v is False else str(v))
             if c in ("acc_base", "acc_decomposed", "acc_finetuned") and v == "–":
                 raw, v = "", None
-            klass = ' class="num' + (' sp' if c == "speedup" else '') + '"' if c in _NUMERIC else ""
+            klass = (' class="num' + (' sp' if c == "speedup" else '') + '"' if c in _NUMERIC else
+                     ' class="wrap"' if c in ("rank", "rel_error") else ' class="err"' if c == "error" else "")
             tds.append(f'<td{klass} data-v="{_e(raw)}">{_e(_cell(v))}</td>')
         body.append(f'<tr class="{cls}">' + "".join(tds) + "</tr>")
     return (f'<div class="scroll"><table class="sortable" id="summary"><thead><tr>{head}</tr></thead>'

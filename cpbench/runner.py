@@ -46,7 +46,16 @@ class RunContext:
     timing: dict = field(default_factory=dict)    # TimingBudget fields
     dataset_size: dict = field(default_factory=dict)  # {"train": n, "test": n} overrides
     per_layer_timing: bool = True
+    finetune_samples: int | None = None  # training samples used by fine-tuning (None: the recipe's)
     train_threads: int | None = None  # threads for training/fine-tuning (None: leave as is)
+
+    @classmethod
+    def from_matrix(cls, matrix, **overrides) -> "RunContext":
+        """The context a matrix file asks for ([timing] and [run] tables), plus overrides."""
+        run = matrix.run
+        return cls(**{"timing": dict(matrix.timing), "dataset_size": dict(run.get("dataset_size", {})),
+                      "per_layer_timing": run.get("per_layer_timing", True),
+                      "finetune_samples": run.get("finetune_samples"), **overrides})
 
     def budget(self) -> TimingBudget:
         return TimingBudget(**self.timing)
@@ -256,7 +265,7 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
             if cell.finetune_epochs > 0:
                 # the starting point (every weight of the compressed net) plus the recipe identify the result
                 tkey = key_of("tuned", *[v for _, v in sorted(compressed.state_dict().items())],
-                              cell.finetune_epochs, cell.seed, ctx.dataset_size)
+                              cell.finetune_epochs, cell.seed, ctx.dataset_size, ctx.finetune_samples)
                 compressed, secs, acc, hit = _MEMO["tuned"].get_or(
                     tkey, lambda: _finetune(compressed, plugins, dataset, cell, ctx, step, tkey))
                 row["finetune_cached"] = hit
@@ -301,8 +310,8 @@ def _finetune(compressed, plugins, dataset, cell, ctx, step, key):
     model = copy.deepcopy(compressed)
     recipe = getattr(plugins.models.get(cell.model["name"]), "finetune_recipe", FINETUNE_RECIPE)
     recipe = recipe.replace(epochs=cell.finetune_epochs, seed=cell.seed)
-    if ctx.dataset_size.get("train"):
-        recipe = recipe.replace(n_train=ctx.dataset_size["train"])
+    if ctx.finetune_samples or ctx.dataset_size.get("train"):
+        recipe = recipe.replace(n_train=ctx.finetune_samples or ctx.dataset_size["train"])
     key = f"{key}-{recipe_hash(recipe)}"
     cache = ctx.cache()
     hit = cache.get("finetuned", key)

@@ -74,3 +74,86 @@ def results_table(rows: list[dict], *, title: str = "cpbench results") -> Table:
                   _fmt(s["finetune_epochs"]), s["rel_error"], acc, _fmt(s["theoretical_speedup"], "{:.2f}"), sp,
                   _fmt(s["baseline_ms"], "{:.3f}"), _fmt(s["compressed_ms"], "{:.3f}"))
     return t
+
+
+def _group_key(r: dict) -> tuple:
+    import json
+
+    return (r.get("model"), json.dumps(r.get("model_params"), sort_keys=True), r.get("decomposer"),
+            json.dumps(r.get("decomposer_options"), sort_keys=True), json.dumps(r.get("rank_spec"), sort_keys=True),
+            r.get("finetune_epochs"), r.get("seed"), r.get("backend"), r.get("threads"))
+
+
+def paper_rows(rows: list[dict]) -> list[dict]:
+    """One row per decomposition (batch sizes side by side), as the paper's table reads."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        g = groups.setdefault(_group_key(r), {"row": r, "by_batch": {}})
+        g["by_batch"][r.get("batch")] = r
+    out = []
+    for g in groups.values():
+        r = g["row"]
+        base, dec, ft = r.get("accuracy_base"), r.get("accuracy_decomposed"), r.get("accuracy_finetuned")
+        after = ft if ft is not None else dec
+        out.append({
+            "decomposer": r.get("decomposer"), "rank": r.get("rank"), "rel_error": r.get("rel_error"),
+            "backend": r.get("backend"), "threads": r.get("threads"), "finetune_epochs": r.get("finetune_epochs"),
+            "accuracy_base": base, "accuracy_decomposed": dec, "accuracy_finetuned": ft,
+            "accuracy_drop": None if base is None or after is None else 100 * (base - after),
+            "theoretical_speedup": r.get("theoretical_speedup"),
+            "speedup": {b: (x.get("speedup"), x.get("speedup_ci"), x.get("noisy")) for b, x in sorted(g["by_batch"].items())},
+            "layer_speedup": {b: x.get("layer_speedup") for b, x in sorted(g["by_batch"].items())},
+            "layer_theoretical_speedup": r.get("layer_theoretical_speedup"),
+        })
+    return sorted(out, key=lambda x: (x["decomposer"], -(x["theoretical_speedup"] or 0)))
+
+
+def paper_table(rows: list[dict], *, title: str) -> Table:
+    prow = paper_rows(rows)
+    batches = sorted({b for p in prow for b in p["speedup"]})
+    t = Table(title=title)
+    for c in ["decomposer", "ranks", "rel_error", "acc base %", "before FT %", "after FT %", "drop pt", "theo ×"]:
+        t.add_column(c, justify="left" if c in ("decomposer", "ranks", "rel_error") else "right")
+    for b in batches:
+        t.add_column(f"measured × batch {b} [95% CI]", justify="right")
+    per_layer = any(p["layer_speedup"].get(b) for p in prow for b in batches)
+    if per_layer:
+        t.add_column("layers theo ×", justify="left")
+        for b in batches:
+            t.add_column(f"layers measured × b{b}", justify="left")
+    for p in prow:
+        cells = []
+        for b in batches:
+            sp, ci, noisy = p["speedup"].get(b, (None, None, None))
+            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (" noisy" if noisy else ""))
+        t.add_row(p["decomposer"], _per_layer(p["rank"]), _per_layer(p["rel_error"], "{:.3f}"), _acc(p["accuracy_base"]),
+                  _acc(p["accuracy_decomposed"]), _acc(p["accuracy_finetuned"]),
+                  "–" if p["accuracy_drop"] is None else f"{p['accuracy_drop']:.2f}",
+                  _fmt(p["theoretical_speedup"], "{:.2f}"), *cells,
+                  *([_per_layer(p["layer_theoretical_speedup"], "{:.2f}")]
+                    + [_per_layer(p["layer_speedup"].get(b), "{:.2f}") for b in batches] if per_layer else []))
+    return t
+
+
+def paper_verdict(rows: list[dict], *, target_speedup: float = 8.5, max_drop: float = 1.0) -> list[str]:
+    """Lines that compare the run with the paper's headline (best row within the accuracy budget)."""
+    lines = []
+    prow = paper_rows(rows)
+    for dec in sorted({p["decomposer"] for p in prow}):
+        best = None
+        for p in prow:
+            if p["decomposer"] != dec or p["accuracy_drop"] is None or p["accuracy_drop"] > max_drop:
+                continue
+            for b, (sp, ci, _) in p["speedup"].items():
+                if sp is not None and (best is None or sp > best[0]):
+                    best = (sp, ci, b, p)
+        if best is None:
+            lines.append(f"{dec}: no row within a {max_drop:g}-point accuracy drop")
+            continue
+        sp, ci, b, p = best
+        mark = "meets" if sp >= target_speedup else "below"
+        lines.append(f"{dec}: best within {max_drop:g} pt drop: {sp:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}] at batch {b}, "
+                     f"ranks {_per_layer(p['rank'])}, drop {p['accuracy_drop']:.2f} pt — {mark} the paper's {target_speedup}×")
+    return lines

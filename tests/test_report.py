@@ -149,7 +149,7 @@ def test_report_html_md_pngs(run_dir, rows):
     html = (out / "report.html").read_text(encoding="utf-8")
     # the summary table: header = summary columns, one body row per cell
     table = re.search(r'<table class="sortable" id="summary">(.*?)</table>', html, re.S).group(1)
-    assert re.findall(r"<th>(.*?)</th>", table) == summary_columns()
+    assert re.findall(r'<th data-col="(.*?)">', table) == summary_columns()
     assert len(re.findall(r"<tr class=", table)) == len(rows)
     assert table.count('<tr class="error">') == 1 and table.count('<tr class="noisy">') == 1
     # four plots embedded as data URIs, byte-identical to the PNG files

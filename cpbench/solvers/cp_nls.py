@@ -217,14 +217,14 @@ class _GramOperator:
     def apply(self, x: torch.Tensor, damped: bool = True) -> torch.Tensor:
         if self.batched:
             z = torch.bmm(x.transpose(1, 2), self.a)  # X_m^T A_m, (N, R, R)
-            s = torch.einsum("bij,abij->aij", z, self.gam_off)
+            s = (z.unsqueeze(0) * self.gam_off).sum(dim=1)
             y = torch.baddbmm(torch.bmm(x, self.gam_diag), self.a, s)
         else:
             xs = torch.split(x, self.sizes)
             fs = self.factors
             n = self.n
-            z = torch.stack([xs[k].T @ fs[k] for k in range(n)])
-            s = torch.einsum("bij,abij->aij", z, self.gam_off)
+            z = torch.stack([xs[k].T @ fs[k] for k in range(n)])  # X_m^T A_m, (N, R, R)
+            s = (z.unsqueeze(0) * self.gam_off).sum(dim=1)
             y = torch.cat([torch.addmm(xs[a] @ self.gam_diag[a], fs[a], s[a]) for a in range(n)])
         if damped:
             y.add_(x, alpha=self.lam)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpbench.execution import FORMS, apply_forms, build_form, optimize_cp_blocks, rel_error
+from cpbench.execution import (FORMS, CPGemmBlock, apply_forms, build_form, chunk_size, optimize_cp_blocks,
+                               rel_error)
 from cpbench.layers import CPBlock
 from cpbench.timing import TimingBudget
 
@@ -35,8 +36,24 @@ def test_every_form_is_exact(form, example, make_net):
     x = torch.randn(3, 8, 9, 7).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref = block(x)
-        out = build_form(block, form).to(memory_format=torch.channels_last)(x)
+        out = build_form(block, form, tuple(x.shape)).to(memory_format=torch.channels_last)(x)
     assert rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_chunked_gemm_is_exact(chunk, make_net):
+    block = make_net()[2]
+    x = torch.randn(5, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = CPGemmBlock(block, fused=True, chunk=chunk).to(memory_format=torch.channels_last)(x)
+        assert rel_error(out, block(x)) <= 1e-5
+    assert out.shape == (5, 12, 9, 7)
+
+
+def test_chunk_size(make_net):
+    block = make_net()[2]  # R = 6
+    assert chunk_size(block, (4, 8, 10, 10)) == 4  # tiny: the whole batch is one chunk
+    assert chunk_size(block, (64, 8, 512, 512)) == 1
 
 
 def test_gemm_form_in_nchw_input_still_exact(make_net):
