@@ -17,6 +17,9 @@ seed = [0]
 [timing]                             # optional: per-cell timing budget
 budget_s = 6.0
 ```
+
+Several ``[[matrix]]`` blocks instead of one ``[matrix]`` table: the run is the union of their
+products (e.g. a different rank list per layer shape).
 """
 from __future__ import annotations
 
@@ -73,19 +76,22 @@ def cell_key(axes: dict) -> str:
 
 @dataclass
 class Matrix:
-    axes: dict[str, list]
+    """One or more blocks of axes; the run is the union of each block's cartesian product."""
+
+    blocks: list[dict[str, list]]
     timing: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)
     source: str = "<inline>"
+
+    @property
+    def axes(self) -> dict[str, list]:
+        return self.blocks[0]
 
     def cells(self) -> list[Cell]:
         return expand(self)
 
     def __len__(self) -> int:
-        n = 1
-        for v in self.axes.values():
-            n *= len(v)
-        return n
+        return len(self.cells())
 
 
 def _named(value: Any, axis: str) -> dict:
@@ -109,8 +115,24 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
     if unknown:
         raise MatrixError(f"{source}: unknown table(s) {unknown}; allowed: {', '.join(SECTIONS)}")
     m = data.get("matrix")
-    if not isinstance(m, dict):
-        raise MatrixError(f"{source}: no [matrix] table; it holds the axes {', '.join(AXES)}")
+    if isinstance(m, list) and m and all(isinstance(b, dict) for b in m):
+        blocks = [_parse_block(b, registries, f"{source} [[matrix]] #{i + 1}") for i, b in enumerate(m)]
+    elif isinstance(m, dict):
+        blocks = [_parse_block(m, registries, source)]
+    else:
+        raise MatrixError(f"{source}: no [matrix] table (or [[matrix]] blocks); it holds the axes {', '.join(AXES)}")
+    timing = data.get("timing", {})
+    bad = sorted(set(timing) - set(TIMING_KEYS))
+    if bad:
+        raise MatrixError(f"{source}: unknown [timing] key(s) {bad}; allowed: {', '.join(TIMING_KEYS)}")
+    run = data.get("run", {})
+    bad = sorted(set(run) - set(RUN_KEYS))
+    if bad:
+        raise MatrixError(f"{source}: unknown [run] key(s) {bad}; allowed: {', '.join(RUN_KEYS)}")
+    return Matrix(blocks, dict(timing), dict(run), source)
+
+
+def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, list]:
     unknown = sorted(set(m) - set(AXES))
     if unknown:
         raise MatrixError(f"{source}: unknown matrix key(s) {unknown}; allowed: {', '.join(AXES)}")
@@ -153,15 +175,7 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
                 name = v["name"] if isinstance(v, dict) else v
                 if name not in reg:
                     raise MatrixError(f"{source}: unknown {kind} {name!r} in axis {axis!r}; available: {', '.join(reg.names())}")
-    timing = data.get("timing", {})
-    bad = sorted(set(timing) - set(TIMING_KEYS))
-    if bad:
-        raise MatrixError(f"{source}: unknown [timing] key(s) {bad}; allowed: {', '.join(TIMING_KEYS)}")
-    run = data.get("run", {})
-    bad = sorted(set(run) - set(RUN_KEYS))
-    if bad:
-        raise MatrixError(f"{source}: unknown [run] key(s) {bad}; allowed: {', '.join(RUN_KEYS)}")
-    return Matrix(axes, dict(timing), dict(run), source)
+    return axes
 
 
 def load_matrix(path: str | Path, *, registries: dict | None = None) -> Matrix:
@@ -178,5 +192,13 @@ def load_matrix(path: str | Path, *, registries: dict | None = None) -> Matrix:
 
 
 def expand(matrix: Matrix) -> list[Cell]:
-    """The cartesian product of the axes, in file order (model outermost, seed innermost)."""
-    return [Cell(*combo) for combo in itertools.product(*(matrix.axes[a] for a in AXES))]
+    """Each block's cartesian product in file order (model outermost, seed innermost); a cell that
+    two blocks both produce appears once."""
+    cells, seen = [], set()
+    for block in matrix.blocks:
+        for combo in itertools.product(*(block[a] for a in AXES)):
+            cell = Cell(*combo)
+            if cell.key not in seen:
+                seen.add(cell.key)
+                cells.append(cell)
+    return cells

@@ -59,3 +59,10 @@ def test_shipped_matrices_parse():
         if f.name.endswith(".toml"):
             m = load_matrix(str(f), registries=get_plugins().registries)
             assert len(m) >= 1, f.name
+
+
+def test_several_blocks_are_a_union_without_duplicates():
+    m = parse_matrix({"matrix": [{**BASE, "rank": [2, 4]}, {**BASE, "rank": [4, 8], "batch": [1]}]})
+    assert [c.rank for c in m.cells()] == [2, 4, 8]
+    with pytest.raises(MatrixError, match="#2.*unknown matrix key"):
+        parse_matrix({"matrix": [BASE, {**BASE, "oops": [1]}]})
