@@ -29,6 +29,7 @@ __all__ = [
     "check_rank",
     "rel_error",
     "group_kernels",
+    "build_geometry",
     "CPDecomposer",
     "GROUP_MODES",
 ]
@@ -76,6 +77,15 @@ def group_kernels(weight: torch.Tensor, groups: int, group_mode: str) -> torch.T
     if group_mode == "block-diagonal":
         return block_diagonal(weight, groups).unsqueeze(0)
     return split_groups(weight, groups)
+
+
+def build_geometry(conv: nn.Conv2d, factorization: Factorization) -> ConvGeometry:
+    """The geometry a replacement block is built with: the conv's own, ungrouped when the
+    factorization expanded the groups into one block-diagonal kernel."""
+    geo = geometry(conv)
+    if factorization.info.get("group_mode") == "block-diagonal" and geo.groups > 1:
+        geo = dataclasses.replace(geo, groups=1)
+    return geo
 
 
 def _merge_info(infos: list[dict]) -> dict:
@@ -172,10 +182,8 @@ class CPDecomposer:
             raise UsageError(f"{self.name}: {exc}") from None
 
     def build(self, conv: nn.Conv2d, factorization: Factorization) -> nn.Module:
-        geo = geometry(conv)
+        geo = build_geometry(conv, factorization)
         f = factorization.factors
-        if factorization.info.get("group_mode") == "block-diagonal" and geo.groups > 1:
-            geo = dataclasses.replace(geo, groups=1)
         bias = conv.bias
         if "hw" in f:
             return CPBlock(geo, f["out"], f["in"], hw=f["hw"], bias=bias)

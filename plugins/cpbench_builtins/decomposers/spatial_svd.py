@@ -6,16 +6,15 @@ Options: group_mode ["per-group"].
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
 
 from cpbench import hookimpl
-from cpbench.decomposer import check_rank, check_weight, group_kernels, rel_error
+from cpbench.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
 from cpbench.errors import UsageError
 from cpbench.factorization import Factorization
-from cpbench.layers import SpatialSVDBlock, geometry, svd_kernel
+from cpbench.layers import SpatialSVDBlock, svd_kernel
 
 
 class SpatialSVD:
@@ -51,9 +50,7 @@ class SpatialSVD:
         return Factorization(f, err, info)
 
     def build(self, conv, factorization):
-        geo = geometry(conv)
-        if factorization.info.get("group_mode") == "block-diagonal" and geo.groups > 1:
-            geo = dataclasses.replace(geo, groups=1)
+        geo = build_geometry(conv, factorization)
         f = factorization.factors
         return SpatialSVDBlock(geo, f["v"], f["h"], bias=conv.bias)
 

@@ -6,7 +6,6 @@ Exact when r_out = T/G and r_in = S/G.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 
@@ -14,10 +13,10 @@ import numpy as np
 import torch
 
 from cpbench import hookimpl
-from cpbench.decomposer import check_rank, check_weight, group_kernels, rel_error
+from cpbench.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
 from cpbench.errors import RankError, UsageError
 from cpbench.factorization import Factorization
-from cpbench.layers import Tucker2Block, geometry, tucker2_kernel
+from cpbench.layers import Tucker2Block, tucker2_kernel
 
 
 def _pair(rank):
@@ -70,9 +69,7 @@ class Tucker2:
         return Factorization(f, err, info)
 
     def build(self, conv, factorization):
-        geo = geometry(conv)
-        if factorization.info.get("group_mode") == "block-diagonal" and geo.groups > 1:
-            geo = dataclasses.replace(geo, groups=1)
+        geo = build_geometry(conv, factorization)
         f = factorization.factors
         return Tucker2Block(geo, f["out"], f["in"], f["core"], bias=conv.bias)
 
