@@ -235,6 +235,8 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
     convs = conv_layers(base, layers)
     ranks = _layer_ranks(cell, layers)
     row["layers"] = layers
+    if hasattr(model_plugin, "label"):
+        row["model_label"] = model_plugin.label(**_split_named(cell.model)[1])
     in_shape = tuple(model_plugin.input_shape(**_split_named(cell.model)[1]))
     x1 = torch.randn(1, *in_shape, generator=torch.Generator().manual_seed(cell.seed))
     shapes1 = layer_input_shapes(base, x1, layers)

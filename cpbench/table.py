@@ -33,7 +33,9 @@ def row_summary(r: dict) -> dict:
         if after is not None:
             drop = 100 * (r["accuracy_base"] - after)
     model = r.get("model")
-    if r.get("model_params"):
+    if r.get("model_label"):
+        model = r["model_label"]
+    elif r.get("model_params"):
         model = f"{model}({','.join(f'{k}={v}' for k, v in r['model_params'].items())})"
     return {
         "status": r.get("status"), "model": model, "decomposer": r.get("decomposer"),

@@ -49,6 +49,16 @@ class ConvModel:
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model 'conv' params {params}: {exc}") from None
 
+    def label(self, **params) -> str:
+        """A short name for tables: ``conv 64→192 5×5 g2 s2 @27``."""
+        k = params.get("kernel_size")
+        k = f"{k}×{k}" if isinstance(k, int) else "×".join(map(str, k))
+        size = params.get("input_size")
+        size = size if isinstance(size, int) else "×".join(map(str, size))
+        extra = "".join(f" {tag}{params[key]}" for key, tag in (("groups", "g"), ("stride", "s"), ("dilation", "d"))
+                        if params.get(key, 1) != 1)
+        return f"conv {params.get('in_channels')}→{params.get('out_channels')} {k}{extra} @{size}"
+
     def input_shape(self, **params):
         self._check(params)
         size = params["input_size"]
