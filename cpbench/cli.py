@@ -209,7 +209,7 @@ def cmd_run(args) -> int:
         from .report import write_report
 
         written = write_report(out)
-        console.print(f"report: {written}")
+        console.print("report: " + ", ".join(map(str, written)))
     return summary.exit_code
 
 

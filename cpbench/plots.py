@@ -79,6 +79,9 @@ def _ok(rows):
 
 
 def _model_label(row: dict) -> str:
+    """The model as the summary table shows it: ``model_label`` if the row has one, else name(params)."""
+    if row.get("model_label"):
+        return str(row["model_label"])
     model = str(row.get("model"))
     if row.get("model_params"):
         model += "(" + ",".join(f"{k}={v}" for k, v in row["model_params"].items()) + ")"
@@ -122,6 +125,7 @@ class ParetoPoint:
     speedup_hi: float
     noisy: bool
     cell_key: str | None
+    model_name: str = ""  # the model plugin's name (``row["model"]``), e.g. "charnet"
 
 
 def pareto_points(rows: list[dict]) -> list[ParetoPoint]:
@@ -138,7 +142,7 @@ def pareto_points(rows: list[dict]) -> list[ParetoPoint]:
             backend=str(r.get("backend")), threads=r.get("threads"), batch=r.get("batch"),
             finetune_epochs=r.get("finetune_epochs"), drop=drop, speedup=sp,
             speedup_lo=sp if lo is None else lo, speedup_hi=sp if hi is None else hi,
-            noisy=bool(r.get("noisy")), cell_key=r.get("cell_key")))
+            noisy=bool(r.get("noisy")), cell_key=r.get("cell_key"), model_name=str(r.get("model"))))
     return out
 
 
@@ -385,7 +389,7 @@ def draw_error_rank(points: list[ErrorRankPoint], *, title: str = "") -> Figure:
         ax.set_title(f"{model} · {layer}" if multi_model else layer, fontsize=10)
         ax.set_xlabel("rank (Tucker-2 pair: r_out·r_in)", fontsize=8)
         ax.set_ylabel("relative error", fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max([p.rel_error for p in mine] + [1e-3]) * 1.1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title or "reconstruction error against rank")
@@ -396,7 +400,7 @@ def draw_accuracy_rank(points: list[AccuracyRankPoint], *, title: str = "") -> F
     """Accuracy (%) against rank per decomposer: before fine-tuning (dashed, hollow) and after (solid)."""
     models = sorted({p.model for p in points})
     nr, nc = _grid(len(models))
-    fig = _figure(7.5 if nc == 1 else 4.6 * nc + 1, 4.8 if nr == 1 else 3.6 * nr + 0.6)
+    fig = _figure(9.0 if nc == 1 else 4.6 * nc + 1, 4.8 if nr == 1 else 3.6 * nr + 0.6)
     styles = style_map(p.decomposer for p in points)
     for k, model in enumerate(models):
         ax = fig.add_subplot(nr, nc, k + 1)
@@ -427,6 +431,10 @@ def draw_accuracy_rank(points: list[AccuracyRankPoint], *, title: str = "") -> F
         if len(models) > 1:
             ax.set_title(model, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.margins(y=0.08)
+        if len(models) == 1:
+            _legend(ax, ax.get_legend_handles_labels()[0])
+        else:
+            ax.legend(fontsize=7)
     fig.suptitle(title or "accuracy against rank: before and after fine-tuning")
     return fig

@@ -31,7 +31,8 @@ from .errors import UsageError
 from .results import RESULTS_FILE, read_results
 from .table import row_summary, summary_columns
 
-__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "Plot", "build_plots", "load_rows",
+__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "Plot", "build_plots", "load_rows", "pareto_plots",
+           "efficiency_plot", "error_rank_plot", "accuracy_rank_plot",
            "render_html", "render_markdown", "write_csv"]
 
 FORMATS = ("html", "md", "csv", "png")
@@ -98,62 +99,79 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
 
 
-def build_plots(rows: list[dict]) -> list[Plot]:
-    """Every plot of the report, in order; skipped ones carry a note instead of a PNG."""
+_NO_OK = "skipped: no cell finished successfully (see Failures)."
+
+
+def pareto_plots(rows: list[dict]) -> list[Plot]:
+    """Speedup against accuracy drop: one plot per model with accuracy (``pareto.png`` when one model)."""
     from . import plots as P
 
-    ok = [r for r in rows if r.get("status") == "ok"]
-    no_ok = "skipped: no cell finished successfully (see Failures)."
-    out: list[Plot] = []
-
-    # Pareto: one figure per model that has accuracy
     cap = ("Measured whole-network speedup (95% CI as error bars) against the accuracy drop after fine-tuning "
            "(base − fine-tuned, or − decomposed without fine-tuning), one marker and colour per decomposer; "
            "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: noisy timings.")
+    title = "Speedup against accuracy drop"
     pts = P.pareto_points(rows)
+    if not any(r.get("status") == "ok" for r in rows):
+        return [Plot("pareto", title, cap, note=_NO_OK)]
+    if not pts:
+        return [Plot("pareto", title, cap,
+                     note="skipped: no cell has an accuracy (the model has no data set) and a measured speedup.")]
     models = sorted({p.model for p in pts})
-    if not ok:
-        out.append(Plot("pareto", "Speedup against accuracy drop", cap, note=no_ok))
-    elif not pts:
-        out.append(Plot("pareto", "Speedup against accuracy drop", cap,
-                        note="skipped: no cell has an accuracy (the model has no data set) and a measured speedup."))
+    out = []
     for m in models:
         mine = [p for p in pts if p.model == m]
-        paper = m.split("(")[0] == P.PAPER_POINT["model"]
+        paper = any(p.model_name == P.PAPER_POINT["model"] for p in mine)
         name = "pareto" if len(models) == 1 else f"pareto-{_slug(m)}"
-        title = "Speedup against accuracy drop" + ("" if len(models) == 1 else f" — {m}")
         c = cap + (" The gold star is the paper's result (Lebedev et al. 2015: 8.5×, 1 point)." if paper else "")
-        out.append(Plot(name, title, c, png=_png(P.draw_pareto(mine, title=f"{m}: speedup against accuracy drop",
-                                                               paper=paper))))
+        fig = P.draw_pareto(mine, title=f"{m}: speedup against accuracy drop", paper=paper)
+        out.append(Plot(name, title + ("" if len(models) == 1 else f" — {m}"), c, png=_png(fig)))
+    return out
 
-    cap = ("Per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP ratio), "
-           "one colour per backend; the dashed line is y = x. Hollow markers: noisy timings.")
+
+def efficiency_plot(rows: list[dict]) -> Plot:
+    from . import plots as P
+
+    cap = ("Per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP ratio); "
+           "colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
     pts = P.efficiency_points(rows)
     if pts:
-        out.append(Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts))))
-    else:
-        out.append(Plot("efficiency", "Efficiency per layer", cap, note=no_ok if not ok else
-                        "skipped: no per-layer timings in this run ([run] per_layer_timing = false?)."))
+        return Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts)))
+    return Plot("efficiency", "Efficiency per layer", cap, note=_NO_OK if not _any_ok(rows) else
+                "skipped: no per-layer timings in this run ([run] per_layer_timing = false?).")
+
+
+def error_rank_plot(rows: list[dict]) -> Plot:
+    from . import plots as P
 
     cap = ("Relative reconstruction error of each layer's kernel against rank, one line per decomposer "
            "(a Tucker-2 pair [r_out, r_in] is plotted at r_out·r_in).")
     pts = P.error_rank_points(rows)
     if pts:
-        out.append(Plot("error_rank", "Error against rank", cap, png=_png(P.draw_error_rank(pts))))
-    else:
-        out.append(Plot("error_rank", "Error against rank", cap,
-                        note=no_ok if not ok else "skipped: no cell recorded a relative error."))
+        return Plot("error_rank", "Error against rank", cap, png=_png(P.draw_error_rank(pts)))
+    return Plot("error_rank", "Error against rank", cap,
+                note=_NO_OK if not _any_ok(rows) else "skipped: no cell recorded a relative error.")
+
+
+def accuracy_rank_plot(rows: list[dict]) -> Plot:
+    from . import plots as P
 
     cap = ("Test accuracy against rank per decomposer: right after decomposition (dashed, hollow) and after "
            "fine-tuning (solid); the dotted line is the base network. A cell whose layers have different "
            "ranks is plotted at the mean rank.")
     pts = P.accuracy_rank_points(rows)
     if pts:
-        out.append(Plot("accuracy_rank", "Accuracy against rank", cap, png=_png(P.draw_accuracy_rank(pts))))
-    else:
-        out.append(Plot("accuracy_rank", "Accuracy against rank", cap, note=no_ok if not ok else
-                        "skipped: no cell has an accuracy (the model has no data set)."))
-    return out
+        return Plot("accuracy_rank", "Accuracy against rank", cap, png=_png(P.draw_accuracy_rank(pts)))
+    return Plot("accuracy_rank", "Accuracy against rank", cap, note=_NO_OK if not _any_ok(rows) else
+                "skipped: no cell has an accuracy (the model has no data set).")
+
+
+def _any_ok(rows) -> bool:
+    return any(r.get("status") == "ok" for r in rows)
+
+
+def build_plots(rows: list[dict]) -> list[Plot]:
+    """Every plot of the report, in order; skipped ones carry a note instead of a PNG."""
+    return [*pareto_plots(rows), efficiency_plot(rows), error_rank_plot(rows), accuracy_rank_plot(rows)]
 
 
 # -- shared pieces ----------------------------------------------------------------------------

@@ -293,13 +293,13 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
         row.update(_timing_fields(timing), backend_info=info, thread_state=threads_set)
         if ctx.per_layer_timing:
             shapes = layer_input_shapes(base, x, layers)
-            ls, lci = {}, {}
+            ls, lci, lnoisy = {}, {}, {}
             for n in layers:
                 xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(cell.seed))
                 lt, _ = _time_models(backend, convs[n], replacements[n].eval(), xin, cell.threads,
                                      dataclasses.replace(budget, budget_s=budget.budget_s / 2))
-                ls[n], lci[n] = lt.speedup, list(lt.speedup_ci)
-            row.update(layer_speedup=ls, layer_speedup_ci=lci)
+                ls[n], lci[n], lnoisy[n] = lt.speedup, list(lt.speedup_ci), lt.noisy
+            row.update(layer_speedup=ls, layer_speedup_ci=lci, layer_noisy=lnoisy)
 
 
 def _small_info(info: dict) -> dict:

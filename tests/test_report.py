@@ -11,7 +11,7 @@ import pytest
 
 from cpbench import plots as P
 from cpbench.errors import UsageError
-from cpbench.report import build_plots, write_report
+from cpbench.report import pareto_plots, write_report
 from cpbench.table import row_summary, summary_columns
 
 _spec = importlib.util.spec_from_file_location("_report_rows", Path(__file__).with_name("_report_rows.py"))
@@ -42,7 +42,7 @@ def test_pareto_points_equal_rows(rows):
         assert (p.speedup_lo, p.speedup_hi) == tuple(r["speedup_ci"])
         assert p.drop == pytest.approx(100 * (r["accuracy_base"] - r["accuracy_finetuned"]))
         assert p.drop == pytest.approx(row_summary(r)["acc_drop"], abs=0.01)  # same number as the table
-        assert p.noisy == r["noisy"]
+        assert p.noisy == r["noisy"] and p.model_name == "charnet"
     assert [p.rank for p in pts] == ["8", "16", "8x4", "16x8"]
 
 
@@ -195,9 +195,8 @@ def test_report_without_accuracy_skips_pareto(tmp_path):
     assert len(re.findall(r"<img ", html)) == 2  # efficiency + error against rank
     assert "skipped: no cell has an accuracy" in html and "No matrix.toml" in html
     assert "Lebedev et al. 2015 (8.5" not in html
-    plots = {p.name: p for p in build_plots(rows)}
-    assert plots["pareto"].png is None and plots["accuracy_rank"].png is None
-    assert plots["efficiency"].png is not None
+    assert re.findall(r'<img alt="([^"]+)"', html) == ["Efficiency per layer", "Error against rank"]
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["report.html"]
 
 
 def test_only_failed_cells_still_reports(tmp_path):
@@ -212,8 +211,12 @@ def test_only_failed_cells_still_reports(tmp_path):
 def test_pareto_one_figure_per_model(tmp_path, rows):
     other = [dict(r, model="charnet", model_params={"width": 2}, cell_key=r["cell_key"] + "w")
              for r in rows[:2]]
-    names = [p.name for p in build_plots(rows + other) if p.name.startswith("pareto")]
-    assert names == ["pareto-charnet", "pareto-charnet_width_2"]
+    other += [dict(r, model="alexnet", model_label="alex-small", cell_key=r["cell_key"] + "a") for r in rows[:2]]
+    plots = pareto_plots(rows + other)
+    assert [p.name for p in plots] == ["pareto-alex-small", "pareto-charnet", "pareto-charnet_width_2"]
+    assert ["Lebedev" in p.caption for p in plots] == [False, True, True]  # the paper's point: charnet only
+    assert all(p.png.startswith(PNG_MAGIC) for p in plots)
+    assert pareto_plots([R.failed_row()])[0].note.startswith("skipped: no cell finished")
 
 
 def test_later_row_for_same_cell_wins(tmp_path, rows):
@@ -253,6 +256,6 @@ def test_cli_report(tmp_path, run_dir, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run directory not found" in err
-    assert main(["report", str(run_dir), "--format", "csv", "--format", "html"]) == 0
+    assert main(["report", str(run_dir), "--format", "csv", "--format", "csv"]) == 0
     printed = capsys.readouterr().out.split()
-    assert sorted(Path(p).name for p in printed) == ["report.html", "results.csv"]
+    assert printed == [str(run_dir / "report" / "results.csv")]
