@@ -66,13 +66,25 @@ def parse_rank(spec: Any) -> RankSpec:
 def _candidates(decomposer, weight_shape, groups, options) -> list:
     if hasattr(decomposer, "rank_candidates"):
         return list(decomposer.rank_candidates(weight_shape, groups))
-    mr = decomposer.max_rank(weight_shape, groups, options.get("group_mode", "per-group")) if hasattr(decomposer, "max_rank") else None
+    mr = max_rank_for(decomposer, weight_shape, groups, options) if hasattr(decomposer, "max_rank") else None
     if isinstance(mr, tuple):  # a pair of ranks: scale both together
         n = max(mr)
         return sorted({(max(1, round(mr[0] * i / n)), max(1, round(mr[1] * i / n))) for i in range(1, n + 1)})
     if mr is None:
         raise RankError(f"decomposer {decomposer.name!r} has no max_rank; give an integer rank")
     return list(range(1, mr + 1))
+
+
+def max_rank_for(decomposer, weight_shape, groups, options) -> Any:
+    """``decomposer.max_rank(weight_shape, groups, **opts)`` with the cell's options that max_rank names
+    (e.g. ``group_mode``, ``form``)."""
+    import inspect
+
+    params = inspect.signature(decomposer.max_rank).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kw = {k: v for k, v in (options or {}).items()
+          if k not in ("weight_shape", "groups") and (var_kw or k in params)}
+    return decomposer.max_rank(tuple(weight_shape), groups, **kw)
 
 
 def _largest(cands: list, ok: Callable[[Any], bool]) -> Any:
@@ -138,7 +150,8 @@ def resolve_rank(
             return found[c].rel_error > rs.value
 
         lo, hi = 0, len(cands) - 1
-        if too_big_error(cands[hi]):
+        if too_big_error(cands[hi]):  # no rank meets the budget: the best one, flagged
+            found[cands[hi]].info["rank_spec_unmet"] = f"no rank reaches {rs}; took the largest"
             return cands[hi], found[cands[hi]]
         while lo < hi:
             mid = (lo + hi) // 2

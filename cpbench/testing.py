@@ -17,12 +17,15 @@ or one pytest test per check (each check gets its own test id, skips are pytest 
         check()
 
 ``options`` are passed to every ``decompose`` call (use them to keep iterative solvers fast).
+Each check runs on a forked torch RNG and restores any thread pools it sets, so running the suite
+leaves the caller's random stream and thread settings as they were.
 
 Decomposer checks (:data:`DECOMPOSER_CHECKS`)
 ---------------------------------------------
 ``contract``
     ``name`` is a non-empty str; ``decompose``/``build`` are callable; ``version`` (if any) is a str;
-    ``max_rank`` (if any) answers for the test kernel.
+    ``max_rank`` (if any) accepts the call :mod:`cpbench.ranks` makes (today
+    ``(weight_shape, groups, group_mode)`` positionally) and returns a positive int or a tuple of them.
 ``factorization``
     ``decompose`` returns a :class:`cpbench.Factorization`: ``factors`` a non-empty
     ``dict[str, Tensor]`` of finite tensors, ``rel_error`` a finite float ≥ 0, ``info`` a dict that
@@ -45,7 +48,8 @@ Decomposer checks (:data:`DECOMPOSER_CHECKS`)
     groups, and the grouped checks are *skipped* (not failed).
 ``exact-at-full-rank``
     Only if the decomposer sets ``exact_at_full_rank = True`` (skipped otherwise; it then needs
-    ``max_rank``): at ``rank = max_rank(shape, 1)``, ``rel_error ≤ 1e-5`` and the module reproduces
+    ``max_rank``): at ``rank = max_rank(shape, 1, **the options max_rank names)``, ``rel_error ≤ 1e-5``
+    and the module reproduces
     the original conv's output (padded, strided, with bias) to ``1e-4`` relative.
 ``deterministic``
     Two ``decompose`` calls with the same seed give the same factor names and bit-identical tensors.
@@ -79,8 +83,10 @@ The model is a small conv net (three convs, one of them a :class:`cpbench.layers
 ``threads-restored``
     ``torch.get_num_threads()``, ``torch.get_num_interop_threads()``,
     ``torch.backends.mkldnn.enabled`` and the thread count of every native pool threadpoolctl saw
-    before are the same after prepare/run/close (prepared with a thread count different from the
-    current one). Pools first loaded by the backend are not compared.
+    before are the same after prepare/run/close. The check first sets every pool to the current count
+    plus one (through :func:`cpbench.threads.thread_limits`, restored afterwards) and prepares with
+    ``threads=1``, so a backend that sets its count and forgets to restore it is caught. Pools first
+    loaded by the backend are not compared.
 ``times-a-model``
     :func:`cpbench.timing.time_pair` on a prepared baseline and compressed model (the runner's
     sequence: prepare both, ``convert_input`` once, time, close) gives finite positive medians and a
@@ -112,6 +118,8 @@ __all__ = [
     "BACKEND_CHECKS",
     "check_decomposer",
     "check_backend",
+    "iter_decomposer_checks",
+    "iter_backend_checks",
     "decomposer_checks",
     "backend_checks",
     "parametrize_decomposer_checks",
@@ -166,9 +174,15 @@ class Check:
     def __repr__(self) -> str:
         return f"Check({self.id})"
 
+    def _fn(self) -> None:
+        # Modules built in the checks draw their (overwritten) initial weights from torch's global
+        # RNG: fork it so that running the suite leaves the caller's random stream unchanged.
+        with torch.random.fork_rng(devices=[]):
+            self.fn()
+
     def __call__(self) -> None:
         try:
-            self.fn()
+            self._fn()
         except CheckSkipped as exc:
             import pytest
 
@@ -182,7 +196,7 @@ class Check:
     def run(self) -> CheckResult:
         start = time.perf_counter()
         try:
-            self.fn()
+            self._fn()
         except CheckSkipped as exc:
             return CheckResult(self.name, "skipped", str(exc), time.perf_counter() - start)
         except AssertionError as exc:
@@ -205,10 +219,6 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale
 
 
-def _one_line(exc: BaseException) -> str:
-    return str(exc)
-
-
 def _assert_one_line(exc: BaseException, what: str) -> None:
     msg = str(exc)
     assert msg.strip(), f"{what}: {type(exc).__name__} has an empty message"
@@ -223,10 +233,10 @@ def _json_ok(value: Any, what: str) -> None:
 
 
 def _make_conv(in_ch=KERNEL[1], out_ch=KERNEL[0], k=KERNEL[2:], *, seed=0, **kw) -> nn.Conv2d:
-    torch.manual_seed(seed)
-    conv = nn.Conv2d(in_ch, out_ch, k, **kw)
-    conv.eval()
-    return conv
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(in_ch, out_ch, k, **kw)
+    return conv.eval()
 
 
 def _input(conv: nn.Conv2d, *, seed=1, batch=2, hw=INPUT_HW, dtype=torch.float32) -> torch.Tensor:
@@ -234,15 +244,26 @@ def _input(conv: nn.Conv2d, *, seed=1, batch=2, hw=INPUT_HW, dtype=torch.float32
     return torch.randn(batch, conv.in_channels, *hw, generator=g, dtype=dtype)
 
 
-def _max_rank(dec, shape, groups=1):
+def _max_rank_kwargs(dec, options) -> dict:
+    """The decompose options that ``max_rank`` also names (e.g. group_mode, form)."""
+    import inspect
+
+    try:
+        params = inspect.signature(dec.max_rank).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in (options or {}).items() if k in params and k not in ("weight_shape", "groups")}
+
+
+def _max_rank(dec, shape, groups=1, options=None):
     if not hasattr(dec, "max_rank"):
         return None
-    return dec.max_rank(tuple(shape), groups)
+    return dec.max_rank(tuple(shape), groups, **_max_rank_kwargs(dec, options))
 
 
-def _small_rank(dec, shape, groups=1, want=2):
+def _small_rank(dec, shape, groups=1, want=2, options=None):
     """A low rank the decomposer accepts for ``shape``: ``want`` capped by max_rank (per mode)."""
-    mr = _max_rank(dec, shape, groups)
+    mr = _max_rank(dec, shape, groups, options)
     if mr is None:
         return want
     if isinstance(mr, (tuple, list)):
@@ -287,18 +308,6 @@ def effective_kernel(module: nn.Module, in_channels: int, kh: int, kw: int, *,
     return y.T.reshape(-1, in_channels, kh, kw)  # (T, S, kh, kw)
 
 
-def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """(T, S/G, kh, kw) → (T, S, kh, kw), zeros off the diagonal blocks."""
-    if groups == 1:
-        return weight
-    t, sg, kh, kw = weight.shape
-    tg = t // groups
-    out = weight.new_zeros(t, sg * groups, kh, kw)
-    for g in range(groups):
-        out[g * tg:(g + 1) * tg, g * sg:(g + 1) * sg] = weight[g * tg:(g + 1) * tg]
-    return out
-
-
 def _probe_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A copy of ``conv`` with the same kernel/groups but stride 1, no padding, no dilation, no bias."""
     probe = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
@@ -338,7 +347,18 @@ def _dc_contract(dec, options):
     if hasattr(dec, "version"):
         assert isinstance(dec.version, str), f"version must be a str (it is part of the cache key), got {dec.version!r}"
     if hasattr(dec, "max_rank"):
-        mr = dec.max_rank(KERNEL, 1)
+        from . import ranks
+
+        try:  # exactly as cpbench.ranks calls it to enumerate candidate ranks for "params:"/"speedup:"/"error:"
+            if hasattr(ranks, "max_rank_for"):
+                ranks.max_rank_for(dec, KERNEL, 1, options)
+            else:
+                dec.max_rank(KERNEL, 1, "per-group")
+        except TypeError as exc:
+            raise AssertionError(
+                "max_rank must accept (weight_shape, groups=1, group_mode='per-group'), as the harness "
+                f"calls it for rank specs: {exc}") from None
+        mr = _max_rank(dec, KERNEL, 1, options)
         ok = (isinstance(mr, int) and mr >= 1) or (
             isinstance(mr, (tuple, list)) and all(isinstance(m, int) and m >= 1 for m in mr))
         assert ok, f"max_rank({KERNEL}, 1) must be a positive int (or a tuple of them), got {mr!r}"
@@ -348,7 +368,7 @@ def _dc_factorization(dec, options):
     conv = _make_conv()
     weight = conv.weight.detach().clone()
     before = weight.clone()
-    fact = _decompose(dec, weight, _small_rank(dec, weight.shape), options)
+    fact = _decompose(dec, weight, _small_rank(dec, weight.shape, 1, options=options), options)
     assert isinstance(fact, Factorization), f"decompose returned {type(fact).__name__}, not cpbench.Factorization"
     assert isinstance(fact.factors, dict) and fact.factors, "factors must be a non-empty dict"
     for k, v in fact.factors.items():
@@ -365,7 +385,7 @@ def _dc_factorization(dec, options):
 def _dc_rel_error(dec, options):
     conv = _make_conv(bias=False)
     weight = conv.weight.detach()
-    fact = _decompose(dec, weight, _small_rank(dec, weight.shape), options)
+    fact = _decompose(dec, weight, _small_rank(dec, weight.shape, 1, options=options), options)
     w_hat = _module_kernel(dec, conv, fact)
     w = weight.double()
     recomputed = float(torch.linalg.vector_norm(w - w_hat) / torch.linalg.vector_norm(w))
@@ -395,7 +415,7 @@ def _dc_geometry(dec, options, spec: dict):
     conv = _make_conv(in_ch, out_ch, k, **spec)
     groups = conv.groups
     weight = conv.weight.detach()
-    fact = _decompose(dec, weight, _small_rank(dec, weight.shape, groups), options, groups=groups)
+    fact = _decompose(dec, weight, _small_rank(dec, weight.shape, groups, options=options), options, groups=groups)
     block = dec.build(conv, fact)
     assert isinstance(block, nn.Module), f"build returned {type(block).__name__}, not a torch.nn.Module"
     block.eval()
@@ -427,7 +447,7 @@ def _dc_exact(dec, options):
     assert hasattr(dec, "max_rank"), "exact_at_full_rank = True needs max_rank(weight_shape, groups)"
     conv = _make_conv(padding=1, stride=2)
     weight = conv.weight.detach()
-    full = dec.max_rank(tuple(weight.shape), 1)
+    full = _max_rank(dec, weight.shape, 1, options)
     fact = _decompose(dec, weight, full, options)
     assert fact.rel_error <= EXACT_TOL, f"rel_error {fact.rel_error:.3g} at full rank {full!r} (claims exact)"
     block = dec.build(conv, fact).eval()
@@ -440,7 +460,7 @@ def _dc_exact(dec, options):
 def _dc_deterministic(dec, options):
     conv = _make_conv()
     weight = conv.weight.detach()
-    rank = _small_rank(dec, weight.shape)
+    rank = _small_rank(dec, weight.shape, 1, options=options)
     a = _decompose(dec, weight, rank, options, seed=3)
     b = _decompose(dec, weight.clone(), rank, options, seed=3)
     assert sorted(a.factors) == sorted(b.factors), f"factor names differ: {sorted(a.factors)} vs {sorted(b.factors)}"
@@ -466,7 +486,7 @@ def _dc_rank_error(dec, options):
     weight = _make_conv().weight.detach()
     for bad in (0, -1):
         _expect(RankError, lambda: dec.decompose(weight, bad, seed=0, **options), f"rank {bad}")
-    mr = _max_rank(dec, weight.shape)
+    mr = _max_rank(dec, weight.shape, 1, options)
     if mr is not None:
         over = (max(mr) if isinstance(mr, (tuple, list)) else mr) + 1
         _expect(RankError, lambda: dec.decompose(weight, over, seed=0, **options), f"rank {over} (max_rank + 1)")
@@ -474,7 +494,7 @@ def _dc_rank_error(dec, options):
 
 def _dc_weight_error(dec, options):
     weight = _make_conv().weight.detach()
-    rank = _small_rank(dec, weight.shape)
+    rank = _small_rank(dec, weight.shape, 1, options=options)
     for label, value in (("NaN", float("nan")), ("inf", float("inf"))):
         bad = weight.clone()
         bad[0, 0, 0, 0] = value
@@ -493,7 +513,7 @@ def _dc_cache_roundtrip(dec, options):
         for conv in convs:
             weight = conv.weight.detach()
             try:
-                fact = _decompose(dec, weight, _small_rank(dec, weight.shape, conv.groups), options,
+                fact = _decompose(dec, weight, _small_rank(dec, weight.shape, conv.groups, options=options), options,
                                   groups=conv.groups)
             except CheckSkipped:
                 continue
@@ -518,7 +538,7 @@ def _dc_cache_roundtrip(dec, options):
 def _dc_trainable(dec, options):
     conv = _make_conv(padding=1)
     weight = conv.weight.detach()
-    fact = _decompose(dec, weight, _small_rank(dec, weight.shape), options)
+    fact = _decompose(dec, weight, _small_rank(dec, weight.shape, 1, options=options), options)
     block = dec.build(conv, fact)
     clone = copy.deepcopy(block).eval()
     block.eval()
@@ -576,8 +596,9 @@ def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
     """(baseline, compressed, input): the compressed net's middle conv is a rank-3 CPBlock."""
     from .layers import CPBlock, geometry
 
-    torch.manual_seed(0)
-    base = _SmallNet(nn.Conv2d(8, 12, 3, stride=2, padding=1)).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = _SmallNet(nn.Conv2d(8, 12, 3, stride=2, padding=1)).eval()
     g = torch.Generator().manual_seed(0)
     r = 3
     block = CPBlock(geometry(base.conv2), torch.randn(1, 12, r, generator=g), torch.randn(1, 8, r, generator=g),
@@ -590,8 +611,6 @@ def _nets() -> tuple[nn.Module, nn.Module, torch.Tensor]:
 
 
 def _prepare(backend, model, x, threads=1):
-    from .backend import Prepared  # noqa: F401  (documentation of what is expected)
-
     prepared = backend.prepare(model, x, threads=threads)
     assert callable(prepared), f"prepare returned a {type(prepared).__name__}, which is not callable"
     return prepared
@@ -657,20 +676,20 @@ def _thread_snapshot() -> dict:
 
 
 def _bc_threads_restored(backend):
-    base, compressed, x = _nets()
-    before = _thread_snapshot()
-    threads = 2 if before["torch.get_num_threads"] == 1 else 1
-    pa = _prepare(backend, base, x, threads)
-    try:
-        pb = _prepare(backend, compressed, x, threads)
+    from .threads import thread_limits
+
+    _, compressed, x = _nets()
+    # Put every pool at a count the backend is not asked for, so a backend that sets threads=1 and
+    # forgets to restore is seen; prepared models then run on one thread (fast, no oversubscription).
+    with thread_limits(torch.get_num_threads() + 1):
+        before = _thread_snapshot()
+        prepared = _prepare(backend, compressed, x, 1)
         try:
-            _run(pa, x)
-            _run(pb, x)
+            _run(prepared, x)
+            _run(prepared, x)
         finally:
-            _close(pb)
-    finally:
-        _close(pa)
-    after = _thread_snapshot()
+            _close(prepared)
+        after = _thread_snapshot()
     for key in ("torch.get_num_threads", "torch.get_num_interop_threads", "torch.backends.mkldnn.enabled"):
         assert after[key] == before[key], f"{key} was {before[key]} before and {after[key]} after prepare/run/close"
     for lib, n in before["pools"].items():
@@ -725,10 +744,12 @@ def _target_name(obj) -> str:
     return name if isinstance(name, str) and name else type(obj).__name__
 
 
-def iter_decomposer_checks(decomposer, *, options: dict | None = None, only: Iterable[str] | None = None) -> list[Check]:
-    """The decomposer checks bound to ``decomposer`` (``only``: a subset of :data:`DECOMPOSER_CHECKS`)."""
+def iter_decomposer_checks(decomposer, *, options: dict | None = None, only: Iterable[str] | None = None,
+                           label: str | None = None) -> list[Check]:
+    """The decomposer checks bound to ``decomposer`` (``only``: a subset of :data:`DECOMPOSER_CHECKS`;
+    ``label``: the name used in check ids instead of ``decomposer.name``, e.g. "cp-als[cp3]")."""
     options = dict(options or {})
-    target = _target_name(decomposer)
+    target = label or _target_name(decomposer)
     return [Check(n, target, (lambda fn: lambda: fn(decomposer, options))(_DECOMPOSER_FNS[n]))
             for n in _select(DECOMPOSER_CHECKS, only)]
 
@@ -763,14 +784,20 @@ def check_backend(backend, *, only: Iterable[str] | None = None, raise_on_failur
     return _report("backend", _target_name(backend), [c.run() for c in checks], raise_on_failure)
 
 
-def decomposer_checks(*decomposers, options: dict | None = None, only: Iterable[str] | None = None) -> list:
+def decomposer_checks(*decomposers, options: dict | None = None, only: Iterable[str] | None = None,
+                      label: str | None = None) -> list:
     """``pytest.param(check, id="name:check")`` for each check of each decomposer.
 
     ``@pytest.mark.parametrize("check", decomposer_checks(MyDec()))`` then ``def test(check): check()``.
+    ``label`` replaces the name in the ids (one decomposer only): to check one decomposer under
+    several option sets in one test.
     """
     import pytest
 
-    return [pytest.param(c, id=c.id) for d in decomposers for c in iter_decomposer_checks(d, options=options, only=only)]
+    if label is not None and len(decomposers) != 1:
+        raise UsageError("decomposer_checks: label= needs exactly one decomposer")
+    return [pytest.param(c, id=c.id) for d in decomposers
+            for c in iter_decomposer_checks(d, options=options, only=only, label=label)]
 
 
 def backend_checks(*backends, only: Iterable[str] | None = None) -> list:

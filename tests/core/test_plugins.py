@@ -116,7 +116,8 @@ def test_object_missing_contract_methods_is_refused():
         r.add(Half())
 
 
-def test_unknown_name_lists_available():
+def test_unknown_name_lists_available(monkeypatch):
+    monkeypatch.setenv("CPBENCH_DISABLE_PLUGIN_AUTOLOAD", "1")
     p = Plugins()
     with pytest.raises(UnknownNameError) as e:
         p.decomposers.get("cp-nsl")
