@@ -182,10 +182,9 @@ def cmd_run(args) -> int:
     matrix = load_matrix(path, registries=plugins.registries)
     out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
     ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-    ex_opts = {}
+    ex_opts = {} if args.cell_timeout is None else {"cell_timeout_s": args.cell_timeout}
     if args.executor == "dask":
-        ex_opts = {k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers),
-                                     ("cell_timeout_s", args.cell_timeout)) if v is not None}
+        ex_opts.update({k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers)) if v is not None})
     elif args.scheduler or args.workers:
         raise UsageError("--scheduler/--workers go with --executor dask")
     console = Console()
@@ -287,7 +286,7 @@ def _run_options(p) -> None:
     p.add_argument("--executor", default="local", help="executor plugin (local, dask)")
     p.add_argument("--workers", type=int, help="dask: start a LocalCluster with N workers")
     p.add_argument("--scheduler", help="dask: address of an existing scheduler, e.g. tcp://host:8786")
-    p.add_argument("--cell-timeout", type=float, help="dask: seconds before a cell is recorded as an error")
+    p.add_argument("--cell-timeout", type=float, help="seconds before a cell is recorded as an error (local, dask)")
     p.add_argument("--cache-dir", help="cache directory (default $CPBENCH_CACHE_DIR or ~/.cache/cpbench)")
     p.add_argument("--no-cache", action="store_true", help="compute everything afresh")
     p.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")

@@ -53,6 +53,9 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
     done = finished_keys(path) if resume else set()
     todo = [c for c in cells if c.key not in done]
     ex = plugins.executors.get(executor)
+    executor_options = dict(executor_options or {})
+    if matrix.run.get("cell_timeout_s") is not None:
+        executor_options.setdefault("cell_timeout_s", matrix.run["cell_timeout_s"])
     sink = ResultSink(path)
     if sink.dropped_torn_line:
         print(f"cpbench: dropped a torn last line in {path} (a crash mid-write); that cell runs again", file=stream)
@@ -81,7 +84,7 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
         progress.start(len(todo), skipped=len(cells) - len(todo))
     try:
         ex.execute(todo, functools.partial(run_cell, ctx=ctx), emit,
-                   step=(progress.step if progress is not None else None), **(executor_options or {}))
+                   step=(progress.step if progress is not None else None), **executor_options)
     finally:
         sink.close()
         if progress is not None:

@@ -36,27 +36,32 @@ def jsonable(value: Any) -> Any:
 
 
 def _scan(path: Path) -> tuple[list[dict], int, bool]:
-    """Rows, the byte offset after the last good line, and whether a torn line followed."""
-    rows, good_end, torn = [], 0, False
+    """Rows, the byte offset where a torn tail starts (file size if none), and whether there is one.
+
+    Only the tail can be torn by a crash: an unterminated last line, or an unparsable last line.
+    A bad line in the middle (e.g. two writers on one file) is skipped, never truncated away, so
+    the good rows after it are not lost.
+    """
     with open(path, "rb") as f:
         data = f.read()
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        line = data[pos:] if nl < 0 else data[pos:nl]
-        end = len(data) if nl < 0 else nl + 1
+    rows: list[dict] = []
+    lines = data.split(b"\n")
+    pos, tail_start = 0, len(data)
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1  # the segment after the final newline ("" when the file ends well)
+        end = pos + len(line) + (0 if last else 1)
         if line.strip():
             try:
                 row = json.loads(line)
-                if nl < 0 or not isinstance(row, dict):
-                    raise ValueError("unterminated")
+                if last or not isinstance(row, dict):
+                    raise ValueError("unterminated or not an object")
                 rows.append(row)
             except ValueError:
-                torn = True
-                break
-        good_end = end
+                if last or all(not l.strip() for l in lines[i + 1:]):
+                    tail_start = pos
+                    break
         pos = end
-    return rows, good_end, torn
+    return rows, tail_start, tail_start < len(data)
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -84,10 +89,10 @@ class ResultSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dropped_torn_line = False
         if self.path.exists():
-            _, good_end, torn = _scan(self.path)
-            if torn or good_end != self.path.stat().st_size:
+            _, tail_start, torn = _scan(self.path)
+            if torn:
                 with open(self.path, "r+b") as f:
-                    f.truncate(good_end)
+                    f.truncate(tail_start)
                 self.dropped_torn_line = True
         self._f = open(self.path, "a", encoding="utf-8")
 

@@ -37,3 +37,21 @@ def test_jsonable_handles_tensors():
     import torch
 
     assert jsonable({"t": torch.tensor([1.0, 2.0]), "s": torch.tensor(3)}) == {"t": [1.0, 2.0], "s": 3}
+
+
+def test_a_bad_line_in_the_middle_loses_no_good_row(tmp_path):
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"cell_key": "a"}\n{garbage\n{"cell_key": "b"}\n')
+    assert [r["cell_key"] for r in read_results(p)] == ["a", "b"]
+    with ResultSink(p) as s:
+        assert not s.dropped_torn_line
+        s.write({"cell_key": "c"})
+    assert [r["cell_key"] for r in read_results(p)] == ["a", "b", "c"]
+
+
+def test_unparsable_terminated_last_line_is_torn(tmp_path):
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"cell_key": "a"}\n{"cell_k\n')
+    with ResultSink(p) as s:
+        assert s.dropped_torn_line
+    assert p.read_text() == '{"cell_key": "a"}\n'

@@ -30,11 +30,16 @@ STARTUP_TIMEOUT_S = 300.0  # importing torch on a busy machine can take a while
 
 def error_row(cell, message: str, **extra: Any) -> dict:
     """A result row for a cell that produced none itself (timed out, its worker died, ...)."""
-    from cpbench.runner import _axes_row
+    from cpbench.pluginmanager import get_plugins
+    from cpbench.runner import _axes_row, _versions
 
     row = _axes_row(cell)
     row.update(status="error", error=message, host=socket.gethostname(), started_at=None)
     row.update(extra)
+    try:
+        row["versions"] = _versions(get_plugins())
+    except Exception:  # never lose the row over its metadata
+        pass
     return row
 
 
@@ -70,9 +75,11 @@ class CellProcess:
         self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, bufsize=0)
         self._send(_direct_plugin_modules())
-        kind, payload = self._recv(time.monotonic() + STARTUP_TIMEOUT_S)
-        if kind != "ready":
-            raise RuntimeError(f"cell process failed to start: {payload}")
+        msg = self._recv(time.monotonic() + STARTUP_TIMEOUT_S)
+        if msg is None:
+            raise _Died(f"cell process did not start within {STARTUP_TIMEOUT_S:g} s")
+        if msg[0] != "ready":
+            raise _Died(f"cell process failed to start: {msg[1]}")
 
     def close(self) -> None:
         p, self._proc = self._proc, None
@@ -131,11 +138,12 @@ class CellProcess:
     # -- running -----------------------------------------------------------------------------
     def run(self, fn, cell, timeout_s: float, step=None) -> dict:
         """``fn(cell, step=...)`` in the child; an error row if it overruns ``timeout_s`` or dies."""
-        if self._proc is None or self._proc.poll() is not None:
-            self.close()
-            self._start()
         started = time.time()
         try:
+            if self._proc is None or self._proc.poll() is not None:
+                self.close()
+                self._start()
+                started = time.time()  # the cell's clock starts once the child is ready
             self._send((fn, cell, step is not None))
             deadline = time.monotonic() + timeout_s
             while True:
@@ -186,6 +194,10 @@ def _child() -> None:
         mods = {name: importlib.import_module(mod) for name, mod in extra}
         reset_plugins(Plugins(extra=mods) if mods else None)
         import cpbench.runner  # noqa: F401  (import the heavy parts before the clock starts)
+        try:  # FLOP counting imports torch._dynamo on first use: seconds, not the cell's time
+            import torch._dynamo  # noqa: F401
+        except Exception:
+            pass
         from cpbench.pluginmanager import get_plugins
 
         get_plugins()

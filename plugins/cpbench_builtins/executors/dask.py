@@ -22,8 +22,12 @@ compared with the client's; each task checks again (for workers that join later)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import os
 import pickle
+import threading
 import uuid
 
 from cpbench import hookimpl
@@ -34,7 +38,7 @@ from ._cellproc import CellProcess, error_row
 SLOT = "cpbench-slot"
 WORKER_WAIT_S = 60.0
 
-_CELLPROC: CellProcess | None = None  # per worker process, used only with cell_timeout_s
+_CELLPROC = threading.local()  # one child per worker thread, used only with cell_timeout_s
 
 
 def _plugin_versions() -> dict:
@@ -54,7 +58,6 @@ def _plugin_diff(mine: dict, theirs: dict) -> str:
 
 def run_on_worker(cell, run_cell, timeout_s, expected_plugins) -> dict:
     """The task: one cell on a Dask worker (module-level, so workers unpickle it by reference)."""
-    global _CELLPROC
     try:
         from distributed import get_worker
 
@@ -66,9 +69,10 @@ def run_on_worker(cell, run_cell, timeout_s, expected_plugins) -> dict:
         row = error_row(cell, f"worker {address} has a different plugin set than the client: "
                               f"{_plugin_diff(expected_plugins, have)}")
     elif timeout_s:
-        if _CELLPROC is None:
-            _CELLPROC = CellProcess()
-        row = _CELLPROC.run(run_cell, cell, timeout_s)
+        proc = getattr(_CELLPROC, "proc", None)
+        if proc is None:
+            proc = _CELLPROC.proc = CellProcess()
+        row = proc.run(run_cell, cell, timeout_s)
     else:
         row = run_cell(cell)
     row["worker"] = address
@@ -98,6 +102,7 @@ class DaskExecutor:
         cells = list(cells)
         if not cells:
             return
+        run_cell = _absolute_cache_dir(run_cell)
         try:
             pickle.dumps((run_cell, cells[0]))
         except Exception as exc:
@@ -176,6 +181,16 @@ class DaskExecutor:
         finally:
             if futures:
                 client.cancel(list(futures))
+
+
+def _absolute_cache_dir(run_cell):
+    """A relative ``--cache-dir`` means the client's directory: make it absolute before it travels."""
+    ctx = run_cell.keywords.get("ctx") if isinstance(run_cell, functools.partial) else None
+    cache_dir = getattr(ctx, "cache_dir", None)
+    if cache_dir and not os.path.isabs(cache_dir) and dataclasses.is_dataclass(ctx):
+        ctx = dataclasses.replace(ctx, cache_dir=os.path.abspath(cache_dir))
+        return functools.partial(run_cell.func, *run_cell.args, **{**run_cell.keywords, "ctx": ctx})
+    return run_cell
 
 
 def _takes_n_workers(client) -> bool:
