@@ -7,12 +7,13 @@ The other scripts in this directory (kernel_suite.py, layer_suite.py, train_char
 stand-alone command-line tools, not asv benchmarks. asv imports every module of the benchmark package
 during discovery and takes any module-level function named ``time_*``/``track_*``/... for a benchmark
 (``layer_suite`` imports ``cpbench.timing.time_pair``, which asv would try to run). So when this
-package is imported by asv's runner, those scripts are registered as empty placeholder modules and
-asv never executes them. Run them as before: ``python benchmarks/layer_suite.py ...``.
+package is imported by asv's runner (recognised by ``asv_runner.discovery`` being loaded), those
+scripts are registered as empty placeholder modules and asv never executes them. Imported any other
+way nothing changes: run them as before, ``python benchmarks/layer_suite.py ...``.
 """
 import sys as _sys
 
-if "asv_runner" in _sys.modules:  # imported by asv's discovery/runner, not by a user
+if "asv_runner.discovery" in _sys.modules:  # imported by asv's discovery/runner, not by a user
     import os as _os
     import types as _types
 

@@ -16,7 +16,7 @@ from torch import nn
 __all__ = [
     "Layer", "LAYERS", "LAYER_NAMES", "DECOMPOSERS", "DECOMPOSER_NAMES", "RANKS", "BACKENDS",
     "THREADS", "BATCH", "make_conv", "make_input", "rank_for", "decompose", "decompose_all",
-    "build_block", "random_cp_block", "single_thread",
+    "build_block", "random_cp_block", "single_thread", "setup_cache_decompositions",
 ]
 
 
@@ -136,6 +136,15 @@ def decompose_all() -> dict:
                     "info": {k: v for k, v in f.info.items() if isinstance(v, (int, float, str, bool, list))},
                 }
     return out
+
+
+def setup_cache_decompositions(self):
+    """asv ``setup_cache`` shared by every class that needs the factorizations: asv keys the cache by
+    this function's module and line, so TrackSpeedup and TrackRelError decompose only once per commit."""
+    return decompose_all()
+
+
+setup_cache_decompositions.timeout = 900
 
 
 def build_block(cache: dict, layer: str, decomposer: str, rank: int) -> tuple[nn.Conv2d, nn.Module]:

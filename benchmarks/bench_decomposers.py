@@ -4,7 +4,14 @@ All on the seeded kernels of :mod:`benchmarks._fixtures`, single-threaded, with 
 """
 from __future__ import annotations
 
-from ._fixtures import DECOMPOSER_NAMES, LAYER_NAMES, RANKS, decompose, decompose_all, single_thread
+from ._fixtures import (
+    DECOMPOSER_NAMES,
+    LAYER_NAMES,
+    RANKS,
+    decompose,
+    setup_cache_decompositions,
+    single_thread,
+)
 
 
 class TrackRelError:
@@ -16,10 +23,7 @@ class TrackRelError:
     rounds = 1
     timeout = 600
 
-    def setup_cache(self):
-        return decompose_all()
-
-    setup_cache.timeout = 600
+    setup_cache = setup_cache_decompositions  # shared: the decompositions are made once per commit
 
     def track_rel_error(self, cache, layer, decomposer, rank):
         return cache[(layer, decomposer, rank)]["rel_error"]

@@ -15,7 +15,7 @@ from ._fixtures import (
     RANKS,
     THREADS,
     build_block,
-    decompose_all,
+    setup_cache_decompositions,
     make_conv,
     make_input,
     random_cp_block,
@@ -23,24 +23,36 @@ from ._fixtures import (
 
 # Short paired timing: enough rounds for a stable median ratio, bounded to ~1 s per cell.
 _BUDGET = dict(warmup=2, min_rounds=10, max_rounds=200, budget_s=0.6, min_round_s=0.005, target_ci_rel=0.02)
+# TrackCPBlock has only four cells and gates the regression demo: three paired measurements per
+# cell, the median of their ratios, so one burst of load from other processes does not decide it.
+_LONG_BUDGET = dict(warmup=3, min_rounds=20, max_rounds=400, budget_s=1.0, min_round_s=0.005, target_ci_rel=0.01)
 
 
-def _ratio(base: torch.nn.Module, comp: torch.nn.Module, x: torch.Tensor, backend: str, threads: int) -> float:
+def _ratio(base: torch.nn.Module, comp: torch.nn.Module, x: torch.Tensor, backend: str, threads: int,
+           budget: dict = _BUDGET, repeats: int = 1) -> float:
+    """compressed/baseline time ratio (1 / time_pair's speedup); the median over ``repeats`` measurements."""
+    import statistics
+
     from cpbench import get_plugins
     from cpbench.threads import thread_limits
     from cpbench.timing import TimingBudget, time_pair
 
     be = get_plugins().backends.get(backend)
+    ratios = []
     with thread_limits(threads):
         pa = be.prepare(base, x, threads=threads)
-        pb = be.prepare(comp, x, threads=threads)
         try:
-            xa, xb = pa.convert_input(x), pb.convert_input(x)
-            t = time_pair(lambda: pa(xa), lambda: pb(xb), TimingBudget(**_BUDGET))
+            pb = be.prepare(comp, x, threads=threads)
+            try:
+                xa, xb = pa.convert_input(x), pb.convert_input(x)
+                for _ in range(repeats):
+                    t = time_pair(lambda: pa(xa), lambda: pb(xb), TimingBudget(**budget))
+                    ratios.append(1.0 / t.speedup)
+            finally:
+                pb.close()
         finally:
-            pb.close()
             pa.close()
-    return 1.0 / t.speedup
+    return float(statistics.median(ratios))
 
 
 class TrackSpeedup:
@@ -52,10 +64,7 @@ class TrackSpeedup:
     rounds = 1
     timeout = 600
 
-    def setup_cache(self):
-        return decompose_all()
-
-    setup_cache.timeout = 600
+    setup_cache = setup_cache_decompositions  # shared: the decompositions are made once per commit
 
     def setup(self, cache, layer, decomposer, rank, backend, threads):
         self.conv, self.block = build_block(cache, layer, decomposer, rank)
@@ -82,7 +91,7 @@ class TrackCPBlock:
         self.x = make_input(layer)
 
     def track_time_ratio(self, layer, rank):
-        return _ratio(self.conv, self.block, self.x, "torch-cpu", 1)
+        return _ratio(self.conv, self.block, self.x, "torch-cpu", 1, _LONG_BUDGET, repeats=3)
 
 
 class _Threads:

@@ -236,7 +236,8 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare_runs, print_comparison
 
-    result = compare_runs(args.run_a, args.run_b, threshold=args.threshold)
+    result = compare_runs(args.run_a, args.run_b, threshold=args.threshold,
+                          accuracy_threshold=args.accuracy_threshold)
     print_comparison(result, Console())
     return 1 if result.regressions else 0
 
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a")
     p.add_argument("run_b")
     p.add_argument("--threshold", type=float, default=0.05, help="relative change that counts (default 0.05)")
+    p.add_argument("--accuracy-threshold", type=float, default=0.5,
+                   help="accuracy drop in percentage points that counts (default 0.5)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write a report (HTML, Markdown, PNGs; or CSV) for a run")
