@@ -24,7 +24,7 @@ for p in (_ROOT / "plugins", _ROOT):
         sys.path.insert(0, str(p))
 
 from cpbench.training import DEFAULT_RECIPE, FINETUNE_RECIPE, evaluate, finetune, recipe_hash, train  # noqa: E402
-from cpbench_builtins.datasets.synthchars import DEFAULT_SIZES, make_splits  # noqa: E402
+from cpbench_builtins.datasets.synthchars import DEFAULT_DIFFICULTY, DEFAULT_SIZES, make_splits  # noqa: E402
 from cpbench_builtins.models.charnet import CharNet  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="data seed (the recipe seed is --recipe-seed)")
-    ap.add_argument("--difficulty", type=float, default=1.0)
+    ap.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY)
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"])
     ap.add_argument("--epochs", type=int, default=None)

@@ -131,7 +131,9 @@ def _train_or_load(model, plugin, dataset, params, ctx, plugins, step):
     recipe = getattr(plugin, "train_recipe", training.DEFAULT_RECIPE)
     if ctx.dataset_size.get("train"):
         recipe = recipe.replace(n_train=ctx.dataset_size["train"])
-    key = training.recipe_hash(recipe, model=plugin.name, params=params, dataset=dataset)
+    data_plugin = plugins.datasets.get(dataset)
+    key = training.recipe_hash(recipe, model=plugin.name, params=params, dataset=dataset,
+                               dataset_version=getattr(data_plugin, "version", None), dataset_repr=repr(data_plugin))
     cache = ctx.cache()
     hit = cache.get("models", key)
     if hit is not None:

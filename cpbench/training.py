@@ -9,16 +9,26 @@ Data may be a ``TensorDataset`` of ``(images, labels)`` or a plain ``(images, la
 Batches are drawn by indexing the tensors with a seeded ``torch.randperm`` per epoch (same effect
 as a ``DataLoader(shuffle=True, generator=...)``, without its per-sample overhead).
 
-Recipes (measured on 2 threads, see ``benchmarks/train_charnet.py``):
+Recipes (see ``benchmarks/train_charnet.py``):
 
-* :data:`DEFAULT_RECIPE` -- base training of CharNet on SynthChars: SGD + Nesterov momentum 0.9,
-  peak LR 0.05 on a one-cycle schedule (15% linear warm-up, cosine decay), weight decay 5e-4,
-  batch 128, 3 epochs over 60k images.
+* :data:`DEFAULT_RECIPE` -- base training of CharNet on SynthChars: AdamW (beta1 0.9, decoupled
+  weight decay 0.01), peak LR 2e-3 on a one-cycle schedule (15% linear warm-up, then cosine decay
+  to 0), gradient-norm clipping at 2, batch 128, 3 epochs over 60k images (1,404 steps, 180k
+  samples). Measured: 89.4% test accuracy on SynthChars at the default difficulty. CharNet trains
+  at ~850-1000 images/s on 2 idle threads, so the recipe takes ~3-3.5 min on an idle machine.
+  Why Adam: with the same 20k-image/1-epoch budget AdamW reached 62% test accuracy vs 45% for SGD
+  (Nesterov, LR 0.02); SGD at LR 0.05 diverged at the end of warm-up (this maxout net has no
+  normalisation layers).
 * :data:`FINETUNE_RECIPE` -- fine-tuning after a layer was replaced by its low-rank/CP
-  approximation: the same SGD but a 25x smaller peak LR (2e-3), short warm-up and cosine decay, 1
-  epoch, no weight decay, gradient-norm clipping at 5. CP layers are a product of several thin
-  factors; at the base LR their gradients compound and training diverges (Lebedev et al. and
-  practitioners report the same), while a small LR recovers most of the lost accuracy in one epoch.
+  approximation: AdamW with a ~7x smaller peak LR (3e-4), 5% warm-up then cosine decay, 1 epoch, no
+  weight decay, gradient-norm clipping at 1. CP layers are products of several thin factors whose
+  gradients compound; at the base LR fine-tuning is unstable (Lebedev et al. and practitioners
+  report the same), while a small LR recovers most of the lost accuracy within one epoch.
+  Measured (base 89.4%; conv2 -> CP-ALS; whole net fine-tuned 1 epoch on the 60k train images;
+  test accuracy before -> after):
+  rank 64 (rel. error 0.71): 87.7% -> 88.8% (LR 3e-4), 88.9% (1e-4), but 86.1% with the base LR
+  2e-3 (the loss jumps first; worse than not fine-tuning at all);
+  rank 16 (rel. error 0.87): 64.4% -> 86.5% (LR 3e-4), 84.2% (1e-4).
 """
 from __future__ import annotations
 
@@ -72,14 +82,14 @@ class Recipe:
 
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 2e-3
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.01
     schedule: str = "onecycle"
     warmup: float = 0.15
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     nesterov: bool = True
-    grad_clip: float | None = None
+    grad_clip: float | None = 2.0
     label_smoothing: float = 0.0
     n_train: int | None = 60_000
     seed: int = 0
@@ -93,12 +103,13 @@ DEFAULT_RECIPE = Recipe()
 FINETUNE_RECIPE = Recipe(
     epochs=1,
     batch_size=128,
-    lr=2e-3,
+    lr=3e-4,
     momentum=0.9,
     weight_decay=0.0,
     schedule="onecycle",
     warmup=0.05,
-    grad_clip=5.0,
+    optimizer="adam",
+    grad_clip=1.0,
     n_train=60_000,
 )
 

@@ -18,8 +18,10 @@ cannot be downloaded here. Every image is one character crop as it would come ou
   blend with a 3x3 max-pool dilation / min-pool erosion); Gaussian blur (random sigma); foreground
   and background intensity with random contrast, random polarity (light-on-dark 35%) and a linear
   background gradient; additive Gaussian noise.
-  ``difficulty`` (default 1.0) scales all distortion strengths; the default is tuned so that CharNet
-  trained with ``cpbench.training.DEFAULT_RECIPE`` ends around 91% test accuracy (paper's base: 91%).
+  ``difficulty`` (default ``DEFAULT_DIFFICULTY`` = 0.9) scales all distortion strengths; the default
+  is tuned so that CharNet trained with ``cpbench.training.DEFAULT_RECIPE`` (60k training images, 3
+  epochs) lands in the paper's regime: measured 89.4% test accuracy (paper's base: 91%); 0.75 gives
+  94.3%, 1.05 gives 82.4%.
 * **Normalisation**: each image is standardised to zero mean and unit standard deviation (per
   image; float32). Values are therefore unbounded in principle, in practice within about [-6, 6].
 
@@ -30,7 +32,8 @@ because every image has continuous random pose, contrast and pixel noise, two dr
 byte-identical (checked by the tests). A split's contents depend only on ``(seed, split, n,
 difficulty)``, not on the sizes of the other splits. Classes are exactly balanced up to ``n % 36``.
 
-Speed: roughly 20-40k images/s on one core after the atlas (about 1 s to build, once per process).
+Speed: about 13k images/s on one idle core after the atlas (0.5 s to build, once per process); 60k
+training images take ~5 s. Nothing is cached on disk.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ __all__ = [
     "FONT_FILES",
     "SPLITS",
     "DEFAULT_SIZES",
+    "DEFAULT_DIFFICULTY",
     "generate",
     "make_splits",
     "SynthChars",
@@ -72,6 +76,10 @@ FONT_FILES = (
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 60_000, "val": 3_600, "test": 10_800}
+# Distortion strength, tuned so that CharNet + cpbench.training.DEFAULT_RECIPE (60k images, 3 epochs)
+# reaches ~89% test accuracy (paper's base: 91%). Measured test accuracy at difficulty 0.75 / 0.90 /
+# 1.05: 94.3% / 89.4% / 82.4%.
+DEFAULT_DIFFICULTY = 0.9
 IMG = 24  # output side
 _CHUNK = 4096  # rendering chunk (fixed: part of the definition of the random streams)
 
@@ -138,7 +146,7 @@ def _n(g: torch.Generator, n: int, std: float) -> torch.Tensor:
 
 
 def _maxmin3x3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """3x3 max and min filters (zero padding for max, edge values for min), separable."""
+    """3x3 max and min filters (edge-replicated borders), computed separably."""
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
     hmax = torch.maximum(torch.maximum(p[..., :-2], p[..., 1:-1]), p[..., 2:])
     hmin = torch.minimum(torch.minimum(p[..., :-2], p[..., 1:-1]), p[..., 2:])
@@ -249,7 +257,7 @@ def generate(
     *,
     seed: int = 0,
     split: str = "train",
-    difficulty: float = 1.0,
+    difficulty: float = DEFAULT_DIFFICULTY,
     return_meta: bool = False,
 ):
     """``n`` samples of one split's stream: images (n, 1, 24, 24) float32 and labels (n,) int64.
@@ -289,7 +297,7 @@ def make_splits(
     n_train: int = DEFAULT_SIZES["train"],
     n_val: int = DEFAULT_SIZES["val"],
     n_test: int = DEFAULT_SIZES["test"],
-    difficulty: float = 1.0,
+    difficulty: float = DEFAULT_DIFFICULTY,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{"train": (X, y), "val": (X, y), "test": (X, y)}``; X (N, 1, 24, 24) float32, y (N,) int64.
 
@@ -303,11 +311,12 @@ class SynthChars:
     """The data-set plugin object (registered as ``synthchars``)."""
 
     name = "synthchars"
+    version = "1"  # bump when the generator changes: trained weights are cached under it
     num_classes = 36
     input_shape = (1, IMG, IMG)
     classes = CLASSES
 
-    def __init__(self, difficulty: float = 1.0):
+    def __init__(self, difficulty: float = DEFAULT_DIFFICULTY):
         self.difficulty = difficulty
 
     def load(self, split: str, *, seed: int = 0, size: int | None = None) -> TensorDataset:
