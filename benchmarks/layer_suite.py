@@ -12,6 +12,10 @@ compressed execution (over all backends):
     theo       = FLOPs(original conv) / FLOPs(CP4 block), from torch.utils.flop_counter.FlopCounterMode
     efficiency = speedup / theo
 
+OMP_WAIT_POLICY is PASSIVE unless --omp-wait-policy says otherwise (see the comment at the top); the
+process's glibc malloc is set to keep large freed blocks (cpbench.execution.configure_malloc) before
+anything is timed, for baselines and CP blocks alike.
+
 Targets (printed at the end): median efficiency >= 0.8; no cell with theo >= 2 slower than its baseline;
 with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells.
 
@@ -21,13 +25,33 @@ expansion, with half its 1×1 FLOPs since the off-diagonal zero blocks are not c
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# OpenMP's wait policy is read once, when libgomp loads with torch, so it is set before that import.
+# PASSIVE: idle OpenMP workers sleep instead of spinning. On this 2-core machine shared with other jobs,
+# spinning workers of a 2-thread pool fight the other processes and each other (measured under load:
+# a 2-thread batch-1 AlexNet conv2 took 44 ms with the default policy, 4.8 ms with PASSIVE; ONNX Runtime,
+# which does not spin here, was unaffected). Same for baseline and compressed arms. Override with
+# --omp-wait-policy default (leave the environment alone) or ACTIVE.
+def _early_wait_policy(argv: list[str]) -> str | None:
+    policy = "PASSIVE"
+    for i, a in enumerate(argv):
+        if a.startswith("--omp-wait-policy"):
+            policy = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else policy)
+    if policy.lower() != "default":
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
+    return os.environ.get("OMP_WAIT_POLICY")
+
+
+if __name__ == "__main__":
+    _early_wait_policy(sys.argv[1:])
+
 import argparse
 import gc
 import json
 import math
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
@@ -36,7 +60,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpbench.errors import BackendError
-from cpbench.execution import rel_error
+from cpbench.execution import configure_malloc, rel_error
 from cpbench.layers import CPBlock, geometry
 from cpbench.machine import machine_info
 from cpbench.pluginmanager import Plugins
@@ -70,7 +94,7 @@ THREADS = (1, 2)
 # Selection: every backend × (baseline, compressed), short. Final: the two winners, longer.
 SELECT_BUDGET = TimingBudget(warmup=1, min_rounds=3, max_rounds=40, budget_s=0.6, min_round_s=0.005,
                              target_ci_rel=0.05)
-FINAL_BUDGET = TimingBudget(warmup=2, min_rounds=12, max_rounds=300, budget_s=4.0, min_round_s=0.005,
+FINAL_BUDGET = TimingBudget(warmup=2, min_rounds=10, max_rounds=300, budget_s=4.0, min_round_s=0.005,
                             target_ci_rel=0.015)
 QUICK_FINAL_BUDGET = TimingBudget(warmup=1, min_rounds=8, max_rounds=100, budget_s=1.5, min_round_s=0.005,
                                   target_ci_rel=0.03)
@@ -163,13 +187,15 @@ def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x)
     }
 
 
-def run_suite(backends, *, quick: bool, log=print) -> list[dict]:
+def run_suite(backends, *, quick: bool, log=print, threads_list=None, batches=None, layers=None) -> list[dict]:
     cells = []
     final_budget = QUICK_FINAL_BUDGET if quick else FINAL_BUDGET
-    threads_list = (2,) if quick else THREADS
+    threads_list = threads_list or ((2,) if quick else THREADS)
     for layer in LAYERS:
+        if layers and layer.name not in layers:
+            continue
         ranks = layer.ranks[:1] if quick else layer.ranks
-        for batch in BATCHES:
+        for batch in batches or BATCHES:
             x = torch.randn(batch, layer.in_ch, layer.size, layer.size, generator=torch.Generator().manual_seed(1))
             for threads in threads_list:
                 with thread_limits(threads):
@@ -225,9 +251,11 @@ def summarize(runs: list[list[dict]]) -> dict:
         a = {_key(c): c for c in first}
         b = {_key(c): c for c in runs[1] if c["status"] == "ok"}
         common = sorted(set(a) & set(b))
-        inside = [k for k in common
-                  if b[k]["ci"][0] <= a[k]["speedup"] <= b[k]["ci"][1]
-                  and a[k]["ci"][0] <= b[k]["speedup"] <= a[k]["ci"][1]]
+        a_in_b = {k for k in common if b[k]["ci"][0] <= a[k]["speedup"] <= b[k]["ci"][1]}
+        b_in_a = {k for k in common if a[k]["ci"][0] <= b[k]["speedup"] <= a[k]["ci"][1]}
+        inside = sorted(a_in_b & b_in_a)  # the target: both ways
+        summary["repeat_run1_in_run2_ci"] = len(a_in_b)
+        summary["repeat_run2_in_run1_ci"] = len(b_in_a)
         summary["repeat_cells"] = len(common)
         summary["repeat_inside_other_ci"] = len(inside)
         summary["repeat_fraction"] = len(inside) / len(common) if common else 0.0
@@ -257,7 +285,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     if "repeat_fraction" in summary:
         print(f"[{ok(summary['target_repeatable'])}] repeat: {summary['repeat_inside_other_ci']}/"
               f"{summary['repeat_cells']} cells with each run's speedup inside the other's CI "
-              f"({summary['repeat_fraction']:.0%}, target >= 90%)", file=out)
+              f"({summary['repeat_fraction']:.0%}, target >= 90%; one way: run 1 in run 2's CI "
+              f"{summary['repeat_run1_in_run2_ci']}, run 2 in run 1's {summary['repeat_run2_in_run1_ci']})", file=out)
         for row in summary["repeat_outside"]:
             print(f"    outside: {row}", file=out)
     else:
@@ -272,24 +301,40 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run the suite N times (N=2 checks repeatability)")
     ap.add_argument("--json", help="write cells, summary and machine info here")
     ap.add_argument("--backends", help="comma-separated backend names (default: all registered)")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE",
+                    help="OMP_WAIT_POLICY set before torch loads: PASSIVE (default), ACTIVE or 'default'")
+    ap.add_argument("--threads", help="comma-separated thread counts (default 1,2; --quick: 2)")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 1,32)")
+    ap.add_argument("--layers", help="comma-separated layer names (default all: "
+                    + ", ".join(l.name for l in LAYERS) + ")")
     args = ap.parse_args(argv)
+    malloc = configure_malloc()  # before anything is timed: same allocator for every arm
     plugins = Plugins()
     names = args.backends.split(",") if args.backends else plugins.backends.names()
     backends = [plugins.backends.get(n) for n in names]
-    print(f"backends: {', '.join(names)}; torch {torch.__version__}; {os.cpu_count()} logical CPUs", flush=True)
+    print(f"backends: {', '.join(names)}; torch {torch.__version__}; {os.cpu_count()} logical CPUs; "
+          f"malloc {malloc}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     runs = []
     t0 = time.perf_counter()
     for i in range(args.repeat):
         print(f"\n== run {i + 1}/{args.repeat}", flush=True)
         print(HEADER, flush=True)
-        runs.append(run_suite(backends, quick=args.quick, log=lambda s: print(s, flush=True)))
+        runs.append(run_suite(
+            backends, quick=args.quick, log=lambda s: print(s, flush=True),
+            threads_list=tuple(int(v) for v in args.threads.split(",")) if args.threads else None,
+            batches=tuple(int(v) for v in args.batches.split(",")) if args.batches else None,
+            layers=set(args.layers.split(",")) if args.layers else None))
+        if args.repeat > 1:  # each run's own summary as it ends (the repeat check comes at the end)
+            print_summary(summarize([runs[-1]]))
+            print(f"run {i + 1} done at {time.perf_counter() - t0:.0f} s", flush=True)
     summary = summarize(runs)
     summary["wall_seconds"] = time.perf_counter() - t0
     print_summary(summary)
     print(f"wall time: {summary['wall_seconds']:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"summary": summary, "runs": runs, "machine": machine_info(),
+            json.dump({"summary": summary, "runs": runs, "machine": machine_info(), "malloc": malloc,
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                        "layers": [l.__dict__ for l in LAYERS]}, fh, indent=1, default=str)
     return 0
 

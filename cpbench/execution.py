@@ -5,15 +5,18 @@ results agree to float32 rounding but whose speed on a CPU differs a lot (measur
 machine: a separate kh×1 then 1×kw depthwise pair is memory-bound and often slower than one kh×kw
 depthwise layer; in channels_last a 1×1 conv is exactly a GEMM on the ``(N·H·W, C)`` view). The forms:
 
-============ ==================================================================================
-form         computation
-============ ==================================================================================
-``cp4``      1×1, kh×1 depthwise, 1×kw depthwise, 1×1 (the paper's block, as built)
-``cp3``      1×1, one kh×kw depthwise (outer product of the two spatial factors), 1×1
-``cp3-gemm`` ``cp3`` with both 1×1 layers as matrix products on the channels-last view
-             (one ``addmm``/``mm`` each, no conv dispatch; ungrouped blocks only)
-``cp4-gemm`` ``cp4`` with the 1×1 layers as matrix products (ungrouped blocks only)
-============ ==================================================================================
+``cp4``
+    1×1, kh×1 depthwise, 1×kw depthwise, 1×1 (the paper's block, as built).
+``cp3``
+    1×1, one kh×kw depthwise (outer product of the two spatial factors), 1×1.
+``cp3-gemm``
+    ``cp3`` with both 1×1 layers as matrix products on the channels-last view (one ``mm``/``addmm``
+    each, no conv dispatch); ungrouped blocks only.
+``cp3-gemm-chunked``
+    ``cp3-gemm`` a few images at a time (:func:`chunk_size`) so the R-channel intermediates stay in
+    cache, the last GEMM writing into its slice of the output. Opt-in (never won here, see below).
+``cp4-gemm``
+    ``cp4`` with the 1×1 layers as matrix products; ungrouped blocks only. Opt-in.
 
 :func:`optimize_cp_blocks` times each candidate against the current best side by side
 (:func:`cpbench.timing.time_pair`) on the block alone with its real input shape, layout and thread
@@ -24,11 +27,12 @@ inputs, building the candidates, checking them) happens outside the timed callab
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import CPBlock
@@ -37,20 +41,59 @@ from .timing import TimingBudget, time_pair
 
 __all__ = [
     "FORMS",
+    "DEFAULT_FORMS",
     "QUICK_BUDGET",
     "BlockChoice",
     "CPGemmBlock",
     "as_layout",
     "build_form",
+    "configure_malloc",
     "chunk_size",
     "optimize_cp_blocks",
     "rel_error",
 ]
 
 FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm")
-QUICK_BUDGET = TimingBudget(warmup=2, min_rounds=6, max_rounds=60, budget_s=0.6, min_round_s=0.002,
+# Tried by default. The chunked and cp4-gemm forms never won a layer-suite block on this machine once
+# large blocks stay in the heap (configure_malloc), so they are opt-in via ``forms=``.
+DEFAULT_FORMS = ("cp4", "cp3", "cp3-gemm")
+QUICK_BUDGET = TimingBudget(warmup=1, min_rounds=4, max_rounds=60, budget_s=0.6, min_round_s=0.002,
                             target_ci_rel=0.03)
 MATCH_RTOL = 1e-5
+
+
+_MALLOC_STATE: dict | None = None
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def configure_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 31) - 1) -> dict:
+    """Keep freed large blocks in the heap instead of returning them to the OS (glibc ``mallopt``).
+
+    PyTorch's CPU allocator is plain ``malloc``. glibc serves blocks above the mmap threshold (at most
+    32 MiB even with its dynamic threshold) by ``mmap`` and gives them back on ``free``, so every call
+    that allocates a large activation pays page faults and kernel zeroing for it again: measured here,
+    a batch-32 CP block (three large activations) spent up to half its time there (VGG conv3_1, R=128:
+    165 → 85 ms CPU time), the single-output original conv 5–15%. This raises both thresholds so the
+    memory is reused, like an inference runtime's arena (ONNX Runtime has one) or jemalloc/tcmalloc.
+
+    Process-wide and one-way (glibc has no "restore the dynamic default"), so call it once at process
+    start, before any timing, so every backend and both arms of every pair run with the same allocator.
+    Idempotent. Returns what was set; ``{"applied": False, ...}`` when not on glibc.
+    """
+    global _MALLOC_STATE
+    if _MALLOC_STATE is not None:
+        return dict(_MALLOC_STATE)
+    state = {"applied": False, "mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold,
+             "process_wide": True}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok1 = libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
+        ok2 = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold))
+        state["applied"] = bool(ok1 and ok2)
+    except (OSError, AttributeError) as exc:
+        state["error"] = f"{type(exc).__name__}: {exc}"
+    _MALLOC_STATE = state
+    return dict(state)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -173,7 +216,7 @@ def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = 
 
 
 def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_shape=None) -> list[str]:
-    wanted = list(forms) if forms is not None else list(FORMS)
+    wanted = list(forms) if forms is not None else list(DEFAULT_FORMS)
     out = []
     for f in wanted:
         if f.endswith("-gemm") and (block.geo.groups != 1 or _memory_format(layout) != torch.channels_last):
@@ -246,7 +289,7 @@ def optimize_cp_blocks(
     layout : "contiguous" (NCHW) or "channels_last"; the copy and the timing use it.
     threads : thread count to time at (pools restored afterwards); None leaves them as they are.
     budget : timing budget per candidate comparison; default :data:`QUICK_BUDGET`.
-    forms : restrict the candidates (default all of :data:`FORMS` that apply).
+    forms : the candidates (default :data:`DEFAULT_FORMS`, those of them that apply).
 
     Returns
     -------

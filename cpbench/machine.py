@@ -18,6 +18,9 @@ from .threads import thread_state
 __all__ = ["machine_info", "static_machine_info"]
 
 _GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
+# Environment variables that change how the native thread pools and the allocator behave.
+_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_AFFINITY",
+        "MKL_NUM_THREADS", "OMP_PROC_BIND", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def _read(path: str) -> str | None:
@@ -97,9 +100,15 @@ def machine_info() -> dict:
 
     Keys: cpu_model, logical_cores, physical_cores, hostname, python, platform, torch, mkl_available,
     mkl_version, mkldnn_available, onednn_version, openmp, cpu_capability, governor (None when the
-    sysfs file is not readable, e.g. in most VMs), threads (:func:`cpbench.threads.thread_state`).
+    sysfs file is not readable, e.g. in most VMs), threads (:func:`cpbench.threads.thread_state`),
+    env (thread-pool / allocator environment variables that are set), load_average (1, 5, 15 min).
     """
     info = dict(static_machine_info())
     info["governor"] = _read(_GOVERNOR)
+    info["env"] = {k: os.environ[k] for k in _ENV if k in os.environ}
+    try:
+        info["load_average"] = list(os.getloadavg())
+    except OSError:
+        info["load_average"] = None
     info["threads"] = thread_state()
     return info

@@ -85,3 +85,11 @@ def test_no_blocks_is_a_copy():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     opt, choices = optimize_cp_blocks(net, torch.randn(1, 3, 5, 5), budget=TINY)
     assert choices == [] and opt is not net
+
+
+def test_configure_malloc_is_idempotent():
+    from cpbench.execution import configure_malloc
+
+    first = configure_malloc()
+    assert configure_malloc() == first
+    assert first["process_wide"] is True

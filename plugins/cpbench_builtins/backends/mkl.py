@@ -3,7 +3,9 @@
 ``prepare`` sets, at the cell's thread count: torch's intra-op pool (which also drives MKL and oneDNN,
 both linked into torch and running on its OpenMP pool), every native pool threadpoolctl can see
 (libgomp, BLAS libraries loaded by numpy/scipy), and ``torch.backends.mkldnn.enabled = True``. It
-records what it set in ``info`` and restores all of it in ``Prepared.close``.
+records what it set in ``info`` and restores all of it in ``Prepared.close``. It also keeps large
+freed blocks in the heap (:func:`cpbench.execution.configure_malloc`); that one is process-wide and
+one-way, which is why harnesses should call it once at start (the layer suite does).
 ``fuse`` ("auto" default, or a form name / "none") is as for ``channels-last`` but in NCHW.
 """
 from __future__ import annotations
@@ -17,14 +19,15 @@ from torch import nn
 from cpbench import hookimpl
 from cpbench.backend import Prepared
 from cpbench.errors import BackendError
-from cpbench.execution import apply_forms, optimize_cp_blocks
+from cpbench.execution import apply_forms, configure_malloc, optimize_cp_blocks
 
 
 class MKL:
     name = "mkl"
 
-    def __init__(self, fuse: str = "auto"):
+    def __init__(self, fuse: str = "auto", malloc: bool = True):
         self.fuse = fuse
+        self.malloc = malloc
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
         if not torch.backends.mkldnn.is_available():
@@ -59,6 +62,8 @@ class MKL:
                 },
                 "previous": {"torch_intra_op": before_torch, "mkldnn_enabled": before_mkldnn},
                 "mkl_available": torch.backends.mkl.is_available(),
+                # process-wide and not restored (see cpbench.execution.configure_malloc)
+                "malloc": configure_malloc() if self.malloc else None,
             }
             if self.fuse == "auto":
                 model, choices = optimize_cp_blocks(model, example_input, layout="contiguous", threads=threads)
