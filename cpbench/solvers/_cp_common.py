@@ -422,12 +422,7 @@ def svd_init(tensor: torch.Tensor, rank: int, generator: torch.Generator) -> lis
     factors = []
     for mode in range(tensor.dim()):
         unf = torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
-        # left singular vectors from the (small) Gram matrix would lose accuracy; use svd of the
-        # smaller side
-        if unf.shape[1] >= unf.shape[0]:
-            u, s, _ = torch.linalg.svd(unf, full_matrices=False)
-        else:
-            u, s, _ = torch.linalg.svd(unf, full_matrices=False)
+        u, s, _ = torch.linalg.svd(unf, full_matrices=False)
         k = min(rank, u.shape[1])
         u = u[:, :k]
         if mode == 0:

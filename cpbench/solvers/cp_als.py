@@ -24,6 +24,7 @@ import torch
 from ._cp_common import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     CPResult,
+    SolverInputError,
     _contract_partial,
     degeneracy,
     grams,
@@ -172,8 +173,6 @@ def cp_als(
     t = validate_inputs(tensor, rank, memory_budget_bytes, solver="als")
     rank = int(rank)
     if int(max_iter) < 0:
-        from ._cp_common import SolverInputError
-
         raise SolverInputError(f"max_iter must be >= 0, got {max_iter}")
     gen = torch.Generator().manual_seed(int(seed))
     factors = make_init(t, rank, init, gen)
