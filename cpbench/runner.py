@@ -136,6 +136,8 @@ def _train_or_load(model, plugin, dataset, params, ctx, plugins, step):
                                dataset_version=getattr(data_plugin, "version", None), dataset_repr=repr(data_plugin))
     cache = ctx.cache()
     hit = cache.get("models", key)
+    if hit is None and getattr(plugin, "weights_root", None) is not None:
+        hit = Cache(plugin.weights_root).get("models", key)  # shipped weights, hash-checked
     if hit is not None:
         model.load_state_dict(hit[0])
         return

@@ -29,3 +29,18 @@ def test_charnet_cell_end_to_end_and_cached(tmp_path):
     assert again["finetune_cached"] is True and again["decomposition_cached"] == {"conv2": True}
     assert again["accuracy_finetuned"] == row["accuracy_finetuned"]
     assert again["rel_error"] == row["rel_error"]
+
+
+def test_shipped_charnet_weights_load_with_an_empty_cache(tmp_path):
+    """A fresh machine skips base training: the package ships the default recipe's weights."""
+    from cpbench.runner import base_model
+
+    clear_memo()
+    model = base_model({"name": "charnet"}, RunContext(cache_dir=str(tmp_path / "empty")))
+    assert not (tmp_path / "empty" / "models").exists()  # nothing trained
+    from cpbench.pluginmanager import get_plugins
+    from cpbench.training import evaluate
+
+    test = get_plugins().datasets.get("synthchars").load("test", size=600)
+    assert evaluate(model, test) > 0.8  # a trained network, not a fresh initialisation (~3%)
+    clear_memo()
