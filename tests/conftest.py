@@ -20,3 +20,16 @@ def plugins():
     from cpbench.pluginmanager import get_plugins
 
     return get_plugins()
+
+
+@pytest.fixture
+def fresh_state():
+    """No memoised models/decompositions and a freshly loaded plugin set, before and after."""
+    from cpbench.pluginmanager import reset_plugins
+    from cpbench.runner import clear_memo
+
+    clear_memo()
+    reset_plugins()  # whatever an earlier test left: the entry-point plugin set
+    yield
+    clear_memo()
+    reset_plugins()

@@ -22,13 +22,7 @@ CONV = {"name": "conv", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "
 TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    clear_memo()
-    reset_plugins()  # whatever an earlier test left: the entry-point plugin set
-    yield
-    clear_memo()
-    reset_plugins()
+pytestmark = pytest.mark.usefixtures("fresh_state")  # tests/conftest.py
 
 
 def matrix(decomposers=("cp-als", "spatial-svd"), ranks=(2,)):

@@ -39,13 +39,7 @@ def lines(out_dir):
     return [json.loads(line) for line in text.splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_memo():
-    clear_memo()
-    reset_plugins()  # whatever an earlier test left: the entry-point plugin set
-    yield
-    clear_memo()
-    reset_plugins()
+pytestmark = pytest.mark.usefixtures("fresh_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
