@@ -16,7 +16,7 @@ from .errors import CpbenchError, UsageError
 
 __all__ = ["main", "build_parser"]
 
-BUILTIN_MATRICES = ("default", "lebedev2015", "layer_suite", "smoke")
+BUILTIN_MATRICES = ("default", "lebedev2015", "lebedev2015-alexnet", "layer_suite", "smoke")
 
 
 def _matrix_path(name_or_file: str | None) -> Path:
