@@ -267,11 +267,14 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
         with thread_limits(ctx.train_threads):
             row["accuracy_base"] = _accuracy(base, plugins, dataset, ctx,
                                              memo_key=key_of("acc", cell.model, ctx.dataset_size))
-            row["accuracy_decomposed"] = _accuracy(compressed, plugins, dataset, ctx)
+            # every weight of the compressed net identifies it: cells that differ only in backend,
+            # threads or batch share its evaluation and its fine-tuning
+            weights_key = key_of(*[v for _, v in sorted(compressed.state_dict().items())])
+            row["accuracy_decomposed"] = _accuracy(compressed, plugins, dataset, ctx,
+                                                   memo_key=key_of("acc", weights_key, ctx.dataset_size))
             if cell.finetune_epochs > 0:
-                # the starting point (every weight of the compressed net) plus the recipe identify the result
-                tkey = key_of("tuned", *[v for _, v in sorted(compressed.state_dict().items())],
-                              cell.finetune_epochs, cell.seed, ctx.dataset_size, ctx.finetune_samples)
+                tkey = key_of("tuned", weights_key, cell.finetune_epochs, cell.seed, ctx.dataset_size,
+                              ctx.finetune_samples)
                 compressed, secs, acc, hit = _MEMO["tuned"].get_or(
                     tkey, lambda: _finetune(compressed, plugins, dataset, cell, ctx, step, tkey))
                 row["finetune_cached"] = hit
