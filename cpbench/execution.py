@@ -17,6 +17,13 @@ depthwise layer; in channels_last a 1×1 conv is exactly a GEMM on the ``(N·H·
     cache, the last GEMM writing into its slice of the output. Opt-in (never won here, see below).
 ``cp4-gemm``
     ``cp4`` with the 1×1 layers as matrix products; ungrouped blocks only. Opt-in.
+``cp4-band``
+    every layer a batched matrix product on the NCHW view: the 1×1 layers per group, and each
+    depthwise layer as a per-channel banded (Toeplitz) matrix that carries its stride, dilation and
+    zero padding — ``Y[c] = Ty[c] · X[c] · Tx[c]ᵀ``. More multiply-adds than the depthwise layers
+    (``Hout·H·W + Hout·W·Wout`` against ``(kh + kw)·Hout·W`` per channel) but no conv dispatch and
+    GEMM-speed inner loops: at batch 1, where PyTorch's depthwise kernels are dominated by fixed
+    costs, it is the fastest form here (see :class:`CPBandBlock`). Zero padding only.
 
 :func:`optimize_cp_blocks` times each candidate against the current best side by side
 (:func:`cpbench.timing.time_pair`) on the block alone with its real input shape, layout and thread
@@ -44,7 +51,11 @@ __all__ = [
     "DEFAULT_FORMS",
     "QUICK_BUDGET",
     "BlockChoice",
+    "CPBandBlock",
     "CPGemmBlock",
+    "ConvGemm",
+    "conv_gemm_kind",
+    "band_matrix",
     "as_layout",
     "build_form",
     "configure_malloc",
@@ -53,10 +64,10 @@ __all__ = [
     "rel_error",
 ]
 
-FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm")
+FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm", "cp4-band")
 # Tried by default. The chunked and cp4-gemm forms never won a layer-suite block on this machine once
 # large blocks stay in the heap (configure_malloc), so they are opt-in via ``forms=``.
-DEFAULT_FORMS = ("cp4", "cp3", "cp3-gemm")
+DEFAULT_FORMS = ("cp4", "cp3", "cp3-gemm", "cp4-band")
 QUICK_BUDGET = TimingBudget(warmup=1, min_rounds=4, max_rounds=60, budget_s=0.6, min_round_s=0.002,
                             target_ci_rel=0.03)
 MATCH_RTOL = 1e-5
@@ -180,6 +191,94 @@ class CPGemmBlock(nn.Module):
         return out.permute(0, 3, 1, 2)
 
 
+def _axis_padding(geo, axis: int, size: int) -> tuple[int, int]:
+    """(before, after) zero padding of ``geo`` along ``axis`` (0: H, 1: W) for an input of ``size``."""
+    k = (geo.kh, geo.kw)[axis]
+    d = geo.dilation[axis]
+    if geo.padding == "valid":
+        return 0, 0
+    if geo.padding == "same":
+        total = d * (k - 1)
+        return total // 2, total - total // 2
+    p = geo.padding[axis]
+    return p, p
+
+
+def band_matrix(taps: torch.Tensor, size: int, *, stride: int, dilation: int,
+                pad: tuple[int, int]) -> torch.Tensor:
+    """Per-channel banded matrices of a 1-D depthwise correlation: ``(C, out, size)``.
+
+    ``taps`` is ``(C, k)``; row ``o`` of channel ``c`` holds ``taps[c, j]`` at column
+    ``o·stride − pad_before + j·dilation`` (columns outside ``[0, size)`` are the zero padding and
+    are dropped), so ``band @ x`` equals ``conv1d(x, taps, stride, dilation, padding)`` per channel.
+    """
+    c, k = taps.shape
+    n_out = (size + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+    if n_out < 1:
+        raise ValueError(f"input size {size} is smaller than the kernel's reach")
+    band = taps.new_zeros((c, n_out, size))
+    for o in range(n_out):
+        for j in range(k):
+            i = o * stride - pad[0] + j * dilation
+            if 0 <= i < size:
+                band[:, o, i] += taps[:, j]
+    return band
+
+
+class CPBandBlock(nn.Module):
+    """A CP4 block as four batched matrix products on the NCHW view (form ``cp4-band``).
+
+    ``x (N, S, H, W)`` → ``W_in (G, R, S/G) @ x (N, G, S/G, H·W)`` → per channel ``Ty (GR, Hout, H) @ y``
+    → ``@ Txᵀ (GR, W, Wout)`` → ``W_out (G, T/G, R) @ y (N, G, R, Hout·Wout)`` + bias. The banded
+    matrices are built for an input size on first use and cached per size. Zero padding only (other
+    padding modes read outside the input); exact re-expression of ``block`` otherwise, any stride,
+    dilation and groups. Returns a contiguous (NCHW) tensor whatever the input's layout.
+    """
+
+    form = "cp4-band"
+
+    def __init__(self, block: CPBlock):
+        super().__init__()
+        if block.form != "cp4":
+            raise ValueError("the banded form needs a CP4 block (separable spatial factors)")
+        if block.geo.padding_mode != "zeros":
+            raise ValueError(f"the banded form needs zero padding, not {block.geo.padding_mode!r}")
+        first, vert, hor, last = block
+        geo, g, r = block.geo, block.geo.groups, block.rank
+        self.geo, self.rank = geo, r
+        self.register_buffer("w_in", first.weight.detach().reshape(g, r, -1).contiguous())
+        self.register_buffer("w_out", last.weight.detach().reshape(g, -1, r).contiguous())
+        self.register_buffer("bias", None if last.bias is None else last.bias.detach().reshape(g, -1, 1).clone())
+        self.register_buffer("taps_h", vert.weight.detach().reshape(g * r, geo.kh).clone())
+        self.register_buffer("taps_w", hor.weight.detach().reshape(g * r, geo.kw).clone())
+        self._bands: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bands(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Ty, Txᵀ)`` for an ``h×w`` input, built once per size."""
+        key = (h, w)
+        if key not in self._bands:
+            geo = self.geo
+            ty = band_matrix(self.taps_h, h, stride=geo.stride[0], dilation=geo.dilation[0],
+                             pad=_axis_padding(geo, 0, h))
+            tx = band_matrix(self.taps_w, w, stride=geo.stride[1], dilation=geo.dilation[1],
+                             pad=_axis_padding(geo, 1, w))
+            self._bands[key] = (ty.contiguous(), tx.transpose(1, 2).contiguous())
+        return self._bands[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, h, w = x.shape
+        g = self.geo.groups
+        ty, txt = self.bands(h, w)
+        y = torch.matmul(self.w_in, x.contiguous().view(n, g, s // g, h * w))
+        y = torch.matmul(ty, y.view(n, -1, h, w))
+        y = torch.matmul(y, txt)
+        ho, wo = y.shape[-2:]
+        z = torch.matmul(self.w_out, y.view(n, g, self.rank, ho * wo))
+        if self.bias is not None:
+            z = z.add_(self.bias)
+        return z.view(n, -1, ho, wo)
+
+
 # Working set (R-channel input + output of the depthwise layer) a chunk of images may occupy.
 CHUNK_BYTES = 1 << 20
 
@@ -206,6 +305,8 @@ def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = 
         if input_shape is None:
             raise ValueError("the chunked form needs the input shape")
         out = CPGemmBlock(block, fused=True, chunk=chunk_size(block, input_shape))
+    elif form == "cp4-band":
+        out = CPBandBlock(block)
     elif form == "cp4-gemm":
         if block.form != "cp4":
             raise ValueError("a CP3 block has no CP4 form")
@@ -222,6 +323,8 @@ def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_
         if f.endswith("-gemm") and (block.geo.groups != 1 or _memory_format(layout) != torch.channels_last):
             continue  # the GEMM view is free only in channels_last; grouped blocks keep convs
         if f.startswith("cp4") and block.form != "cp4":
+            continue
+        if f == "cp4-band" and block.geo.padding_mode != "zeros":
             continue
         if f.endswith("-chunked") and (input_shape is None or chunk_size(block, input_shape) >= input_shape[0]):
             continue  # one chunk is the unchunked form
@@ -269,6 +372,72 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+class ConvGemm(nn.Module):
+    """A plain ``nn.Conv2d`` that is one matrix product (form ``conv-gemm``), exact.
+
+    Two cases, both ``groups == 1`` and no padding: a kernel that covers its whole input (the output is
+    1×1: ``addmm(bias, x.flatten(1), Wᵀ)``; the character network's conv3, 8×8 on 8×8, is one) and a
+    1×1 stride-1 kernel (``W @ x`` per image on the NCHW view, or ``x @ Wᵀ`` on the channels-last view).
+    PyTorch's CPU conv takes a general path for the first (measured here at batch 1: 1.46 ms as a conv,
+    0.32 ms as the GEMM it is). Applied to plain convs in *both* arms of a comparison, so an optimising
+    backend does not flatter the compressed network with a slow baseline.
+    """
+
+    form = "conv-gemm"
+
+    def __init__(self, conv: nn.Conv2d, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.kind = conv_gemm_kind(conv, input_shape)
+        if self.kind is None:
+            raise ValueError("this conv is not a single matrix product")
+        w = conv.weight.detach()
+        self.register_buffer("w", w.reshape(w.shape[0], -1).clone())  # (T, S·kh·kw)
+        self.register_buffer("wt", self.w.t().contiguous())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, s, h, w = x.shape
+        if self.kind == "cover":
+            flat = x.reshape(n, -1)
+            y = flat @ self.wt if self.bias is None else torch.addmm(self.bias, flat, self.wt)
+            return y.view(n, -1, 1, 1)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = torch.matmul(x.permute(0, 2, 3, 1), self.wt)
+            if self.bias is not None:
+                y = y.add_(self.bias)
+            return y.permute(0, 3, 1, 2)
+        y = torch.matmul(self.w, x.contiguous().view(n, s, h * w))
+        if self.bias is not None:
+            y = y.add_(self.bias[:, None])
+        return y.view(n, -1, h, w)
+
+
+def conv_gemm_kind(conv: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """"cover", "pointwise" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
+    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
+        return None
+    pad = conv.padding
+    if pad not in ("valid", (0, 0)) and pad != 0:
+        return None
+    h, w = input_shape[-2:]
+    kh, kw = conv.kernel_size
+    if (kh, kw) == (h, w):
+        return "cover"
+    if (kh, kw) == (1, 1) and conv.stride == (1, 1):
+        return "pointwise"
+    return None
+
+
+def _plain_convs(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Conv2d`` modules that are not part of a CP block (those are rebuilt whole)."""
+    blocks = [n for n, m in model.named_modules() if isinstance(m, CPBlock)]
+    out = []
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and not any(b == "" or name.startswith(b + ".") for b in blocks):
+            out.append(name)
+    return out
+
+
 def optimize_cp_blocks(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -278,8 +447,10 @@ def optimize_cp_blocks(
     budget: TimingBudget | None = None,
     forms: Iterable[str] | None = None,
     clock: Callable[[], float] | None = None,
+    convs: bool = True,
 ) -> tuple[nn.Module, list[BlockChoice]]:
-    """A copy of ``model`` (eval, in ``layout``) with each CPBlock in its fastest exact form.
+    """A copy of ``model`` (eval, in ``layout``) with each CPBlock — and each plain conv that is one
+    matrix product — in its fastest exact form.
 
     Parameters
     ----------
@@ -289,53 +460,70 @@ def optimize_cp_blocks(
     layout : "contiguous" (NCHW) or "channels_last"; the copy and the timing use it.
     threads : thread count to time at (pools restored afterwards); None leaves them as they are.
     budget : timing budget per candidate comparison; default :data:`QUICK_BUDGET`.
-    forms : the candidates (default :data:`DEFAULT_FORMS`, those of them that apply).
+    forms : the CP-block candidates (default :data:`DEFAULT_FORMS`, those of them that apply).
+    convs : also consider :class:`ConvGemm` for plain ``nn.Conv2d`` layers outside CP blocks (default
+        True): a backend gives the baseline network the same treatment as the compressed one.
 
     Returns
     -------
-    (model_copy, choices) where ``choices`` lists one :class:`BlockChoice` per CP block.
-    A candidate is kept only if its output matches the built block's to ``1e-5`` relative and it is
-    faster (point estimate of the paired median ratio > 1).
+    (model_copy, choices) where ``choices`` lists one :class:`BlockChoice` per CP block, then one per
+    plain conv that had a candidate. A candidate is kept only if its output matches the built
+    module's to ``1e-5`` relative and it is faster (point estimate of the paired median ratio > 1).
     """
     budget = budget or QUICK_BUDGET
     kwargs = {} if clock is None else {"clock": clock}
     work = as_layout(copy.deepcopy(model).eval(), layout)
     x = as_layout(example_input, layout)
     names = [n for n, m in work.named_modules() if isinstance(m, CPBlock)]
-    if not names:
+    conv_names = _plain_convs(work) if convs else []
+    if not names and not conv_names:
         return work, []
-    inputs = _capture_inputs(work, x, names)
+    inputs = _capture_inputs(work, x, names + conv_names)
     choices: list[BlockChoice] = []
+
+    def choose(name: str, module: nn.Module, built: str, cands: list[tuple[str, Callable[[], nn.Module]]]):
+        xin = inputs[name]
+        ref = module(xin)
+        best_form, best = built, module
+        speed_vs_built = 1.0
+        tried: dict = {}
+        for form, make in cands:
+            try:
+                cand = as_layout(make(), layout)
+                err = rel_error(cand(xin), ref)
+            except Exception as exc:  # a form that cannot run here is simply not chosen
+                tried[form] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            if err > MATCH_RTOL:
+                tried[form] = {"rel_error": err, "error": "output mismatch"}
+                continue
+            cur, b = best, cand
+            pt = time_pair(lambda: cur(xin), lambda: b(xin), budget, **kwargs)
+            tried[form] = {"speedup_vs_best": pt.speedup, "ci": list(pt.speedup_ci), "rel_error": err,
+                           "vs": best_form}
+            if pt.speedup > 1.0:
+                best_form, best = form, cand
+                speed_vs_built *= pt.speedup
+        choices.append(BlockChoice(name or "<model>", tuple(xin.shape), best_form, speed_vs_built, tried))
+        return best
+
     with thread_limits(threads), torch.inference_mode():
         for name in names:
             block = work.get_submodule(name) if name else work
-            xin = inputs[name]
-            ref = block(xin)
-            best_form, best = block.form, block
-            speed_vs_built = 1.0
-            tried: dict = {}
-            for form in _candidates(block, layout, forms, tuple(xin.shape)):
-                if form == block.form:
-                    continue
-                try:
-                    cand = as_layout(build_form(block, form, tuple(xin.shape)), layout)
-                    err = rel_error(cand(xin), ref)
-                except Exception as exc:  # a form that cannot run here is simply not chosen
-                    tried[form] = {"error": f"{type(exc).__name__}: {exc}"}
-                    continue
-                if err > MATCH_RTOL:
-                    tried[form] = {"rel_error": err, "error": "output mismatch"}
-                    continue
-                cur, b = best, cand
-                pt = time_pair(lambda: cur(xin), lambda: b(xin), budget, **kwargs)
-                tried[form] = {"speedup_vs_best": pt.speedup, "ci": list(pt.speedup_ci), "rel_error": err,
-                               "vs": best_form}
-                if pt.speedup > 1.0:
-                    best_form, best = form, cand
-                    speed_vs_built *= pt.speedup
+            shape = tuple(inputs[name].shape)
+            cands = [(f, lambda f=f: build_form(block, f, shape))
+                     for f in _candidates(block, layout, forms, shape) if f != block.form]
+            best = choose(name, block, block.form, cands)
             if best is not block:
                 work = _set_submodule(work, name, best)
-            choices.append(BlockChoice(name or "<model>", tuple(xin.shape), best_form, speed_vs_built, tried))
+        for name in conv_names:
+            conv = work.get_submodule(name) if name else work
+            shape = tuple(inputs[name].shape)
+            if conv_gemm_kind(conv, shape) is None:
+                continue
+            best = choose(name, conv, "conv", [("conv-gemm", lambda c=conv, s=shape: ConvGemm(c, s))])
+            if best is not conv:
+                work = _set_submodule(work, name, best)
     # The whole copy must still compute the same function.
     with torch.inference_mode():
         err = rel_error(work(x), as_layout(copy.deepcopy(model).eval(), layout)(x))

@@ -1,4 +1,4 @@
-"""Latency statistics: medians, percentiles, and a bootstrap confidence interval of a speedup.
+"""Latency statistics: medians, percentiles, and a block-bootstrap confidence interval of a speedup.
 
 Pure functions on sequences of per-call latencies; no clock here.
 """
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["ArmStats", "arm_stats", "speedup_ci", "NOISY_IQR_RATIO"]
+__all__ = ["ArmStats", "arm_stats", "block_length", "speedup_ci", "NOISY_IQR_RATIO"]
 
 NOISY_IQR_RATIO = 0.10  # an arm whose IQR/median exceeds this is flagged noisy
 
@@ -38,6 +38,17 @@ def arm_stats(samples_ms: Sequence[float]) -> ArmStats:
     return ArmStats(float(q50), float(q90), float(q75 - q25), int(a.size))
 
 
+def block_length(n: int) -> int:
+    """Block length of the moving-block bootstrap for ``n`` paired rounds: ``round(sqrt(n))``.
+
+    Consecutive rounds on a shared machine are not independent (a burst of load lasts many rounds),
+    and an i.i.d. bootstrap then gives intervals that a second run misses. Resampling runs of
+    consecutive rounds keeps that dependence; ``sqrt(n)`` is the usual order for the block length of
+    a variance estimate of a smooth statistic, and 1 for fewer than 3 rounds.
+    """
+    return max(1, int(round(n ** 0.5))) if n >= 3 else 1
+
+
 def speedup_ci(
     baseline_ms: Sequence[float],
     compressed_ms: Sequence[float],
@@ -45,21 +56,28 @@ def speedup_ci(
     confidence: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
+    block: int | None = None,
 ) -> tuple[float, tuple[float, float]]:
-    """Speedup = median(baseline) / median(compressed), with a paired bootstrap percentile CI.
+    """Speedup = median(baseline) / median(compressed), with a paired block-bootstrap percentile CI.
 
     The two sequences are paired by round (timed interleaved), so rounds are resampled together:
-    drift that hits both arms in one round cancels in the ratio.
+    drift that hits both arms in one round cancels in the ratio. Rounds are resampled in circular
+    blocks of ``block`` consecutive rounds (default :func:`block_length`; ``block=1`` is the plain
+    i.i.d. bootstrap), so slow load changes within the measurement widen the interval as they should.
     """
     a = np.asarray(baseline_ms, dtype=float)
     b = np.asarray(compressed_ms, dtype=float)
     if a.size != b.size or a.size == 0:
         raise ValueError(f"paired samples needed, got {a.size} and {b.size}")
     point = float(np.median(a) / np.median(b))
-    if a.size == 1:
+    n = a.size
+    if n == 1:
         return point, (point, point)
+    L = block_length(n) if block is None else max(1, min(int(block), n))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(resamples, a.size))
+    k = -(-n // L)
+    starts = rng.integers(0, n, size=(resamples, k))
+    idx = ((starts[:, :, None] + np.arange(L)) % n).reshape(resamples, k * L)[:, :n]
     ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(ratios, [alpha, 1 - alpha])

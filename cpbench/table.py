@@ -106,20 +106,49 @@ def paper_rows(rows: list[dict]) -> list[dict]:
             "accuracy_drop": None if base is None or after is None else 100 * (base - after),
             "theoretical_speedup": r.get("theoretical_speedup"),
             "speedup": {b: (x.get("speedup"), x.get("speedup_ci"), x.get("noisy")) for b, x in sorted(g["by_batch"].items())},
+            "compressed_ms": {b: x.get("compressed_ms") for b, x in sorted(g["by_batch"].items())},
             "layer_speedup": {b: x.get("layer_speedup") for b, x in sorted(g["by_batch"].items())},
             "layer_theoretical_speedup": r.get("layer_theoretical_speedup"),
         })
     return sorted(out, key=lambda x: (x["decomposer"], -(x["theoretical_speedup"] or 0)))
 
 
+def fastest_baselines(rows: list[dict]) -> dict[tuple, tuple[float, str]]:
+    """``(threads, batch) -> (baseline_ms, backend)``: the fastest original network over the run's backends."""
+    best: dict[tuple, tuple[float, str]] = {}
+    for r in rows:
+        ms = r.get("baseline_ms")
+        if r.get("status") != "ok" or ms is None:
+            continue
+        key = (r.get("threads"), r.get("batch"))
+        if key not in best or ms < best[key][0]:
+            best[key] = (ms, r.get("backend"))
+    return best
+
+
+def vs_fastest_baseline(p: dict, batch, best: dict) -> float | None:
+    """A paper row's compressed latency against the fastest baseline of any backend (a ratio of two
+    medians from different cells: no paired CI; it answers "faster than the best the original can do?")."""
+    ms = p.get("compressed_ms", {}).get(batch)
+    ref = best.get((p.get("threads"), batch))
+    return None if ms is None or ref is None or ms <= 0 else ref[0] / ms
+
+
 def paper_table(rows: list[dict], *, title: str) -> Table:
     prow = paper_rows(rows)
     batches = sorted({b for p in prow for b in p["speedup"]})
+    backends = {p["backend"] for p in prow}
+    best = fastest_baselines(rows)
     t = Table(title=title)
-    for c in ["decomposer", "ranks", "rel_error", "acc base %", "before FT %", "after FT %", "drop pt", "theo ×"]:
-        t.add_column(c, justify="left" if c in ("decomposer", "ranks", "rel_error") else "right")
+    cols = ["decomposer", "ranks"] + (["backend"] if len(backends) > 1 else []) + [
+        "rel_error", "acc base %", "before FT %", "after FT %", "drop pt", "theo ×"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("decomposer", "ranks", "backend", "rel_error") else "right")
     for b in batches:
         t.add_column(f"measured × batch {b} [95% CI]", justify="right")
+    if len(backends) > 1:
+        for b in batches:
+            t.add_column(f"× vs fastest base b{b}", justify="right")
     per_layer = any(p["layer_speedup"].get(b) for p in prow for b in batches)
     if per_layer:
         t.add_column("layers theo ×", justify="left")
@@ -130,7 +159,10 @@ def paper_table(rows: list[dict], *, title: str) -> Table:
         for b in batches:
             sp, ci, noisy = p["speedup"].get(b, (None, None, None))
             cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (" noisy" if noisy else ""))
-        t.add_row(p["decomposer"], _per_layer(p["rank"]), _per_layer(p["rel_error"], "{:.3f}"), _acc(p["accuracy_base"]),
+        if len(backends) > 1:
+            cells += [_fmt(vs_fastest_baseline(p, b, best), "{:.2f}") for b in batches]
+        t.add_row(p["decomposer"], _per_layer(p["rank"]), *([p["backend"]] if len(backends) > 1 else []),
+                  _per_layer(p["rel_error"], "{:.3f}"), _acc(p["accuracy_base"]),
                   _acc(p["accuracy_decomposed"]), _acc(p["accuracy_finetuned"]),
                   "–" if p["accuracy_drop"] is None else f"{p['accuracy_drop']:.2f}",
                   _fmt(p["theoretical_speedup"], "{:.2f}"), *cells,
@@ -143,6 +175,7 @@ def paper_verdict(rows: list[dict], *, target_speedup: float = 8.5, max_drop: fl
     """Lines that compare the run with the paper's headline (best row within the accuracy budget)."""
     lines = []
     prow = paper_rows(rows)
+    fastest = fastest_baselines(rows)
     for dec in sorted({p["decomposer"] for p in prow}):
         best = None
         for p in prow:
@@ -156,6 +189,12 @@ def paper_verdict(rows: list[dict], *, target_speedup: float = 8.5, max_drop: fl
             continue
         sp, ci, b, p = best
         mark = "meets" if sp >= target_speedup else "below"
-        lines.append(f"{dec}: best within {max_drop:g} pt drop: {sp:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}] at batch {b}, "
-                     f"ranks {_per_layer(p['rank'])}, drop {p['accuracy_drop']:.2f} pt — {mark} the paper's {target_speedup}×")
+        line = (f"{dec}: best within {max_drop:g} pt drop: {sp:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}] at batch {b} on "
+                f"{p['backend']}, ranks {_per_layer(p['rank'])}, drop {p['accuracy_drop']:.2f} pt — {mark} the "
+                f"paper's {target_speedup}×")
+        ref = fastest.get((p.get("threads"), b))
+        vs = vs_fastest_baseline(p, b, fastest)
+        if vs is not None and ref is not None and ref[1] != p["backend"]:
+            line += f"; {vs:.2f}× against the fastest original network in the run ({ref[1]}, {ref[0]:.3g} ms)"
+        lines.append(line)
     return lines
