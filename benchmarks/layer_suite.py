@@ -17,7 +17,11 @@ process's glibc malloc is set to keep large freed blocks (cpbench.execution.conf
 anything is timed, for baselines and CP blocks alike.
 
 Targets (printed at the end): median efficiency >= 0.8; no cell with theo >= 2 slower than its baseline;
-with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells.
+with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells. That last
+one is judged on 99% intervals and the 95% result printed beside it: two runs whose 95% intervals are
+exact agree in only 83% of cells on average (each point must fall within 1.96 sigma of the other, a
+difference whose sigma is sqrt(2) times larger), so a 90% rate needs wider intervals; exact 99% intervals
+agree 93% of the time. Both expected rates are printed next to the measured ones.
 
 The paper's grouped AlexNet conv2 (96→256, groups=2) is decomposed per group (CPBlock with G=2), rank 100
 per group, so G·R = 200 channels between the 1×1 layers (the "rank 200" of the block-diagonal
@@ -65,6 +69,7 @@ from cpbench.layers import CPBlock, geometry
 from cpbench.machine import machine_info
 from cpbench.pluginmanager import Plugins
 from cpbench.threads import thread_limits
+from cpbench.stats import speedup_ci
 from cpbench.timing import TimingBudget, time_pair
 
 
@@ -175,13 +180,15 @@ def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x)
     best_c = min(per_backend, key=lambda n: per_backend[n]["compressed_ms"])
     (pb, xb, _), (pc, xc, _) = base_preps[best_b], comp[best_c]
     final = time_pair(lambda: pb(xb), lambda: pc(xc), final_budget)
+    _, ci99 = speedup_ci(final.baseline_samples_ms, final.compressed_samples_ms, confidence=0.99)
     close_all(comp)
     return {
         "layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "theo": theo,
         "best_baseline": best_b, "best_compressed": best_c,
         "compressed_form": per_backend[best_c]["cp_forms"],
         "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
-        "speedup": final.speedup, "ci": list(final.speedup_ci), "efficiency": final.speedup / theo,
+        "speedup": final.speedup, "ci": list(final.speedup_ci), "ci99": list(ci99),
+        "efficiency": final.speedup / theo,
         "noisy": final.noisy, "rounds": final.baseline.rounds,
         "backends": per_backend, "errors": errors, "status": "ok",
     }
@@ -251,19 +258,39 @@ def summarize(runs: list[list[dict]]) -> dict:
         a = {_key(c): c for c in first}
         b = {_key(c): c for c in runs[1] if c["status"] == "ok"}
         common = sorted(set(a) & set(b))
-        a_in_b = {k for k in common if b[k]["ci"][0] <= a[k]["speedup"] <= b[k]["ci"][1]}
-        b_in_a = {k for k in common if a[k]["ci"][0] <= b[k]["speedup"] <= a[k]["ci"][1]}
-        inside = sorted(a_in_b & b_in_a)  # the target: both ways
-        summary["repeat_run1_in_run2_ci"] = len(a_in_b)
-        summary["repeat_run2_in_run1_ci"] = len(b_in_a)
         summary["repeat_cells"] = len(common)
-        summary["repeat_inside_other_ci"] = len(inside)
-        summary["repeat_fraction"] = len(inside) / len(common) if common else 0.0
-        summary["target_repeatable"] = bool(common) and len(inside) / len(common) >= 0.9
-        summary["repeat_outside"] = [list(k) + [round(a[k]["speedup"], 3), [round(v, 3) for v in b[k]["ci"]],
-                                                round(b[k]["speedup"], 3), [round(v, 3) for v in a[k]["ci"]]]
-                                     for k in common if k not in inside]
+        for field, conf in (("ci", 0.95), ("ci99", 0.99)):
+            if not all(field in a[k] and field in b[k] for k in common):
+                continue
+            a_in_b = {k for k in common if b[k][field][0] <= a[k]["speedup"] <= b[k][field][1]}
+            b_in_a = {k for k in common if a[k][field][0] <= b[k]["speedup"] <= a[k][field][1]}
+            inside = sorted(a_in_b & b_in_a)  # the target: both ways
+            tag = "" if field == "ci" else "_99"
+            summary[f"repeat{tag}_confidence"] = conf
+            summary[f"repeat{tag}_expected_fraction"] = expected_agreement(conf)
+            summary[f"repeat{tag}_run1_in_run2_ci"] = len(a_in_b)
+            summary[f"repeat{tag}_run2_in_run1_ci"] = len(b_in_a)
+            summary[f"repeat{tag}_inside_other_ci"] = len(inside)
+            summary[f"repeat{tag}_fraction"] = len(inside) / len(common) if common else 0.0
+            summary[f"repeat{tag}_outside"] = [
+                list(k) + [round(a[k]["speedup"], 3), [round(v, 3) for v in b[k][field]],
+                           round(b[k]["speedup"], 3), [round(v, 3) for v in a[k][field]]]
+                for k in common if k not in inside]
+        # The target (>= 90% of cells) is judged on the 99% intervals: with exact 95% intervals two
+        # runs of the same cell agree only 83% of the time (expected_agreement), so 90% would demand
+        # intervals that are too wide; exact 99% intervals agree 93% of the time.
+        frac = summary.get("repeat_99_fraction", summary.get("repeat_fraction", 0.0))
+        summary["target_repeatable"] = bool(common) and frac >= 0.9
     return summary
+
+
+def expected_agreement(confidence: float) -> float:
+    """How often two independent runs agree (each point inside the other's interval) when both
+    intervals are exact ``confidence`` normal intervals of equal width: ``P(|Z| <= z / sqrt(2))``.
+    0.834 at 95%, 0.931 at 99%."""
+    nd = statistics.NormalDist()
+    z = nd.inv_cdf(1 - (1 - confidence) / 2)
+    return 2 * nd.cdf(z / math.sqrt(2)) - 1
 
 
 def _count(names) -> dict:
@@ -282,13 +309,21 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     print(f"[{ok(summary['target_no_slowdown'])}] cells with theo >= 2 slower than baseline: "
           f"{len(summary['slower_than_baseline_with_theo_ge_2'])} {summary['slower_than_baseline_with_theo_ge_2']}",
           file=out)
-    if "repeat_fraction" in summary:
-        print(f"[{ok(summary['target_repeatable'])}] repeat: {summary['repeat_inside_other_ci']}/"
-              f"{summary['repeat_cells']} cells with each run's speedup inside the other's CI "
-              f"({summary['repeat_fraction']:.0%}, target >= 90%; one way: run 1 in run 2's CI "
-              f"{summary['repeat_run1_in_run2_ci']}, run 2 in run 1's {summary['repeat_run2_in_run1_ci']})", file=out)
-        for row in summary["repeat_outside"]:
-            print(f"    outside: {row}", file=out)
+    if "repeat_cells" in summary:
+        for tag in ("", "_99"):
+            if f"repeat{tag}_fraction" not in summary:
+                continue
+            judged = tag == "_99" or "repeat_99_fraction" not in summary
+            flag = ok(summary["target_repeatable"]) if judged else " -- "
+            print(f"[{flag}] repeat at {summary[f'repeat{tag}_confidence']:.0%} CI: "
+                  f"{summary[f'repeat{tag}_inside_other_ci']}/{summary['repeat_cells']} cells with each run's speedup "
+                  f"inside the other's CI ({summary[f'repeat{tag}_fraction']:.0%}; exact intervals would give "
+                  f"{summary[f'repeat{tag}_expected_fraction']:.0%}; target >= 90%"
+                  f"{' judged here' if judged else ''}; one way: run 1 in run 2's CI "
+                  f"{summary[f'repeat{tag}_run1_in_run2_ci']}, run 2 in run 1's {summary[f'repeat{tag}_run2_in_run1_ci']})",
+                  file=out)
+            for row in summary[f"repeat{tag}_outside"]:
+                print(f"    outside: {row}", file=out)
     else:
         print("[ -- ] repeatability: run with --repeat 2", file=out)
     print(f"fastest baseline backend: {summary['backend_wins_baseline']}", file=out)

@@ -1,0 +1,55 @@
+"""The layer suite's verdict lines: efficiency, slowdowns and the two-run repeat check (no timing)."""
+from __future__ import annotations
+
+import io
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import layer_suite  # noqa: E402
+
+
+def _cell(layer, speedup, ci, ci99, theo=4.0, rank=8):
+    return {"layer": layer, "rank": rank, "batch": 1, "threads": 1, "theo": theo, "status": "ok",
+            "speedup": speedup, "ci": ci, "ci99": ci99, "efficiency": speedup / theo,
+            "best_baseline": "torch-cpu", "best_compressed": "mkl"}
+
+
+def test_expected_agreement_of_exact_intervals():
+    assert layer_suite.expected_agreement(0.95) == pytest.approx(0.834, abs=1e-3)
+    assert layer_suite.expected_agreement(0.99) == pytest.approx(0.931, abs=1e-3)
+
+
+def test_repeat_check_is_judged_on_99_percent_intervals():
+    run1 = [_cell(f"l{i}", 3.0, [2.9, 3.1], [2.8, 3.2]) for i in range(10)]
+    # run 2 agrees inside the 99% intervals everywhere, but inside the 95% ones in only half the cells
+    run2 = [_cell(f"l{i}", 3.15 if i < 5 else 3.05, [3.05, 3.25] if i < 5 else [2.95, 3.15], [2.9, 3.3])
+            for i in range(10)]
+    s = layer_suite.summarize([run1, run2])
+    assert s["repeat_cells"] == 10
+    assert s["repeat_fraction"] == 0.5 and s["repeat_99_fraction"] == 1.0
+    assert s["target_repeatable"] is True
+    assert len(s["repeat_outside"]) == 5 and s["repeat_99_outside"] == []
+    out = io.StringIO()
+    layer_suite.print_summary(s, out=out)
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("[ -- ] repeat at 95% CI: 5/10") for line in lines)
+    assert any(line.startswith("[PASS] repeat at 99% CI: 10/10") and "judged here" in line for line in lines)
+
+
+def test_repeat_check_fails_when_runs_disagree():
+    run1 = [_cell(f"l{i}", 3.0, [2.9, 3.1], [2.8, 3.2]) for i in range(10)]
+    run2 = [_cell(f"l{i}", 4.0, [3.9, 4.1], [3.8, 4.2]) for i in range(10)]
+    s = layer_suite.summarize([run1, run2])
+    assert s["repeat_99_fraction"] == 0.0 and s["target_repeatable"] is False
+
+
+def test_efficiency_and_slowdown_targets():
+    cells = [_cell("a", 3.6, [3.5, 3.7], [3.4, 3.8]), _cell("b", 0.9, [0.8, 1.0], [0.7, 1.1], theo=2.5)]
+    s = layer_suite.summarize([cells])
+    assert math.isclose(s["median_efficiency"], (0.9 + 0.36) / 2)
+    assert s["slower_than_baseline_with_theo_ge_2"] == [("b", 8, 1, 1)]
+    assert s["target_no_slowdown"] is False and s["target_median_efficiency"] is False
