@@ -187,7 +187,7 @@ def cmd_run(args) -> int:
         ex_opts.update({k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers)) if v is not None})
     elif args.scheduler or args.workers:
         raise UsageError("--scheduler/--workers go with --executor dask")
-    console = Console()
+    console = _console()
     console.print(f"matrix {path} → {len(matrix)} cells; results in {out / 'results.jsonl'}")
     start = time.perf_counter()
     progress = CellProgress()
@@ -238,7 +238,7 @@ def cmd_compare(args) -> int:
 
     result = compare_runs(args.run_a, args.run_b, threshold=args.threshold,
                           accuracy_threshold=args.accuracy_threshold)
-    print_comparison(result, Console())
+    print_comparison(result, _console())
     return 1 if result.regressions else 0
 
 
@@ -267,12 +267,19 @@ def cmd_reproduce(args) -> int:
     from .table import paper_table, paper_verdict
 
     rows = read_results(args.out)
-    console = Console()
+    console = _console()
     console.print(paper_table(rows, title=f"{args.experiment}: {EXPERIMENTS[args.experiment]}"))
     if args.experiment == "lebedev2015":
         for line in paper_verdict(rows):
             console.print(line)
     return code
+
+
+def _console() -> Console:
+    """The terminal's console, or a wide one when stdout is a file or pipe (rich would squeeze the
+    results tables into 80 columns there, which makes them unreadable in logs)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 240))
 
 
 # -- parser -----------------------------------------------------------------------------------
