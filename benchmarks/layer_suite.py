@@ -23,6 +23,13 @@ exact agree in only 83% of cells on average (each point must fall within 1.96 si
 difference whose sigma is sqrt(2) times larger), so a 90% rate needs wider intervals; exact 99% intervals
 agree 93% of the time. Both expected rates are printed next to the measured ones.
 
+Each cell then gets ``--passes`` (default 4) final paired measurements of its two winners, prepared afresh
+each time, pass 1 of every cell before pass 2 of any, so a cell's passes lie minutes apart. The speedup is
+the geometric mean of the passes' ratios and its 95% / 99% intervals are t-intervals over the passes
+(cpbench.stats.speedup_across_passes): within one pass the rounds agree to 1-2%, but two runs of the
+suite differ by more (load minutes apart, where memory landed, re-compiled kernels), and only an interval
+built from independent passes includes that.
+
 The paper's grouped AlexNet conv2 (96→256, groups=2) is decomposed per group (CPBlock with G=2), rank 100
 per group, so G·R = 200 channels between the 1×1 layers (the "rank 200" of the block-diagonal
 expansion, with half its 1×1 FLOPs since the off-diagonal zero blocks are not computed).
@@ -69,7 +76,7 @@ from cpbench.layers import CPBlock, geometry
 from cpbench.machine import machine_info
 from cpbench.pluginmanager import Plugins
 from cpbench.threads import thread_limits
-from cpbench.stats import speedup_ci
+from cpbench.stats import speedup_across_passes
 from cpbench.timing import TimingBudget, time_pair
 
 
@@ -99,10 +106,12 @@ THREADS = (1, 2)
 # Selection: every backend × (baseline, compressed), short. Final: the two winners, longer.
 SELECT_BUDGET = TimingBudget(warmup=1, min_rounds=3, max_rounds=40, budget_s=0.6, min_round_s=0.005,
                              target_ci_rel=0.05)
-FINAL_BUDGET = TimingBudget(warmup=2, min_rounds=10, max_rounds=300, budget_s=4.0, min_round_s=0.005,
+# One final pass; a cell gets PASSES of them, spread over the whole run (see run_suite).
+FINAL_BUDGET = TimingBudget(warmup=2, min_rounds=10, max_rounds=200, budget_s=1.5, min_round_s=0.005,
                             target_ci_rel=0.015)
-QUICK_FINAL_BUDGET = TimingBudget(warmup=1, min_rounds=8, max_rounds=100, budget_s=1.5, min_round_s=0.005,
+QUICK_FINAL_BUDGET = TimingBudget(warmup=1, min_rounds=8, max_rounds=100, budget_s=0.8, min_round_s=0.005,
                                   target_ci_rel=0.03)
+PASSES = 4
 
 
 def build(layer: Layer, rank: int, seed: int = 0) -> tuple[nn.Conv2d, CPBlock]:
@@ -180,22 +189,75 @@ def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x)
     best_c = min(per_backend, key=lambda n: per_backend[n]["compressed_ms"])
     (pb, xb, _), (pc, xc, _) = base_preps[best_b], comp[best_c]
     final = time_pair(lambda: pb(xb), lambda: pc(xc), final_budget)
-    _, ci99 = speedup_ci(final.baseline_samples_ms, final.compressed_samples_ms, confidence=0.99)
     close_all(comp)
-    return {
+    cell = {
         "layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "theo": theo,
         "best_baseline": best_b, "best_compressed": best_c,
         "compressed_form": per_backend[best_c]["cp_forms"],
-        "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
-        "speedup": final.speedup, "ci": list(final.speedup_ci), "ci99": list(ci99),
-        "efficiency": final.speedup / theo,
-        "noisy": final.noisy, "rounds": final.baseline.rounds,
-        "backends": per_backend, "errors": errors, "status": "ok",
+        "backends": per_backend, "errors": errors, "status": "ok", "passes": [],
     }
+    add_pass(cell, final)
+    return cell
 
 
-def run_suite(backends, *, quick: bool, log=print, threads_list=None, batches=None, layers=None) -> list[dict]:
+def add_pass(cell: dict, final) -> None:
+    """Record one final pass and recompute the cell's figures from all its passes so far.
+
+    speedup = geometric mean of the passes' ratios of medians; ci / ci99 = t-intervals over the passes
+    (:func:`cpbench.stats.speedup_across_passes`); with one pass so far, that pass's within-pass
+    block-bootstrap interval (provisional: it cannot see what changes between passes or runs).
+    """
+    cell["passes"].append({
+        "speedup": final.speedup, "within_ci": list(final.speedup_ci),
+        "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
+        "noisy": final.noisy, "rounds": final.baseline.rounds,
+    })
+    ps = cell["passes"]
+    if len(ps) == 1:
+        cell["speedup"], cell["ci"], cell["ci99"] = final.speedup, list(final.speedup_ci), list(final.speedup_ci)
+    else:
+        ratios = [q["speedup"] for q in ps]
+        cell["speedup"], ci = speedup_across_passes(ratios)
+        cell["ci"], cell["ci99"] = list(ci), list(speedup_across_passes(ratios, confidence=0.99)[1])
+    cell["baseline_ms"] = statistics.median(q["baseline_ms"] for q in ps)
+    cell["compressed_ms"] = statistics.median(q["compressed_ms"] for q in ps)
+    cell["efficiency"] = cell["speedup"] / cell["theo"]
+    cell["noisy"] = any(q["noisy"] for q in ps)
+    cell["rounds"] = sum(q["rounds"] for q in ps)
+
+
+def repass(cell: dict, layer: Layer, backends_by_name: dict, final_budget: TimingBudget) -> None:
+    """One more final pass of a finished cell: its two winning backends prepared afresh, timed again."""
+    conv, block = build(layer, cell["rank"])
+    x = _input(layer, cell["batch"])
+    with thread_limits(cell["threads"]):
+        errors: dict[str, str] = {}
+        base = prepare_all([backends_by_name[cell["best_baseline"]]], conv, x, cell["threads"], errors, "baseline")
+        comp = prepare_all([backends_by_name[cell["best_compressed"]]], block, x, cell["threads"], errors,
+                           "compressed")
+        try:
+            if errors:
+                cell["errors"].update({f"pass {len(cell['passes']) + 1}: {k}": v for k, v in errors.items()})
+                return
+            (pb, xb, _), (pc, xc, _) = base[cell["best_baseline"]], comp[cell["best_compressed"]]
+            add_pass(cell, time_pair(lambda: pb(xb), lambda: pc(xc), final_budget))
+        finally:
+            close_all(base)
+            close_all(comp)
+            gc.collect()
+
+
+def _input(layer: Layer, batch: int) -> torch.Tensor:
+    return torch.randn(batch, layer.in_ch, layer.size, layer.size, generator=torch.Generator().manual_seed(1))
+
+
+def run_suite(backends, *, quick: bool, log=print, threads_list=None, batches=None, layers=None,
+              passes: int = PASSES) -> list[dict]:
+    """Every cell: selection, then ``passes`` final paired measurements of its two winners. Pass 1 of
+    every cell comes first, then pass 2 of every cell, and so on, so a cell's passes lie minutes apart
+    and its interval (a t-interval over the passes) includes what changes over a run."""
     cells = []
+    placed: list[tuple[dict, Layer]] = []
     final_budget = QUICK_FINAL_BUDGET if quick else FINAL_BUDGET
     threads_list = threads_list or ((2,) if quick else THREADS)
     for layer in LAYERS:
@@ -203,7 +265,7 @@ def run_suite(backends, *, quick: bool, log=print, threads_list=None, batches=No
             continue
         ranks = layer.ranks[:1] if quick else layer.ranks
         for batch in batches or BATCHES:
-            x = torch.randn(batch, layer.in_ch, layer.size, layer.size, generator=torch.Generator().manual_seed(1))
+            x = _input(layer, batch)
             for threads in threads_list:
                 with thread_limits(threads):
                     conv, _ = build(layer, ranks[0])
@@ -215,10 +277,21 @@ def run_suite(backends, *, quick: bool, log=print, threads_list=None, batches=No
                         cell["errors"].update(base_errors)
                         cell["seconds"] = time.perf_counter() - t0
                         cells.append(cell)
+                        placed.append((cell, layer))
                         log(format_row(cell))
                     close_all(base)
                     del base
                     gc.collect()
+    by_name = {b.name: b for b in backends}
+    for k in range(2, passes + 1):
+        log(f"-- pass {k}/{passes}")
+        for cell, layer in placed:
+            if cell["status"] == "ok":
+                repass(cell, layer, by_name, final_budget)
+    if passes > 1:
+        log("-- after all passes")
+        for cell in cells:
+            log(format_row(cell))
     return cells
 
 
@@ -334,6 +407,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="threads=2 only, first rank per layer, shorter timing")
     ap.add_argument("--repeat", type=int, default=1, help="run the suite N times (N=2 checks repeatability)")
+    ap.add_argument("--passes", type=int, default=PASSES,
+                    help=f"final passes per cell, spread over the run (default {PASSES}; >= 2 for a CI that "
+                         "includes run-to-run variation)")
     ap.add_argument("--json", help="write cells, summary and machine info here")
     ap.add_argument("--backends", help="comma-separated backend names (default: all registered)")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -358,7 +434,7 @@ def main(argv=None) -> int:
             backends, quick=args.quick, log=lambda s: print(s, flush=True),
             threads_list=tuple(int(v) for v in args.threads.split(",")) if args.threads else None,
             batches=tuple(int(v) for v in args.batches.split(",")) if args.batches else None,
-            layers=set(args.layers.split(",")) if args.layers else None))
+            layers=set(args.layers.split(",")) if args.layers else None, passes=args.passes))
         if args.repeat > 1:  # each run's own summary as it ends (the repeat check comes at the end)
             print_summary(summarize([runs[-1]]))
             print(f"run {i + 1} done at {time.perf_counter() - t0:.0f} s", flush=True)

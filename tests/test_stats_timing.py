@@ -154,3 +154,44 @@ def test_block_length():
     from cpbench.stats import block_length
 
     assert [block_length(n) for n in (1, 2, 3, 16, 60, 400)] == [1, 1, 2, 4, 8, 20]
+
+
+def test_speedup_across_passes():
+    from cpbench.stats import speedup_across_passes
+
+    point, (lo, hi) = speedup_across_passes([2.0, 2.0, 2.0])
+    assert point == pytest.approx(2.0) and lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    point, (lo, hi) = speedup_across_passes([1.9, 2.0, 2.1, 2.0])
+    assert point == pytest.approx(math.exp(np.mean(np.log([1.9, 2.0, 2.1, 2.0]))))
+    assert lo < 1.9 < 2.1 < hi  # t with 3 degrees of freedom: wider than the passes' range here
+    _, ci99 = speedup_across_passes([1.9, 2.0, 2.1, 2.0], confidence=0.99)
+    assert ci99[0] < lo and ci99[1] > hi
+    with pytest.raises(ValueError, match="at least 2"):
+        speedup_across_passes([2.0])
+    with pytest.raises(ValueError, match="positive"):
+        speedup_across_passes([2.0, 0.0])
+
+
+def test_passes_interval_covers_run_to_run_shifts():
+    """Each pass shifted by a random per-pass effect (load, memory placement): the t-interval over
+    passes covers the truth at about its nominal rate; one pass's bootstrap interval does not."""
+    from cpbench.stats import speedup_across_passes
+
+    rng = np.random.default_rng(7)
+    hits_passes = hits_within = 0
+    trials = 150
+    for _ in range(trials):
+        a_all, b_all, ratios = [], [], []
+        for _ in range(4):
+            shift = rng.normal(0, 0.03)
+            a = 2.0 * (1 + rng.normal(0, 0.01, 30))
+            b = (1 + shift) * (1 + rng.normal(0, 0.01, 30))
+            ratios.append(np.median(a) / np.median(b))
+            a_all.append(a)
+            b_all.append(b)
+        _, (lo, hi) = speedup_across_passes(ratios)
+        hits_passes += lo <= 2.0 <= hi
+        _, (lo, hi) = speedup_ci(a_all[0], b_all[0], resamples=300)
+        hits_within += lo <= 2.0 <= hi
+    assert hits_passes / trials >= 0.88
+    assert hits_within / trials <= 0.6

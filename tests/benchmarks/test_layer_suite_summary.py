@@ -53,3 +53,24 @@ def test_efficiency_and_slowdown_targets():
     assert math.isclose(s["median_efficiency"], (0.9 + 0.36) / 2)
     assert s["slower_than_baseline_with_theo_ge_2"] == [("b", 8, 1, 1)]
     assert s["target_no_slowdown"] is False and s["target_median_efficiency"] is False
+
+
+def _pass(speedup, base_ms=2.0, noisy=False):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(speedup=speedup, speedup_ci=(speedup * 0.99, speedup * 1.01), noisy=noisy,
+                           baseline=SimpleNamespace(median_ms=base_ms, rounds=20),
+                           compressed=SimpleNamespace(median_ms=base_ms / speedup))
+
+
+def test_cell_figures_come_from_all_passes():
+    cell = {"theo": 8.0, "passes": []}
+    layer_suite.add_pass(cell, _pass(4.0))
+    assert cell["speedup"] == 4.0 and cell["ci"] == [3.96, 4.04]  # one pass: its own interval, provisional
+    layer_suite.add_pass(cell, _pass(4.4, noisy=True))
+    layer_suite.add_pass(cell, _pass(4.2))
+    assert cell["speedup"] == pytest.approx((4.0 * 4.4 * 4.2) ** (1 / 3))
+    assert cell["ci"][0] < 4.0 and cell["ci"][1] > 4.4  # t-interval over three passes
+    assert cell["ci99"][0] < cell["ci"][0] and cell["ci99"][1] > cell["ci"][1]
+    assert cell["efficiency"] == pytest.approx(cell["speedup"] / 8.0)
+    assert cell["noisy"] is True and cell["rounds"] == 60
