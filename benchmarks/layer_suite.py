@@ -19,9 +19,10 @@ anything is timed, for baselines and CP blocks alike.
 Targets (printed at the end): median efficiency >= 0.8; no cell with theo >= 2 slower than its baseline;
 with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells. That last
 one is judged on 99% intervals and the 95% result printed beside it: two runs whose 95% intervals are
-exact agree in only 83% of cells on average (each point must fall within 1.96 sigma of the other, a
+exact agree in only 82-83% of cells on average (each point must fall within 1.96 sigma of the other, a
 difference whose sigma is sqrt(2) times larger), so a 90% rate needs wider intervals; exact 99% intervals
-agree 93% of the time. Both expected rates are printed next to the measured ones.
+agree 93% (normal) to 95% (t over 4 passes) of the time. The expected rates are printed next to the
+measured ones.
 
 Each cell then gets ``--passes`` (default 4) final paired measurements of its two winners, prepared afresh
 each time, pass 1 of every cell before pass 2 of any, so a cell's passes lie minutes apart. The speedup is
@@ -340,7 +341,8 @@ def summarize(runs: list[list[dict]]) -> dict:
             inside = sorted(a_in_b & b_in_a)  # the target: both ways
             tag = "" if field == "ci" else "_99"
             summary[f"repeat{tag}_confidence"] = conf
-            summary[f"repeat{tag}_expected_fraction"] = expected_agreement(conf)
+            passes = min((len(c.get("passes", [])) for c in list(a.values()) + list(b.values())), default=1)
+            summary[f"repeat{tag}_expected_fraction"] = expected_agreement(conf, passes if passes > 1 else None)
             summary[f"repeat{tag}_run1_in_run2_ci"] = len(a_in_b)
             summary[f"repeat{tag}_run2_in_run1_ci"] = len(b_in_a)
             summary[f"repeat{tag}_inside_other_ci"] = len(inside)
@@ -350,20 +352,33 @@ def summarize(runs: list[list[dict]]) -> dict:
                            round(b[k]["speedup"], 3), [round(v, 3) for v in a[k][field]]]
                 for k in common if k not in inside]
         # The target (>= 90% of cells) is judged on the 99% intervals: with exact 95% intervals two
-        # runs of the same cell agree only 83% of the time (expected_agreement), so 90% would demand
-        # intervals that are too wide; exact 99% intervals agree 93% of the time.
+        # runs of the same cell agree only 82-83% of the time (expected_agreement), so 90% would demand
+        # intervals wider than they should be; exact 99% intervals agree 93-96% of the time.
         frac = summary.get("repeat_99_fraction", summary.get("repeat_fraction", 0.0))
         summary["target_repeatable"] = bool(common) and frac >= 0.9
     return summary
 
 
-def expected_agreement(confidence: float) -> float:
-    """How often two independent runs agree (each point inside the other's interval) when both
-    intervals are exact ``confidence`` normal intervals of equal width: ``P(|Z| <= z / sqrt(2))``.
-    0.834 at 95%, 0.931 at 99%."""
+def expected_agreement(confidence: float, passes: int | None = None, draws: int = 200_000) -> float:
+    """How often two independent runs agree both ways (each point inside the other's interval) when both
+    intervals are exact: normal intervals of known width (``passes=None``: ``P(|Z| <= z/sqrt(2))``, 0.834
+    at 95%, 0.931 at 99%), or t-intervals over ``passes`` passes as the suite computes them (each run's
+    width is estimated from its own passes; by seeded simulation: about 0.82 at 95%, 0.96 at 99% for 4).
+    """
     nd = statistics.NormalDist()
-    z = nd.inv_cdf(1 - (1 - confidence) / 2)
-    return 2 * nd.cdf(z / math.sqrt(2)) - 1
+    if passes is None:
+        z = nd.inv_cdf(1 - (1 - confidence) / 2)
+        return 2 * nd.cdf(z / math.sqrt(2)) - 1
+    import numpy as np
+    from scipy.stats import t as student_t
+
+    k = int(passes)
+    rng = np.random.default_rng(0)
+    t = student_t.ppf(1 - (1 - confidence) / 2, k - 1)
+    m1, m2 = rng.normal(0, 1 / math.sqrt(k), (2, draws))
+    s1, s2 = np.sqrt(rng.chisquare(k - 1, (2, draws)) / (k - 1))
+    d = np.abs(m1 - m2)
+    return float(np.mean((d <= t * s1 / math.sqrt(k)) & (d <= t * s2 / math.sqrt(k))))
 
 
 def _count(names) -> dict:

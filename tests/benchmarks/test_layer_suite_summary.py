@@ -21,6 +21,9 @@ def _cell(layer, speedup, ci, ci99, theo=4.0, rank=8):
 def test_expected_agreement_of_exact_intervals():
     assert layer_suite.expected_agreement(0.95) == pytest.approx(0.834, abs=1e-3)
     assert layer_suite.expected_agreement(0.99) == pytest.approx(0.931, abs=1e-3)
+    # t-intervals over 4 passes: each run's width is itself estimated
+    assert layer_suite.expected_agreement(0.95, passes=4) == pytest.approx(0.82, abs=0.02)
+    assert layer_suite.expected_agreement(0.99, passes=4) == pytest.approx(0.96, abs=0.02)
 
 
 def test_repeat_check_is_judged_on_99_percent_intervals():
