@@ -34,6 +34,7 @@ __all__ = [
     "hadamard",
     "mttkrp",
     "mttkrp_all",
+    "tree_split",
     "balance_columns",
     "svd_init",
     "random_init",
@@ -87,12 +88,13 @@ def estimate_working_memory(shape: Sequence[int], rank: int, solver: str = "nls"
     -------
     int
         Bytes: a float64 copy of the tensor, the two Khatri-Rao matrices and partial MTTKRPs of
-        the dimension tree (``2 (P_left + P_right) R``), the ``R x R`` Gram blocks and
+        the dimension tree (``2 (P_left + P_right) R``; split at :func:`tree_split` for
+        ``"nls"``, at ``N // 2`` for ``"als"``), the ``R x R`` Gram blocks and
         ``~12 sum(I_k) R`` factor-sized work arrays.
     """
     n = len(shape)
     numel = math.prod(shape)
-    m = max(1, n // 2)
+    m = tree_split(shape) if solver == "nls" else max(1, n // 2)
     p_left = math.prod(shape[:m])
     p_right = math.prod(shape[m:])
     words = 2 * numel + 2 * (p_left + p_right) * rank
@@ -304,6 +306,35 @@ def _contract_partial(p: torch.Tensor, mats: Sequence[torch.Tensor], keep: int) 
             subs.append(letters[j] + "z")
     expr = ",".join(subs) + "->" + letters[keep] + "z"
     return torch.einsum(expr, *ops)
+
+
+def tree_split(shape: Sequence[int]) -> int:
+    """Split point ``m`` of the two-node dimension tree that keeps the partial MTTKRPs smallest.
+
+    Both halves cost one ``numel x R`` matmul whatever ``m`` is; what depends on ``m`` is the
+    size of the two partial products ``prod(I_0..I_{m-1}) x R`` and ``prod(I_m..I_{N-1}) x R``
+    (and of the Khatri-Rao matrices), which are written, read and contracted further. ``m``
+    minimises ``prod(left) + prod(right)`` (ties: the most balanced split). For a conv kernel
+    ``(C_out, C_in, k, k)`` this is ``m = 1``: ``(C_out, C_in * k * k)`` instead of
+    ``(C_out * C_in, k * k)``, which for ``256 x 96 x 5 x 5`` shrinks the partials ~9x.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        ``(I_0, ..., I_{N-1})``, ``N >= 2``.
+
+    Returns
+    -------
+    int
+        ``1 <= m <= N - 1``.
+    """
+    n = len(shape)
+    if n < 2:
+        return 1
+    return min(
+        range(1, n),
+        key=lambda m: (math.prod(shape[:m]) + math.prod(shape[m:]), abs(2 * m - n), m),
+    )
 
 
 def mttkrp(tensor: torch.Tensor, factors: Sequence[torch.Tensor], mode: int) -> torch.Tensor:

@@ -60,6 +60,7 @@ def _als_sweeps(
     max_iter: int,
     tol: float,
     deadline: float | None = None,
+    split: int | None = None,
 ) -> tuple[list[torch.Tensor], list[float], str]:
     """Run ALS sweeps in place of ``factors`` (float64).
 
@@ -75,6 +76,9 @@ def _als_sweeps(
         Stop when ``|e_{it-1} - e_it| < tol`` (``e`` = relative error); ``0`` disables.
     deadline : float or None
         ``time.perf_counter()`` value after which to stop.
+    split : int or None
+        Split point ``m`` of the dimension tree (left modes ``0..m-1``); ``None``: ``N // 2``
+        (what :func:`cp_als` uses). :func:`cp_nls` passes :func:`tree_split`'s choice.
 
     Returns
     -------
@@ -85,7 +89,7 @@ def _als_sweeps(
     n = t.dim()
     shape = tuple(t.shape)
     rank = factors[0].shape[1]
-    m = max(1, n // 2)
+    m = max(1, n // 2) if split is None else int(split)
     t2 = t.reshape(math.prod(shape[:m]), -1)
     norm_t = float(torch.linalg.vector_norm(t.reshape(-1)))
     norm_t_sq = norm_t * norm_t

@@ -15,8 +15,10 @@ from cpbench.solvers._cp_common import (
     mttkrp,
     mttkrp_all,
     svd_init,
+    tree_split,
 )
-from cpbench.solvers.cp_nls import _GramOperator, _Problem
+from cpbench.solvers.cp_als import _als_sweeps
+from cpbench.solvers.cp_nls import _GramOperator, _partial_mttkrps, _pcg, _Problem, _solve
 
 torch.set_num_threads(1)
 
@@ -87,8 +89,48 @@ def test_reconstruct_degeneracy_balance():
     assert torch.allclose(bn, bn[0:1].expand_as(bn), rtol=1e-12)
 
 
-def test_gradient_and_gram_operator_match_autograd():
-    shape, rank, mu, lam = (4, 3, 3, 2), 3, 0.3, 0.7
+@pytest.mark.parametrize(
+    "shape,split",
+    [((256, 96, 5, 5), 1), ((8, 8, 8, 8), 2), ((6, 5), 1), ((4, 3, 3, 2), 2), ((3, 4, 100), 2), ((9, 6, 5), 1)],
+)
+def test_tree_split_minimises_partials(shape, split):
+    assert tree_split(shape) == split
+    best = min(math.prod(shape[:m]) + math.prod(shape[m:]) for m in range(1, len(shape)))
+    assert math.prod(shape[:split]) + math.prod(shape[split:]) == best
+
+
+@pytest.mark.parametrize("dims", [(5,), (4, 3), (4, 3, 2), (3, 2, 4, 2), (2, 3, 2, 2, 3)])
+def test_partial_mttkrps_match_explicit(dims):
+    g = _gen(1)
+    rank = 3
+    p = torch.randn(dims + (rank,), generator=g, dtype=torch.float64)
+    mats = [torch.randn((d, rank), generator=g, dtype=torch.float64) for d in dims]
+    out = _partial_mttkrps(p, mats)
+    k = len(dims)
+    for j in range(k):
+        # move mode j first, unfold, multiply column-wise by the Khatri-Rao of the others
+        pj = torch.movedim(p, j, 0).reshape(dims[j], -1, rank)
+        others = [mats[i] for i in range(k) if i != j]
+        kr = khatri_rao(others) if others else torch.ones((1, rank), dtype=torch.float64)
+        ref = (pj * kr).sum(dim=1)
+        assert out[j].shape == (dims[j], rank)
+        assert torch.allclose(out[j], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_als_sweeps_split_is_only_a_reordering():
+    t = _kernel((12, 8, 3, 3), 4)
+    init = svd_init(t, 6, _gen(0))
+    a, ea, _ = _als_sweeps(t, [f.clone() for f in init], 5, 0.0)
+    b, eb, _ = _als_sweeps(t, [f.clone() for f in init], 5, 0.0, split=tree_split(tuple(t.shape)))
+    assert tree_split(tuple(t.shape)) == 1  # not the default N // 2
+    for fa, fb in zip(a, b):
+        assert torch.allclose(fa, fb, rtol=1e-8, atol=1e-10)
+    assert ea == pytest.approx(eb, rel=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 2), (6, 4, 2, 2), (5, 4, 3), (7, 6)])
+def test_gradient_and_gram_operator_match_autograd(shape):
+    rank, mu, lam = 3, 0.3, 0.7
     g = _gen(2)
     fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
     t = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -119,10 +161,80 @@ def test_gradient_and_gram_operator_match_autograd():
     jp = torch.autograd.functional.jacobian(terms, x0.detach())
     v = torch.randn(x0.numel(), generator=g, dtype=torch.float64)
     ref = jac.T @ (jac @ v) + mu * jp.T @ (jp @ v) + lam * v
+    ref_undamped = ref - lam * v
     for batched in (True, False):
         op = _GramOperator(fs, ev["grams"], mu, lam, batched=batched)
         hv = torch.cat([y.reshape(-1) for y in op.unpack(op.apply(op.pack(split(v))))])
         assert torch.allclose(hv, ref, rtol=1e-10, atol=1e-10)
+        hu = torch.cat([y.reshape(-1) for y in op.unpack(op.apply(op.pack(split(v)), damped=False))])
+        assert torch.allclose(hu, ref_undamped, rtol=1e-10, atol=1e-10)
+        # single precision: the operator / scale and scale * preconditioner, to float32 accuracy
+        low = op.lowered(torch.float32)
+        x32 = op.pack(split(v)).float()
+        h32 = low.apply(x32)
+        assert h32.dtype == torch.float32
+        h32 = torch.cat([y.reshape(-1) for y in op.unpack(h32)]).double() * low.scale
+        assert torch.allclose(h32, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+        p64 = op.precondition(op.pack(split(v)))
+        p32 = low.precondition(x32)
+        assert p32.dtype == torch.float32
+        assert torch.allclose(p32.double() / low.scale, p64, rtol=1e-4, atol=1e-4 * float(p64.abs().max()))
+
+
+def test_gradient_of_exact_residual_path_matches_autograd():
+    """Near an exact fit f and g come from the explicit residual; check that branch too."""
+    shape, rank, mu = (6, 4, 2, 2), 2, 0.05
+    t, fs = _low_rank(shape, rank, 7)
+    g = _gen(3)
+    fs = [f + 1e-5 * torch.randn(f.shape, generator=g, dtype=torch.float64) for f in fs]
+    prob = _Problem(t, rank)
+    ev = prob.evaluate(fs, mu)
+    assert ev["resid"] is not None
+    grad = torch.cat([x.reshape(-1) for x in prob.gradient(ev, mu)])
+    x0 = torch.cat([f.reshape(-1) for f in fs]).requires_grad_(True)
+
+    def fun(x):
+        f, o = [], 0
+        for s in shape:
+            f.append(x[o : o + s * rank].reshape(s, rank))
+            o += s * rank
+        norms = torch.ones(rank, dtype=torch.float64)
+        for a in f:
+            norms = norms * (a * a).sum(0)
+        return 0.5 * ((t - reconstruct(f)) ** 2).sum() + 0.5 * mu * norms.sum()
+
+    (gv,) = torch.autograd.grad(fun(x0), x0)
+    assert torch.allclose(grad, gv, rtol=1e-8, atol=1e-12 * float((t * t).sum()))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_pcg_single_precision_solves_the_system(batched):
+    shape, rank = (7, 5, 3, 3), 4
+    g = _gen(5)
+    fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    ev = _Problem(t, rank).evaluate(fs, 0.1)
+    op = _GramOperator(fs, ev["grams"], 0.1, 0.5, batched=batched)
+    b = op.pack([torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape])
+    x64, _ = _pcg(op, b, 200, 1e-12)
+    assert torch.allclose(op.apply(x64), b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+    for scale in (1.0, 1e30, 1e-30):  # the lowered system is rescaled: no overflow/underflow
+        x32, it = _solve(op, b * scale, 200, 1e-5, torch.float32)
+        assert x32.dtype == torch.float64 and it >= 1
+        assert torch.allclose(x32 / scale, x64, rtol=1e-3, atol=1e-3 * float(x64.abs().max()))
+    x, it = _solve(op, b, 200, 1e-12, torch.float64)
+    assert torch.equal(x, x64)
+
+
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-70])
+def test_single_precision_cg_is_scale_free(scale):
+    """f is homogeneous: scaling W must not change the fit (float32 PCG must not overflow)."""
+    t = _kernel((12, 8, 3, 3), 5)
+    a = cp_nls(t, 10, max_iter=40)
+    b = cp_nls(t * scale, 10, max_iter=40)
+    assert b.info["accepted_steps"] == a.info["accepted_steps"] == 40
+    assert b.info["rel_error"] == pytest.approx(a.info["rel_error"], rel=1e-6)
+    assert b.info["degeneracy"] == pytest.approx(a.info["degeneracy"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +303,19 @@ def test_reaches_scipy_least_squares_objective(seed):
     assert f <= ref * (1 + 1e-9) + 1e-12, (f, ref)
     # sanity: the reported objective is 0.5 ||W - [[A]]||^2
     assert f == pytest.approx(0.5 * (res.info["rel_error"] ** 2) * float((t**2).sum()), rel=1e-8)
+
+
+def test_cg_precision_single_and_double_agree():
+    t = _kernel((12, 8, 3, 3), 5)
+    a = cp_nls(t, 10, max_iter=40)  # default: single-precision PCG
+    b = cp_nls(t, 10, max_iter=40, cg_precision="double")
+    c = cp_nls(t, 10, max_iter=40)
+    assert a.info["rel_error"] == c.info["rel_error"]
+    assert all(torch.equal(x, y) for x, y in zip(a.factors, c.factors))
+    assert a.info["rel_error"] == pytest.approx(b.info["rel_error"], rel=1e-3)
+    assert a.info["degeneracy"] == pytest.approx(b.info["degeneracy"], rel=5e-2)
+    with pytest.raises(SolverInputError, match="cg_precision"):
+        cp_nls(t, 2, cg_precision="half")
 
 
 def test_determinism_seed_and_dtype():

@@ -12,7 +12,9 @@ from cpbench.decomposer import CPDecomposer
 
 class CPNLS(CPDecomposer):
     name = "cp-nls"
-    version = "1"
+    # Part of the factorization cache key: bumped whenever the solver's results change.
+    # 2: dimension-tree MTTKRPs and single-precision PCG steps (cg_precision), so different iterates.
+    version = "2"
 
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.solvers import cp_nls
