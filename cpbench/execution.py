@@ -255,7 +255,7 @@ class CPBandBlock(nn.Module):
 
     def bands(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Ty, Txᵀ)`` for an ``h×w`` input, built once per size."""
-        key = (h, w)
+        key = (h, w, self.taps_h.dtype, self.taps_h.device)  # a later .double()/.to() builds anew
         if key not in self._bands:
             geo = self.geo
             ty = band_matrix(self.taps_h, h, stride=geo.stride[0], dilation=geo.dilation[0],

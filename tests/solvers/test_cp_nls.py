@@ -28,6 +28,22 @@ INFO_KEYS = {
 }
 
 
+
+def _explicit_mttkrps(t, fs):
+    """Every mode's MTTKRP the slow, obvious way: the unfolding times the Khatri-Rao product."""
+    n = t.dim()
+    return [torch.movedim(t, k, 0).reshape(t.shape[k], -1) @ khatri_rao([fs[j] for j in range(n) if j != k])
+            for k in range(n)]
+
+
+def _split_flat(x, shape, rank):
+    """A flat parameter vector as the factor matrices ``(I_k, rank)``, in mode order."""
+    out, o = [], 0
+    for s in shape:
+        out.append(x[o : o + s * rank].reshape(s, rank))
+        o += s * rank
+    return out
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -67,9 +83,7 @@ def test_mttkrp_matches_explicit_unfolding(shape):
     fs = [torch.randn((s, 3), generator=g, dtype=torch.float64) for s in shape]
     t = torch.randn(shape, generator=g, dtype=torch.float64)
     all_m = mttkrp_all(t, fs)
-    for k in range(len(shape)):
-        unf = torch.movedim(t, k, 0).reshape(shape[k], -1)
-        ref = unf @ khatri_rao([fs[j] for j in range(len(shape)) if j != k])
+    for k, ref in enumerate(_explicit_mttkrps(t, fs)):
         assert torch.allclose(all_m[k], ref, rtol=1e-12, atol=1e-12)
         assert torch.allclose(mttkrp(t, fs, k), ref, rtol=1e-12, atol=1e-12)
 
@@ -139,11 +153,7 @@ def test_gradient_and_gram_operator_match_autograd(shape):
     grad = torch.cat([x.reshape(-1) for x in prob.gradient(ev, mu)])
 
     def split(x):
-        out, o = [], 0
-        for s in shape:
-            out.append(x[o : o + s * rank].reshape(s, rank))
-            o += s * rank
-        return out
+        return _split_flat(x, shape, rank)
 
     def terms(x):
         f = split(x)
@@ -267,11 +277,7 @@ def _scipy_objective_from(t, init, rank):
     tn = t.numpy()
 
     def unpack(x):
-        out, o = [], 0
-        for s in shape:
-            out.append(x[o : o + s * rank].reshape(s, rank))
-            o += s * rank
-        return out
+        return _split_flat(x, shape, rank)
 
     def resid(x):
         a, b, c = unpack(x)
@@ -464,9 +470,7 @@ def test_property_mttkrp_and_balance(shape, rank, seed):
     fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
     t = torch.randn(shape, generator=g, dtype=torch.float64)
     all_m = mttkrp_all(t, fs)
-    for k in range(len(shape)):
-        unf = torch.movedim(t, k, 0).reshape(shape[k], -1)
-        ref = unf @ khatri_rao([fs[j] for j in range(len(shape)) if j != k])
+    for k, ref in enumerate(_explicit_mttkrps(t, fs)):
         assert torch.allclose(all_m[k], ref, rtol=1e-10, atol=1e-10)
     # balancing never changes the model, and gives equal column norms per term
     bal = balance_columns(fs)
