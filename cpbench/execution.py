@@ -390,9 +390,11 @@ class ConvGemm(nn.Module):
         self.kind = conv_gemm_kind(conv, input_shape)
         if self.kind is None:
             raise ValueError("this conv is not a single matrix product")
-        w = conv.weight.detach()
-        self.register_buffer("w", w.reshape(w.shape[0], -1).clone())  # (T, S·kh·kw)
-        self.register_buffer("wt", self.w.t().contiguous())
+        w = conv.weight.detach().reshape(conv.weight.shape[0], -1)  # (T, S·kh·kw)
+        # Wᵀ contiguous, not a transposed view: addmm on the view measured 1.61 ms against 1.14 ms at
+        # batch 32 for charnet's conv3. W itself is kept only where it is used (pointwise, NCHW input).
+        self.register_buffer("wt", w.t().contiguous())
+        self.register_buffer("w", w.clone() if self.kind == "pointwise" else None)
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
