@@ -24,6 +24,11 @@ depthwise layer; in channels_last a 1×1 conv is exactly a GEMM on the ``(N·H·
     (``Hout·H·W + Hout·W·Wout`` against ``(kh + kw)·Hout·W`` per channel) but no conv dispatch and
     GEMM-speed inner loops: at batch 1, where PyTorch's depthwise kernels are dominated by fixed
     costs, it is the fastest form here (see :class:`CPBandBlock`). Zero padding only.
+``cp4-fused``
+    the whole block as one compiled operator (:mod:`cpbench.fused`): MKL GEMMs for the 1×1 layers and
+    register-blocked depthwise taps, computed in bands of output rows so the R-channel intermediates
+    stay in cache. float32 CPU inference, zero padding; compiled on first use (about 25 s, then
+    cached), and simply not offered where it cannot be built.
 
 :func:`optimize_cp_blocks` times each candidate against the current best side by side
 (:func:`cpbench.timing.time_pair`) on the block alone with its real input shape, layout and thread
@@ -64,10 +69,10 @@ __all__ = [
     "rel_error",
 ]
 
-FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm", "cp4-band")
+FORMS = ("cp4", "cp3", "cp3-gemm", "cp3-gemm-chunked", "cp4-gemm", "cp4-band", "cp4-fused")
 # Tried by default. The chunked and cp4-gemm forms never won a layer-suite block on this machine once
 # large blocks stay in the heap (configure_malloc), so they are opt-in via ``forms=``.
-DEFAULT_FORMS = ("cp4", "cp3", "cp3-gemm", "cp4-band")
+DEFAULT_FORMS = ("cp4", "cp3", "cp3-gemm", "cp4-band", "cp4-fused")
 QUICK_BUDGET = TimingBudget(warmup=1, min_rounds=4, max_rounds=60, budget_s=0.6, min_round_s=0.002,
                             target_ci_rel=0.03)
 MATCH_RTOL = 1e-5
@@ -307,6 +312,10 @@ def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = 
         out = CPGemmBlock(block, fused=True, chunk=chunk_size(block, input_shape))
     elif form == "cp4-band":
         out = CPBandBlock(block)
+    elif form == "cp4-fused":
+        from .fused import CPFusedBlock
+
+        out = CPFusedBlock(block)
     elif form == "cp4-gemm":
         if block.form != "cp4":
             raise ValueError("a CP3 block has no CP4 form")
@@ -324,12 +333,24 @@ def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_
             continue  # the GEMM view is free only in channels_last; grouped blocks keep convs
         if f.startswith("cp4") and block.form != "cp4":
             continue
-        if f == "cp4-band" and block.geo.padding_mode != "zeros":
+        if f in ("cp4-band", "cp4-fused") and block.geo.padding_mode != "zeros":
+            continue
+        if f == "cp4-fused" and not _fused_applies(block):
             continue
         if f.endswith("-chunked") and (input_shape is None or chunk_size(block, input_shape) >= input_shape[0]):
             continue  # one chunk is the unchunked form
         out.append(f)
     return out
+
+
+def _fused_applies(block: CPBlock) -> bool:
+    """float32 on CPU and the kernel builds here (the first call compiles it, later ones are free)."""
+    p = block[0].weight
+    if p.dtype != torch.float32 or p.device.type != "cpu":
+        return False
+    from .fused import kernel_available
+
+    return kernel_available()
 
 
 @dataclass

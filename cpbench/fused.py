@@ -1,0 +1,128 @@
+"""The fused CP-block kernel (form ``cp4-fused``): one C++ operator for the whole 4-layer block.
+
+Run as four layers, a CP block's R-channel intermediates stream through memory three times and each
+layer pays a dispatch; its two depthwise layers, with a few percent of the FLOPs, took a quarter of the
+block's time here. The operator (``kernels/cp_fused.cpp``) computes the block on NHWC data in bands of
+output rows so each band's intermediates stay in cache: the first 1×1 layer as an MKL GEMM on just
+the input rows the band needs, the vertical and horizontal taps in loops vectorised over channels, the
+last 1×1 layer as a GEMM into the band's rows of the output. Images (or row ranges, when there are
+fewer images than threads) run in parallel on PyTorch's intra-op pool.
+
+The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about a
+minute) into PyTorch's extension cache, keyed by the source and the CPU, so later processes load it in
+milliseconds. Where it cannot be built, :func:`load_kernel` raises :class:`~cpbench.errors.BackendError`
+with the compiler's last line, and the optimiser simply does not pick the form.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BackendError
+from .layers import CPBlock
+
+__all__ = ["CPFusedBlock", "load_kernel", "kernel_available", "BAND_BYTES"]
+
+SOURCE = Path(__file__).with_name("kernels") / "cp_fused.cpp"
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+# Bytes of R-channel intermediates (vertical output + horizontal output) per band of output rows.
+BAND_BYTES = 256 * 1024
+
+_KERNEL = None
+_FAILED: str | None = None
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_name() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(_cpu_id().encode())  # -march=native: a build is only valid on the CPU it was made for
+    h.update(torch.__version__.encode())
+    return f"cpbench_cp_fused_{h.hexdigest()[:12]}"
+
+
+def load_kernel():
+    """The compiled extension module (built on first call; raises BackendError if it cannot be)."""
+    global _KERNEL, _FAILED
+    if _KERNEL is not None:
+        return _KERNEL
+    if _FAILED is not None:
+        raise BackendError(_FAILED)
+    from torch.utils import cpp_extension
+
+    try:
+        _KERNEL = cpp_extension.load(name=_build_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                     verbose=bool(os.environ.get("CPBENCH_VERBOSE_BUILD")))
+    except Exception as exc:  # compiler missing, headers missing, build error: one line, not a crash
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        _FAILED = f"the fused CP kernel could not be built ({type(exc).__name__}: {lines[-1] if lines else exc})"
+        raise BackendError(_FAILED) from exc
+    return _KERNEL
+
+
+def kernel_available() -> bool:
+    """True if the kernel is (or can be) built here."""
+    try:
+        load_kernel()
+    except BackendError:
+        return False
+    return True
+
+
+class CPFusedBlock(nn.Module):
+    """A CP4 block run by the fused kernel (form ``cp4-fused``); inference only, float32 on CPU.
+
+    Exact re-expression of ``block`` (zero padding, any stride, dilation and groups). The output has the
+    input's memory format: a channels-last input gives a channels-last output for free; an NCHW input is
+    transposed in and out, and that cost is part of the form's measured time.
+    """
+
+    form = "cp4-fused"
+
+    def __init__(self, block: CPBlock, band_bytes: int = BAND_BYTES):
+        super().__init__()
+        if block.form != "cp4":
+            raise ValueError("the fused form needs a CP4 block (separable spatial factors)")
+        if block.geo.padding_mode != "zeros":
+            raise ValueError(f"the fused form needs zero padding, not {block.geo.padding_mode!r}")
+        from .execution import _axis_padding
+
+        self._pad = _axis_padding
+        first, vert, hor, last = block
+        geo, g, r = block.geo, block.geo.groups, block.rank
+        self.geo, self.rank, self.band_bytes = geo, r, int(band_bytes)
+        self.register_buffer("w_in", first.weight.detach().reshape(g, r, -1).transpose(1, 2).contiguous())
+        self.register_buffer("w_out", last.weight.detach().reshape(g, -1, r).transpose(1, 2).contiguous())
+        self.register_buffer("bias", None if last.bias is None else last.bias.detach().clone())
+        self.register_buffer("taps_v", vert.weight.detach().reshape(g * r, geo.kh).t().contiguous())
+        self.register_buffer("taps_h", hor.weight.detach().reshape(g * r, geo.kw).t().contiguous())
+        load_kernel()  # fail here, one line, rather than at the first call; not kept (modules deep-copy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            raise BackendError(f"the fused CP kernel runs float32 CPU inference only, not {x.dtype} on "
+                               f"{x.device.type}{' with gradients' if x.requires_grad else ''}")
+        geo = self.geo
+        _, _, h, w = x.shape
+        pt, pb = self._pad(geo, 0, h)
+        pl, pr = self._pad(geo, 1, w)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        out = load_kernel().cp_fused_nhwc(
+            x.permute(0, 2, 3, 1).contiguous(), self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias,
+            geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1], pt, pb, pl, pr, self.band_bytes)
+        out = out.permute(0, 3, 1, 2)
+        return out if channels_last else out.contiguous()
