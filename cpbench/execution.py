@@ -396,9 +396,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 class ConvGemm(nn.Module):
     """A plain ``nn.Conv2d`` that is one matrix product (form ``conv-gemm``), exact.
 
-    Two cases, both ``groups == 1`` and no padding: a kernel that covers its whole input (the output is
-    1×1: ``addmm(bias, x.flatten(1), Wᵀ)``; the character network's conv3, 8×8 on 8×8, is one) and a
-    1×1 stride-1 kernel (``W @ x`` per image on the NCHW view, or ``x @ Wᵀ`` on the channels-last view).
+    Three cases, all ``groups == 1``: a kernel that covers its whole unpadded input (the output is
+    1×1: ``addmm(bias, x.flatten(1), Wᵀ)``; the character network's conv3, 8×8 on 8×8, is one); a
+    1×1 stride-1 unpadded kernel (``W @ x`` per image on the NCHW view, or ``x @ Wᵀ`` on the
+    channels-last view); and a layer with at most :data:`IM2COL_MAX_IN` input channels — a network's
+    first layer — as ``W @ unfold(x)`` (im2col: the patches are small, and a direct conv kernel
+    vectorised over input channels has almost nothing to vectorise; the character network's conv1,
+    9×9 on one channel, is one).
     PyTorch's CPU conv takes a general path for the first (measured here at batch 1: 1.46 ms as a conv,
     0.32 ms as the GEMM it is). Applied to plain convs in *both* arms of a comparison, so an optimising
     backend does not flatter the compressed network with a slow baseline.
@@ -413,13 +417,29 @@ class ConvGemm(nn.Module):
             raise ValueError("this conv is not a single matrix product")
         w = conv.weight.detach().reshape(conv.weight.shape[0], -1)  # (T, S·kh·kw)
         # Wᵀ contiguous, not a transposed view: addmm on the view measured 1.61 ms against 1.14 ms at
-        # batch 32 for charnet's conv3. W itself is kept only where it is used (pointwise, NCHW input).
-        self.register_buffer("wt", w.t().contiguous())
-        self.register_buffer("w", w.clone() if self.kind == "pointwise" else None)
+        # batch 32 for charnet's conv3. W itself is kept only where it is used (pointwise on NCHW, im2col).
+        self.register_buffer("wt", w.t().contiguous() if self.kind != "im2col" else None)
+        self.register_buffer("w", w.clone() if self.kind in ("pointwise", "im2col") else None)
+        self.unfold = None
+        if self.kind == "im2col":
+            self.unfold = dict(kernel_size=conv.kernel_size, dilation=conv.dilation, stride=conv.stride,
+                               padding=_int_padding(conv))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s, h, w = x.shape
+        if self.kind == "im2col":
+            cols = nn.functional.unfold(x, **self.unfold)  # (N, S·kh·kw, Hout·Wout)
+            y = torch.matmul(self.w, cols)
+            if self.bias is not None:
+                y = y.add_(self.bias[:, None])
+            p, d, st, (kh, kw) = self.unfold["padding"], self.unfold["dilation"], self.unfold["stride"], \
+                self.unfold["kernel_size"]
+            ho = (h + 2 * p[0] - d[0] * (kh - 1) - 1) // st[0] + 1
+            wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // st[1] + 1
+            y = y.view(n, -1, ho, wo)
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            return y.contiguous(memory_format=torch.channels_last) if channels_last else y
         if self.kind == "cover":
             flat = x.reshape(n, -1)
             y = flat @ self.wt if self.bias is None else torch.addmm(self.bias, flat, self.wt)
@@ -435,19 +455,39 @@ class ConvGemm(nn.Module):
         return y.view(n, -1, h, w)
 
 
+# Input channels up to which a plain conv is offered as im2col + GEMM (a network's first layer).
+IM2COL_MAX_IN = 4
+
+
+def _int_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The conv's padding as symmetric ints, or None ('same' with an odd total, which unfold cannot do)."""
+    pad = conv.padding
+    if pad == "valid":
+        return 0, 0
+    if pad == "same":
+        out = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            out.append(total // 2)
+        return tuple(out)
+    return tuple(pad)
+
+
 def conv_gemm_kind(conv: nn.Module, input_shape: tuple[int, ...]) -> str | None:
-    """"cover", "pointwise" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
+    """"cover", "pointwise", "im2col" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
     if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
         return None
-    pad = conv.padding
-    if pad not in ("valid", (0, 0)) and pad != 0:
-        return None
+    pad = _int_padding(conv)
     h, w = input_shape[-2:]
     kh, kw = conv.kernel_size
-    if (kh, kw) == (h, w):
+    if pad == (0, 0) and (kh, kw) == (h, w):
         return "cover"
-    if (kh, kw) == (1, 1) and conv.stride == (1, 1):
+    if pad == (0, 0) and (kh, kw) == (1, 1) and conv.stride == (1, 1):
         return "pointwise"
+    if pad is not None and conv.in_channels <= IM2COL_MAX_IN:
+        return "im2col"
     return None
 
 

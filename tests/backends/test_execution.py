@@ -21,10 +21,11 @@ def test_optimize_keeps_outputs(layout, groups, example, make_net):
     with torch.inference_mode():
         ref = net(example)
     opt, choices = optimize_cp_blocks(net, example, layout=layout, threads=1, budget=TINY)
-    # the CP block first, then the plain convs that are one GEMM (the last 1×1 conv; the first is 3×3)
-    assert [c.name for c in choices] == ["2", "4"]
+    # the CP block first, then the plain convs that are one GEMM: the first (3×3 on 3 channels, im2col)
+    # and the last (1×1)
+    assert [c.name for c in choices] == ["2", "0", "4"]
     assert choices[0].form in FORMS
-    assert choices[1].form in ("conv", "conv-gemm")
+    assert {c.form for c in choices[1:]} <= {"conv", "conv-gemm"}
     assert choices[0].input_shape == (2, 8, 10, 10)
     with torch.inference_mode():
         out = opt(example.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else example)
@@ -86,8 +87,9 @@ def test_apply_forms(make_net):
 
 
 def test_no_blocks_is_a_copy():
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
-    opt, choices = optimize_cp_blocks(net, torch.randn(1, 3, 5, 5), budget=TINY)
+    # (6 input channels: not a first-layer im2col candidate; 3×3 on 5×5: neither cover nor pointwise)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 4, 3))
+    opt, choices = optimize_cp_blocks(net, torch.randn(1, 6, 5, 5), budget=TINY)
     assert choices == [] and opt is not net
 
 
@@ -157,6 +159,9 @@ def test_band_form_refuses_other_padding_modes():
     (nn.Conv2d(6, 10, (3, 5), bias=False), (1, 6, 3, 5), "cover"),
     (nn.Conv2d(6, 10, 1), (3, 6, 5, 7), "pointwise"),
     (nn.Conv2d(6, 10, 1, bias=False), (1, 6, 2, 2), "pointwise"),
+    (nn.Conv2d(1, 96, 9), (2, 1, 24, 24), "im2col"),  # the character network's conv1
+    (nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False), (3, 3, 11, 9), "im2col"),
+    (nn.Conv2d(2, 5, 3, padding="same", dilation=2), (1, 2, 7, 6), "im2col"),
 ])
 def test_conv_gemm_is_exact(conv, shape, kind, layout):
     assert conv_gemm_kind(conv, shape) == kind
@@ -172,6 +177,8 @@ def test_conv_gemm_is_exact(conv, shape, kind, layout):
     (nn.Conv2d(6, 10, 4, groups=2), (1, 6, 4, 4)),  # grouped
     (nn.Conv2d(6, 10, 1, stride=2), (1, 6, 4, 4)),  # strided 1×1
     (nn.Conv2d(6, 10, 3), (1, 6, 5, 5)),  # an ordinary conv
+    (nn.Conv2d(3, 4, 4, padding="same"), (1, 3, 6, 6)),  # 'same' with an odd total padding: not unfoldable
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (1, 3, 6, 6)),
 ])
 def test_conv_gemm_only_where_it_is_one_gemm(conv, shape):
     assert conv_gemm_kind(conv, shape) is None
