@@ -12,7 +12,7 @@ compressed execution (over all backends):
     theo       = FLOPs(original conv) / FLOPs(CP4 block), from torch.utils.flop_counter.FlopCounterMode
     efficiency = speedup / theo
 
-OMP_WAIT_POLICY is PASSIVE unless --omp-wait-policy says otherwise (see the comment at the top); the
+OMP_WAIT_POLICY is libgomp's default unless --omp-wait-policy says otherwise (see the comment at the top); the
 process's glibc malloc is set to keep large freed blocks (cpbench.execution.configure_malloc) before
 anything is timed, for baselines and CP blocks alike.
 
@@ -40,24 +40,33 @@ from __future__ import annotations
 import os
 import sys
 
-# OpenMP's wait policy is read once, when libgomp loads with torch, so it is set before that import.
-# PASSIVE: idle OpenMP workers sleep instead of spinning. On this 2-core machine shared with other jobs,
-# spinning workers of a 2-thread pool fight the other processes and each other (measured under load:
-# a 2-thread batch-1 AlexNet conv2 took 44 ms with the default policy, 4.8 ms with PASSIVE; ONNX Runtime,
-# which does not spin here, was unaffected). Same for baseline and compressed arms. Override with
-# --omp-wait-policy default (leave the environment alone) or ACTIVE.
+# OpenMP's wait policy is read once, when libgomp loads with torch, so it is set (or not) before that
+# import, and cpbench's own default (PASSIVE, set on import) is kept out of the way. Default here: leave
+# libgomp's default (spin briefly, then sleep). On a quiet machine that is right for both arms; PASSIVE
+# (workers always sleep) adds a wake-up to every parallel region, tens of microseconds on this VM, and a
+# CP block run as several ops pays it several times where the dense conv pays it once (measured at 2
+# threads, batch 1: the character network's conv2 CP3 block 0.44 ms with PASSIVE against 0.11 ms on one
+# thread; AlexNet conv2's dense conv was barely affected). Under load from other processes, spinning
+# workers fight them (measured earlier: a 2-thread batch-1 AlexNet conv2 took 44 ms with spinning, 4.8 ms
+# with PASSIVE): there, pass --omp-wait-policy PASSIVE. Both arms always run with the same policy.
 def _early_wait_policy(argv: list[str]) -> str | None:
-    policy = "PASSIVE"
+    policy = "default"
     for i, a in enumerate(argv):
         if a.startswith("--omp-wait-policy"):
             policy = a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else policy)
     if policy.lower() != "default":
         os.environ["OMP_WAIT_POLICY"] = policy.upper()
-    return os.environ.get("OMP_WAIT_POLICY")
+    else:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        import torch  # noqa: F401  (libgomp reads its policy now, before cpbench's setdefault)
+    return os.environ.get("OMP_WAIT_POLICY", "default")
+
+
+WAIT_POLICY_AT_LOAD: str | None = None
 
 
 if __name__ == "__main__":
-    _early_wait_policy(sys.argv[1:])
+    WAIT_POLICY_AT_LOAD = _early_wait_policy(sys.argv[1:])
 
 import argparse
 import gc
@@ -427,8 +436,9 @@ def main(argv=None) -> int:
                          "includes run-to-run variation)")
     ap.add_argument("--json", help="write cells, summary and machine info here")
     ap.add_argument("--backends", help="comma-separated backend names (default: all registered)")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE",
-                    help="OMP_WAIT_POLICY set before torch loads: PASSIVE (default), ACTIVE or 'default'")
+    ap.add_argument("--omp-wait-policy", default="default",
+                    help="OMP_WAIT_POLICY set before torch loads: 'default' (libgomp's own: spin briefly, then "
+                         "sleep), PASSIVE (use on a loaded machine) or ACTIVE")
     ap.add_argument("--threads", help="comma-separated thread counts (default 1,2; --quick: 2)")
     ap.add_argument("--batches", help="comma-separated batch sizes (default 1,32)")
     ap.add_argument("--layers", help="comma-separated layer names (default all: "
@@ -439,7 +449,7 @@ def main(argv=None) -> int:
     names = args.backends.split(",") if args.backends else plugins.backends.names()
     backends = [plugins.backends.get(n) for n in names]
     print(f"backends: {', '.join(names)}; torch {torch.__version__}; {os.cpu_count()} logical CPUs; "
-          f"malloc {malloc}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+          f"malloc {malloc}; OMP_WAIT_POLICY at torch load: {WAIT_POLICY_AT_LOAD}", flush=True)
     runs = []
     t0 = time.perf_counter()
     for i in range(args.repeat):
@@ -460,7 +470,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"summary": summary, "runs": runs, "machine": machine_info(), "malloc": malloc,
-                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                       "omp_wait_policy": WAIT_POLICY_AT_LOAD,
                        "layers": [l.__dict__ for l in LAYERS]}, fh, indent=1, default=str)
     return 0
 

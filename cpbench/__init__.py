@@ -8,8 +8,10 @@ import os as _os
 
 # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning pools of one arm slow
 # the other arm of a timed pair (measured: 44 ms -> 4.8 ms for a 2-thread AlexNet conv2 under load).
-# Must be set before torch loads; a value already in the environment wins; recorded in results.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Must be set before torch loads; a value already in the environment wins; recorded in results. Not set
+# when torch is already loaded: it would have no effect, and the results would record a policy not in use.
+if "torch" not in __import__("sys").modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import (  # noqa: E402
     BackendError,

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <dlfcn.h>
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -24,6 +25,14 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc);
 
 namespace {
+
+// MKL's per-thread thread count (Fortran interface, looked up at run time: absent with another BLAS).
+// A block run on one thread sets it to 1 so that MKL does not wake its pool for each small GEMM.
+using mkl_local_fn = int (*)(const int*);
+mkl_local_fn mkl_local() {
+  static mkl_local_fn fn = reinterpret_cast<mkl_local_fn>(dlsym(RTLD_DEFAULT, "mkl_set_num_threads_local_"));
+  return fn;
+}
 
 // Row-major C (m x n, row stride ldc) = A (m x k, lda) * B (k x n, ldb) + beta * C, through the
 // Fortran BLAS PyTorch links (MKL here): column-major C^T = B^T A^T. No dispatcher, no tensor views.
@@ -121,7 +130,7 @@ inline void depthwise_rows(const float* y1, const float* tv, const float* th, fl
 torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
                             torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
                             int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
-                            int64_t pl, int64_t pr, int64_t band_bytes) {
+                            int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "cp_fused_nhwc: x must be a contiguous float32 (N, H, W, S) tensor");
   for (const auto& t : {w_in, taps_v, taps_h, w_out})
@@ -139,7 +148,11 @@ torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor t
 
   auto out = at::empty({g.N, g.Ho, g.Wo, g.T}, x.options());
   const int64_t band = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, 4 * g.Wo * (g.GR + g.T)));
-  const int64_t threads = at::get_num_threads();
+  // Waking the pool's other threads costs tens of microseconds here (more with OMP_WAIT_POLICY=PASSIVE),
+  // so a block with little work runs on the calling thread.
+  const int64_t macs = g.N * (g.H * g.W * g.Sg * g.GR + g.Ho * g.W * g.kh * g.GR + g.Ho * g.Wo * g.kw * g.GR +
+                              g.Ho * g.Wo * g.R * g.T);
+  const int64_t threads = macs < min_parallel_macs ? 1 : at::get_num_threads();
   // Work items: whole images when there are enough of them, else row ranges of each image.
   const int64_t split = g.N >= threads ? 1 : std::min<int64_t>(g.Ho, (threads + g.N - 1) / g.N);
   const int64_t items = g.N * split;
@@ -152,7 +165,9 @@ torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor t
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  auto work = [&](int64_t begin, int64_t end) {
+    // Inside the parallel region MKL sees omp_in_parallel() (one OpenMP runtime: PyTorch's libgomp)
+    // and runs each thread's GEMMs on that thread alone.
     // uninitialised scratch: every element read is written first in the same band
     std::unique_ptr<float[]> y1(new float[g.H * g.W * g.GR]), y2(new float[g.W * g.GR]),
         y3(new float[band * g.Wo * g.GR]);
@@ -195,7 +210,15 @@ torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor t
         }
       }
     }
-  });
+  };
+  if (threads > 1) {
+    at::parallel_for(0, items, 1, work);
+  } else {
+    const int one = 1;
+    const int before = mkl_local() ? mkl_local()(&one) : 0;
+    work(0, items);
+    if (mkl_local()) mkl_local()(&before);
+  }
   return out;
 }
 
