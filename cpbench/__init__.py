@@ -10,8 +10,11 @@ import os as _os
 # the other arm of a timed pair (measured: 44 ms -> 4.8 ms for a 2-thread AlexNet conv2 under load).
 # Must be set before torch loads; a value already in the environment wins; recorded in results. Not set
 # when torch is already loaded: it would have no effect, and the results would record a policy not in use.
-if "torch" not in __import__("sys").modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# CPBENCH_OMP_WAIT_POLICY=default leaves libgomp's own (spin briefly, then sleep: best on a quiet machine,
+# see README "OpenMP wait policy"); ACTIVE or PASSIVE are passed on.
+_policy = _os.environ.get("CPBENCH_OMP_WAIT_POLICY", "PASSIVE").strip().upper()
+if _policy != "DEFAULT" and "torch" not in __import__("sys").modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", _policy)
 
 from .errors import (  # noqa: E402
     BackendError,

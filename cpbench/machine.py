@@ -20,7 +20,7 @@ __all__ = ["machine_info", "static_machine_info"]
 _GOVERNOR = "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"
 # Environment variables that change how the native thread pools and the allocator behave.
 _ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "KMP_AFFINITY",
-        "MKL_NUM_THREADS", "OMP_PROC_BIND", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+        "MKL_NUM_THREADS", "OMP_PROC_BIND", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "CPBENCH_OMP_WAIT_POLICY")
 
 
 def _read(path: str) -> str | None:
