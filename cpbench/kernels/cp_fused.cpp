@@ -43,6 +43,15 @@ inline void gemm_rm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda
   sgemm_("N", "N", &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
+// Column-major C (m x n, ldc) = op(A) op(B), op = transpose where the flag says so (BLAS reads the
+// transposed operand in place): how NCHW data enters and leaves without a copy.
+inline void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                    const float* b, int64_t ldb, float* c, int64_t ldc) {
+  const int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
+  const float one = 1.f, zero = 0.f;
+  sgemm_(ta ? "T" : "N", tb ? "T" : "N", &M, &N, &K, &one, a, &LDA, b, &LDB, &zero, c, &LDC);
+}
+
 struct Geo {
   int64_t N, H, W, S, G, Sg, R, GR, T, Tg, kh, kw, sh, sw, dh, dw, pt, pl, Ho, Wo;
 };
@@ -125,28 +134,35 @@ inline void depthwise_rows(const float* y1, const float* tv, const float* th, fl
 
 }  // namespace
 
-// x (N, H, W, S) contiguous float32; w_in (G, Sg, R); taps_v (kh, G*R); taps_h (kw, G*R);
-// w_out (G, R, Tg); bias (T) or undefined. Returns (N, Ho, Wo, T) contiguous.
-torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
-                            torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
-                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
-                            int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs) {
+// x (N, H, W, S) contiguous float32, or (N, S, H, W) with nchw; w_in (G, Sg, R); taps_v (kh, G*R);
+// taps_h (kw, G*R); w_out (G, R, Tg); bias (T) or undefined. Returns (N, Ho, Wo, T) contiguous, or
+// (N, T, Ho, Wo) with nchw. The intermediates are NHWC either way; NCHW data goes through the two GEMMs
+// as transposed operands.
+torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
+                       torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
+                       int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
+                       int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, bool nchw) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "cp_fused_nhwc: x must be a contiguous float32 (N, H, W, S) tensor");
+              "cp_fused: x must be a contiguous float32 tensor");
   for (const auto& t : {w_in, taps_v, taps_h, w_out})
-    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "cp_fused_nhwc: weights must be contiguous float32");
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "cp_fused: weights must be contiguous float32");
   Geo g;
-  g.N = x.size(0); g.H = x.size(1); g.W = x.size(2); g.S = x.size(3);
+  g.N = x.size(0);
+  if (nchw) {
+    g.S = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  } else {
+    g.H = x.size(1); g.W = x.size(2); g.S = x.size(3);
+  }
   g.G = w_in.size(0); g.Sg = w_in.size(1); g.R = w_in.size(2); g.GR = g.G * g.R;
   g.Tg = w_out.size(2); g.T = g.G * g.Tg;
   g.kh = taps_v.size(0); g.kw = taps_h.size(0);
   g.sh = sh; g.sw = sw; g.dh = dh; g.dw = dw; g.pt = pt; g.pl = pl;
-  TORCH_CHECK(g.S == g.G * g.Sg, "cp_fused_nhwc: input has ", g.S, " channels, weights expect ", g.G * g.Sg);
+  TORCH_CHECK(g.S == g.G * g.Sg, "cp_fused: input has ", g.S, " channels, weights expect ", g.G * g.Sg);
   g.Ho = (g.H + pt + pb - dh * (g.kh - 1) - 1) / sh + 1;
   g.Wo = (g.W + pl + pr - dw * (g.kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "cp_fused_nhwc: input smaller than the kernel's reach");
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "cp_fused: input smaller than the kernel's reach");
 
-  auto out = at::empty({g.N, g.Ho, g.Wo, g.T}, x.options());
+  auto out = nchw ? at::empty({g.N, g.T, g.Ho, g.Wo}, x.options()) : at::empty({g.N, g.Ho, g.Wo, g.T}, x.options());
   const int64_t band = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, 4 * g.Wo * (g.GR + g.T)));
   // Waking the pool's other threads costs tens of microseconds here (more with OMP_WAIT_POLICY=PASSIVE),
   // so a block with little work runs on the calling thread.
@@ -190,14 +206,37 @@ torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor t
         const int64_t hi = std::min<int64_t>(g.H, (ho1 - 1) * sh - pt + (g.kh - 1) * dh + 1);
         const int64_t start = done < 0 ? lo : std::max(done, lo);
         if (hi > start) {
+          const int64_t rows = (hi - start) * g.W;
           for (int64_t gi = 0; gi < g.G; ++gi) {
-            gemm_rm((hi - start) * g.W, g.R, g.Sg, xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg, g.S,
-                    win + gi * g.Sg * g.R, g.R, 0.f, y1p + start * g.W * g.GR + gi * g.R, g.GR);
+            float* y = y1p + start * g.W * g.GR + gi * g.R;
+            const float* wg = win + gi * g.Sg * g.R;
+            if (nchw) {  // y (rows x R) = X[group channels, rows]^T W_in: X is read transposed in place
+              gemm_cm(false, true, g.R, rows, g.Sg, wg, g.R,
+                      xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W, g.H * g.W, y, g.GR);
+            } else {
+              gemm_rm(rows, g.R, g.Sg, xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg, g.S, wg, g.R,
+                      0.f, y, g.GR);
+            }
           }
           done = hi;
         }
         depthwise_rows(y1p, tv, th, y2p, y3p, g, ho0, ho1, vptrs, hptrs);
         const int64_t m = (ho1 - ho0) * g.Wo;
+        if (nchw) {  // out[t, band pixels] = (y3 W_out)^T, written column-major straight into NCHW
+          const int64_t hw = g.Ho * g.Wo;
+          float* o = op + n * g.T * hw + ho0 * g.Wo;
+          for (int64_t gi = 0; gi < g.G; ++gi)
+            gemm_cm(true, true, m, g.Tg, g.R, y3p + gi * g.R, g.GR, wout + gi * g.R * g.Tg, g.Tg,
+                    o + gi * g.Tg * hw, hw);
+          if (bp) {
+            for (int64_t t = 0; t < g.T; ++t) {
+              float* __restrict ot = o + t * hw;
+              const float bt = bp[t];
+              for (int64_t i = 0; i < m; ++i) ot[i] += bt;
+            }
+          }
+          continue;
+        }
         float* o = op + (n * g.Ho * g.Wo + ho0 * g.Wo) * g.T;
         for (int64_t gi = 0; gi < g.G; ++gi) {
           gemm_rm(m, g.Tg, g.R, y3p + gi * g.R, g.GR, wout + gi * g.R * g.Tg, g.Tg, 0.f, o + gi * g.Tg, g.T);
@@ -223,5 +262,5 @@ torch::Tensor cp_fused_nhwc(torch::Tensor x, torch::Tensor w_in, torch::Tensor t
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cp_fused_nhwc", &cp_fused_nhwc, "CP block (1x1, kh x 1, 1 x kw, 1x1) fused over bands of rows, NHWC");
+  m.def("cp_fused", &cp_fused, "CP block (1x1, kh x 1, 1 x kw, 1x1) fused over bands of rows, NHWC or NCHW");
 }
