@@ -43,7 +43,8 @@ DEFAULTS: dict[str, list] = {
 REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run")
 TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel")
-RUN_KEYS = ("description", "dataset_size", "finetune_samples", "per_layer_timing", "cell_timeout_s")
+RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
+            "cell_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
     bad = sorted(set(run) - set(RUN_KEYS))
     if bad:
         raise MatrixError(f"{source}: unknown [run] key(s) {bad}; allowed: {', '.join(RUN_KEYS)}")
+    for key in ("finetune_control", "per_layer_timing"):
+        if key in run and not isinstance(run[key], bool):
+            raise MatrixError(f"{source}: [run] {key} must be true or false, not {run[key]!r}")
     return Matrix(blocks, dict(timing), dict(run), source)
 
 

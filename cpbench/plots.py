@@ -10,7 +10,8 @@ Conventions
 * Only rows with ``status == "ok"`` are plotted.
 * Accuracy is plotted in percent; the accuracy drop is in percentage points:
   ``100 · (accuracy_base − accuracy_finetuned)``, or ``− accuracy_decomposed`` when the cell was not
-  fine-tuned (the same number as the summary table's ``acc_drop``).
+  fine-tuned (the same number as the summary table's ``acc_drop``); with a control arm
+  (``accuracy_base_finetuned``) the reference is the better of base and base+FT.
 * A rank is an int or a Tucker-2 pair ``[r_out, r_in]``; a pair is plotted at x = r_out · r_in (its
   product, the size of the Tucker-2 core's channel plane) and labelled ``r_outxr_in``.
 * A row's rank for the accuracy plot (which is per cell, not per layer) is the rank shared by all its
@@ -28,6 +29,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+
+from .table import accuracy_drop  # noqa: F401  (one definition for tables, plots and exports)
 
 __all__ = [
     "PAPER_POINT", "ParetoPoint", "EfficiencyPoint", "ErrorRankPoint", "AccuracyRankPoint",
@@ -63,15 +66,6 @@ def rank_label(rank: Any) -> str:
     return str(rank)
 
 
-def accuracy_drop(row: dict) -> float | None:
-    """Percentage points lost: base − fine-tuned (or − decomposed when not fine-tuned); None without accuracy."""
-    base = row.get("accuracy_base")
-    after = row.get("accuracy_finetuned")
-    if after is None:
-        after = row.get("accuracy_decomposed")
-    if base is None or after is None:
-        return None
-    return 100.0 * (base - after)
 
 
 def _ok(rows):

@@ -274,8 +274,8 @@ _JS = """
 })();
 """
 
-_NUMERIC = {"threads", "batch", "finetune_epochs", "acc_base", "acc_decomposed", "acc_finetuned", "acc_drop",
-            "theoretical_speedup", "speedup", "speedup_lo", "speedup_hi", "baseline_ms", "compressed_ms"}
+_NUMERIC = {"threads", "batch", "finetune_epochs", "acc_base", "acc_base_finetuned", "acc_decomposed",
+            "acc_finetuned", "acc_drop", "theoretical_speedup", "speedup", "speedup_lo", "speedup_hi", "baseline_ms", "compressed_ms"}
 
 
 def _e(v) -> str:

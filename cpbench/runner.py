@@ -47,6 +47,9 @@ class RunContext:
     dataset_size: dict = field(default_factory=dict)  # {"train": n, "test": n} overrides
     per_layer_timing: bool = True
     finetune_samples: int | None = None  # training samples used by fine-tuning (None: the recipe's)
+    # also fine-tune the uncompressed network with the same recipe: the accuracy drop is then measured
+    # from the better of the two, so extra training is not credited to the compression
+    finetune_control: bool = False
     train_threads: int | None = None  # threads for training/fine-tuning (None: leave as is)
 
     @classmethod
@@ -55,7 +58,8 @@ class RunContext:
         run = matrix.run
         return cls(**{"timing": dict(matrix.timing), "dataset_size": dict(run.get("dataset_size", {})),
                       "per_layer_timing": run.get("per_layer_timing", True),
-                      "finetune_samples": run.get("finetune_samples"), **overrides})
+                      "finetune_samples": run.get("finetune_samples"),
+                      "finetune_control": run.get("finetune_control", False), **overrides})
 
     def budget(self) -> TimingBudget:
         return TimingBudget(**self.timing)
@@ -261,7 +265,8 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
 
     # accuracy and fine-tuning
     dataset = getattr(model_plugin, "dataset", None)
-    row.update(accuracy_base=None, accuracy_decomposed=None, accuracy_finetuned=None, finetune_seconds=0.0)
+    row.update(accuracy_base=None, accuracy_decomposed=None, accuracy_finetuned=None, finetune_seconds=0.0,
+               accuracy_base_finetuned=None)
     if dataset:
         step("evaluating")
         with thread_limits(ctx.train_threads):
@@ -279,6 +284,11 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
                     tkey, lambda: _finetune(compressed, plugins, dataset, cell, ctx, step, tkey))
                 row["finetune_cached"] = hit
                 row["accuracy_finetuned"], row["finetune_seconds"] = acc, secs
+                if ctx.finetune_control:  # the control arm: the base network, same recipe, same samples
+                    bkey = key_of("tuned-base", key_of(*[v for _, v in sorted(base.state_dict().items())]),
+                                  cell.finetune_epochs, cell.seed, ctx.dataset_size, ctx.finetune_samples)
+                    _, _, row["accuracy_base_finetuned"], _ = _MEMO["tuned"].get_or(
+                        bkey, lambda: _finetune(base, plugins, dataset, cell, ctx, step, bkey))
     compressed.eval()
 
     # FLOPs (torch's counter) on one sample

@@ -24,14 +24,24 @@ def _acc(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def reference_accuracy(r: dict) -> float | None:
+    """The accuracy a drop is measured from: the base network's, or, when the run fine-tuned the base
+    with the same recipe as a control (``[run] finetune_control``), the better of the two."""
+    vals = [v for v in (r.get("accuracy_base"), r.get("accuracy_base_finetuned")) if v is not None]
+    return max(vals) if vals else None
+
+
+def accuracy_drop(r: dict) -> float | None:
+    """Points lost: reference accuracy minus the fine-tuned (else decomposed) accuracy."""
+    ref = reference_accuracy(r)
+    after = r.get("accuracy_finetuned") if r.get("accuracy_finetuned") is not None else r.get("accuracy_decomposed")
+    return None if ref is None or after is None else 100 * (ref - after)
+
+
 def row_summary(r: dict) -> dict:
     """The flat summary of one result row (the table's columns; also the CSV export)."""
     ci = r.get("speedup_ci") or [None, None]
-    drop = None
-    if r.get("accuracy_base") is not None:
-        after = r.get("accuracy_finetuned") if r.get("accuracy_finetuned") is not None else r.get("accuracy_decomposed")
-        if after is not None:
-            drop = 100 * (r["accuracy_base"] - after)
+    drop = accuracy_drop(r)
     model = r.get("model")
     if r.get("model_label"):
         model = r["model_label"]
@@ -42,7 +52,8 @@ def row_summary(r: dict) -> dict:
         "rank": _per_layer(r.get("rank") if r.get("rank") is not None else r.get("rank_spec")),
         "backend": r.get("backend"), "threads": r.get("threads"), "batch": r.get("batch"),
         "finetune_epochs": r.get("finetune_epochs"), "rel_error": _per_layer(r.get("rel_error")),
-        "acc_base": _acc(r.get("accuracy_base")), "acc_decomposed": _acc(r.get("accuracy_decomposed")),
+        "acc_base": _acc(r.get("accuracy_base")), "acc_base_finetuned": _acc(r.get("accuracy_base_finetuned")),
+        "acc_decomposed": _acc(r.get("accuracy_decomposed")),
         "acc_finetuned": _acc(r.get("accuracy_finetuned")), "acc_drop": None if drop is None else round(drop, 2),
         "theoretical_speedup": r.get("theoretical_speedup"), "speedup": r.get("speedup"),
         "speedup_lo": ci[0], "speedup_hi": ci[1], "noisy": bool(r.get("noisy")),
@@ -98,12 +109,11 @@ def paper_rows(rows: list[dict]) -> list[dict]:
     for g in groups.values():
         r = g["row"]
         base, dec, ft = r.get("accuracy_base"), r.get("accuracy_decomposed"), r.get("accuracy_finetuned")
-        after = ft if ft is not None else dec
         out.append({
             "decomposer": r.get("decomposer"), "rank": r.get("rank"), "rel_error": r.get("rel_error"),
             "backend": r.get("backend"), "threads": r.get("threads"), "finetune_epochs": r.get("finetune_epochs"),
-            "accuracy_base": base, "accuracy_decomposed": dec, "accuracy_finetuned": ft,
-            "accuracy_drop": None if base is None or after is None else 100 * (base - after),
+            "accuracy_base": base, "accuracy_base_finetuned": r.get("accuracy_base_finetuned"),
+            "accuracy_decomposed": dec, "accuracy_finetuned": ft, "accuracy_drop": accuracy_drop(r),
             "theoretical_speedup": r.get("theoretical_speedup"),
             "speedup": {b: (x.get("speedup"), x.get("speedup_ci"), x.get("noisy")) for b, x in sorted(g["by_batch"].items())},
             "compressed_ms": {b: x.get("compressed_ms") for b, x in sorted(g["by_batch"].items())},
@@ -139,9 +149,13 @@ def paper_table(rows: list[dict], *, title: str) -> Table:
     batches = sorted({b for p in prow for b in p["speedup"]})
     backends = {p["backend"] for p in prow}
     best = fastest_baselines(rows)
+    # a control arm (the base fine-tuned like the compressed nets): its accuracy is a column, and the
+    # drop is measured from the better of base and base+FT
+    control = any(p.get("accuracy_base_finetuned") is not None for p in prow)
     t = Table(title=title)
     cols = ["decomposer", "ranks"] + (["backend"] if len(backends) > 1 else []) + [
-        "rel_error", "acc base %", "before FT %", "after FT %", "drop pt", "theo ×"]
+        "rel_error", "acc base %"] + (["base+FT %"] if control else []) + [
+        "before FT %", "after FT %", "drop pt", "theo ×"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("decomposer", "ranks", "backend", "rel_error") else "right")
     for b in batches:
@@ -163,6 +177,7 @@ def paper_table(rows: list[dict], *, title: str) -> Table:
             cells += [_fmt(vs_fastest_baseline(p, b, best), "{:.2f}") for b in batches]
         t.add_row(p["decomposer"], _per_layer(p["rank"]), *([p["backend"]] if len(backends) > 1 else []),
                   _per_layer(p["rel_error"], "{:.3f}"), _acc(p["accuracy_base"]),
+                  *([_acc(p.get("accuracy_base_finetuned"))] if control else []),
                   _acc(p["accuracy_decomposed"]), _acc(p["accuracy_finetuned"]),
                   "–" if p["accuracy_drop"] is None else f"{p['accuracy_drop']:.2f}",
                   _fmt(p["theoretical_speedup"], "{:.2f}"), *cells,

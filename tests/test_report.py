@@ -46,6 +46,17 @@ def test_pareto_points_equal_rows(rows):
     assert [p.rank for p in pts] == ["8", "16", "8x4", "16x8"]
 
 
+def test_drop_from_the_control_arm_when_it_is_better(rows):
+    # [run] finetune_control: the base fine-tuned by the same recipe; the drop counts from the better one
+    better = dict(rows[0], accuracy_base_finetuned=rows[0]["accuracy_base"] + 0.02)
+    worse = dict(rows[0], accuracy_base_finetuned=rows[0]["accuracy_base"] - 0.02)
+    (pb,), (pw,) = P.pareto_points([better]), P.pareto_points([worse])
+    assert pb.drop == pytest.approx(100 * (better["accuracy_base_finetuned"] - better["accuracy_finetuned"]))
+    assert pw.drop == pytest.approx(100 * (worse["accuracy_base"] - worse["accuracy_finetuned"]))
+    assert row_summary(better)["acc_drop"] == pytest.approx(pb.drop, abs=0.01)
+    assert row_summary(better)["acc_base_finetuned"] == f"{100 * better['accuracy_base_finetuned']:.1f}"
+
+
 def test_pareto_drop_uses_decomposed_without_finetuning(rows):
     r = dict(rows[0], accuracy_finetuned=None, finetune_epochs=0)
     (p,) = P.pareto_points([r])

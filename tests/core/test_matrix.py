@@ -31,6 +31,8 @@ def test_cell_key_is_stable_and_order_free():
     ({"matrix": {**BASE, "layers": ["conv"]}}, "list of layer names"),
     ({"matrx": BASE}, "unknown table"),
     ({"matrix": {**BASE}, "timing": {"budget": 1}}, "unknown \\[timing\\] key"),
+    ({"matrix": {**BASE}, "run": {"finetune_control": "yes"}}, "finetune_control must be true or false"),
+    ({"matrix": {**BASE}, "run": {"finetune_contrl": True}}, "unknown \\[run\\] key.*finetune_control"),
 ])
 def test_bad_matrices_fail_with_one_line(doc, text):
     with pytest.raises(MatrixError, match=text) as e:

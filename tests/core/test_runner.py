@@ -29,6 +29,28 @@ def test_charnet_cell_end_to_end_and_cached(tmp_path):
     assert again["finetune_cached"] is True and again["decomposition_cached"] == {"conv2": True}
     assert again["accuracy_finetuned"] == row["accuracy_finetuned"]
     assert again["rel_error"] == row["rel_error"]
+    assert row["accuracy_base_finetuned"] is None  # no control arm unless asked
+
+
+@pytest.mark.slow
+def test_finetune_control_arm(tmp_path):
+    """[run] finetune_control: the base network fine-tuned by the same recipe, once, cached like the rest."""
+    from cpbench.table import accuracy_drop
+
+    m = parse_matrix({**DOC, "run": {"finetune_control": True}})
+    ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path / "cache"),
+                                 dataset_size={"train": 1500, "val": 100, "test": 400})
+    assert ctx.finetune_control is True
+    (cell,) = m.cells()
+    clear_memo()
+    row = run_cell(cell, ctx)
+    assert row["status"] == "ok", row.get("error")
+    ctl = row["accuracy_base_finetuned"]
+    assert ctl is not None and 0 <= ctl <= 1
+    ref = max(row["accuracy_base"], ctl)
+    assert accuracy_drop(row) == pytest.approx(100 * (ref - row["accuracy_finetuned"]))
+    clear_memo()
+    assert run_cell(cell, ctx)["accuracy_base_finetuned"] == ctl  # from the disk cache
 
 
 def test_shipped_charnet_weights_load_with_an_empty_cache(tmp_path):
