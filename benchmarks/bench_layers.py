@@ -94,6 +94,30 @@ class TrackCPBlock:
         return _ratio(self.conv, self.block, self.x, "torch-cpu", 1, _LONG_BUDGET, repeats=3)
 
 
+class TrackCPForm:
+    """compressed_ms / baseline_ms of each exact execution form of the CP4 block (cpbench.execution),
+    eager NCHW, 1 thread: a regression in the fused kernel or the banded form shows here first."""
+
+    params = (LAYER_NAMES, RANKS, ["cp4", "cp4-band", "cp4-fused"])
+    param_names = ["layer", "rank", "form"]
+    unit = "ratio"
+    rounds = 1
+    timeout = 180
+
+    def setup(self, layer, rank, form):
+        from cpbench.execution import build_form
+
+        self.conv, block = random_cp_block(layer, rank)
+        self.x = make_input(layer)
+        try:
+            self.block = build_form(block, form, tuple(self.x.shape))
+        except Exception as exc:  # e.g. the fused kernel cannot be built here
+            raise NotImplementedError(str(exc)) from exc
+
+    def track_time_ratio(self, layer, rank, form):
+        return _ratio(self.conv, self.block, self.x, "torch-cpu", 1, _BUDGET)
+
+
 class _Threads:
     def _set_threads(self, threads):
         from threadpoolctl import threadpool_limits

@@ -62,6 +62,27 @@ def test_forward_alexnet_conv2(benchmark, rank):
     _forward(benchmark, "alexnet-conv2", rank)
 
 
+@pytest.mark.parametrize("layer", ["charnet-conv2", "alexnet-conv2"])
+@pytest.mark.parametrize("form", ["cp4", "cp4-band", "cp4-fused"])
+def test_forward_form(benchmark, layer, form):
+    """One forward pass of a rank-64 CP4 block (seeded random factors) in each exact execution form."""
+    from cpbench.execution import build_form, rel_error
+    from cpbench.layers import CPBlock, geometry
+
+    conv = make_conv(layer)
+    x = make_input(layer)
+    g = torch.Generator().manual_seed(7)
+    k, t, s = conv.kernel_size[0], conv.out_channels, conv.in_channels
+    block = CPBlock(geometry(conv), torch.randn(1, t, 64, generator=g), torch.randn(1, s, 64, generator=g),
+                    h=torch.randn(1, k, 64, generator=g), w=torch.randn(1, k, 64, generator=g)).eval()
+    model = build_form(block, form, tuple(x.shape))
+    benchmark.group = f"forward forms {layer}"
+    benchmark.extra_info.update(layer=layer, rank=64, form=form, theoretical_speedup=_theoretical(conv, block, x))
+    with torch.inference_mode():
+        y = benchmark(model, x)
+        assert rel_error(y, block(x)) <= 1e-5
+
+
 def _forward(benchmark, layer, rank):
     """The original conv (rank None) or the CP4 block cp-nls builds at ``rank``, one forward pass."""
     conv = make_conv(layer)
