@@ -115,6 +115,7 @@ class CPFusedBlock(nn.Module):
         geo, g, r = block.geo, block.geo.groups, block.rank
         self.geo, self.rank, self.band_bytes = geo, r, int(band_bytes)
         self.min_parallel_macs = int(min_parallel_macs)
+        self._args: dict[tuple[int, int], tuple[int, ...]] = {}
         self.register_buffer("w_in", first.weight.detach().reshape(g, r, -1).transpose(1, 2).contiguous())
         self.register_buffer("w_out", last.weight.detach().reshape(g, -1, r).transpose(1, 2).contiguous())
         self.register_buffer("bias", None if last.bias is None else last.bias.detach().clone())
@@ -122,18 +123,23 @@ class CPFusedBlock(nn.Module):
         self.register_buffer("taps_h", hor.weight.detach().reshape(g * r, geo.kw).t().contiguous())
         load_kernel()  # fail here, one line, rather than at the first call; not kept (modules deep-copy)
 
+    def _geometry_args(self, h: int, w: int) -> tuple[int, ...]:
+        """Stride, dilation, padding and tuning arguments for an h×w input, worked out once per size."""
+        key = (h, w)
+        if key not in self._args:
+            geo = self.geo
+            self._args[key] = (geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1],
+                               *self._pad(geo, 0, h), *self._pad(geo, 1, w), self.band_bytes,
+                               self.min_parallel_macs)
+        return self._args[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             raise BackendError(f"the fused CP kernel runs float32 CPU inference only, not {x.dtype} on "
                                f"{x.device.type}{' with gradients' if x.requires_grad else ''}")
-        geo = self.geo
-        _, _, h, w = x.shape
-        pt, pb = self._pad(geo, 0, h)
-        pl, pr = self._pad(geo, 1, w)
+        args = self._geometry_args(x.shape[-2], x.shape[-1])
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         data = x.permute(0, 2, 3, 1) if channels_last else x.contiguous()  # no copy in either layout
         out = load_kernel().cp_fused(
-            data, self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, geo.stride[0], geo.stride[1],
-            geo.dilation[0], geo.dilation[1], pt, pb, pl, pr, self.band_bytes, self.min_parallel_macs,
-            not channels_last)
+            data, self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, *args, not channels_last)
         return out.permute(0, 3, 1, 2) if channels_last else out
