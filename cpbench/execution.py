@@ -431,8 +431,9 @@ class ConvGemm(nn.Module):
         return tuple((size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
                      zip((h, w), u["padding"], u["dilation"], u["kernel_size"], u["stride"]))
 
-    def _patches(self, x: torch.Tensor) -> torch.Tensor:
-        """``unfold(x)`` as one strided copy: ``(N, S·kh·kw, Hout·Wout)``, (S, kh, kw) major to minor.
+    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``unfold(x)`` as one strided copy: ``(N, S·kh·kw, Hout·Wout)``, (S, kh, kw) major to minor,
+        with ``Hout, Wout``.
 
         A strided view of the (zero-padded) NCHW input copied once by ``reshape``: 5.5 µs against
         35 µs for ``F.unfold`` on the character network's 1×24×24 input, 0.19 ms against 0.92 ms at
@@ -447,15 +448,16 @@ class ConvGemm(nn.Module):
         ho, wo = self._out_hw(h, w)
         s_n, s_c, s_h, s_w = xp.stride()
         view = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
-        return view.reshape(n, c * kh * kw, ho * wo)
+        return view.reshape(n, c * kh * kw, ho * wo), ho, wo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s, h, w = x.shape
         if self.kind == "im2col":
-            y = torch.matmul(self.w, self._patches(x))
+            cols, ho, wo = self._patches(x)
+            y = torch.matmul(self.w, cols)
             if self.bias is not None:
                 y = y.add_(self.bias[:, None])
-            y = y.view(n, -1, *self._out_hw(h, w))
+            y = y.view(n, -1, ho, wo)
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             return y.contiguous(memory_format=torch.channels_last) if channels_last else y
         if self.kind == "cover":

@@ -66,8 +66,6 @@ def rank_label(rank: Any) -> str:
     return str(rank)
 
 
-
-
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok"]
 

@@ -274,7 +274,7 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
                                              memo_key=key_of("acc", cell.model, ctx.dataset_size))
             # every weight of the compressed net identifies it: cells that differ only in backend,
             # threads or batch share its evaluation and its fine-tuning
-            weights_key = key_of(*[v for _, v in sorted(compressed.state_dict().items())])
+            weights_key = _weights_key(compressed)
             row["accuracy_decomposed"] = _accuracy(compressed, plugins, dataset, ctx,
                                                    memo_key=key_of("acc", weights_key, ctx.dataset_size))
             if cell.finetune_epochs > 0:
@@ -285,8 +285,8 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
                 row["finetune_cached"] = hit
                 row["accuracy_finetuned"], row["finetune_seconds"] = acc, secs
                 if ctx.finetune_control:  # the control arm: the base network, same recipe, same samples
-                    bkey = key_of("tuned-base", key_of(*[v for _, v in sorted(base.state_dict().items())]),
-                                  cell.finetune_epochs, cell.seed, ctx.dataset_size, ctx.finetune_samples)
+                    bkey = key_of("tuned-base", _weights_key(base), cell.finetune_epochs, cell.seed,
+                                  ctx.dataset_size, ctx.finetune_samples)
                     _, _, row["accuracy_base_finetuned"], _ = _MEMO["tuned"].get_or(
                         bkey, lambda: _finetune(base, plugins, dataset, cell, ctx, step, bkey))
     compressed.eval()
@@ -320,6 +320,11 @@ def _run(cell: Cell, ctx: RunContext, plugins, row: dict, step: StepFn) -> None:
                                      dataclasses.replace(budget, budget_s=budget.budget_s / 2))
                 ls[n], lci[n], lnoisy[n] = lt.speedup, list(lt.speedup_ci), lt.noisy
             row.update(layer_speedup=ls, layer_speedup_ci=lci, layer_noisy=lnoisy)
+
+
+def _weights_key(model: nn.Module) -> str:
+    """Content key of every weight of ``model``: two cells with the same network share its work."""
+    return key_of(*[v for _, v in sorted(model.state_dict().items())])
 
 
 def _small_info(info: dict) -> dict:
