@@ -26,7 +26,7 @@ from torch import nn
 from .errors import BackendError
 from .layers import CPBlock
 
-__all__ = ["CPFusedBlock", "load_kernel", "kernel_available", "BAND_BYTES", "MIN_PARALLEL_MACS"]
+__all__ = ["CPFusedBlock", "pack_panels", "load_kernel", "kernel_available", "BAND_BYTES", "MIN_PARALLEL_MACS"]
 
 SOURCE = Path(__file__).with_name("kernels") / "cp_fused.cpp"
 # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h); without it the "parallel" loop runs on
@@ -91,6 +91,19 @@ def kernel_available() -> bool:
     return True
 
 
+def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
+    """(G, K, N) weights as the kernel's micro-kernel reads them: (G, ceil(N/panel), K, panel), each panel
+    of ``panel`` columns contiguous per k, zero past column N. ``panel`` 0 (a build without the
+    micro-kernel): an empty tensor."""
+    if panel <= 0:
+        return w.new_empty(0)
+    g, k, n = w.shape
+    count = -(-n // panel)
+    padded = w.new_zeros(g, k, count * panel)
+    padded[..., :n] = w
+    return padded.reshape(g, k, count, panel).permute(0, 2, 1, 3).contiguous()
+
+
 class CPFusedBlock(nn.Module):
     """A CP4 block run by the fused kernel (form ``cp4-fused``); inference only, float32 on CPU.
 
@@ -122,6 +135,17 @@ class CPFusedBlock(nn.Module):
         self.register_buffer("taps_v", vert.weight.detach().reshape(g * r, geo.kh).t().contiguous())
         self.register_buffer("taps_h", hor.weight.detach().reshape(g * r, geo.kw).t().contiguous())
         load_kernel()  # fail here, one line, rather than at the first call; not kept (modules deep-copy)
+        # The 1x1 weights again, in the micro-kernel's panels: derived, so not in the state dict, and
+        # re-derived whenever one is loaded.
+        self.register_buffer("w_in_packed", None, persistent=False)
+        self.register_buffer("w_out_packed", None, persistent=False)
+        self._repack()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._repack())
+
+    def _repack(self) -> None:
+        panel = load_kernel().panel
+        self.w_in_packed = pack_panels(self.w_in, panel)
+        self.w_out_packed = pack_panels(self.w_out, panel)
 
     def _geometry_args(self, h: int, w: int) -> tuple[int, ...]:
         """Stride, dilation, padding and tuning arguments for an h×w input, worked out once per size."""
@@ -141,5 +165,6 @@ class CPFusedBlock(nn.Module):
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         data = x.permute(0, 2, 3, 1) if channels_last else x.contiguous()  # no copy in either layout
         out = load_kernel().cp_fused(
-            data, self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, *args, not channels_last)
+            data, self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, self.w_in_packed, self.w_out_packed,
+            *args, not channels_last)
         return out.permute(0, 3, 1, 2) if channels_last else out

@@ -5,11 +5,15 @@
 // a quarter of the time or more. Here a *work item* (one image, or a range of output rows of one image
 // when there are fewer images than threads) is computed in bands of output rows, so the band's
 // intermediates stay in L1/L2:
-//   1. the first 1x1 layer (a GEMM, MKL via at::mm_out) on the input rows the band needs that are not
-//      computed yet (rows shared by consecutive bands are computed once),
-//   2. the vertical taps, then the horizontal taps, in plain loops vectorised over channels
-//      (channels are contiguous in NHWC),
+//   1. the first 1x1 layer (a GEMM) on the input rows the band needs that are not computed yet (rows
+//      shared by consecutive bands are computed once),
+//   2. the vertical taps, then the horizontal taps, vectorised over channels (contiguous in the NHWC
+//      intermediates), with the taps held in registers and zero rows/columns standing in for padding,
 //   3. the last 1x1 layer (a GEMM, plus bias) straight into the band's rows of the output.
+// With AVX-512 the GEMMs are our own register-blocked micro-kernel on weights packed once by the caller
+// (MKL's sgemm re-packs its operands on every call, and a band's GEMM is small: measured on AlexNet
+// conv2 at R=100, the banded MKL GEMMs took 1.3x their whole-image time); NCHW output, and builds without
+// AVX-512, use MKL.
 // Work items run in parallel over at::parallel_for; the GEMMs inside a parallel region are serial.
 // Exact re-expression: zero padding, any stride and dilation, groups (block-diagonal 1x1 layers).
 #include <torch/extension.h>
@@ -17,6 +21,8 @@
 #include <immintrin.h>
 #include <dlfcn.h>
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -52,94 +58,209 @@ inline void gemm_cm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const flo
   sgemm_(ta ? "T" : "N", tb ? "T" : "N", &M, &N, &K, &one, a, &LDA, b, &LDB, &zero, c, &LDC);
 }
 
+// Scratch on cache-line boundaries (with rows of L floats, every pixel's channels start a line).
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<float[], FreeDeleter>;
+inline Buffer buffer(int64_t n, bool zeroed = false) {
+  const size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p, "cp_fused: out of memory for ", bytes, " bytes of scratch");
+  if (zeroed) std::memset(p, 0, bytes);
+  return Buffer(p);
+}
+
 struct Geo {
-  int64_t N, H, W, S, G, Sg, R, GR, T, Tg, kh, kw, sh, sw, dh, dw, pt, pl, Ho, Wo;
+  int64_t N, H, W, S, G, Sg, R, GR, L, T, Tg, kh, kw, sh, sw, dh, dw, pt, pl, Ho, Wo;
 };
 
-// Depthwise taps over a list of pixels: out[p][c] = sum_k taps[k][c] * src[p][k][c], where src[p][k]
-// is null for a tap that falls in the zero padding. Channels are contiguous; a block of channels keeps
-// its taps and its accumulator in vector registers across all pixels (AVX-512 or AVX2 when compiled
-// for them, a plain loop otherwise).
-struct Taps {
-  const float* taps;  // (nk, GR)
-  int64_t nk, GR;
-};
+// ---- Depthwise taps along a line -------------------------------------------------------------------
+// out[i*os + c] = sum_k taps[k*GR + c] * src[k][i*is + c] for i < n and the block of (up to) 16 channels
+// c in [c0, c0 + 16) ∩ [0, GR): both depthwise layers are this (vertical: src[k] = the k-th source row,
+// is = the pixel stride; horizontal: src[k] = the row shifted by k dilated columns, is = stride * pixel
+// stride). Padding never reaches here: missing rows point at a zero row and the row buffer has zero
+// columns at both ends, so the loop has no branch. With K known at compile time the block's K taps stay
+// in registers and 4 pixels are computed at once.
+inline void taps_line_any(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
+                          int64_t nk, const float* __restrict taps, int64_t GR, int64_t c0);
 
-template <typename SrcFn>
-inline void taps_pixels(float* __restrict out, int64_t npix, SrcFn src, const Taps& tp) {
-  const int64_t GR = tp.GR, nk = tp.nk;
-  int64_t c0 = 0;
+template <int K>
+inline void taps_line_k(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
+                        const float* __restrict taps, int64_t GR, int64_t c0) {
 #if defined(__AVX512F__)
-  constexpr int64_t V = 16;
-  for (; c0 < GR; c0 += V) {
-    const __mmask16 m = GR - c0 >= V ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
-    __m512 t[16];
-    const int64_t nr = std::min<int64_t>(nk, 16);
-    for (int64_t k = 0; k < nr; ++k) t[k] = _mm512_maskz_loadu_ps(m, tp.taps + k * GR + c0);
-    for (int64_t p = 0; p < npix; ++p) {
-      const float* const* sp = src(p);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < nk; ++k) {
-        if (!sp[k]) continue;
-        const __m512 tk = k < 16 ? t[k] : _mm512_maskz_loadu_ps(m, tp.taps + k * GR + c0);
-        acc = _mm512_fmadd_ps(tk, _mm512_maskz_loadu_ps(m, sp[k] + c0), acc);
-      }
-      _mm512_mask_storeu_ps(out + p * GR + c0, m, acc);
-    }
+  const __mmask16 m = GR - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
+  __m512 t[K];
+  const float* s[K];
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) {
+    t[k] = _mm512_maskz_loadu_ps(m, taps + k * GR + c0);
+    s[k] = src[k] + c0;
   }
-#elif defined(__AVX2__) && defined(__FMA__)
-  constexpr int64_t V = 8;
-  for (; c0 + V <= GR; c0 += V) {
-    for (int64_t p = 0; p < npix; ++p) {
-      const float* const* sp = src(p);
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t k = 0; k < nk; ++k)
-        if (sp[k]) acc = _mm256_fmadd_ps(_mm256_loadu_ps(tp.taps + k * GR + c0), _mm256_loadu_ps(sp[k] + c0), acc);
-      _mm256_storeu_ps(out + p * GR + c0, acc);
+  float* o = out + c0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) {
+      const float* sk = s[k] + i * is;
+      a0 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk), a0);
+      a1 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + is), a1);
+      a2 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + 2 * is), a2);
+      a3 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + 3 * is), a3);
     }
+    _mm512_mask_storeu_ps(o + i * os, m, a0);
+    _mm512_mask_storeu_ps(o + (i + 1) * os, m, a1);
+    _mm512_mask_storeu_ps(o + (i + 2) * os, m, a2);
+    _mm512_mask_storeu_ps(o + (i + 3) * os, m, a3);
   }
+  for (; i < n; ++i) {
+    __m512 a0 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, s[k] + i * is), a0);
+    _mm512_mask_storeu_ps(o + i * os, m, a0);
+  }
+#else
+  taps_line_any(out, os, src, is, n, K, taps, GR, c0);
 #endif
-  for (; c0 < GR; ++c0) {
-    for (int64_t p = 0; p < npix; ++p) {
-      const float* const* sp = src(p);
-      float acc = 0.f;
-      for (int64_t k = 0; k < nk; ++k)
-        if (sp[k]) acc += tp.taps[k * GR + c0] * sp[k][c0];
-      out[p * GR + c0] = acc;
+}
+
+// Any tap count, and builds without AVX-512: the same sum, a tap at a time (vectorised over c).
+inline void taps_line_any(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
+                          int64_t nk, const float* __restrict taps, int64_t GR, int64_t c0) {
+  const int64_t c1 = std::min<int64_t>(GR, c0 + 16);
+  for (int64_t i = 0; i < n; ++i) {
+    float* __restrict o = out + i * os;
+    for (int64_t c = c0; c < c1; ++c) o[c] = 0.f;
+    for (int64_t k = 0; k < nk; ++k) {
+      const float* __restrict sk = src[k] + i * is;
+      const float* __restrict tk = taps + k * GR;
+      for (int64_t c = c0; c < c1; ++c) o[c] += tk[c] * sk[c];
     }
   }
 }
 
-// The two depthwise layers for output rows [ho0, ho1), one row at a time: the vertical taps write one
-// W x GR row into ``row`` (small enough for L1), the horizontal taps read it from there into that
-// row of ``y3``. ``hptrs`` are the horizontal source pointers into ``row``, the same for every row.
-inline void depthwise_rows(const float* y1, const float* tv, const float* th, float* row, float* y3,
-                           const Geo& g, int64_t ho0, int64_t ho1, std::vector<const float*>& vptrs,
-                           const std::vector<const float*>& hptrs) {
-  vptrs.resize(g.W * g.kh);
-  const int64_t kh = g.kh, kw = g.kw;
-  for (int64_t ho = ho0; ho < ho1; ++ho) {
-    for (int64_t k = 0; k < kh; ++k) {
-      const int64_t r = ho * g.sh - g.pt + k * g.dh;
-      for (int64_t w = 0; w < g.W; ++w)
-        vptrs[w * kh + k] = r < 0 || r >= g.H ? nullptr : y1 + (r * g.W + w) * g.GR;
-    }
-    const float* const* vb = vptrs.data();
-    taps_pixels(row, g.W, [vb, kh](int64_t p) { return vb + p * kh; }, Taps{tv, kh, g.GR});
-    const float* const* hb = hptrs.data();
-    taps_pixels(y3 + (ho - ho0) * g.Wo * g.GR, g.Wo, [hb, kw](int64_t p) { return hb + p * kw; },
-                Taps{th, kw, g.GR});
+inline void taps_line(float* out, int64_t os, const float* const* src, int64_t is, int64_t n, int64_t nk,
+                      const float* taps, int64_t GR, int64_t c0) {
+  switch (nk) {
+    case 1: return taps_line_k<1>(out, os, src, is, n, taps, GR, c0);
+    case 2: return taps_line_k<2>(out, os, src, is, n, taps, GR, c0);
+    case 3: return taps_line_k<3>(out, os, src, is, n, taps, GR, c0);
+    case 4: return taps_line_k<4>(out, os, src, is, n, taps, GR, c0);
+    case 5: return taps_line_k<5>(out, os, src, is, n, taps, GR, c0);
+    case 7: return taps_line_k<7>(out, os, src, is, n, taps, GR, c0);
+    case 9: return taps_line_k<9>(out, os, src, is, n, taps, GR, c0);
+    case 11: return taps_line_k<11>(out, os, src, is, n, taps, GR, c0);
+    default: return taps_line_any(out, os, src, is, n, nk, taps, GR, c0);
   }
 }
+
+// The two depthwise layers for output rows [ho0, ho1), 16 channels at a time (outer loop), then a row
+// at a time: the vertical taps write the row's W pixels into ``row`` between its pl and pr zero columns,
+// the horizontal taps read it from there into that row of ``y3``. Channel blocks outermost keep what a
+// block reads (its slice of the kh source rows, 64 bytes a pixel) in L1 from one row to the next.
+// ``zero`` is a row of zeros for the rows in the padding; rows of intermediates are L floats a pixel.
+inline void depthwise_rows(const float* y1, const float* tv, const float* th, float* row, const float* zero,
+                           float* y3, const Geo& g, int64_t ho0, int64_t ho1) {
+  const float* src[64];  // tap counts above 64 take the heap path below
+  std::vector<const float*> big;
+  const int64_t nk = std::max(g.kh, g.kw);
+  const float** sp = nk <= 64 ? src : (big.resize(nk), big.data());
+  for (int64_t c0 = 0; c0 < g.GR; c0 += 16) {
+    for (int64_t ho = ho0; ho < ho1; ++ho) {
+      for (int64_t k = 0; k < g.kh; ++k) {
+        const int64_t r = ho * g.sh - g.pt + k * g.dh;
+        sp[k] = r < 0 || r >= g.H ? zero : y1 + r * g.W * g.L;
+      }
+      taps_line(row + g.pl * g.L, g.L, sp, g.L, g.W, g.kh, tv, g.GR, c0);
+      for (int64_t k = 0; k < g.kw; ++k) sp[k] = row + k * g.dw * g.L;
+      taps_line(y3 + (ho - ho0) * g.Wo * g.L, g.L, sp, g.sw * g.L, g.Wo, g.kw, th, g.GR, c0);
+    }
+  }
+}
+
+// ---- GEMM micro-kernel (AVX-512) -------------------------------------------------------------------
+// C (MR x 16*NV tile, row stride ldc) = A (MR x K; element (i, k) at a[i*ars + k*acs]) * Bp + bias,
+// where Bp is a K x 32 panel of the packed weights (32 columns per k, zero past the last column) and the
+// masks say which of the tile's columns exist. The MR x NV accumulators stay in registers over K; each k
+// loads NV weight vectors and broadcasts MR activations.
+#if defined(__AVX512F__)
+constexpr int64_t MR_MAX = 14;
+constexpr int64_t PANEL = 32;
+
+template <int MR, int NV>
+void micro(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict bp,
+           float* __restrict c, int64_t ldc, __mmask16 m0, __mmask16 m1, const float* bias) {
+  __m512 acc[MR][NV];
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = NV > 1 && bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = b0;
+    if (NV > 1) acc[i][NV - 1] = b1;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(bp + k * PANEL);
+    const __m512 w1 = NV > 1 ? _mm512_loadu_ps(bp + k * PANEL + 16) : w0;
+    const float* ak = a + k * acs;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ak[i * ars]);
+      acc[i][0] = _mm512_fmadd_ps(av, w0, acc[i][0]);
+      if (NV > 1) acc[i][NV - 1] = _mm512_fmadd_ps(av, w1, acc[i][NV - 1]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
+    if (NV > 1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][NV - 1]);
+  }
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, __mmask16,
+                         __mmask16, const float*);
+template <int MR>
+constexpr MicroFn micro_for(int nv) { return nv == 1 ? &micro<MR, 1> : &micro<MR, 2>; }
+template <int... MRs>
+struct MicroTable {
+  static MicroFn get(int64_t mr, int nv) {
+    static const MicroFn one[] = {nullptr, micro_for<MRs>(1)...};
+    static const MicroFn two[] = {nullptr, micro_for<MRs>(2)...};
+    return nv == 1 ? one[mr] : two[mr];
+  }
+};
+using Micro = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14>;
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+// Row-major C (m x n, ldc) = A (m x K, strides ars/acs) * B + bias, B packed as ceil(n/32) panels of
+// K x 32. The A tile (MR rows) stays in L1 while it meets every panel.
+void gemm_packed(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, int64_t acs, const float* bp,
+                 float* c, int64_t ldc, const float* bias) {
+  const int64_t np = (n + PANEL - 1) / PANEL;
+  for (int64_t i = 0; i < m; i += MR_MAX) {
+    const int64_t mr = std::min(MR_MAX, m - i);
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t rem = n - j * PANEL;
+      const int nv = rem > 16 ? 2 : 1;
+      Micro::get(mr, nv)(K, a + i * ars, ars, acs, bp + j * K * PANEL, c + i * ldc + j * PANEL, ldc, lanes(rem),
+                         lanes(rem - 16), bias ? bias + j * PANEL : nullptr);
+    }
+  }
+}
+#endif
 
 }  // namespace
 
 // x (N, H, W, S) contiguous float32, or (N, S, H, W) with nchw; w_in (G, Sg, R); taps_v (kh, G*R);
-// taps_h (kw, G*R); w_out (G, R, Tg); bias (T) or undefined. Returns (N, Ho, Wo, T) contiguous, or
+// taps_h (kw, G*R); w_out (G, R, Tg); bias (T) or undefined; w_in_packed (G, ceil(R/32), Sg, 32) and
+// w_out_packed (G, ceil(Tg/32), R, 32): the same weights in micro-kernel panels (see pack_panels in
+// fused.py), used where this build has AVX-512. Returns (N, Ho, Wo, T) contiguous, or
 // (N, T, Ho, Wo) with nchw. The intermediates are NHWC either way; NCHW data goes through the two GEMMs
 // as transposed operands.
 torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
                        torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
+                       torch::Tensor w_in_packed, torch::Tensor w_out_packed,
                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
                        int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, bool nchw) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
@@ -154,9 +275,12 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
     g.H = x.size(1); g.W = x.size(2); g.S = x.size(3);
   }
   g.G = w_in.size(0); g.Sg = w_in.size(1); g.R = w_in.size(2); g.GR = g.G * g.R;
+  g.L = (g.GR + 15) / 16 * 16;  // whole cache lines per pixel: no vector load of the taps splits a line
   g.Tg = w_out.size(2); g.T = g.G * g.Tg;
   g.kh = taps_v.size(0); g.kw = taps_h.size(0);
   g.sh = sh; g.sw = sw; g.dh = dh; g.dw = dw; g.pt = pt; g.pl = pl;
+  const int64_t pr_ = std::max<int64_t>(0, pr);
+  TORCH_CHECK(pt >= 0 && pl >= 0, "cp_fused: negative padding");
   TORCH_CHECK(g.S == g.G * g.Sg, "cp_fused: input has ", g.S, " channels, weights expect ", g.G * g.Sg);
   g.Ho = (g.H + pt + pb - dh * (g.kh - 1) - 1) / sh + 1;
   g.Wo = (g.W + pl + pr - dw * (g.kw - 1) - 1) / sw + 1;
@@ -179,23 +303,30 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   const float* win = w_in.data_ptr<float>();
   const float* wout = w_out.data_ptr<float>();
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+#if defined(__AVX512F__)
+  const int64_t in_panel = (g.R + PANEL - 1) / PANEL * g.Sg * PANEL, out_panel = (g.Tg + PANEL - 1) / PANEL * g.R * PANEL;
+  TORCH_CHECK(w_in_packed.is_contiguous() && w_in_packed.numel() == g.G * in_panel && w_out_packed.is_contiguous() &&
+                  w_out_packed.numel() == g.G * out_panel,
+              "cp_fused: packed weights have the wrong shape");
+  const float* winp = w_in_packed.data_ptr<float>();
+  const float* woutp = w_out_packed.data_ptr<float>();
+#endif
   float* op = out.data_ptr<float>();
 
   auto work = [&](int64_t begin, int64_t end) {
     // Inside the parallel region MKL sees omp_in_parallel() (one OpenMP runtime: PyTorch's libgomp)
     // and runs each thread's GEMMs on that thread alone.
     // uninitialised scratch: every element read is written first in the same band
-    std::unique_ptr<float[]> y1(new float[g.H * g.W * g.GR]), y2(new float[g.W * g.GR]),
-        y3(new float[band * g.Wo * g.GR]);
+    // The row buffer has pl zero columns before the W computed ones and pr after; ``zero`` stands in
+    // for the rows in the vertical padding.
+    const int64_t wp = g.W + g.pl + pr_;
+    Buffer y1 = buffer(g.H * g.W * g.L), y2 = buffer(wp * g.L), y3 = buffer(band * g.Wo * g.L),
+           zero = buffer(g.W * g.L, true);
     float* y1p = y1.get();
     float* y2p = y2.get();
     float* y3p = y3.get();
-    std::vector<const float*> vptrs, hptrs(g.Wo * g.kw);
-    for (int64_t wo = 0; wo < g.Wo; ++wo)
-      for (int64_t k = 0; k < g.kw; ++k) {
-        const int64_t col = wo * g.sw - g.pl + k * g.dw;
-        hptrs[wo * g.kw + k] = col < 0 || col >= g.W ? nullptr : y2p + col * g.GR;
-      }
+    std::fill(y2p, y2p + g.pl * g.L, 0.f);
+    std::fill(y2p + (g.pl + g.W) * g.L, y2p + wp * g.L, 0.f);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t n = it / split, part = it % split;
       const int64_t a = g.Ho * part / split, b = g.Ho * (part + 1) / split;
@@ -208,25 +339,30 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
         if (hi > start) {
           const int64_t rows = (hi - start) * g.W;
           for (int64_t gi = 0; gi < g.G; ++gi) {
-            float* y = y1p + start * g.W * g.GR + gi * g.R;
+            float* y = y1p + start * g.W * g.L + gi * g.R;
             const float* wg = win + gi * g.Sg * g.R;
-            if (nchw) {  // y (rows x R) = X[group channels, rows]^T W_in: X is read transposed in place
-              gemm_cm(false, true, g.R, rows, g.Sg, wg, g.R,
-                      xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W, g.H * g.W, y, g.GR);
-            } else {
-              gemm_rm(rows, g.R, g.Sg, xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg, g.S, wg, g.R,
-                      0.f, y, g.GR);
-            }
+            // NCHW: y (rows x R) = X[group channels, rows]^T W_in, X read transposed in place
+            const float* xg = nchw ? xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W
+                                   : xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg;
+#if defined(__AVX512F__)
+            gemm_packed(rows, g.R, g.Sg, xg, nchw ? 1 : g.S, nchw ? g.H * g.W : 1, winp + gi * in_panel, y, g.L,
+                        nullptr);
+#else
+            if (nchw)
+              gemm_cm(false, true, g.R, rows, g.Sg, wg, g.R, xg, g.H * g.W, y, g.L);
+            else
+              gemm_rm(rows, g.R, g.Sg, xg, g.S, wg, g.R, 0.f, y, g.L);
+#endif
           }
           done = hi;
         }
-        depthwise_rows(y1p, tv, th, y2p, y3p, g, ho0, ho1, vptrs, hptrs);
+        depthwise_rows(y1p, tv, th, y2p, zero.get(), y3p, g, ho0, ho1);
         const int64_t m = (ho1 - ho0) * g.Wo;
         if (nchw) {  // out[t, band pixels] = (y3 W_out)^T, written column-major straight into NCHW
           const int64_t hw = g.Ho * g.Wo;
           float* o = op + n * g.T * hw + ho0 * g.Wo;
           for (int64_t gi = 0; gi < g.G; ++gi)
-            gemm_cm(true, true, m, g.Tg, g.R, y3p + gi * g.R, g.GR, wout + gi * g.R * g.Tg, g.Tg,
+            gemm_cm(true, true, m, g.Tg, g.R, y3p + gi * g.R, g.L, wout + gi * g.R * g.Tg, g.Tg,
                     o + gi * g.Tg * hw, hw);
           if (bp) {
             for (int64_t t = 0; t < g.T; ++t) {
@@ -238,9 +374,16 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
           continue;
         }
         float* o = op + (n * g.Ho * g.Wo + ho0 * g.Wo) * g.T;
+#if defined(__AVX512F__)
+        for (int64_t gi = 0; gi < g.G; ++gi)
+          gemm_packed(m, g.Tg, g.R, y3p + gi * g.R, g.L, 1, woutp + gi * out_panel, o + gi * g.Tg, g.T,
+                      bp ? bp + gi * g.Tg : nullptr);
+        continue;  // bias added in the micro-kernel
+#else
         for (int64_t gi = 0; gi < g.G; ++gi) {
-          gemm_rm(m, g.Tg, g.R, y3p + gi * g.R, g.GR, wout + gi * g.R * g.Tg, g.Tg, 0.f, o + gi * g.Tg, g.T);
+          gemm_rm(m, g.Tg, g.R, y3p + gi * g.R, g.L, wout + gi * g.R * g.Tg, g.Tg, 0.f, o + gi * g.Tg, g.T);
         }
+#endif
         if (bp) {
           for (int64_t i = 0; i < m; ++i) {
             float* __restrict oi = o + i * g.T;
@@ -263,4 +406,9 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cp_fused", &cp_fused, "CP block (1x1, kh x 1, 1 x kw, 1x1) fused over bands of rows, NHWC or NCHW");
+#if defined(__AVX512F__)
+  m.attr("panel") = PANEL;
+#else
+  m.attr("panel") = 0;  // no micro-kernel in this build: the packed weights are not read
+#endif
 }

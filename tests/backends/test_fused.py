@@ -57,6 +57,19 @@ def test_exact_for_any_geometry(geo, rank, shape, threads):
     assert rel_error(out, ref) <= 1e-5 and rel_error(out_cl, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 9, 11, 13])  # each compiled tap count, and others
+def test_exact_for_every_tap_count_and_panel_shape(k):
+    # 70 outputs: two full 32-column panels and a 6-wide one; rank 37: a panel and a 5-wide remainder;
+    # 15 x 17 pixels: micro-kernel row tiles of 14 and a remainder, pixel groups of 4 and a remainder
+    block = _block(nn.Conv2d(19, 70, (k, 14 - k), padding=(k // 2, 2)), 37)
+    x = torch.randn(2, 19, 15, 17)
+    fz = fused.CPFusedBlock(block)
+    with torch.inference_mode():
+        ref = block(x)
+        assert rel_error(fz(x), ref) <= 1e-5
+        assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one row per band .. the whole image at once
 def test_band_size_does_not_change_the_result(band_bytes):
     block = _block(nn.Conv2d(6, 10, 5, padding=2, stride=(2, 1)), 7)
@@ -95,6 +108,26 @@ def test_deep_copies_and_state_dict():
     with torch.inference_mode():
         assert torch.equal(twin(x), fz(x))
     assert set(fz.state_dict()) == {"w_in", "w_out", "bias", "taps_v", "taps_h"}
+
+
+def test_loading_a_state_dict_repacks_the_micro_kernel_weights():
+    conv = nn.Conv2d(4, 40, 3, padding=1)  # 40 outputs: a full 32-column panel and a partial one
+    a, b = fused.CPFusedBlock(_block(conv, 5)), fused.CPFusedBlock(_block(conv, 5, seed=1))
+    x = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        assert not torch.allclose(a(x), b(x))
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_packed_panels_hold_the_weights_column_by_column():
+    w = torch.randn(2, 3, 37)  # (G, K, N): two panels of 32, the second 5 wide then zeros
+    p = fused.pack_panels(w, 32)
+    assert p.shape == (2, 2, 3, 32)
+    torch.testing.assert_close(p[:, 0], w[..., :32])
+    torch.testing.assert_close(p[:, 1, :, :5], w[..., 32:])
+    assert not p[:, 1, :, 5:].any()
+    assert fused.pack_panels(w, 0).numel() == 0
 
 
 def test_optimizer_offers_it_and_keeps_the_function(make_net, example):
