@@ -85,11 +85,66 @@ struct Geo {
 inline void taps_line_any(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
                           int64_t nk, const float* __restrict taps, int64_t GR, int64_t c0);
 
+#if defined(__AVX512F__)
+template <bool FULL>
+inline __m512 vload(const float* p, __mmask16 m) { return FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
+template <bool FULL>
+inline void vstore(float* p, __m512 v, __mmask16 m) {
+  if (FULL)
+    _mm512_storeu_ps(p, v);
+  else
+    _mm512_mask_storeu_ps(p, m, v);
+}
+
+// One block of 16 channels: masked loads and stores only for a partial block (a masked store does not
+// forward to a later load of the same line, and the horizontal taps read what the vertical ones stored).
+// P pixels at once. SLIDE: the sources are one line read at consecutive pixels (src[k] = src[0] + k*is,
+// the horizontal taps at stride 1 and dilation 1), so the P pixels' K taps read P + K - 1 vectors, each
+// loaded once, instead of P * K.
+template <int K, bool FULL, bool SLIDE>
+inline void taps_block(float* __restrict o, int64_t os, const float* const* s, int64_t is, int64_t n, const __m512* t,
+                       __mmask16 m) {
+  constexpr int P = SLIDE ? (K <= 5 ? 8 : 4) : 4;
+  int64_t i = 0;
+  for (; i + P <= n; i += P) {
+    __m512 a[P];
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) a[j] = _mm512_setzero_ps();
+    if (SLIDE) {
+      const float* base = s[0] + i * is;
+      __m512 v[P + K - 1];
+#pragma GCC unroll 32
+      for (int q = 0; q < P + K - 1; ++q) v[q] = vload<FULL>(base + q * is, m);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k)
+#pragma GCC unroll 16
+        for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], v[j + k], a[j]);
+    } else {
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) {
+        const float* sk = s[k] + i * is;
+#pragma GCC unroll 16
+        for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], vload<FULL>(sk + j * is, m), a[j]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < P; ++j) vstore<FULL>(o + (i + j) * os, a[j], m);
+  }
+  for (; i < n; ++i) {
+    __m512 a0 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], vload<FULL>(s[k] + i * is, m), a0);
+    vstore<FULL>(o + i * os, a0, m);
+  }
+}
+#endif
+
 template <int K>
 inline void taps_line_k(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
                         const float* __restrict taps, int64_t GR, int64_t c0) {
 #if defined(__AVX512F__)
-  const __mmask16 m = GR - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
+  const bool full = GR - c0 >= 16;
+  const __mmask16 m = full ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
   __m512 t[K];
   const float* s[K];
 #pragma GCC unroll 16
@@ -97,29 +152,12 @@ inline void taps_line_k(float* __restrict out, int64_t os, const float* const* s
     t[k] = _mm512_maskz_loadu_ps(m, taps + k * GR + c0);
     s[k] = src[k] + c0;
   }
-  float* o = out + c0;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) {
-      const float* sk = s[k] + i * is;
-      a0 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk), a0);
-      a1 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + is), a1);
-      a2 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + 2 * is), a2);
-      a3 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, sk + 3 * is), a3);
-    }
-    _mm512_mask_storeu_ps(o + i * os, m, a0);
-    _mm512_mask_storeu_ps(o + (i + 1) * os, m, a1);
-    _mm512_mask_storeu_ps(o + (i + 2) * os, m, a2);
-    _mm512_mask_storeu_ps(o + (i + 3) * os, m, a3);
-  }
-  for (; i < n; ++i) {
-    __m512 a0 = _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], _mm512_maskz_loadu_ps(m, s[k] + i * is), a0);
-    _mm512_mask_storeu_ps(o + i * os, m, a0);
-  }
+  bool slide = true;
+  for (int k = 1; k < K; ++k) slide = slide && src[k] == src[0] + k * is;
+  if (full)
+    slide ? taps_block<K, true, true>(out + c0, os, s, is, n, t, m) : taps_block<K, true, false>(out + c0, os, s, is, n, t, m);
+  else
+    slide ? taps_block<K, false, true>(out + c0, os, s, is, n, t, m) : taps_block<K, false, false>(out + c0, os, s, is, n, t, m);
 #else
   taps_line_any(out, os, src, is, n, K, taps, GR, c0);
 #endif
@@ -188,7 +226,7 @@ inline void depthwise_rows(const float* y1, const float* tv, const float* th, fl
 constexpr int64_t MR_MAX = 14;
 constexpr int64_t PANEL = 32;
 
-template <int MR, int NV>
+template <int MR, int NV, bool STREAM = false>
 void micro(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict bp,
            float* __restrict c, int64_t ldc, __mmask16 m0, __mmask16 m1, const float* bias) {
   __m512 acc[MR][NV];
@@ -212,21 +250,28 @@ void micro(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
-    if (NV > 1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][NV - 1]);
+    if (STREAM) {  // whole, aligned lines straight to memory: no read-for-ownership of the output
+      _mm512_stream_ps(c + i * ldc, acc[i][0]);
+      _mm512_stream_ps(c + i * ldc + 16, acc[i][NV - 1]);
+    } else {
+      _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
+      if (NV > 1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][NV - 1]);
+    }
   }
 }
 
 using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, __mmask16,
                          __mmask16, const float*);
 template <int MR>
-constexpr MicroFn micro_for(int nv) { return nv == 1 ? &micro<MR, 1> : &micro<MR, 2>; }
+constexpr MicroFn micro_for(int nv) { return nv == 1 ? &micro<MR, 1> : nv == 2 ? &micro<MR, 2> : &micro<MR, 2, true>; }
 template <int... MRs>
 struct MicroTable {
+  // nv: 1 or 2 vectors of columns; 3 = 2 vectors stored with non-temporal stores
   static MicroFn get(int64_t mr, int nv) {
     static const MicroFn one[] = {nullptr, micro_for<MRs>(1)...};
     static const MicroFn two[] = {nullptr, micro_for<MRs>(2)...};
-    return nv == 1 ? one[mr] : two[mr];
+    static const MicroFn streamed[] = {nullptr, micro_for<MRs>(3)...};
+    return nv == 1 ? one[mr] : nv == 2 ? two[mr] : streamed[mr];
   }
 };
 using Micro = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14>;
@@ -234,15 +279,17 @@ using Micro = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14>;
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 // Row-major C (m x n, ldc) = A (m x K, strides ars/acs) * B + bias, B packed as ceil(n/32) panels of
-// K x 32. The A tile (MR rows) stays in L1 while it meets every panel.
+// K x 32. The A tile (MR rows) stays in L1 while it meets every panel. ``stream``: write whole aligned
+// tiles with non-temporal stores (for an output far larger than the caches; the caller fences).
 void gemm_packed(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, int64_t acs, const float* bp,
-                 float* c, int64_t ldc, const float* bias) {
+                 float* c, int64_t ldc, const float* bias, bool stream = false) {
+  stream = stream && ldc % 16 == 0 && reinterpret_cast<uintptr_t>(c) % 64 == 0;
   const int64_t np = (n + PANEL - 1) / PANEL;
   for (int64_t i = 0; i < m; i += MR_MAX) {
     const int64_t mr = std::min(MR_MAX, m - i);
     for (int64_t j = 0; j < np; ++j) {
       const int64_t rem = n - j * PANEL;
-      const int nv = rem > 16 ? 2 : 1;
+      const int nv = rem > 16 ? (stream && rem >= PANEL ? 3 : 2) : 1;
       Micro::get(mr, nv)(K, a + i * ars, ars, acs, bp + j * K * PANEL, c + i * ldc + j * PANEL, ldc, lanes(rem),
                          lanes(rem - 16), bias ? bias + j * PANEL : nullptr);
     }
@@ -252,28 +299,25 @@ void gemm_packed(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, i
 
 }  // namespace
 
-// x (N, H, W, S) contiguous float32, or (N, S, H, W) with nchw; w_in (G, Sg, R); taps_v (kh, G*R);
-// taps_h (kw, G*R); w_out (G, R, Tg); bias (T) or undefined; w_in_packed (G, ceil(R/32), Sg, 32) and
-// w_out_packed (G, ceil(Tg/32), R, 32): the same weights in micro-kernel panels (see pack_panels in
-// fused.py), used where this build has AVX-512. Returns (N, Ho, Wo, T) contiguous, or
-// (N, T, Ho, Wo) with nchw. The intermediates are NHWC either way; NCHW data goes through the two GEMMs
-// as transposed operands.
+// x (N, S, H, W) float32, in NCHW or channels-last memory (anything else is made NCHW-contiguous);
+// w_in (G, Sg, R); taps_v (kh, G*R); taps_h (kw, G*R); w_out (G, R, Tg); bias (T) or undefined;
+// w_in_packed (G, ceil(R/32), Sg, 32) and w_out_packed (G, ceil(Tg/32), R, 32): the same weights in
+// micro-kernel panels (see pack_panels in fused.py), used where this build has AVX-512. Returns
+// (N, T, Ho, Wo) in x's memory format. The intermediates are NHWC either way; NCHW data goes through
+// the two GEMMs as transposed operands. Layout and checks are here, not in Python, because at batch 1
+// a small block's whole run is ~20 us and each Python-side tensor operation costs ~1 us.
 torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
                        torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
                        torch::Tensor w_in_packed, torch::Tensor w_out_packed,
                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
-                       int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, bool nchw) {
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "cp_fused: x must be a contiguous float32 tensor");
+                       int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, int64_t stream_bytes) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "cp_fused: x must be a 4-d float32 tensor");
+  const bool nchw = x.is_contiguous() || !x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (nchw) x = x.contiguous();
   for (const auto& t : {w_in, taps_v, taps_h, w_out})
     TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat, "cp_fused: weights must be contiguous float32");
   Geo g;
-  g.N = x.size(0);
-  if (nchw) {
-    g.S = x.size(1); g.H = x.size(2); g.W = x.size(3);
-  } else {
-    g.H = x.size(1); g.W = x.size(2); g.S = x.size(3);
-  }
+  g.N = x.size(0); g.S = x.size(1); g.H = x.size(2); g.W = x.size(3);
   g.G = w_in.size(0); g.Sg = w_in.size(1); g.R = w_in.size(2); g.GR = g.G * g.R;
   g.L = (g.GR + 15) / 16 * 16;  // whole cache lines per pixel: no vector load of the taps splits a line
   g.Tg = w_out.size(2); g.T = g.G * g.Tg;
@@ -286,13 +330,16 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   g.Wo = (g.W + pl + pr - dw * (g.kw - 1) - 1) / sw + 1;
   TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "cp_fused: input smaller than the kernel's reach");
 
-  auto out = nchw ? at::empty({g.N, g.T, g.Ho, g.Wo}, x.options()) : at::empty({g.N, g.Ho, g.Wo, g.T}, x.options());
+  auto out = at::empty({g.N, g.T, g.Ho, g.Wo},
+                       x.options().memory_format(nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast));
   const int64_t band = std::max<int64_t>(1, band_bytes / std::max<int64_t>(1, 4 * g.Wo * (g.GR + g.T)));
   // Waking the pool's other threads costs tens of microseconds here (more with OMP_WAIT_POLICY=PASSIVE),
   // so a block with little work runs on the calling thread.
   const int64_t macs = g.N * (g.H * g.W * g.Sg * g.GR + g.Ho * g.W * g.kh * g.GR + g.Ho * g.Wo * g.kw * g.GR +
                               g.Ho * g.Wo * g.R * g.T);
   const int64_t threads = macs < min_parallel_macs ? 1 : at::get_num_threads();
+  // An output much larger than the caches is written around them (it would be evicted before it is read).
+  const bool stream = 4 * out.numel() > stream_bytes;
   // Work items: whole images when there are enough of them, else row ranges of each image.
   const int64_t split = g.N >= threads ? 1 : std::min<int64_t>(g.Ho, (threads + g.N - 1) / g.N);
   const int64_t items = g.N * split;
@@ -377,7 +424,7 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
 #if defined(__AVX512F__)
         for (int64_t gi = 0; gi < g.G; ++gi)
           gemm_packed(m, g.Tg, g.R, y3p + gi * g.R, g.L, 1, woutp + gi * out_panel, o + gi * g.Tg, g.T,
-                      bp ? bp + gi * g.Tg : nullptr);
+                      bp ? bp + gi * g.Tg : nullptr, stream);
         continue;  // bias added in the micro-kernel
 #else
         for (int64_t gi = 0; gi < g.G; ++gi) {
@@ -392,6 +439,9 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
         }
       }
     }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();  // the streamed output is visible before the work item counts as done
+#endif
   };
   if (threads > 1) {
     at::parallel_for(0, items, 1, work);

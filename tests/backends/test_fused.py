@@ -120,6 +120,17 @@ def test_loading_a_state_dict_repacks_the_micro_kernel_weights():
         torch.testing.assert_close(a(x), b(x))
 
 
+def test_moving_the_module_drops_the_kept_call_arguments():
+    fz = fused.CPFusedBlock(_block(nn.Conv2d(4, 6, 3), 5))
+    x = torch.randn(1, 4, 7, 7)
+    with torch.inference_mode():
+        before = fz(x)
+        assert fz._calls  # arguments kept for 7x7 inputs
+        fz.to(torch.float64).to(torch.float32)  # new tensors: the kept arguments would point at the old ones
+        assert not fz._calls
+        torch.testing.assert_close(fz(x), before)
+
+
 def test_packed_panels_hold_the_weights_column_by_column():
     w = torch.randn(2, 3, 37)  # (G, K, N): two panels of 32, the second 5 wide then zeros
     p = fused.pack_panels(w, 32)
