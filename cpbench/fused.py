@@ -41,11 +41,11 @@ BAND_BYTES = 256 * 1024
 # (measured here at 2 threads: the character network's conv2 block at batch 1, 0.7 M MACs, took
 # 0.034 ms on one thread and 0.101 ms split over two with OMP_WAIT_POLICY=PASSIVE).
 MIN_PARALLEL_MACS = 8_000_000
-# An output larger than this (the L2 caches of a 2-core machine like this one) is written with
-# non-temporal stores, around caches it would not stay in anyway: no read-for-ownership of every output
-# line. Measured here at batch 32, one thread: VGG-16 conv3_1 at R=64 (103 MB out) 45.0 -> 40.5 ms,
-# AlexNet conv2 at R=100 (18 MB) 8.70 -> 8.43 ms. Smaller outputs stay in cache for the next layer.
-STREAM_BYTES = 4 * 1024 * 1024
+# An output larger than this (one core's L2 cache here) is written with non-temporal stores, around
+# caches it would not stay in anyway: no read-for-ownership of every output line. Measured here, one
+# thread: VGG-16 conv3_1 at R=64 batch 32 (103 MB out) 45.0 -> 40.5 ms, batch 1 (3.2 MB) 1.18 -> 1.12 ms;
+# AlexNet conv2 at R=100 batch 32 (18 MB) 8.70 -> 8.43 ms. Smaller outputs stay in cache for the next layer.
+STREAM_BYTES = 2 * 1024 * 1024
 
 _KERNEL = None
 _FAILED: str | None = None

@@ -70,6 +70,19 @@ def test_exact_for_every_tap_count_and_panel_shape(k):
         assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("out_channels", [64, 70])  # whole 32-column panels only, and a partial one
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_output_is_exact(out_channels, threads):
+    # stream_bytes=0: every output, however small, written with non-temporal stores where tiles are whole
+    block = _block(nn.Conv2d(16, out_channels, 3, padding=1), 24)
+    x = torch.randn(3, 16, 15, 15)
+    fz = fused.CPFusedBlock(block, stream_bytes=0, min_parallel_macs=0)
+    with torch.inference_mode(), thread_limits(threads):
+        ref = block(x)
+        assert rel_error(fz(x), ref) <= 1e-5
+        assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("band_bytes", [1, 4096, 1 << 30])  # one row per band .. the whole image at once
 def test_band_size_does_not_change_the_result(band_bytes):
     block = _block(nn.Conv2d(6, 10, 5, padding=2, stride=(2, 1)), 7)
