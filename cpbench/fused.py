@@ -169,9 +169,12 @@ class CPFusedBlock(nn.Module):
                 *self._pad(geo, 1, w), self.band_bytes, self.min_parallel_macs, self.stream_bytes)
         return args
 
-    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: new tensors, so the kept arguments go
-        self._calls.clear()
-        return super()._apply(fn, recurse)
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .to(memory_format=...): new tensors, so the kept arguments go, and the packed
+        # weights are derived again (channels_last would otherwise restride the 4-d panels).
+        out = super()._apply(fn, recurse)
+        self._repack()
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.requires_grad and torch.is_grad_enabled()) or x.dtype != torch.float32 or x.device.type != "cpu":

@@ -134,7 +134,7 @@ def test_loading_a_state_dict_repacks_the_micro_kernel_weights():
 
 
 def test_moving_the_module_drops_the_kept_call_arguments():
-    fz = fused.CPFusedBlock(_block(nn.Conv2d(4, 6, 3), 5))
+    fz = fused.CPFusedBlock(_block(nn.Conv2d(4, 40, 3), 37))  # 2 weight panels each: 4-d, not degenerate
     x = torch.randn(1, 4, 7, 7)
     with torch.inference_mode():
         before = fz(x)
@@ -142,6 +142,8 @@ def test_moving_the_module_drops_the_kept_call_arguments():
         fz.to(torch.float64).to(torch.float32)  # new tensors: the kept arguments would point at the old ones
         assert not fz._calls
         torch.testing.assert_close(fz(x), before)
+        fz.to(memory_format=torch.channels_last)  # as the channels-last backend converts a model
+        torch.testing.assert_close(fz(x.contiguous(memory_format=torch.channels_last)), before)
 
 
 def test_packed_panels_hold_the_weights_column_by_column():
@@ -157,6 +159,16 @@ def test_packed_panels_hold_the_weights_column_by_column():
 def test_optimizer_offers_it_and_keeps_the_function(make_net, example):
     net = make_net()
     _, choices = optimize_cp_blocks(net, example, layout="channels_last", threads=1, budget=TINY,
+                                    forms=["cp4", "cp4-fused"])
+    tried = choices[0].tried["cp4-fused"]
+    assert "error" not in tried and tried["rel_error"] <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_optimizer_runs_it_on_a_block_with_several_weight_panels(layout):
+    # 70 outputs, rank 40: 4-d packed weights that .to(memory_format=channels_last) would restride
+    net = nn.Sequential(_block(nn.Conv2d(8, 70, 3, padding=1), 40))
+    _, choices = optimize_cp_blocks(net, torch.randn(1, 8, 12, 12), layout=layout, threads=1, budget=TINY,
                                     forms=["cp4", "cp4-fused"])
     tried = choices[0].tried["cp4-fused"]
     assert "error" not in tried and tried["rel_error"] <= 1e-5
