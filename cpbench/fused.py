@@ -2,11 +2,15 @@
 
 Run as four layers, a CP block's R-channel intermediates stream through memory three times and each
 layer pays a dispatch; its two depthwise layers, with a few percent of the FLOPs, took a quarter of the
-block's time here. The operator (``kernels/cp_fused.cpp``) computes the block on NHWC data in bands of
-output rows so each band's intermediates stay in cache: the first 1×1 layer as an MKL GEMM on just
-the input rows the band needs, the vertical and horizontal taps in loops vectorised over channels, the
-last 1×1 layer as a GEMM into the band's rows of the output. Images (or row ranges, when there are
-fewer images than threads) run in parallel on PyTorch's intra-op pool.
+block's time here. The operator (``kernels/cp_fused.cpp``) computes the block on NHWC intermediates in
+bands of output rows so each band's intermediates stay in cache: the first 1×1 layer as a GEMM on just
+the input rows the band needs, the vertical and horizontal taps in loops vectorised over channels with
+the taps in registers, the last 1×1 layer as a GEMM (plus bias) into the band's rows of the output.
+With AVX-512 the GEMMs are the kernel's own 14×32 register-blocked micro-kernel over weights packed
+once here (:func:`pack_panels`); MKL's sgemm re-packs its operands on every call, which cost a band's
+small GEMMs ~30% (measured on AlexNet conv2 at R=100: the banded MKL GEMMs took 1.3× their whole-image
+time). Without AVX-512 the GEMMs are MKL's. Images (or row ranges, when there are fewer images than
+threads) run in parallel on PyTorch's intra-op pool.
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension.load`` (g++ and ninja; about a
 minute) into PyTorch's extension cache, keyed by the source and the CPU, so later processes load it in

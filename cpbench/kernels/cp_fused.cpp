@@ -101,10 +101,19 @@ inline void vstore(float* p, __m512 v, __mmask16 m) {
 // P pixels at once. SLIDE: the sources are one line read at consecutive pixels (src[k] = src[0] + k*is,
 // the horizontal taps at stride 1 and dilation 1), so the P pixels' K taps read P + K - 1 vectors, each
 // loaded once, instead of P * K.
+// The taps and source pointers are copied into locals: __m512 may alias anything, so taps read through
+// a pointer would be reloaded after every store (a second load per multiply-add).
 template <int K, bool FULL, bool SLIDE>
-inline void taps_block(float* __restrict o, int64_t os, const float* const* s, int64_t is, int64_t n, const __m512* t,
-                       __mmask16 m) {
+inline void taps_block(float* __restrict o, int64_t os, const float* const* src, int64_t is, int64_t n,
+                       const float* __restrict taps, int64_t GR, __mmask16 m) {
   constexpr int P = SLIDE ? (K <= 5 ? 8 : 4) : 4;
+  __m512 t[K];
+  const float* s[K];
+#pragma GCC unroll 16
+  for (int k = 0; k < K; ++k) {
+    t[k] = vload<FULL>(taps + k * GR, m);
+    s[k] = src[k];
+  }
   int64_t i = 0;
   for (; i + P <= n; i += P) {
     __m512 a[P];
@@ -145,19 +154,25 @@ inline void taps_line_k(float* __restrict out, int64_t os, const float* const* s
 #if defined(__AVX512F__)
   const bool full = GR - c0 >= 16;
   const __mmask16 m = full ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
-  __m512 t[K];
   const float* s[K];
+  bool slide = true;
 #pragma GCC unroll 16
   for (int k = 0; k < K; ++k) {
-    t[k] = _mm512_maskz_loadu_ps(m, taps + k * GR + c0);
     s[k] = src[k] + c0;
+    slide = slide && src[k] == src[0] + k * is;
   }
-  bool slide = true;
-  for (int k = 1; k < K; ++k) slide = slide && src[k] == src[0] + k * is;
-  if (full)
-    slide ? taps_block<K, true, true>(out + c0, os, s, is, n, t, m) : taps_block<K, true, false>(out + c0, os, s, is, n, t, m);
-  else
-    slide ? taps_block<K, false, true>(out + c0, os, s, is, n, t, m) : taps_block<K, false, false>(out + c0, os, s, is, n, t, m);
+  const float* tp = taps + c0;
+  if (full) {
+    if (slide)
+      taps_block<K, true, true>(out + c0, os, s, is, n, tp, GR, m);
+    else
+      taps_block<K, true, false>(out + c0, os, s, is, n, tp, GR, m);
+  } else {
+    if (slide)
+      taps_block<K, false, true>(out + c0, os, s, is, n, tp, GR, m);
+    else
+      taps_block<K, false, false>(out + c0, os, s, is, n, tp, GR, m);
+  }
 #else
   taps_line_any(out, os, src, is, n, K, taps, GR, c0);
 #endif

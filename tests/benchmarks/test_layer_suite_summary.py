@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -77,3 +78,22 @@ def test_cell_figures_come_from_all_passes():
     assert cell["ci99"][0] < cell["ci"][0] and cell["ci99"][1] > cell["ci"][1]
     assert cell["efficiency"] == pytest.approx(cell["speedup"] / 8.0)
     assert cell["noisy"] is True and cell["rounds"] == 60
+
+
+def test_near_ties_resolve_by_name_so_repeated_runs_time_the_same_pair():
+    # channels-last is 2% slower than mkl in this selection: a tie, resolved by name
+    assert layer_suite.pick_fastest({"mkl": 1.00, "channels-last": 1.02, "torch-cpu": 1.50}) == (
+        "channels-last", ["channels-last", "mkl"])
+    # a clear winner stays the winner, whatever its name
+    assert layer_suite.pick_fastest({"mkl": 1.00, "channels-last": 1.10}) == ("mkl", ["mkl"])
+    assert layer_suite.pick_fastest({"b": 2.0, "a": 2.0}, tie=0.0) == ("a", ["a", "b"])
+
+
+def test_openmp_settings_are_read_from_the_command_line_before_torch_loads(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert layer_suite._early_wait_policy(["--repeat", "2"]) == "default"
+    assert os.environ["GOMP_SPINCOUNT"] == layer_suite.GOMP_SPINCOUNT
+    assert layer_suite._early_wait_policy(["--gomp-spincount=default", "--omp-wait-policy", "passive"]) == "PASSIVE"
+    assert "GOMP_SPINCOUNT" not in os.environ
+    assert layer_suite._early_arg(["--gomp-spincount", "500"], "--gomp-spincount", "x") == "500"
