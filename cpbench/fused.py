@@ -31,7 +31,7 @@ from .errors import BackendError
 from .layers import CPBlock
 
 __all__ = ["CPFusedBlock", "pack_panels", "load_kernel", "kernel_available", "BAND_BYTES", "MIN_PARALLEL_MACS",
-           "STREAM_BYTES"]
+           "CACHE_BYTES"]
 
 SOURCE = Path(__file__).with_name("kernels") / "cp_fused.cpp"
 # -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h); without it the "parallel" loop runs on
@@ -45,11 +45,13 @@ BAND_BYTES = 256 * 1024
 # (measured here at 2 threads: the character network's conv2 block at batch 1, 0.7 M MACs, took
 # 0.034 ms on one thread and 0.101 ms split over two with OMP_WAIT_POLICY=PASSIVE).
 MIN_PARALLEL_MACS = 8_000_000
-# An output larger than this (one core's L2 cache here) is written with non-temporal stores, around
-# caches it would not stay in anyway: no read-for-ownership of every output line. Measured here, one
-# thread: VGG-16 conv3_1 at R=64 batch 32 (103 MB out) 45.0 -> 40.5 ms, batch 1 (3.2 MB) 1.18 -> 1.12 ms;
-# AlexNet conv2 at R=100 batch 32 (18 MB) 8.70 -> 8.43 ms. Smaller outputs stay in cache for the next layer.
-STREAM_BYTES = 2 * 1024 * 1024
+# One core's L2 cache here. An output larger than this is written with non-temporal stores, around
+# caches it would not stay in anyway: no read-for-ownership of every output line (measured here, one
+# thread: VGG-16 conv3_1 at R=64 batch 32, 103 MB out, 45.0 -> 40.5 ms; batch 1, 3.2 MB, 1.18 -> 1.12 ms;
+# AlexNet conv2 at R=100 batch 32, 18 MB, 8.70 -> 8.43 ms); smaller outputs stay in cache for the next
+# layer. An NHWC input larger than this has the rows of each next band prefetched into L2 while the
+# current band's last layer runs (VGG-16 conv3_1 batch 32, R=64: 45.2 -> 38.9 ms; batch 1 unchanged).
+CACHE_BYTES = 2 * 1024 * 1024
 
 _KERNEL = None
 _FAILED: str | None = None
@@ -126,7 +128,7 @@ class CPFusedBlock(nn.Module):
     form = "cp4-fused"
 
     def __init__(self, block: CPBlock, band_bytes: int = BAND_BYTES, min_parallel_macs: int = MIN_PARALLEL_MACS,
-                 stream_bytes: int = STREAM_BYTES):
+                 cache_bytes: int = CACHE_BYTES):
         super().__init__()
         if block.form != "cp4":
             raise ValueError("the fused form needs a CP4 block (separable spatial factors)")
@@ -138,7 +140,7 @@ class CPFusedBlock(nn.Module):
         first, vert, hor, last = block
         geo, g, r = block.geo, block.geo.groups, block.rank
         self.geo, self.rank, self.band_bytes = geo, r, int(band_bytes)
-        self.min_parallel_macs, self.stream_bytes = int(min_parallel_macs), int(stream_bytes)
+        self.min_parallel_macs, self.cache_bytes = int(min_parallel_macs), int(cache_bytes)
         self._calls: dict[tuple[int, int], tuple] = {}
         self.register_buffer("w_in", first.weight.detach().reshape(g, r, -1).transpose(1, 2).contiguous())
         self.register_buffer("w_out", last.weight.detach().reshape(g, -1, r).transpose(1, 2).contiguous())
@@ -170,7 +172,7 @@ class CPFusedBlock(nn.Module):
             args = self._calls[key] = (
                 self.w_in, self.taps_v, self.taps_h, self.w_out, self.bias, self.w_in_packed, self.w_out_packed,
                 geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1], *self._pad(geo, 0, h),
-                *self._pad(geo, 1, w), self.band_bytes, self.min_parallel_macs, self.stream_bytes)
+                *self._pad(geo, 1, w), self.band_bytes, self.min_parallel_macs, self.cache_bytes)
         return args
 
     def _apply(self, fn, recurse=True):

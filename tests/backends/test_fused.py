@@ -73,10 +73,11 @@ def test_exact_for_every_tap_count_and_panel_shape(k):
 @pytest.mark.parametrize("out_channels", [64, 70])  # whole 32-column panels only, and a partial one
 @pytest.mark.parametrize("threads", [1, 2])
 def test_streamed_output_is_exact(out_channels, threads):
-    # stream_bytes=0: every output, however small, written with non-temporal stores where tiles are whole
+    # cache_bytes=0: every output, however small, written with non-temporal stores where tiles are whole,
+    # and every next band's input rows prefetched
     block = _block(nn.Conv2d(16, out_channels, 3, padding=1), 24)
     x = torch.randn(3, 16, 15, 15)
-    fz = fused.CPFusedBlock(block, stream_bytes=0, min_parallel_macs=0)
+    fz = fused.CPFusedBlock(block, cache_bytes=0, min_parallel_macs=0)
     with torch.inference_mode(), thread_limits(threads):
         ref = block(x)
         assert rel_error(fz(x), ref) <= 1e-5
