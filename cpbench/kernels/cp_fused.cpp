@@ -419,7 +419,6 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
           const int64_t rows = (hi - start) * g.W;
           for (int64_t gi = 0; gi < g.G; ++gi) {
             float* y = y1p + start * g.W * g.L + gi * g.R;
-            const float* wg = win + gi * g.Sg * g.R;
             // NCHW: y (rows x R) = X[group channels, rows]^T W_in, X read transposed in place
             const float* xg = nchw ? xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W
                                    : xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg;
@@ -427,6 +426,7 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
             gemm_packed(rows, g.R, g.Sg, xg, nchw ? 1 : g.S, nchw ? g.H * g.W : 1, winp + gi * in_panel, y, g.L,
                         nullptr);
 #else
+            const float* wg = win + gi * g.Sg * g.R;
             if (nchw)
               gemm_cm(false, true, g.R, rows, g.Sg, wg, g.R, xg, g.H * g.W, y, g.L);
             else

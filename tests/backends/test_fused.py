@@ -190,3 +190,25 @@ def test_build_failure_is_one_line_and_not_offered(monkeypatch, make_net, exampl
     assert not fused.kernel_available()
     _, choices = optimize_cp_blocks(make_net(), example, threads=1, budget=TINY)
     assert "cp4-fused" not in choices[0].tried
+
+
+def test_the_build_without_avx512_is_exact(monkeypatch):
+    # Machines without AVX-512 get the plain taps loops and MKL's GEMMs: built here for AVX2 and checked.
+    flags = fused._cpu_id().split()
+    if "avx2" not in flags or "fma" not in flags:
+        pytest.skip("this CPU cannot run an AVX2 build")
+    from torch.utils import cpp_extension
+
+    cflags = [f for f in fused.CFLAGS if not f.startswith("-march")] + ["-march=x86-64-v3"]
+    kernel = cpp_extension.load(name=fused._build_name() + "_x86_64_v3", sources=[str(fused.SOURCE)],
+                                extra_cflags=cflags, extra_ldflags=fused.LDFLAGS)
+    assert kernel.panel == 0  # no micro-kernel in this build
+    monkeypatch.setattr(fused, "_KERNEL", kernel)
+    for geo, rank in [(dict(kernel_size=3, padding=1), 21), (dict(kernel_size=(5, 6), stride=2, groups=2), 9)]:
+        block = _block(nn.Conv2d(8, 70, **geo), rank)
+        x = torch.randn(2, 8, 15, 13)
+        fz = fused.CPFusedBlock(block, cache_bytes=0)
+        with torch.inference_mode():
+            ref = block(x)
+            assert rel_error(fz(x), ref) <= 1e-5
+            assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
