@@ -13,10 +13,10 @@ tied and resolve by name, so repeated runs time the same pair, see TIE):
     theo       = FLOPs(original conv) / FLOPs(CP4 block), from torch.utils.flop_counter.FlopCounterMode
     efficiency = speedup / theo
 
-OMP_WAIT_POLICY is libgomp's default unless --omp-wait-policy says otherwise, and GOMP_SPINCOUNT is 10,000
-(idle OpenMP workers stop spinning before another runtime's arm runs) unless --gomp-spincount says otherwise
-(see the comments at the top); the process's glibc malloc is set to keep large freed blocks (cpbench.execution.configure_malloc) before
-anything is timed, for baselines and CP blocks alike.
+OMP_WAIT_POLICY is libgomp's default unless --omp-wait-policy says otherwise, and GOMP_SPINCOUNT is
+10,000 (idle OpenMP workers stop spinning before another runtime's arm runs) unless --gomp-spincount says
+otherwise (see the comments at the top); the process's glibc malloc is set to keep large freed blocks
+(cpbench.execution.configure_malloc) before anything is timed, for baselines and CP blocks alike.
 
 Targets (printed at the end): median efficiency >= 0.8; no cell with theo >= 2 slower than its baseline;
 with --repeat 2, each cell's speedup inside the other run's CI (both ways) in >= 90% of cells. That last

@@ -90,8 +90,9 @@ def test_near_ties_resolve_by_name_so_repeated_runs_time_the_same_pair():
 
 
 def test_openmp_settings_are_read_from_the_command_line_before_torch_loads(monkeypatch):
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):  # setenv first: monkeypatch then restores both after
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
     assert layer_suite._early_wait_policy(["--repeat", "2"]) == "default"
     assert os.environ["GOMP_SPINCOUNT"] == layer_suite.GOMP_SPINCOUNT
     assert layer_suite._early_wait_policy(["--gomp-spincount=default", "--omp-wait-policy", "passive"]) == "PASSIVE"
