@@ -73,40 +73,41 @@ inline Buffer buffer(int64_t n, bool zeroed = false) {
 }
 
 struct Geo {
-  int64_t N, H, W, S, G, Sg, R, GR, L, T, Tg, kh, kw, sh, sw, dh, dw, pt, pl, Ho, Wo;
+  int64_t N, H, W, S, G, Sg, R, GR, L, T, Tg, kh, kw, sh, sw, dh, dw, pt, pb, pl, pr, Ho, Wo;
 };
 
-// ---- Depthwise taps along a line -------------------------------------------------------------------
-// out[i*os + c] = sum_k taps[k*GR + c] * src[k][i*is + c] for i < n and the block of (up to) 16 channels
-// c in [c0, c0 + 16) ∩ [0, GR): both depthwise layers are this (vertical: src[k] = the k-th source row,
-// is = the pixel stride; horizontal: src[k] = the row shifted by k dilated columns, is = stride * pixel
-// stride). Padding never reaches here: missing rows point at a zero row and the row buffer has zero
-// columns at both ends, so the loop has no branch. With K known at compile time the block's K taps stay
-// in registers and 4 pixels are computed at once.
-inline void taps_line_any(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
-                          int64_t nk, const float* __restrict taps, int64_t GR, int64_t c0);
+// ---- Depthwise taps ------------------------------------------------------------------------------------
+// Both depthwise layers are, for one block of (up to) 16 channels and ``lines`` lines of n pixels,
+//   out[l*ols + i*os + c] = sum_k taps[k*GR + c] * src[k][l*sls + i*is + c]
+// with every pointer already at the block's first channel (vertical: src[k] = the k-th source row of the
+// first output row, a line = an output row; horizontal: src[k] = the row shifted by k dilated columns).
+// Padding never reaches here: the first layer's rows sit between zero rows, and the vertical output
+// between zero columns, so the loops have no branch. With K known at compile time the block's K taps
+// stay in registers for all its lines. ``w`` = how many of the block's 16 channels exist.
+inline void taps_lines_any(float* __restrict out, int64_t os, int64_t ols, const float* const* src, int64_t is,
+                           int64_t sls, int64_t n, int64_t lines, int64_t nk, const float* __restrict taps,
+                           int64_t GR, int64_t w);
 
 #if defined(__AVX512F__)
+#define CP_INLINE inline __attribute__((always_inline))
 template <bool FULL>
-inline __m512 vload(const float* p, __mmask16 m) { return FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
+CP_INLINE __m512 vload(const float* p, __mmask16 m) { return FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
 template <bool FULL>
-inline void vstore(float* p, __m512 v, __mmask16 m) {
+CP_INLINE void vstore(float* p, __m512 v, __mmask16 m) {
   if (FULL)
     _mm512_storeu_ps(p, v);
   else
     _mm512_mask_storeu_ps(p, m, v);
 }
 
-// One block of 16 channels: masked loads and stores only for a partial block (a masked store does not
-// forward to a later load of the same line, and the horizontal taps read what the vertical ones stored).
-// P pixels at once. SLIDE: the sources are one line read at consecutive pixels (src[k] = src[0] + k*is,
-// the horizontal taps at stride 1 and dilation 1), so the P pixels' K taps read P + K - 1 vectors, each
-// loaded once, instead of P * K.
-// The taps and source pointers are copied into locals: __m512 may alias anything, so taps read through
-// a pointer would be reloaded after every store (a second load per multiply-add).
+// P pixels of a line at once. SLIDE: the sources are one line read at consecutive pixels (src[k] = src[0]
+// + k*is: the horizontal taps with stride = dilation), so the P pixels' K taps read P + K - 1 vectors,
+// each loaded once, instead of P * K. Masked loads and stores only for a partial block (a masked store
+// does not forward to a later load of the same line). The taps and source pointers are copied into
+// locals: __m512 may alias anything, so taps read through a pointer would be reloaded after every store.
 template <int K, bool FULL, bool SLIDE>
-inline void taps_block(float* __restrict o, int64_t os, const float* const* src, int64_t is, int64_t n,
-                       const float* __restrict taps, int64_t GR, __mmask16 m) {
+void taps_block(float* __restrict o, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls,
+                int64_t n, int64_t lines, const float* __restrict taps, int64_t GR, __mmask16 m) {
   constexpr int P = SLIDE ? (K <= 5 ? 8 : 4) : 4;
   __m512 t[K];
   const float* s[K];
@@ -115,121 +116,165 @@ inline void taps_block(float* __restrict o, int64_t os, const float* const* src,
     t[k] = vload<FULL>(taps + k * GR, m);
     s[k] = src[k];
   }
-  int64_t i = 0;
-  for (; i + P <= n; i += P) {
+  for (int64_t l = 0; l < lines; ++l, o += ols) {
+    int64_t i = 0;
+    for (; i + P <= n; i += P) {
+      __m512 a[P];
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) a[j] = _mm512_setzero_ps();
+      if (SLIDE) {
+        const float* base = s[0] + l * sls + i * is;
+#pragma GCC unroll 32
+        for (int q = 0; q < P + K - 1; ++q) {
+          const __m512 v = vload<FULL>(base + q * is, m);
+#pragma GCC unroll 16
+          for (int j = 0; j < P; ++j)
+            if (q - j >= 0 && q - j < K) a[j] = _mm512_fmadd_ps(t[q - j], v, a[j]);
+        }
+      } else {
+#pragma GCC unroll 16
+        for (int k = 0; k < K; ++k) {
+          const float* sk = s[k] + l * sls + i * is;
+#pragma GCC unroll 16
+          for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], vload<FULL>(sk + j * is, m), a[j]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < P; ++j) vstore<FULL>(o + (i + j) * os, a[j], m);
+    }
+    for (; i < n; ++i) {
+      __m512 a0 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], vload<FULL>(s[k] + l * sls + i * is, m), a0);
+      vstore<FULL>(o + i * os, a0, m);
+    }
+  }
+}
+
+// The vertical taps when stride = dilation, P output rows at once: output row j's tap k reads source row
+// j + k (rows ``rs`` apart), so at each pixel the P rows' K taps read P + K - 1 vectors instead of P * K,
+// and one vector at a time is live (K taps + P sums in registers). Rows in groups of 8, 4, 2, 1.
+template <int K, int P, bool FULL>
+CP_INLINE void vslide_rows(float* __restrict o, int64_t os, int64_t ors, const float* __restrict s, int64_t is,
+                           int64_t rs, int64_t n, const __m512* t, __mmask16 m) {
+  for (int64_t i = 0; i < n; ++i) {
     __m512 a[P];
 #pragma GCC unroll 16
     for (int j = 0; j < P; ++j) a[j] = _mm512_setzero_ps();
-    if (SLIDE) {
-      const float* base = s[0] + i * is;
-      __m512 v[P + K - 1];
+    const float* si = s + i * is;
 #pragma GCC unroll 32
-      for (int q = 0; q < P + K - 1; ++q) v[q] = vload<FULL>(base + q * is, m);
+    for (int q = 0; q < P + K - 1; ++q) {
+      const __m512 v = vload<FULL>(si + q * rs, m);
 #pragma GCC unroll 16
-      for (int k = 0; k < K; ++k)
-#pragma GCC unroll 16
-        for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], v[j + k], a[j]);
-    } else {
-#pragma GCC unroll 16
-      for (int k = 0; k < K; ++k) {
-        const float* sk = s[k] + i * is;
-#pragma GCC unroll 16
-        for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], vload<FULL>(sk + j * is, m), a[j]);
-      }
+      for (int j = 0; j < P; ++j)
+        if (q - j >= 0 && q - j < K) a[j] = _mm512_fmadd_ps(t[q - j], v, a[j]);
     }
 #pragma GCC unroll 16
-    for (int j = 0; j < P; ++j) vstore<FULL>(o + (i + j) * os, a[j], m);
+    for (int j = 0; j < P; ++j) vstore<FULL>(o + j * ors + i * os, a[j], m);
   }
-  for (; i < n; ++i) {
-    __m512 a0 = _mm512_setzero_ps();
+}
+
+template <int K, bool FULL>
+void vslide(float* o, int64_t os, int64_t ors, const float* s, int64_t is, int64_t rs, int64_t n, int64_t rows,
+            const float* __restrict taps, int64_t GR, __mmask16 m) {
+  __m512 t[K];
 #pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], vload<FULL>(s[k] + i * is, m), a0);
-    vstore<FULL>(o + i * os, a0, m);
-  }
+  for (int k = 0; k < K; ++k) t[k] = vload<FULL>(taps + k * GR, m);
+  int64_t j = 0;
+  for (; j + 8 <= rows; j += 8) vslide_rows<K, 8, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
+  if (j + 4 <= rows) vslide_rows<K, 4, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m), j += 4;
+  if (j + 2 <= rows) vslide_rows<K, 2, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m), j += 2;
+  if (j < rows) vslide_rows<K, 1, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
 }
 #endif
 
+// One pass over a block's lines; ``rs`` > 0: the vertical pass with stride = dilation (src[k] = src[0]
+// + k*rs), which takes the row-sliding kernel.
 template <int K>
-inline void taps_line_k(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
-                        const float* __restrict taps, int64_t GR, int64_t c0) {
+void taps_lines_k(float* out, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls, int64_t n,
+                  int64_t lines, const float* taps, int64_t GR, int64_t w, int64_t rs) {
 #if defined(__AVX512F__)
-  const bool full = GR - c0 >= 16;
-  const __mmask16 m = full ? (__mmask16)0xFFFF : (__mmask16)((1u << (GR - c0)) - 1);
-  const float* s[K];
-  bool slide = true;
-#pragma GCC unroll 16
-  for (int k = 0; k < K; ++k) {
-    s[k] = src[k] + c0;
-    slide = slide && src[k] == src[0] + k * is;
+  const bool full = w >= 16;
+  const __mmask16 m = full ? (__mmask16)0xFFFF : (__mmask16)((1u << w) - 1);
+  if (rs > 0) {
+    if (full)
+      vslide<K, true>(out, os, ols, src[0], is, rs, n, lines, taps, GR, m);
+    else
+      vslide<K, false>(out, os, ols, src[0], is, rs, n, lines, taps, GR, m);
+    return;
   }
-  const float* tp = taps + c0;
+  bool slide = true;
+  for (int k = 0; k < K; ++k) slide = slide && src[k] == src[0] + k * is;
   if (full) {
     if (slide)
-      taps_block<K, true, true>(out + c0, os, s, is, n, tp, GR, m);
+      taps_block<K, true, true>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
     else
-      taps_block<K, true, false>(out + c0, os, s, is, n, tp, GR, m);
+      taps_block<K, true, false>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
   } else {
     if (slide)
-      taps_block<K, false, true>(out + c0, os, s, is, n, tp, GR, m);
+      taps_block<K, false, true>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
     else
-      taps_block<K, false, false>(out + c0, os, s, is, n, tp, GR, m);
+      taps_block<K, false, false>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
   }
 #else
-  taps_line_any(out, os, src, is, n, K, taps, GR, c0);
+  (void)rs;
+  taps_lines_any(out, os, ols, src, is, sls, n, lines, K, taps, GR, w);
 #endif
 }
 
 // Any tap count, and builds without AVX-512: the same sum, a tap at a time (vectorised over c).
-inline void taps_line_any(float* __restrict out, int64_t os, const float* const* src, int64_t is, int64_t n,
-                          int64_t nk, const float* __restrict taps, int64_t GR, int64_t c0) {
-  const int64_t c1 = std::min<int64_t>(GR, c0 + 16);
-  for (int64_t i = 0; i < n; ++i) {
-    float* __restrict o = out + i * os;
-    for (int64_t c = c0; c < c1; ++c) o[c] = 0.f;
-    for (int64_t k = 0; k < nk; ++k) {
-      const float* __restrict sk = src[k] + i * is;
-      const float* __restrict tk = taps + k * GR;
-      for (int64_t c = c0; c < c1; ++c) o[c] += tk[c] * sk[c];
+inline void taps_lines_any(float* __restrict out, int64_t os, int64_t ols, const float* const* src, int64_t is,
+                           int64_t sls, int64_t n, int64_t lines, int64_t nk, const float* __restrict taps,
+                           int64_t GR, int64_t w) {
+  const int64_t c1 = std::min<int64_t>(w, 16);
+  for (int64_t l = 0; l < lines; ++l) {
+    for (int64_t i = 0; i < n; ++i) {
+      float* __restrict o = out + l * ols + i * os;
+      for (int64_t c = 0; c < c1; ++c) o[c] = 0.f;
+      for (int64_t k = 0; k < nk; ++k) {
+        const float* __restrict sk = src[k] + l * sls + i * is;
+        const float* __restrict tk = taps + k * GR;
+        for (int64_t c = 0; c < c1; ++c) o[c] += tk[c] * sk[c];
+      }
     }
   }
 }
 
-inline void taps_line(float* out, int64_t os, const float* const* src, int64_t is, int64_t n, int64_t nk,
-                      const float* taps, int64_t GR, int64_t c0) {
+inline void taps_lines(float* out, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls,
+                       int64_t n, int64_t lines, int64_t nk, const float* taps, int64_t GR, int64_t w, int64_t rs = 0) {
   switch (nk) {
-    case 1: return taps_line_k<1>(out, os, src, is, n, taps, GR, c0);
-    case 2: return taps_line_k<2>(out, os, src, is, n, taps, GR, c0);
-    case 3: return taps_line_k<3>(out, os, src, is, n, taps, GR, c0);
-    case 4: return taps_line_k<4>(out, os, src, is, n, taps, GR, c0);
-    case 5: return taps_line_k<5>(out, os, src, is, n, taps, GR, c0);
-    case 7: return taps_line_k<7>(out, os, src, is, n, taps, GR, c0);
-    case 9: return taps_line_k<9>(out, os, src, is, n, taps, GR, c0);
-    case 11: return taps_line_k<11>(out, os, src, is, n, taps, GR, c0);
-    default: return taps_line_any(out, os, src, is, n, nk, taps, GR, c0);
+    case 1: return taps_lines_k<1>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 2: return taps_lines_k<2>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 3: return taps_lines_k<3>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 4: return taps_lines_k<4>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 5: return taps_lines_k<5>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 7: return taps_lines_k<7>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 9: return taps_lines_k<9>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    case 11: return taps_lines_k<11>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+    default: return taps_lines_any(out, os, ols, src, is, sls, n, lines, nk, taps, GR, w);
   }
 }
 
-// The two depthwise layers for output rows [ho0, ho1), 16 channels at a time (outer loop), then a row
-// at a time: the vertical taps write the row's W pixels into ``row`` between its pl and pr zero columns,
-// the horizontal taps read it from there into that row of ``y3``. Channel blocks outermost keep what a
-// block reads (its slice of the kh source rows, 64 bytes a pixel) in L1 from one row to the next.
-// ``zero`` is a row of zeros for the rows in the padding; rows of intermediates are L floats a pixel.
-inline void depthwise_rows(const float* y1, const float* tv, const float* th, float* row, const float* zero,
-                           float* y3, const Geo& g, int64_t ho0, int64_t ho1) {
+// The two depthwise layers for output rows [ho0, ho1), 16 channels at a time. ``y1``: the first layer's
+// output with pt zero rows above and pb below (row r of the input is row pt + r), L floats a pixel.
+// ``y2``: the block's vertical output, 16 floats a pixel, rows of wp = pl + W + pr pixels whose pl and
+// pr end columns are zero. ``y3``: the horizontal output, L floats a pixel. Per block the vertical pass
+// runs over all the band's rows, then the horizontal pass, each with its taps loaded once.
+inline void depthwise_rows(const float* y1, const float* tv, const float* th, float* y2, float* y3, const Geo& g,
+                           int64_t ho0, int64_t ho1) {
   const float* src[64];  // tap counts above 64 take the heap path below
   std::vector<const float*> big;
   const int64_t nk = std::max(g.kh, g.kw);
   const float** sp = nk <= 64 ? src : (big.resize(nk), big.data());
+  const int64_t rows = ho1 - ho0, rs = g.W * g.L, wp = g.pl + g.W + g.pr, row2 = wp * 16;
   for (int64_t c0 = 0; c0 < g.GR; c0 += 16) {
-    for (int64_t ho = ho0; ho < ho1; ++ho) {
-      for (int64_t k = 0; k < g.kh; ++k) {
-        const int64_t r = ho * g.sh - g.pt + k * g.dh;
-        sp[k] = r < 0 || r >= g.H ? zero : y1 + r * g.W * g.L;
-      }
-      taps_line(row + g.pl * g.L, g.L, sp, g.L, g.W, g.kh, tv, g.GR, c0);
-      for (int64_t k = 0; k < g.kw; ++k) sp[k] = row + k * g.dw * g.L;
-      taps_line(y3 + (ho - ho0) * g.Wo * g.L, g.L, sp, g.sw * g.L, g.Wo, g.kw, th, g.GR, c0);
-    }
+    const int64_t w = g.GR - c0;
+    // output row ho, tap k: padded row ho*sh + k*dh
+    for (int64_t k = 0; k < g.kh; ++k) sp[k] = y1 + (ho0 * g.sh + k * g.dh) * rs + c0;
+    taps_lines(y2 + g.pl * 16, 16, row2, sp, g.L, g.sh * rs, g.W, rows, g.kh, tv + c0, g.GR, w,
+               g.sh == g.dh ? g.dh * rs : 0);
+    for (int64_t k = 0; k < g.kw; ++k) sp[k] = y2 + k * g.dw * 16;
+    taps_lines(y3 + c0, g.L, g.Wo * g.L, sp, g.sw * 16, row2, g.Wo, rows, g.kw, th + c0, g.GR, w);
   }
 }
 
@@ -349,7 +394,8 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   g.Tg = w_out.size(2); g.T = g.G * g.Tg;
   g.kh = taps_v.size(0); g.kw = taps_h.size(0);
   g.sh = sh; g.sw = sw; g.dh = dh; g.dw = dw; g.pt = pt; g.pl = pl;
-  const int64_t pr_ = std::max<int64_t>(0, pr);
+  g.pb = std::max<int64_t>(0, pb);  // negative: rows cropped, never read
+  g.pr = std::max<int64_t>(0, pr);
   TORCH_CHECK(pt >= 0 && pl >= 0, "cp_fused: negative padding");
   TORCH_CHECK(g.S == g.G * g.Sg, "cp_fused: input has ", g.S, " channels, weights expect ", g.G * g.Sg);
   g.Ho = (g.H + pt + pb - dh * (g.kh - 1) - 1) / sh + 1;
@@ -395,17 +441,20 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   auto work = [&](int64_t begin, int64_t end) {
     // Inside the parallel region MKL sees omp_in_parallel() (one OpenMP runtime: PyTorch's libgomp)
     // and runs each thread's GEMMs on that thread alone.
-    // uninitialised scratch: every element read is written first in the same band
-    // The row buffer has pl zero columns before the W computed ones and pr after; ``zero`` stands in
-    // for the rows in the vertical padding.
-    const int64_t wp = g.W + g.pl + pr_;
-    Buffer y1 = buffer(g.H * g.W * g.L), y2 = buffer(wp * g.L), y3 = buffer(band * g.Wo * g.L),
-           zero = buffer(g.W * g.L, true);
+    // Uninitialised scratch, except the padding: every other element read is written first in the same
+    // band. y1 has pt zero rows above the first layer's H rows and pb below; the vertical output y2 (a
+    // band of rows, one 16-channel block) has pl zero columns before the W computed ones and pr after.
+    const int64_t wp = g.pl + g.W + g.pr, rs = g.W * g.L;
+    Buffer y1 = buffer((g.pt + g.H + g.pb) * rs), y2 = buffer(band * wp * 16), y3 = buffer(band * g.Wo * g.L);
     float* y1p = y1.get();
     float* y2p = y2.get();
     float* y3p = y3.get();
-    std::fill(y2p, y2p + g.pl * g.L, 0.f);
-    std::fill(y2p + (g.pl + g.W) * g.L, y2p + wp * g.L, 0.f);
+    std::fill(y1p, y1p + g.pt * rs, 0.f);
+    std::fill(y1p + (g.pt + g.H) * rs, y1p + (g.pt + g.H + g.pb) * rs, 0.f);
+    for (int64_t r = 0; r < band; ++r) {
+      std::fill(y2p + r * wp * 16, y2p + (r * wp + g.pl) * 16, 0.f);
+      std::fill(y2p + (r * wp + g.pl + g.W) * 16, y2p + (r + 1) * wp * 16, 0.f);
+    }
     for (int64_t it = begin; it < end; ++it) {
       const int64_t n = it / split, part = it % split;
       const int64_t next_n = (it + 1) / split, next_a = g.Ho * ((it + 1) % split) / split;
@@ -418,7 +467,7 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
         if (hi > start) {
           const int64_t rows = (hi - start) * g.W;
           for (int64_t gi = 0; gi < g.G; ++gi) {
-            float* y = y1p + start * g.W * g.L + gi * g.R;
+            float* y = y1p + (g.pt + start) * rs + gi * g.R;
             // NCHW: y (rows x R) = X[group channels, rows]^T W_in, X read transposed in place
             const float* xg = nchw ? xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W
                                    : xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg;
@@ -435,7 +484,7 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
           }
           done = hi;
         }
-        depthwise_rows(y1p, tv, th, y2p, zero.get(), y3p, g, ho0, ho1);
+        depthwise_rows(y1p, tv, th, y2p, y3p, g, ho0, ho1);
         const int64_t m = (ho1 - ho0) * g.Wo;
         if (nchw) {  // out[t, band pixels] = (y3 W_out)^T, written column-major straight into NCHW
           const int64_t hw = g.Ho * g.Wo;
