@@ -5,9 +5,11 @@
 For each layer × rank × batch (1, 32) × threads (1, 2) — a *cell* — it builds the original conv (random
 weights) and a CP block with random factors (the paper's 4-layer form), prepares both on every registered
 backend and times them side by side (:func:`cpbench.timing.time_pair`, short selection budget). The cell's
-result is a final paired measurement of the fastest baseline (over all backends) against the fastest
-compressed execution (over all backends; backends within 3% of the fastest in the short selection are
-tied and resolve by name, so repeated runs time the same pair, see TIE):
+result is final paired measurements of the fastest baseline (over all backends) against the fastest
+compressed execution (over all backends; for the compressed side, backends within 3% of the fastest in
+the short selection are tied and resolve by name, so repeated runs time the same pair, see TIE; on the
+baseline side the two fastest in the selection, if within 10%, are both timed in every final pass and the
+pass counts against the faster of them, see CONTEND):
 
     speedup    = median(fastest baseline) / median(fastest compressed), with a paired bootstrap CI
     theo       = FLOPs(original conv) / FLOPs(CP4 block), from torch.utils.flop_counter.FlopCounterMode
@@ -177,6 +179,14 @@ def flops(module: nn.Module, x: torch.Tensor) -> int:
 # disagreed had switched backend). Ties resolve by name, so repeated runs time the same pair. The
 # speedup can move by at most this much either way for it.
 TIE = 0.03
+# Every baseline whose selection median lies within this fraction of the fastest (at most CONTENDERS_MAX
+# of them, fastest first) is timed against the compressed winner in every final pass, and the pass's
+# speedup is the one against the fastest of them in that pass. Picking one baseline on the short
+# selection alone favours whichever happened to be timed fast there (a winner's curse): in a pair of
+# runs here the character network's conv2 at batch 32 was timed against ONNX Runtime in one run and
+# against channels-last, 4-9% slower, in the other, and the speedups (33.7 and 38.7) disagreed.
+CONTEND = 0.10
+CONTENDERS_MAX = 2
 
 
 def pick_fastest(medians: dict[str, float], tie: float = TIE) -> tuple[str, list[str]]:
@@ -185,6 +195,26 @@ def pick_fastest(medians: dict[str, float], tie: float = TIE) -> tuple[str, list
     fastest = min(medians.values())
     tied = sorted(n for n, v in medians.items() if v <= fastest * (1 + tie))
     return tied[0], tied
+
+
+def contenders(medians: dict[str, float], band: float = CONTEND, most: int = CONTENDERS_MAX) -> list[str]:
+    """The backends within ``band`` of the fastest selection median, fastest first (name breaks ties), at
+    most ``most``."""
+    fastest = min(medians.values())
+    near = sorted((v, n) for n, v in medians.items() if v <= fastest * (1 + band))
+    return [n for _, n in near[:most]]
+
+
+def final_pass(cell: dict, base: dict, comp: tuple, budget: TimingBudget) -> None:
+    """Time every baseline contender (``base``: name -> prepared) against the compressed winner, paired,
+    and record the pass against the fastest of them (the lowest speedup: conservative)."""
+    pc, xc, _ = comp
+    timed = {}
+    for name in cell["baseline_contenders"]:
+        pb, xb, _ = base[name]
+        timed[name] = time_pair(lambda: pb(xb), lambda: pc(xc), budget)
+    fastest = min(timed, key=lambda n: (timed[n].speedup, cell["baseline_contenders"].index(n)))
+    add_pass(cell, timed[fastest], fastest, {n: t.speedup for n, t in timed.items()})
 
 
 def prepare_all(backends, model, x, threads, errors, tag):
@@ -238,20 +268,19 @@ def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x)
                 "errors": errors, "status": "error"}
     best_b, tied_b = pick_fastest({n: v["baseline_ms"] for n, v in per_backend.items()})
     best_c, tied_c = pick_fastest({n: v["compressed_ms"] for n, v in per_backend.items()})
-    (pb, xb, _), (pc, xc, _) = base_preps[best_b], comp[best_c]
-    final = time_pair(lambda: pb(xb), lambda: pc(xc), final_budget)
-    close_all(comp)
     cell = {
         "layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "theo": theo,
         "best_baseline": best_b, "best_compressed": best_c, "tied_baseline": tied_b, "tied_compressed": tied_c,
+        "baseline_contenders": contenders({n: v["baseline_ms"] for n, v in per_backend.items()}),
         "compressed_form": per_backend[best_c]["cp_forms"],
         "backends": per_backend, "errors": errors, "status": "ok", "passes": [],
     }
-    add_pass(cell, final)
+    final_pass(cell, base_preps, comp[best_c], final_budget)
+    close_all(comp)
     return cell
 
 
-def add_pass(cell: dict, final) -> None:
+def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | None = None) -> None:
     """Record one final pass and recompute the cell's figures from all its passes so far.
 
     speedup = geometric mean of the passes' ratios of medians; ci / ci99 = t-intervals over the passes
@@ -262,6 +291,7 @@ def add_pass(cell: dict, final) -> None:
         "speedup": final.speedup, "within_ci": list(final.speedup_ci),
         "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
         "noisy": final.noisy, "rounds": final.baseline.rounds,
+        "baseline": baseline or cell.get("best_baseline"), "speedup_by_baseline": speedups,
     })
     ps = cell["passes"]
     if len(ps) == 1:
@@ -275,23 +305,29 @@ def add_pass(cell: dict, final) -> None:
     cell["efficiency"] = cell["speedup"] / cell["theo"]
     cell["noisy"] = any(q["noisy"] for q in ps)
     cell["rounds"] = sum(q["rounds"] for q in ps)
+    # the baseline reported: the one fastest in most passes (earliest contender on a tie)
+    order = cell.get("baseline_contenders") or [q["baseline"] for q in ps if q["baseline"]]
+    if order:
+        wins = [q["baseline"] for q in ps]
+        cell["best_baseline"] = max(order, key=lambda n: (wins.count(n), -order.index(n)))
 
 
 def repass(cell: dict, layer: Layer, backends_by_name: dict, final_budget: TimingBudget) -> None:
-    """One more final pass of a finished cell: its two winning backends prepared afresh, timed again."""
+    """One more final pass of a finished cell: its baseline contenders and compressed winner prepared
+    afresh, timed again."""
     conv, block = build(layer, cell["rank"])
     x = _input(layer, cell["batch"])
     with thread_limits(cell["threads"]):
         errors: dict[str, str] = {}
-        base = prepare_all([backends_by_name[cell["best_baseline"]]], conv, x, cell["threads"], errors, "baseline")
+        base = prepare_all([backends_by_name[n] for n in cell["baseline_contenders"]], conv, x, cell["threads"],
+                           errors, "baseline")
         comp = prepare_all([backends_by_name[cell["best_compressed"]]], block, x, cell["threads"], errors,
                            "compressed")
         try:
             if errors:
                 cell["errors"].update({f"pass {len(cell['passes']) + 1}: {k}": v for k, v in errors.items()})
                 return
-            (pb, xb, _), (pc, xc, _) = base[cell["best_baseline"]], comp[cell["best_compressed"]]
-            add_pass(cell, time_pair(lambda: pb(xb), lambda: pc(xc), final_budget))
+            final_pass(cell, base, comp[cell["best_compressed"]], final_budget)
         finally:
             close_all(base)
             close_all(comp)

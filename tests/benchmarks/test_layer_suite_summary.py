@@ -89,6 +89,30 @@ def test_near_ties_resolve_by_name_so_repeated_runs_time_the_same_pair():
     assert layer_suite.pick_fastest({"b": 2.0, "a": 2.0}, tie=0.0) == ("a", ["a", "b"])
 
 
+def test_baseline_contenders_are_the_two_fastest_within_ten_percent():
+    sel = {"torch-cpu": 1.30, "onnxruntime": 1.00, "channels-last": 1.04, "mkl": 1.08}
+    assert layer_suite.contenders(sel) == ["onnxruntime", "channels-last"]
+    assert layer_suite.contenders({"mkl": 1.0, "channels-last": 1.2}) == ["mkl"]  # a clear winner alone
+    assert layer_suite.contenders({"b": 1.0, "a": 1.0}) == ["a", "b"]
+
+
+def test_each_final_pass_counts_against_the_fastest_baseline_contender(monkeypatch):
+    # the fake pairs: a baseline's speedup over the compressed arm, per pass (onnxruntime is the faster
+    # baseline in passes 1 and 3, channels-last in pass 2)
+    speedups = iter([30.0, 33.0, 36.0, 35.0, 31.0, 34.0])
+    monkeypatch.setattr(layer_suite, "time_pair", lambda base, comp, budget: _pass(next(speedups)))
+    prep = (lambda x: x, None, None)
+    cell = {"theo": 40.0, "passes": [], "best_baseline": "channels-last",
+            "baseline_contenders": ["onnxruntime", "channels-last"]}
+    for _ in range(3):
+        layer_suite.final_pass(cell, {"onnxruntime": prep, "channels-last": prep}, prep, None)
+    assert [p["speedup"] for p in cell["passes"]] == [30.0, 35.0, 31.0]  # the lower speedup of each pass
+    assert [p["baseline"] for p in cell["passes"]] == ["onnxruntime", "channels-last", "onnxruntime"]
+    assert cell["passes"][1]["speedup_by_baseline"] == {"onnxruntime": 36.0, "channels-last": 35.0}
+    assert cell["best_baseline"] == "onnxruntime"  # fastest in most passes
+    assert cell["speedup"] == pytest.approx((30.0 * 35.0 * 31.0) ** (1 / 3))
+
+
 def test_openmp_settings_are_read_from_the_command_line_before_torch_loads(monkeypatch):
     for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):  # setenv first: monkeypatch then restores both after
         monkeypatch.setenv(name, "x")
