@@ -384,7 +384,9 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
                        torch::Tensor w_in_packed, torch::Tensor w_out_packed,
                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
                        int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, int64_t cache_bytes) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "cp_fused: x must be a 4-d float32 tensor");
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "cp_fused: x must be a 4-d float32 CPU tensor");
+  TORCH_CHECK(!(x.requires_grad() && at::GradMode::is_enabled()), "cp_fused: inference only (no autograd)");
   const bool nchw = x.is_contiguous() || !x.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (nchw) x = x.contiguous();
   for (const auto& t : {w_in, taps_v, taps_h, w_out})
@@ -547,10 +549,15 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   if (threads > 1) {
     at::parallel_for(0, items, 1, work);
   } else {
+#if defined(__AVX512F__)
+    const bool mkl = nchw;  // only the NCHW output's last layer calls MKL in this build
+#else
+    const bool mkl = true;
+#endif
     const int one = 1;
-    const int before = mkl_local() ? mkl_local()(&one) : 0;
+    const int before = mkl && mkl_local() ? mkl_local()(&one) : 0;
     work(0, items);
-    if (mkl_local()) mkl_local()(&before);
+    if (mkl && mkl_local()) mkl_local()(&before);
   }
   return out;
 }
