@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <utility>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -67,11 +66,10 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 using Buffer = std::unique_ptr<float[], FreeDeleter>;
-inline Buffer buffer(int64_t n, bool zeroed = false) {
+inline Buffer buffer(int64_t n) {
   const size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
   float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
   TORCH_CHECK(p, "cp_fused: out of memory for ", bytes, " bytes of scratch");
-  if (zeroed) std::memset(p, 0, bytes);
   return Buffer(p);
 }
 
