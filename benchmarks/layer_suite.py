@@ -183,8 +183,9 @@ TIE = 0.03
 # of them, fastest first) is timed against the compressed winner in every final pass, and the pass's
 # speedup is the one against the fastest of them in that pass. Picking one baseline on the short
 # selection alone favours whichever happened to be timed fast there (a winner's curse): in a pair of
-# runs here the character network's conv2 at batch 32 was timed against ONNX Runtime in one run and
-# against channels-last, 4-9% slower, in the other, and the speedups (33.7 and 38.7) disagreed.
+# runs here the character network's conv2 at R=32, batch 32 was timed against ONNX Runtime in one run
+# and against channels-last in the other, and the speedups (33.7 and 38.7) disagreed; timed side by side
+# in every pass of a later run, channels-last was the slower in 3 of 4 passes, by up to 9%.
 CONTEND = 0.10
 CONTENDERS_MAX = 2
 
