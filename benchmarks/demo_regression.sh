@@ -7,7 +7,7 @@
 # It copies the working tree (tracked + untracked, not ignored files) into WORKDIR/repo, makes three
 # commits there, and runs asv on them:
 #   base  → the code as it is
-#   noop  → a comment added to cpbench/layers.py            `asv continuous -f 1.5 base noop` must exit 0
+#   noop  → a comment added to cpbench/nn/layers.py            `asv continuous -f 1.5 base noop` must exit 0
 #   slow  → CPBlock.forward runs its layers 3× (a regression) `asv continuous -f 1.5 noop slow` must exit 1
 # Only TrackCPBlock (the CP block's time ratio to its conv, seeded factors, torch-cpu, 1 thread) is run.
 # asv builds and installs each commit into its own virtualenv, so the commits really differ.
@@ -40,9 +40,9 @@ fi
 cd "$REPO"
 git init -q -b main .
 git add -A && git commit -qm "base"
-printf '\n# harmless change for the asv regression demo\n' >> cpbench/layers.py
+printf '\n# harmless change for the asv regression demo\n' >> cpbench/nn/layers.py
 git commit -qam "noop: a comment"
-cat >> cpbench/layers.py <<'EOF'
+cat >> cpbench/nn/layers.py <<'EOF'
 
 
 def _slow_forward(self, x):  # deliberate regression for the asv demo: the block runs 3 times

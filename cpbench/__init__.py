@@ -27,8 +27,11 @@ from .errors import (  # noqa: E402
     UsageError,
     WeightError,
 )
-from .factorization import Factorization  # noqa: E402
-from .pluginmanager import get_plugins, hookimpl  # noqa: E402
+from . import _aliases  # noqa: E402
+from .decomposition.factorization import Factorization  # noqa: E402
+from .plugin.manager import get_plugins, hookimpl  # noqa: E402
+
+_aliases.install()
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,9 @@ __all__ = [
     "compress",
     "save",
     "load",
+    "CPDecomposer",
+    "Prepared",
+    "Backend",
     "CpbenchError",
     "UsageError",
     "UnknownNameError",
@@ -64,10 +70,20 @@ def decompose(weight, rank, method: str = "cp-nls", **options) -> Factorization:
     return get_decomposer(method).decompose(weight, rank, **options)
 
 
-def __getattr__(name: str):
-    # Heavier pieces load on first use so `import cpbench` stays cheap for plugins.
-    if name in ("compress", "save", "load"):
-        from . import surgery
+# Heavier pieces load on first use so `import cpbench` stays cheap for plugins: name -> its home.
+_LAZY = {
+    "compress": "cpbench.nn.surgery",
+    "save": "cpbench.nn.surgery",
+    "load": "cpbench.nn.surgery",
+    "CPDecomposer": "cpbench.decomposition.decomposer",
+    "Prepared": "cpbench.plugin.contracts",
+    "Backend": "cpbench.plugin.contracts",
+}
 
-        return getattr(surgery, name)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cpbench' has no attribute {name!r}")

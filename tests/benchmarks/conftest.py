@@ -4,8 +4,16 @@ Run them with ``python -m pytest tests/benchmarks --benchmark-only`` (see docs/r
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# the seeded layers live once, in the asv suite's fixtures (benchmarks/_fixtures.py)
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture(autouse=True)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import cpbench
-from cpbench.factorization import Factorization
-from cpbench.flops import count_flops
+from cpbench.decomposition.factorization import Factorization
+from cpbench.nn.flops import count_flops
 
-from _micro_fixtures import make_conv, make_input
+from benchmarks._fixtures import make_conv, make_input
 
 # bounded iterations: each decomposition well under 2 s on one core
 DECOMPOSERS = {
@@ -66,8 +66,8 @@ def test_forward_alexnet_conv2(benchmark, rank):
 @pytest.mark.parametrize("form", ["cp4", "cp4-band", "cp4-fused"])
 def test_forward_form(benchmark, layer, form):
     """One forward pass of a rank-64 CP4 block (seeded random factors) in each exact execution form."""
-    from cpbench.execution import build_form, rel_error
-    from cpbench.layers import CPBlock, geometry
+    from cpbench.kernels.forms import build_form, rel_error
+    from cpbench.nn.layers import CPBlock, geometry
 
     conv = make_conv(layer)
     x = make_input(layer)

@@ -10,7 +10,7 @@ try:
 except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cpbench.pluginmanager import Plugins
+from cpbench.plugin.manager import Plugins
 from cpbench.testing import check_decomposer, decomposer_checks, parametrize_backend_checks
 from cpbench_example import plugin
 from cpbench_example.plugin import ChannelSVD, TorchJIT

@@ -8,8 +8,8 @@ from torch import nn
 
 import cpbench
 from cpbench.errors import RankError, UsageError
-from cpbench.flops import count_flops
-from cpbench.layers import geometry
+from cpbench.nn.flops import count_flops
+from cpbench.nn.layers import geometry
 from cpbench.testing import check_decomposer, decomposer_checks
 from cpbench_tntorch import TTBlock, TTDecomposer
 

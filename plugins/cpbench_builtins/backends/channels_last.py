@@ -2,7 +2,7 @@
 
 oneDNN runs convolutions natively in NHWC, so no per-call reorders happen. The input is converted by
 ``Prepared.convert_input``, outside the timed region. ``fuse`` picks how CP blocks execute (see
-:mod:`cpbench.execution`): "auto" (default) times the exact forms per block on its real input and keeps
+:mod:`cpbench.kernels.forms`): "auto" (default) times the exact forms per block on its real input and keeps
 the fastest; "cp4"/"cp3"/"cp3-gemm" force one form; "none" leaves the model as built.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from cpbench import hookimpl
-from cpbench.backend import Prepared
-from cpbench.execution import apply_forms, optimize_cp_blocks
+from cpbench.plugin.contracts import Prepared
+from cpbench.kernels.forms import apply_forms, optimize_cp_blocks
 
 
 class ChannelsLast:

@@ -4,7 +4,7 @@
 both linked into torch and running on its OpenMP pool), every native pool threadpoolctl can see
 (libgomp, BLAS libraries loaded by numpy/scipy), and ``torch.backends.mkldnn.enabled = True``. It
 records what it set in ``info`` and restores all of it in ``Prepared.close``. It also keeps large
-freed blocks in the heap (:func:`cpbench.execution.configure_malloc`); that one is process-wide and
+freed blocks in the heap (:func:`cpbench.kernels.forms.configure_malloc`); that one is process-wide and
 one-way, which is why harnesses should call it once at start (the layer suite does).
 ``fuse`` ("auto" default, or a form name / "none") is as for ``channels-last`` but in NCHW.
 """
@@ -17,9 +17,9 @@ from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from cpbench import hookimpl
-from cpbench.backend import Prepared
+from cpbench.plugin.contracts import Prepared
 from cpbench.errors import BackendError
-from cpbench.execution import apply_forms, configure_malloc, optimize_cp_blocks
+from cpbench.kernels.forms import apply_forms, configure_malloc, optimize_cp_blocks
 
 
 class MKL:
@@ -62,7 +62,7 @@ class MKL:
                 },
                 "previous": {"torch_intra_op": before_torch, "mkldnn_enabled": before_mkldnn},
                 "mkl_available": torch.backends.mkl.is_available(),
-                # process-wide and not restored (see cpbench.execution.configure_malloc)
+                # process-wide and not restored (see cpbench.kernels.forms.configure_malloc)
                 "malloc": configure_malloc() if self.malloc else None,
             }
             if self.fuse == "auto":

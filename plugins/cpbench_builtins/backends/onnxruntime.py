@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from cpbench import hookimpl
-from cpbench.backend import Prepared
+from cpbench.plugin.contracts import Prepared
 from cpbench.errors import BackendError
-from cpbench.execution import QUICK_BUDGET, apply_forms, rel_error
-from cpbench.layers import CPBlock
-from cpbench.timing import time_pair
+from cpbench.kernels.forms import QUICK_BUDGET, apply_forms, rel_error
+from cpbench.nn.layers import CPBlock
+from cpbench.measure.timing import time_pair
 
 RTOL = 1e-4
 

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from cpbench import hookimpl
-from cpbench.backend import Prepared
+from cpbench.plugin.contracts import Prepared
 from cpbench.errors import BackendError
-from cpbench.execution import QUICK_BUDGET, apply_forms
-from cpbench.layers import CPBlock
-from cpbench.timing import time_pair
+from cpbench.kernels.forms import QUICK_BUDGET, apply_forms
+from cpbench.nn.layers import CPBlock
+from cpbench.measure.timing import time_pair
 
 
 def _one_line(exc: BaseException) -> str:

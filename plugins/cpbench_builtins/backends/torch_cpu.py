@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cpbench import hookimpl
-from cpbench.backend import Prepared
+from cpbench.plugin.contracts import Prepared
 
 
 class TorchCPU:

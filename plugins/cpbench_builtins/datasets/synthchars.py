@@ -19,7 +19,7 @@ cannot be downloaded here. Every image is one character crop as it would come ou
   and background intensity with random contrast, random polarity (light-on-dark 35%) and a linear
   background gradient; additive Gaussian noise.
   ``difficulty`` (default ``DEFAULT_DIFFICULTY`` = 0.9) scales all distortion strengths; the default
-  is tuned so that CharNet trained with ``cpbench.training.DEFAULT_RECIPE`` (60k training images, 3
+  is tuned so that CharNet trained with ``cpbench.nn.training.DEFAULT_RECIPE`` (60k training images, 3
   epochs) lands in the paper's regime: measured 89.4% test accuracy (paper's base: 91%); 0.75 gives
   94.3%, 1.05 gives 82.4%.
 * **Normalisation**: each image is standardised to zero mean and unit standard deviation (per
@@ -76,7 +76,7 @@ FONT_FILES = (
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 60_000, "val": 3_600, "test": 10_800}
-# Distortion strength, tuned so that CharNet + cpbench.training.DEFAULT_RECIPE (60k images, 3 epochs)
+# Distortion strength, tuned so that CharNet + cpbench.nn.training.DEFAULT_RECIPE (60k images, 3 epochs)
 # reaches ~89% test accuracy (paper's base: 91%). Measured test accuracy at difficulty 0.75 / 0.90 /
 # 1.05: 94.3% / 89.4% / 82.4%.
 DEFAULT_DIFFICULTY = 0.9
@@ -331,7 +331,7 @@ class SynthChars:
 
 
 try:  # the hook marker lives in the core package; fall back to an equivalent pluggy marker
-    from cpbench.pluginmanager import hookimpl as _hookimpl
+    from cpbench.plugin.manager import hookimpl as _hookimpl
 except Exception:  # pragma: no cover - core not importable (e.g. standalone use)
     import pluggy
 

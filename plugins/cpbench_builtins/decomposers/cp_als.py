@@ -3,12 +3,12 @@
 Options (defaults in brackets):
   impl ["torch"]        "tensorly": ``tensorly.decomposition.parafac`` (numpy backend, float64);
                         "torch": cpbench's direct torch ALS — same update order and stopping rule,
-                        same errors, much faster (see benchmarks/kernel_suite.py).
+                        same errors, much faster (see benchmarks/scripts/kernel_suite.py).
   init ["svd"]          "svd" or "random" (TensorLy's meaning).
   n_iter_max [500]      iteration cap.
   tol [1e-8]            stop when the relative change of the reconstruction error is below it.
   linesearch [False]    TensorLy's line search (impl="tensorly" only).
-plus the CP options of :class:`cpbench.decomposer.CPDecomposer` (groups, group_mode, form).
+plus the CP options of :class:`cpbench.decomposition.decomposer.CPDecomposer` (groups, group_mode, form).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cpbench import hookimpl
-from cpbench.decomposer import CPDecomposer
+from cpbench.decomposition.decomposer import CPDecomposer
 from cpbench.errors import UsageError
 
 IMPLS = ("torch", "tensorly")
@@ -38,7 +38,7 @@ class CPALS(CPDecomposer):
         if init not in ("svd", "random"):
             raise UsageError(f"cp-als init {init!r} is not allowed; allowed: svd, random")
         if impl == "torch" and not linesearch:
-            from cpbench.solvers import cp_als
+            from cpbench.decomposition.solvers import cp_als
 
             res = cp_als(tensor.double(), rank, seed=seed, init=init, max_iter=n_iter_max, tol=tol)
             info = dict(res.info)

@@ -1,13 +1,13 @@
 """``cp-nls``: the paper's CP by non-linear least squares (damped Gauss–Newton, matrix-free, CG steps).
 
-The solver is :func:`cpbench.solvers.cp_nls`; every option it takes passes through (see its
-docstring for the defaults), plus the CP options of :class:`cpbench.decomposer.CPDecomposer`
+The solver is :func:`cpbench.decomposition.solvers.cp_nls`; every option it takes passes through (see its
+docstring for the defaults), plus the CP options of :class:`cpbench.decomposition.decomposer.CPDecomposer`
 (groups, group_mode, form). The default decomposer of cpbench.
 """
 from __future__ import annotations
 
 from cpbench import hookimpl
-from cpbench.decomposer import CPDecomposer
+from cpbench.decomposition.decomposer import CPDecomposer
 
 
 class CPNLS(CPDecomposer):
@@ -17,7 +17,7 @@ class CPNLS(CPDecomposer):
     version = "2"
 
     def fit(self, tensor, rank, *, seed, **options):
-        from cpbench.solvers import cp_nls
+        from cpbench.decomposition.solvers import cp_nls
 
         res = cp_nls(tensor.double(), rank, seed=seed, **options)
         return res.factors, dict(res.info)

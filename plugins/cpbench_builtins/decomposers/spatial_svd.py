@@ -11,10 +11,10 @@ import time
 import torch
 
 from cpbench import hookimpl
-from cpbench.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
+from cpbench.decomposition.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
 from cpbench.errors import UsageError
-from cpbench.factorization import Factorization
-from cpbench.layers import SpatialSVDBlock, svd_kernel
+from cpbench.decomposition.factorization import Factorization
+from cpbench.nn.layers import SpatialSVDBlock, svd_kernel
 
 
 class SpatialSVD:
@@ -60,7 +60,7 @@ class SpatialSVD:
                 + (geo.out_channels if geo.bias else 0))
 
     def macs(self, geo, rank, in_hw):
-        from cpbench.flops import conv_out_hw
+        from cpbench.nn.flops import conv_out_hw
 
         ho, wo = conv_out_hw(geo, in_hw)
         G = geo.groups

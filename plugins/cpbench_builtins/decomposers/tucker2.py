@@ -1,7 +1,7 @@
 """``tucker2``: Tucker-2 on the output and input channel modes (TensorLy's partial Tucker, HOOI).
 
 rank: an int r (both ranks r) or a pair (r_out, r_in); ``"vbmf"`` ranks are resolved by the harness
-(:mod:`cpbench.ranks`). Options: n_iter_max [100], tol [1e-6], init ["svd"], group_mode ["per-group"].
+(:mod:`cpbench.decomposition.ranks`). Options: n_iter_max [100], tol [1e-6], init ["svd"], group_mode ["per-group"].
 Exact when r_out = T/G and r_in = S/G.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from cpbench import hookimpl
-from cpbench.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
+from cpbench.decomposition.decomposer import build_geometry, check_rank, check_weight, group_kernels, rel_error
 from cpbench.errors import RankError, UsageError
-from cpbench.factorization import Factorization
-from cpbench.layers import Tucker2Block, tucker2_kernel
+from cpbench.decomposition.factorization import Factorization
+from cpbench.nn.layers import Tucker2Block, tucker2_kernel
 
 
 def _pair(rank):
@@ -80,7 +80,7 @@ class Tucker2:
                 + (geo.out_channels if geo.bias else 0))
 
     def macs(self, geo, rank, in_hw):
-        from cpbench.flops import conv_out_hw
+        from cpbench.nn.flops import conv_out_hw
 
         ro, ri = _pair(rank)
         G = geo.groups

@@ -30,8 +30,8 @@ STARTUP_TIMEOUT_S = 300.0  # importing torch on a busy machine can take a while
 
 def error_row(cell, message: str, **extra: Any) -> dict:
     """A result row for a cell that produced none itself (timed out, its worker died, ...)."""
-    from cpbench.pluginmanager import get_plugins
-    from cpbench.runner import _axes_row, _versions
+    from cpbench.plugin.manager import get_plugins
+    from cpbench.run.cell import _axes_row, _versions
 
     row = _axes_row(cell)
     row.update(status="error", error=message, host=socket.gethostname(), started_at=None)
@@ -45,7 +45,7 @@ def error_row(cell, message: str, **extra: Any) -> dict:
 
 def _direct_plugin_modules() -> list[tuple[str, str]]:
     """``(name, module)`` of plugins registered directly (not via entry points) in this process."""
-    from cpbench.pluginmanager import get_plugins
+    from cpbench.plugin.manager import get_plugins
 
     plugins = get_plugins()
     out = []
@@ -189,16 +189,16 @@ def _child() -> None:
     try:
         import importlib
 
-        from cpbench.pluginmanager import Plugins, reset_plugins
+        from cpbench.plugin.manager import Plugins, reset_plugins
 
         mods = {name: importlib.import_module(mod) for name, mod in extra}
         reset_plugins(Plugins(extra=mods) if mods else None)
-        import cpbench.runner  # noqa: F401  (import the heavy parts before the clock starts)
+        import cpbench.run.cell  # noqa: F401  (import the heavy parts before the clock starts)
         try:  # FLOP counting imports torch._dynamo on first use: seconds, not the cell's time
             import torch._dynamo  # noqa: F401
         except Exception:
             pass
-        from cpbench.pluginmanager import get_plugins
+        from cpbench.plugin.manager import get_plugins
 
         get_plugins()
     except Exception as exc:

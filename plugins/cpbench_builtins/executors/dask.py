@@ -42,7 +42,7 @@ _CELLPROC = threading.local()  # one child per worker thread, used only with cel
 
 
 def _plugin_versions() -> dict:
-    from cpbench.pluginmanager import get_plugins
+    from cpbench.plugin.manager import get_plugins
 
     return get_plugins().versions()
 

@@ -116,7 +116,7 @@ class CharNet:
 
 
 try:  # the hook marker lives in the core package; fall back to an equivalent pluggy marker
-    from cpbench.pluginmanager import hookimpl as _hookimpl
+    from cpbench.plugin.manager import hookimpl as _hookimpl
 except Exception:  # pragma: no cover
     import pluggy
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from cpbench import Factorization, hookimpl
-from cpbench.backend import Prepared
-from cpbench.decomposer import check_rank, check_weight, rel_error
+from cpbench.plugin.contracts import Prepared
+from cpbench.decomposition.decomposer import check_rank, check_weight, rel_error
 from cpbench.errors import UsageError
 
 

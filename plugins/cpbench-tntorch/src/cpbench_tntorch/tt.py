@@ -42,10 +42,10 @@ import time
 import torch
 from torch import nn
 
-from cpbench.decomposer import GROUP_MODES, build_geometry, check_rank, check_weight, group_kernels, rel_error
+from cpbench.decomposition.decomposer import GROUP_MODES, build_geometry, check_rank, check_weight, group_kernels, rel_error
 from cpbench.errors import RankError, UsageError
-from cpbench.factorization import Factorization
-from cpbench.layers import ConvGeometry
+from cpbench.decomposition.factorization import Factorization
+from cpbench.nn.layers import ConvGeometry
 
 __all__ = ["TTDecomposer", "TTBlock", "tt_kernel", "FORMS"]
 
@@ -216,7 +216,7 @@ class TTDecomposer:
         return G * (sg * r[0] + inner + r[-1] * tg) + (geo.out_channels if geo.bias else 0)
 
     def macs(self, geo: ConvGeometry, rank: int, in_hw: tuple[int, int], form: str = "tt3") -> int:
-        from cpbench.flops import conv_out_hw
+        from cpbench.nn.flops import conv_out_hw
 
         G = geo.groups
         r = self._geo_ranks(geo, rank, form)

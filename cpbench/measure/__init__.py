@@ -1,0 +1,11 @@
+"""Measuring: paired interleaved timing, its statistics, thread pools and the machine probe.
+
+Where a change goes: how arms are timed → ``timing.py``; medians, intervals, the bootstrap →
+``stats.py``; thread pools → ``threads.py``; what is recorded about the machine → ``machine.py``.
+"""
+from .stats import ArmStats, speedup_across_passes, speedup_ci
+from .threads import thread_limits, thread_state
+from .timing import PairedTiming, TimingBudget, time_one, time_pair
+
+__all__ = ["ArmStats", "speedup_across_passes", "speedup_ci", "thread_limits", "thread_state",
+           "PairedTiming", "TimingBudget", "time_one", "time_pair"]

@@ -1,0 +1,81 @@
+"""Named registries of plugin-provided objects (decomposers, backends, models, datasets, executors)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PluginError, UnknownNameError
+
+__all__ = ["Registry", "Entry", "KIND_REQUIREMENTS"]
+
+# What each kind of object must provide; checked at registration so a broken plugin fails early.
+KIND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "decomposer": ("name", "decompose", "build"),
+    "backend": ("name", "prepare"),
+    "model": ("name", "build", "input_shape"),
+    "dataset": ("name", "load"),
+    "executor": ("name", "execute"),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    obj: Any
+    plugin: str  # name of the plugin (entry point) that added it
+
+
+class Registry:
+    """Objects of one kind by name. Plugins call :meth:`add`; the core calls :meth:`get`."""
+
+    def __init__(self, kind: str):
+        if kind not in KIND_REQUIREMENTS:
+            raise ValueError(f"unknown registry kind {kind!r}")
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._current_plugin = "<direct>"
+
+    def bound(self, plugin: str) -> "Registry":
+        """The same registry, crediting additions to ``plugin`` (used by the plugin loader)."""
+        self._current_plugin = plugin
+        return self
+
+    def add(self, obj: Any) -> Any:
+        """Register ``obj`` under ``obj.name``. Refuses a duplicate name, naming both plugins."""
+        missing = [a for a in KIND_REQUIREMENTS[self.kind] if not hasattr(obj, a)]
+        if missing:
+            raise PluginError(
+                f"plugin {self._current_plugin!r} added a {self.kind} without {', '.join(missing)}"
+            )
+        name = obj.name
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {self._current_plugin!r} added a {self.kind} with no valid name")
+        if name in self._entries:
+            raise PluginError(
+                f"{self.kind} name {name!r} is registered twice: by plugin "
+                f"{self._entries[name].plugin!r} and by plugin {self._current_plugin!r}"
+            )
+        self._entries[name] = Entry(obj, self._current_plugin)
+        return obj
+
+    def get(self, name: str) -> Any:
+        try:
+            return self._entries[name].obj
+        except (KeyError, TypeError):
+            raise UnknownNameError(self.kind, name, self._entries) from None
+
+    def plugin_of(self, name: str) -> str:
+        self.get(name)
+        return self._entries[name].plugin
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)

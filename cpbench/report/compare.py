@@ -1,0 +1,354 @@
+"""``cpbench compare RUN_A RUN_B``: cell-by-cell comparison of two results files, for CI gating.
+
+Cells are matched on ``cell_key``; rows whose key has no partner (e.g. after a change to how keys are
+made) are matched on their axes (model, model_params, layers, decomposer, decomposer_options,
+rank_spec, backend, threads, batch, finetune_epochs, seed). For each matched pair (A = before,
+B = after):
+
+speedup
+    a regression when B is slower by more than ``threshold`` (relative) AND the two 95 % confidence
+    intervals do not overlap (a row without a CI is judged on the threshold alone).
+accuracy
+    fine-tuned accuracy, else the decomposed one; a regression when it drops by more than
+    ``accuracy_threshold`` percentage points.
+rel_error
+    per layer; a regression when it grows by more than ``threshold`` (relative) and by more than
+    :data:`REL_ERROR_ABS_FLOOR` in absolute terms (so round-off on exact decompositions is ignored).
+status
+    a cell that was "ok" in A and failed in B is a regression.
+
+Cells present in only one run are listed, never counted as regressions.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..run.results import RESULTS_FILE, read_results
+
+__all__ = [
+    "AXES",
+    "REL_ERROR_ABS_FLOOR",
+    "MetricChange",
+    "CellComparison",
+    "Comparison",
+    "compare_rows",
+    "compare_runs",
+    "print_comparison",
+    "comparison_table",
+]
+
+AXES = ("model", "model_params", "layers", "decomposer", "decomposer_options", "rank_spec", "backend",
+        "threads", "batch", "finetune_epochs", "seed")
+REL_ERROR_ABS_FLOOR = 1e-6
+
+
+@dataclass
+class MetricChange:
+    """One metric of one cell in both runs."""
+
+    metric: str                      # "speedup", "accuracy", "rel_error[conv2]", "status"
+    a: Any
+    b: Any
+    change: float | None = None      # relative change (speedup, rel_error) or points (accuracy)
+    a_ci: tuple[float, float] | None = None
+    b_ci: tuple[float, float] | None = None
+    regression: bool = False
+    improvement: bool = False
+    reason: str = ""
+
+
+@dataclass
+class CellComparison:
+    axes: dict
+    a: dict
+    b: dict
+    matched_on: str                  # "cell_key" or "axes"
+    metrics: list[MetricChange] = field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[MetricChange]:
+        return [m for m in self.metrics if m.regression]
+
+    @property
+    def improvements(self) -> list[MetricChange]:
+        return [m for m in self.metrics if m.improvement]
+
+    def metric(self, name: str) -> MetricChange | None:
+        return next((m for m in self.metrics if m.metric == name), None)
+
+
+@dataclass
+class Comparison:
+    run_a: str
+    run_b: str
+    threshold: float
+    accuracy_threshold: float
+    cells: list[CellComparison]
+    only_a: list[dict]
+    only_b: list[dict]
+
+    @property
+    def regressions(self) -> list[tuple[CellComparison, MetricChange]]:
+        return [(c, m) for c in self.cells for m in c.regressions]
+
+    @property
+    def improvements(self) -> list[tuple[CellComparison, MetricChange]]:
+        return [(c, m) for c in self.cells for m in c.improvements]
+
+
+# -- loading and matching -------------------------------------------------------------------
+def _load(path: str | Path, which: str) -> tuple[str, list[dict]]:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"run {which} not found: {p} (give a run directory or a {RESULTS_FILE} file)")
+    rows = read_results(p)  # UsageError when a directory holds no results file
+    rows = [r for r in rows if isinstance(r, dict) and r.get("status") is not None]
+    if not rows:
+        shown = p / RESULTS_FILE if p.is_dir() else p
+        raise UsageError(f"run {which} has no result rows: {shown}")
+    return str(p), rows
+
+
+def _canon(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def axes_key(row: dict) -> str:
+    return _canon({k: row.get(k) for k in AXES})
+
+
+def _dedupe(rows: list[dict], keyf) -> dict[str, dict]:
+    """One row per key: the last "ok" row, else the last row (a resumed or repeated run may hold several)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        k = keyf(r)
+        if k is None:
+            continue
+        prev = out.get(k)
+        if prev is None or r.get("status") == "ok" or prev.get("status") != "ok":
+            out[k] = r
+    return out
+
+
+def _match(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[tuple[dict, dict, str]], list[dict], list[dict]]:
+    by_key_a = _dedupe(rows_a, lambda r: r.get("cell_key"))
+    by_key_b = _dedupe(rows_b, lambda r: r.get("cell_key"))
+    pairs = [(by_key_a[k], by_key_b[k], "cell_key") for k in by_key_a if k in by_key_b]
+    matched_a = {id(a) for a, _, _ in pairs}
+    matched_b = {id(b) for _, b, _ in pairs}
+    rest_a = [r for r in _dedupe(rows_a, lambda r: r.get("cell_key") or axes_key(r)).values() if id(r) not in matched_a]
+    rest_b = [r for r in _dedupe(rows_b, lambda r: r.get("cell_key") or axes_key(r)).values() if id(r) not in matched_b]
+    ax_a = _dedupe(rest_a, axes_key)
+    ax_b = _dedupe(rest_b, axes_key)
+    pairs += [(ax_a[k], ax_b[k], "axes") for k in ax_a if k in ax_b]
+    only_a = [r for k, r in ax_a.items() if k not in ax_b]
+    only_b = [r for k, r in ax_b.items() if k not in ax_a]
+    return pairs, only_a, only_b
+
+
+# -- metrics ----------------------------------------------------------------------------------
+def _num(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _ci(v) -> tuple[float, float] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(_num(x) is not None for x in v):
+        return float(v[0]), float(v[1])
+    return None
+
+
+def _speedup(a: dict, b: dict, threshold: float) -> MetricChange | None:
+    sa, sb = _num(a.get("speedup")), _num(b.get("speedup"))
+    if sa is None or sb is None or sa <= 0:
+        return None
+    ca, cb = _ci(a.get("speedup_ci")), _ci(b.get("speedup_ci"))
+    change = sb / sa - 1
+    m = MetricChange("speedup", sa, sb, change, ca, cb)
+    overlap = None if ca is None or cb is None else not (cb[1] < ca[0] or cb[0] > ca[1])
+    big = abs(change) > threshold
+    if big and overlap is not True:
+        if change < 0:
+            m.regression = True
+            m.reason = f"speedup {sa:.3g} → {sb:.3g} ({100 * change:+.1f} %)" + (
+                ", CIs disjoint" if overlap is False else ", no CI")
+        else:
+            m.improvement = True
+    elif big:
+        m.reason = "change within noise (CIs overlap)"
+    return m
+
+
+def _accuracy_after(r: dict) -> float | None:
+    ft = _num(r.get("accuracy_finetuned"))
+    return ft if ft is not None else _num(r.get("accuracy_decomposed"))
+
+
+def _accuracy(a: dict, b: dict, points: float) -> MetricChange | None:
+    xa, xb = _accuracy_after(a), _accuracy_after(b)
+    if xa is None or xb is None:
+        return None
+    change = 100 * (xb - xa)  # percentage points
+    m = MetricChange("accuracy", xa, xb, change)
+    if change < -points:
+        m.regression = True
+        m.reason = f"accuracy {100 * xa:.2f} % → {100 * xb:.2f} % ({change:+.2f} points)"
+    elif change > points:
+        m.improvement = True
+    return m
+
+
+def _rel_errors(a: dict, b: dict, threshold: float) -> list[MetricChange]:
+    ea, eb = a.get("rel_error"), b.get("rel_error")
+    if not isinstance(ea, dict):
+        ea = {"": ea}
+    if not isinstance(eb, dict):
+        eb = {"": eb}
+    out = []
+    for layer in ea:
+        xa, xb = _num(ea.get(layer)), _num(eb.get(layer))
+        if xa is None or xb is None:
+            continue
+        name = f"rel_error[{layer}]" if layer else "rel_error"
+        diff = xb - xa
+        change = diff / xa if xa > 0 else (0.0 if diff == 0 else math.inf)
+        m = MetricChange(name, xa, xb, change)
+        if abs(diff) > REL_ERROR_ABS_FLOOR and abs(change) > threshold:
+            if diff > 0:
+                m.regression = True
+                m.reason = f"{name} {xa:.4g} → {xb:.4g} ({100 * change:+.1f} %)"
+            else:
+                m.improvement = True
+        out.append(m)
+    return out
+
+
+def compare_rows(a: dict, b: dict, *, threshold: float = 0.05, accuracy_threshold: float = 0.5,
+                 matched_on: str = "cell_key") -> CellComparison:
+    """Compare one cell's row before (``a``) and after (``b``)."""
+    cell = CellComparison({k: b.get(k, a.get(k)) for k in AXES}, a, b, matched_on)
+    sa, sb = a.get("status"), b.get("status")
+    if sa != "ok" or sb != "ok":
+        m = MetricChange("status", sa, sb)
+        if sa == "ok":
+            m.regression = True
+            m.reason = f"cell failed: {b.get('error') or sb}"
+        elif sb == "ok":
+            m.improvement = True
+        cell.metrics.append(m)
+        return cell
+    for m in (_speedup(a, b, threshold), _accuracy(a, b, accuracy_threshold)):
+        if m is not None:
+            cell.metrics.append(m)
+    cell.metrics += _rel_errors(a, b, threshold)
+    return cell
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 0.05,
+                 accuracy_threshold: float = 0.5) -> Comparison:
+    """Compare two runs (a run directory or a results.jsonl file each); B is judged against A."""
+    for name, v in (("threshold", threshold), ("accuracy_threshold", accuracy_threshold)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UsageError(f"{name} must be a number >= 0, got {v!r}")
+    pa, rows_a = _load(run_a, "A")
+    pb, rows_b = _load(run_b, "B")
+    pairs, only_a, only_b = _match(rows_a, rows_b)
+    cells = [compare_rows(a, b, threshold=threshold, accuracy_threshold=accuracy_threshold, matched_on=how)
+             for a, b, how in pairs]
+    return Comparison(pa, pb, float(threshold), float(accuracy_threshold), cells, only_a, only_b)
+
+
+# -- display ----------------------------------------------------------------------------------
+def _short(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={_short(x)}" for k, x in v.items()) or "–"
+    if isinstance(v, (list, tuple)):
+        return "+".join(_short(x) for x in v)
+    return str(v)
+
+
+def _varying_axes(rows: list[dict]) -> list[str]:
+    shown = [k for k in AXES if len({_canon(r.get(k)) for r in rows}) > 1]
+    for k in ("decomposer", "model"):
+        if k not in shown:
+            shown.insert(0, k)
+    return [k for k in AXES if k in shown]
+
+
+def _fmt_speedup(v, ci) -> str:
+    if v is None:
+        return "–"
+    s = f"{v:.2f}"
+    if ci:
+        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return s
+
+
+def comparison_table(result: Comparison):
+    from rich.table import Table
+
+    rows = [c.a for c in result.cells] + [c.b for c in result.cells] + result.only_a + result.only_b
+    axes = _varying_axes(rows)
+    t = Table(title=f"cpbench compare: A = {result.run_a}  →  B = {result.run_b}")
+    for k in axes:
+        t.add_column(k.replace("_", " "))
+    for col in ("speedup A [95% CI]", "speedup B [95% CI]", "Δ speedup", "acc A→B %", "rel_error A→B", "verdict"):
+        t.add_column(col, justify="right" if col != "verdict" else "left")
+    for c in result.cells:
+        cols = [_short(c.axes.get(k)) for k in axes]
+        st = c.metric("status")
+        if st is not None:
+            verdict = ("[red]REGRESSION[/red] " + st.reason) if st.regression else f"status {st.a} → {st.b}"
+            t.add_row(*cols, "", "", "", "", "", verdict)
+            continue
+        sp = c.metric("speedup")
+        acc = c.metric("accuracy")
+        errs = [m for m in c.metrics if m.metric.startswith("rel_error")]
+        dsp = "–" if sp is None else f"{100 * sp.change:+.1f} %"
+        if sp is not None and sp.regression:
+            dsp = f"[red]{dsp}[/red]"
+        elif sp is not None and sp.improvement:
+            dsp = f"[green]{dsp}[/green]"
+        acc_s = "–" if acc is None else f"{100 * acc.a:.1f}→{100 * acc.b:.1f} ({acc.change:+.2f})"
+        err_s = " ".join(f"{m.a:.3g}→{m.b:.3g}" for m in errs) or "–"
+        if c.regressions:
+            verdict = "[red]REGRESSION[/red] " + "; ".join(m.reason for m in c.regressions)
+        elif c.improvements:
+            verdict = "[green]improved[/green] " + ", ".join(m.metric for m in c.improvements)
+        else:
+            notes = [m.reason for m in c.metrics if m.reason]
+            verdict = "ok" + (f" ({'; '.join(notes)})" if notes else "")
+        t.add_row(*cols, _fmt_speedup(sp and sp.a, sp and sp.a_ci), _fmt_speedup(sp and sp.b, sp and sp.b_ci),
+                  dsp, acc_s, err_s, verdict)
+    return t
+
+
+def print_comparison(result: Comparison, console=None) -> None:
+    """Print the table, the cells found in only one run, and a one-line verdict."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    console.print(comparison_table(result))
+    rows = result.only_a + result.only_b
+    axes = _varying_axes(rows + [c.a for c in result.cells]) if rows else []
+    for label, only in (("only in A", result.only_a), ("only in B", result.only_b)):
+        for r in only:
+            desc = " ".join(f"{k}={_short(r.get(k))}" for k in axes)
+            console.print(f"{label}: {desc} (status {r.get('status')})", highlight=False)
+    n_reg = len(result.regressions)
+    summary = (f"{len(result.cells)} cells compared, {len(result.only_a)} only in A, {len(result.only_b)} only in B; "
+               f"threshold {100 * result.threshold:.0f} % relative, accuracy {result.accuracy_threshold:g} points")
+    console.print(summary, highlight=False)
+    if n_reg:
+        console.print(f"[red]{n_reg} regression(s)[/red] in {len({id(c) for c, _ in result.regressions})} cell(s)")
+    else:
+        console.print("[green]no regressions[/green]")

@@ -1,0 +1,111 @@
+"""The results file: ``results.jsonl``, one JSON object per finished cell, appended and flushed.
+
+A crash can leave at most a torn last line; :func:`read_results` detects and drops it (and
+:class:`ResultSink` truncates it before appending), so ``--resume`` never sees a corrupt row.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["RESULTS_FILE", "ResultSink", "read_results", "finished_keys", "jsonable"]
+
+RESULTS_FILE = "results.jsonl"
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types only: tensors → lists, tuples → lists, NaN/inf → None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return jsonable(value.item())
+    return repr(value)
+
+
+def _scan(path: Path) -> tuple[list[dict], int, bool]:
+    """Rows, the byte offset where a torn tail starts (file size if none), and whether there is one.
+
+    Only the tail can be torn by a crash: an unterminated last line, or an unparsable last line.
+    A bad line in the middle (e.g. two writers on one file) is skipped, never truncated away, so
+    the good rows after it are not lost.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    rows: list[dict] = []
+    lines = data.split(b"\n")
+    pos, tail_start = 0, len(data)
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1  # the segment after the final newline ("" when the file ends well)
+        end = pos + len(line) + (0 if last else 1)
+        if line.strip():
+            try:
+                row = json.loads(line)
+                if last or not isinstance(row, dict):
+                    raise ValueError("unterminated or not an object")
+                rows.append(row)
+            except ValueError:
+                if last or all(not l.strip() for l in lines[i + 1:]):
+                    tail_start = pos
+                    break
+        pos = end
+    return rows, tail_start, tail_start < len(data)
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Every complete row of a results file (or of ``DIR/results.jsonl``); a torn tail is dropped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise UsageError(f"no results file at {path}")
+    return _scan(path)[0]
+
+
+def finished_keys(path: str | Path) -> set[str]:
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    return {r["cell_key"] for r in _scan(path)[0] if "cell_key" in r}
+
+
+class ResultSink:
+    """Appends rows to a results file, one flushed and fsynced line per row."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped_torn_line = False
+        if self.path.exists():
+            _, tail_start, torn = _scan(self.path)
+            if torn:
+                with open(self.path, "r+b") as f:
+                    f.truncate(tail_start)
+                self.dropped_torn_line = True
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
