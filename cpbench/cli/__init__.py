@@ -1,4 +1,4 @@
 """The ``cpbench`` command line (entry point ``cpbench.cli:main``)."""
-from .main import build_parser, main
+from .commands import build_parser, main
 
 __all__ = ["main", "build_parser"]

@@ -1,6 +1,6 @@
 """``python -m cpbench.cli``: the same as the ``cpbench`` command."""
 import sys
 
-from .main import main
+from .commands import main
 
 sys.exit(main())

@@ -118,6 +118,12 @@ class Plugins:
                 if impl.plugin_name in self.info and added:
                     self.info[impl.plugin_name].provides.setdefault(kind, []).extend(added)
 
+    def __reduce__(self):
+        # A plugin set does not travel: in another process (a Dask worker, a cell's child process) it is
+        # that process's own, loaded from the same entry points (executors ship the modules of directly
+        # registered plugins by name).
+        return (get_plugins, ())
+
     # -- access ------------------------------------------------------------------------------
     @property
     def decomposers(self) -> Registry:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..run.record import AXIS_KEYS, CellResult
 from ..run.results import RESULTS_FILE, read_results
 
 __all__ = [
@@ -42,8 +43,7 @@ __all__ = [
     "comparison_table",
 ]
 
-AXES = ("model", "model_params", "layers", "decomposer", "decomposer_options", "rank_spec", "backend",
-        "threads", "batch", "finetune_epochs", "seed")
+AXES = AXIS_KEYS
 REL_ERROR_ABS_FLOOR = 1e-6
 
 
@@ -107,7 +107,7 @@ def _load(path: str | Path, which: str) -> tuple[str, list[dict]]:
     if not p.exists():
         raise UsageError(f"run {which} not found: {p} (give a run directory or a {RESULTS_FILE} file)")
     rows = read_results(p)  # UsageError when a directory holds no results file
-    rows = [r for r in rows if isinstance(r, dict) and r.get("status") is not None]
+    rows = [r for r in rows if isinstance(r, dict) and CellResult.from_row(r).status is not None]
     if not rows:
         shown = p / RESULTS_FILE if p.is_dir() else p
         raise UsageError(f"run {which} has no result rows: {shown}")
@@ -119,7 +119,11 @@ def _canon(v: Any) -> str:
 
 
 def axes_key(row: dict) -> str:
-    return _canon({k: row.get(k) for k in AXES})
+    return _canon(CellResult.from_row(row).axis_values())
+
+
+def _cell_key(row: dict) -> str | None:
+    return CellResult.from_row(row).cell_key
 
 
 def _dedupe(rows: list[dict], keyf) -> dict[str, dict]:
@@ -130,19 +134,19 @@ def _dedupe(rows: list[dict], keyf) -> dict[str, dict]:
         if k is None:
             continue
         prev = out.get(k)
-        if prev is None or r.get("status") == "ok" or prev.get("status") != "ok":
+        if prev is None or CellResult.from_row(r).ok or not CellResult.from_row(prev).ok:
             out[k] = r
     return out
 
 
 def _match(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[tuple[dict, dict, str]], list[dict], list[dict]]:
-    by_key_a = _dedupe(rows_a, lambda r: r.get("cell_key"))
-    by_key_b = _dedupe(rows_b, lambda r: r.get("cell_key"))
+    by_key_a = _dedupe(rows_a, _cell_key)
+    by_key_b = _dedupe(rows_b, _cell_key)
     pairs = [(by_key_a[k], by_key_b[k], "cell_key") for k in by_key_a if k in by_key_b]
     matched_a = {id(a) for a, _, _ in pairs}
     matched_b = {id(b) for _, b, _ in pairs}
-    rest_a = [r for r in _dedupe(rows_a, lambda r: r.get("cell_key") or axes_key(r)).values() if id(r) not in matched_a]
-    rest_b = [r for r in _dedupe(rows_b, lambda r: r.get("cell_key") or axes_key(r)).values() if id(r) not in matched_b]
+    rest_a = [r for r in _dedupe(rows_a, lambda r: _cell_key(r) or axes_key(r)).values() if id(r) not in matched_a]
+    rest_b = [r for r in _dedupe(rows_b, lambda r: _cell_key(r) or axes_key(r)).values() if id(r) not in matched_b]
     ax_a = _dedupe(rest_a, axes_key)
     ax_b = _dedupe(rest_b, axes_key)
     pairs += [(ax_a[k], ax_b[k], "axes") for k in ax_a if k in ax_b]
@@ -164,11 +168,11 @@ def _ci(v) -> tuple[float, float] | None:
     return None
 
 
-def _speedup(a: dict, b: dict, threshold: float) -> MetricChange | None:
-    sa, sb = _num(a.get("speedup")), _num(b.get("speedup"))
+def _speedup(a: CellResult, b: CellResult, threshold: float) -> MetricChange | None:
+    sa, sb = _num(a.speedup), _num(b.speedup)
     if sa is None or sb is None or sa <= 0:
         return None
-    ca, cb = _ci(a.get("speedup_ci")), _ci(b.get("speedup_ci"))
+    ca, cb = _ci(a.speedup_ci), _ci(b.speedup_ci)
     change = sb / sa - 1
     m = MetricChange("speedup", sa, sb, change, ca, cb)
     overlap = None if ca is None or cb is None else not (cb[1] < ca[0] or cb[0] > ca[1])
@@ -185,13 +189,8 @@ def _speedup(a: dict, b: dict, threshold: float) -> MetricChange | None:
     return m
 
 
-def _accuracy_after(r: dict) -> float | None:
-    ft = _num(r.get("accuracy_finetuned"))
-    return ft if ft is not None else _num(r.get("accuracy_decomposed"))
-
-
-def _accuracy(a: dict, b: dict, points: float) -> MetricChange | None:
-    xa, xb = _accuracy_after(a), _accuracy_after(b)
+def _accuracy(a: CellResult, b: CellResult, points: float) -> MetricChange | None:
+    xa, xb = _num(a.accuracy_after()), _num(b.accuracy_after())
     if xa is None or xb is None:
         return None
     change = 100 * (xb - xa)  # percentage points
@@ -204,8 +203,8 @@ def _accuracy(a: dict, b: dict, points: float) -> MetricChange | None:
     return m
 
 
-def _rel_errors(a: dict, b: dict, threshold: float) -> list[MetricChange]:
-    ea, eb = a.get("rel_error"), b.get("rel_error")
+def _rel_errors(a: CellResult, b: CellResult, threshold: float) -> list[MetricChange]:
+    ea, eb = a.rel_error, b.rel_error
     if not isinstance(ea, dict):
         ea = {"": ea}
     if not isinstance(eb, dict):
@@ -233,20 +232,21 @@ def compare_rows(a: dict, b: dict, *, threshold: float = 0.05, accuracy_threshol
                  matched_on: str = "cell_key") -> CellComparison:
     """Compare one cell's row before (``a``) and after (``b``)."""
     cell = CellComparison({k: b.get(k, a.get(k)) for k in AXES}, a, b, matched_on)
-    sa, sb = a.get("status"), b.get("status")
+    ra, rb = CellResult.from_row(a), CellResult.from_row(b)
+    sa, sb = ra.status, rb.status
     if sa != "ok" or sb != "ok":
         m = MetricChange("status", sa, sb)
         if sa == "ok":
             m.regression = True
-            m.reason = f"cell failed: {b.get('error') or sb}"
+            m.reason = f"cell failed: {rb.error or sb}"
         elif sb == "ok":
             m.improvement = True
         cell.metrics.append(m)
         return cell
-    for m in (_speedup(a, b, threshold), _accuracy(a, b, accuracy_threshold)):
+    for m in (_speedup(ra, rb, threshold), _accuracy(ra, rb, accuracy_threshold)):
         if m is not None:
             cell.metrics.append(m)
-    cell.metrics += _rel_errors(a, b, threshold)
+    cell.metrics += _rel_errors(ra, rb, threshold)
     return cell
 
 
@@ -276,7 +276,7 @@ def _short(v: Any) -> str:
 
 
 def _varying_axes(rows: list[dict]) -> list[str]:
-    shown = [k for k in AXES if len({_canon(r.get(k)) for r in rows}) > 1]
+    shown = [k for k in AXES if len({_canon(CellResult.from_row(r).axis_values()[k]) for r in rows}) > 1]
     for k in ("decomposer", "model"):
         if k not in shown:
             shown.insert(0, k)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..run.record import CellResult
 from ..run.results import RESULTS_FILE, read_results
 from .tables import row_summary, summary_columns
 
@@ -69,7 +70,7 @@ def load_rows(run_dir: str | Path) -> list[dict]:
         raise UsageError(f"{run_dir / RESULTS_FILE} has no rows: nothing to report (did the run finish a cell?)")
     by_key: dict = {}
     for i, r in enumerate(rows):
-        by_key[r.get("cell_key") or f"#{i}"] = r
+        by_key[CellResult.from_row(r).cell_key or f"#{i}"] = r
     return list(by_key.values())
 
 
@@ -111,7 +112,7 @@ def pareto_plots(rows: list[dict]) -> list[Plot]:
            "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: noisy timings.")
     title = "Speedup against accuracy drop"
     pts = P.pareto_points(rows)
-    if not any(r.get("status") == "ok" for r in rows):
+    if not _any_ok(rows):
         return [Plot("pareto", title, cap, note=_NO_OK)]
     if not pts:
         return [Plot("pareto", title, cap,
@@ -166,7 +167,7 @@ def accuracy_rank_plot(rows: list[dict]) -> Plot:
 
 
 def _any_ok(rows) -> bool:
-    return any(r.get("status") == "ok" for r in rows)
+    return any(CellResult.from_row(r).ok for r in rows)
 
 
 def build_plots(rows: list[dict]) -> list[Plot]:
@@ -187,7 +188,7 @@ def _cell(v) -> str:
 
 
 def _failures(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("status") != "ok"]
+    return [r for r in rows if not CellResult.from_row(r).ok]
 
 
 def _flatten(d, prefix="") -> list[tuple[str, str]]:
@@ -202,24 +203,26 @@ def _flatten(d, prefix="") -> list[tuple[str, str]]:
 
 
 def _groups(rows: list[dict], field: str, drop=()) -> list[tuple[list[str], dict]]:
-    """Distinct values of a row field (ignoring keys in ``drop``) with the hosts that reported them."""
+    """Distinct values of a :class:`CellResult` field (ignoring keys in ``drop``) with the hosts that
+    reported them."""
     seen: dict[str, tuple[list[str], dict]] = {}
-    for r in rows:
-        v = r.get(field)
+    for c in (CellResult.from_row(r) for r in rows):
+        v = getattr(c, field)
         if not isinstance(v, dict):
             continue
         v = {k: x for k, x in v.items() if k not in drop}
         key = json.dumps(v, sort_keys=True, default=str)
         hosts, _ = seen.setdefault(key, ([], v))
-        h = str(r.get("host") or v.get("hostname") or "?")
+        h = str(c.host or v.get("hostname") or "?")
         if h not in hosts:
             hosts.append(h)
     return list(seen.values())
 
 
 def _counts(rows) -> str:
-    ok = sum(r.get("status") == "ok" for r in rows)
-    noisy = sum(bool(r.get("noisy")) for r in rows if r.get("status") == "ok")
+    cells = [CellResult.from_row(r) for r in rows]
+    ok = sum(c.ok for c in cells)
+    noisy = sum(bool(c.noisy) for c in cells if c.ok)
     return f"{len(rows)} cells: {ok} ok, {len(rows) - ok} failed, {noisy} with noisy timings"
 
 
@@ -340,7 +343,7 @@ def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: s
         trs = []
         for r in fails:
             s = row_summary(r)
-            tb = r.get("traceback")
+            tb = CellResult.from_row(r).traceback
             err = _e(s["error"]) + (f"<details><summary>traceback</summary><pre>{_e(tb)}</pre></details>" if tb else "")
             trs.append(f"<tr><td>{_e(s['model'])}</td><td>{_e(s['decomposer'])}</td><td>{_e(s['rank'])}</td>"
                        f"<td>{_e(s['backend'])}</td><td>{_e(_cell(s['threads']))}</td><td>{_e(_cell(s['batch']))}</td>"

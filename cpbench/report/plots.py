@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ..run.record import CellResult
 from .tables import accuracy_drop  # noqa: F401  (one definition for tables, plots and exports)
 
 __all__ = [
@@ -66,17 +67,17 @@ def rank_label(rank: Any) -> str:
     return str(rank)
 
 
-def _ok(rows):
-    return [r for r in rows if r.get("status") == "ok"]
+def _ok(rows: list[dict]) -> list[CellResult]:
+    return [c for c in (CellResult.from_row(r) for r in rows) if c.ok]
 
 
-def _model_label(row: dict) -> str:
+def _model_label(c: CellResult) -> str:
     """The model as the summary table shows it: ``model_label`` if the row has one, else name(params)."""
-    if row.get("model_label"):
-        return str(row["model_label"])
-    model = str(row.get("model"))
-    if row.get("model_params"):
-        model += "(" + ",".join(f"{k}={v}" for k, v in row["model_params"].items()) + ")"
+    if c.model_label:
+        return str(c.model_label)
+    model = str(c.model)
+    if c.model_params:
+        model += "(" + ",".join(f"{k}={v}" for k, v in c.model_params.items()) + ")"
     return model
 
 
@@ -84,8 +85,8 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _row_rank(row: dict) -> tuple[float | None, str]:
-    ranks = row.get("rank")
+def _row_rank(c: CellResult) -> tuple[float | None, str]:
+    ranks = c.rank
     if isinstance(ranks, dict) and ranks:
         xs = [rank_x(v) for v in ranks.values()]
         labels = {rank_label(v) for v in ranks.values()}
@@ -96,8 +97,7 @@ def _row_rank(row: dict) -> tuple[float | None, str]:
         return sum(xs) / len(xs), rank_label(ranks)
     x = rank_x(ranks)
     if x is None:
-        x = rank_x(row.get("rank_spec"))
-        return x, rank_label(row.get("rank_spec"))
+        return rank_x(c.rank_spec), rank_label(c.rank_spec)
     return x, rank_label(ranks)
 
 
@@ -123,18 +123,18 @@ class ParetoPoint:
 def pareto_points(rows: list[dict]) -> list[ParetoPoint]:
     """One point per ok cell that has a measured speedup and an accuracy drop, in row order."""
     out = []
-    for r in _ok(rows):
-        sp, drop = _num(r.get("speedup")), accuracy_drop(r)
+    for c in _ok(rows):
+        sp, drop = _num(c.speedup), c.accuracy_drop()
         if sp is None or drop is None:
             continue
-        ci = r.get("speedup_ci") or [None, None]
+        ci = c.speedup_ci or [None, None]
         lo, hi = _num(ci[0]), _num(ci[1])
         out.append(ParetoPoint(
-            model=_model_label(r), decomposer=str(r.get("decomposer")), rank=_row_rank(r)[1],
-            backend=str(r.get("backend")), threads=r.get("threads"), batch=r.get("batch"),
-            finetune_epochs=r.get("finetune_epochs"), drop=drop, speedup=sp,
+            model=_model_label(c), decomposer=str(c.decomposer), rank=_row_rank(c)[1],
+            backend=str(c.backend), threads=c.threads, batch=c.batch,
+            finetune_epochs=c.finetune_epochs, drop=drop, speedup=sp,
             speedup_lo=sp if lo is None else lo, speedup_hi=sp if hi is None else hi,
-            noisy=bool(r.get("noisy")), cell_key=r.get("cell_key"), model_name=str(r.get("model"))))
+            noisy=bool(c.noisy), cell_key=c.cell_key, model_name=str(c.model)))
     return out
 
 
@@ -171,10 +171,10 @@ class EfficiencyPoint:
 def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
     """One point per (ok cell, layer) with both a measured and a theoretical layer speedup."""
     out = []
-    for r in _ok(rows):
-        meas, theo = r.get("layer_speedup") or {}, r.get("layer_theoretical_speedup") or {}
-        cis, ranks = r.get("layer_speedup_ci") or {}, r.get("rank") if isinstance(r.get("rank"), dict) else {}
-        layer_noisy = r.get("layer_noisy") if isinstance(r.get("layer_noisy"), dict) else {}
+    for c in _ok(rows):
+        meas, theo = c.layer_speedup or {}, c.layer_theoretical_speedup or {}
+        cis, ranks = c.layer_speedup_ci or {}, c.rank if isinstance(c.rank, dict) else {}
+        layer_noisy = c.layer_noisy if isinstance(c.layer_noisy, dict) else {}
         for layer, m in meas.items():
             m, t = _num(m), _num(theo.get(layer))
             if m is None or t is None:
@@ -182,10 +182,10 @@ def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
             ci = cis.get(layer) or [None, None]
             lo, hi = _num(ci[0]), _num(ci[1])
             out.append(EfficiencyPoint(
-                model=_model_label(r), layer=str(layer), backend=str(r.get("backend")),
-                decomposer=str(r.get("decomposer")), rank=rank_label(ranks.get(layer, r.get("rank_spec"))),
+                model=_model_label(c), layer=str(layer), backend=str(c.backend),
+                decomposer=str(c.decomposer), rank=rank_label(ranks.get(layer, c.rank_spec)),
                 theoretical=t, measured=m, measured_lo=m if lo is None else lo, measured_hi=m if hi is None else hi,
-                noisy=bool(layer_noisy.get(layer, r.get("noisy"))), cell_key=r.get("cell_key")))
+                noisy=bool(layer_noisy.get(layer, c.noisy)), cell_key=c.cell_key))
     return out
 
 
@@ -206,18 +206,18 @@ def error_rank_points(rows: list[dict]) -> list[ErrorRankPoint]:
     rel_error), so they collapse into one point; different seeds giving different errors stay apart.
     """
     seen = set()
-    for r in _ok(rows):
-        errs = r.get("rel_error") or {}
-        ranks = r.get("rank") if isinstance(r.get("rank"), dict) else {}
+    for c in _ok(rows):
+        errs = c.rel_error or {}
+        ranks = c.rank if isinstance(c.rank, dict) else {}
         if not isinstance(errs, dict):
             continue
         for layer, e in errs.items():
             e = _num(e)
-            rk = ranks.get(layer, r.get("rank_spec"))
+            rk = ranks.get(layer, c.rank_spec)
             x = rank_x(rk)
             if e is None or x is None:
                 continue
-            seen.add(ErrorRankPoint(_model_label(r), str(layer), str(r.get("decomposer")), rank_label(rk), x, e))
+            seen.add(ErrorRankPoint(_model_label(c), str(layer), str(c.decomposer), rank_label(rk), x, e))
     return sorted(seen, key=lambda p: (p.model, p.layer, p.decomposer, p.rank_x, p.rel_error))
 
 
@@ -236,14 +236,14 @@ class AccuracyRankPoint:
 def accuracy_rank_points(rows: list[dict]) -> list[AccuracyRankPoint]:
     """One point per distinct (model, decomposer, rank, epochs, accuracies), sorted; percent."""
     seen = set()
-    for r in _ok(rows):
-        base, dec = _num(r.get("accuracy_base")), _num(r.get("accuracy_decomposed"))
-        x, label = _row_rank(r)
+    for c in _ok(rows):
+        base, dec = _num(c.accuracy_base), _num(c.accuracy_decomposed)
+        x, label = _row_rank(c)
         if base is None or dec is None or x is None:
             continue
-        ft = _num(r.get("accuracy_finetuned"))
-        seen.add(AccuracyRankPoint(_model_label(r), str(r.get("decomposer")), label, x,
-                                   int(r.get("finetune_epochs") or 0), 100 * base, 100 * dec,
+        ft = _num(c.accuracy_finetuned)
+        seen.add(AccuracyRankPoint(_model_label(c), str(c.decomposer), label, x,
+                                   int(c.finetune_epochs or 0), 100 * base, 100 * dec,
                                    None if ft is None else 100 * ft))
     return sorted(seen, key=lambda p: (p.model, p.decomposer, p.finetune_epochs, p.rank_x, p.rank))
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..run.record import CellResult
+
 __all__ = ["results_table", "summary_columns", "row_summary"]
 
 
@@ -27,38 +29,36 @@ def _acc(v):
 def reference_accuracy(r: dict) -> float | None:
     """The accuracy a drop is measured from: the base network's, or, when the run fine-tuned the base
     with the same recipe as a control (``[run] finetune_control``), the better of the two."""
-    vals = [v for v in (r.get("accuracy_base"), r.get("accuracy_base_finetuned")) if v is not None]
-    return max(vals) if vals else None
+    return CellResult.from_row(r).reference_accuracy()
 
 
 def accuracy_drop(r: dict) -> float | None:
     """Points lost: reference accuracy minus the fine-tuned (else decomposed) accuracy."""
-    ref = reference_accuracy(r)
-    after = r.get("accuracy_finetuned") if r.get("accuracy_finetuned") is not None else r.get("accuracy_decomposed")
-    return None if ref is None or after is None else 100 * (ref - after)
+    return CellResult.from_row(r).accuracy_drop()
 
 
 def row_summary(r: dict) -> dict:
     """The flat summary of one result row (the table's columns; also the CSV export)."""
-    ci = r.get("speedup_ci") or [None, None]
-    drop = accuracy_drop(r)
-    model = r.get("model")
-    if r.get("model_label"):
-        model = r["model_label"]
-    elif r.get("model_params"):
-        model = f"{model}({','.join(f'{k}={v}' for k, v in r['model_params'].items())})"
+    c = CellResult.from_row(r)
+    ci = c.speedup_ci or [None, None]
+    drop = c.accuracy_drop()
+    model = c.model
+    if c.model_label:
+        model = c.model_label
+    elif c.model_params:
+        model = f"{model}({','.join(f'{k}={v}' for k, v in c.model_params.items())})"
     return {
-        "status": r.get("status"), "model": model, "decomposer": r.get("decomposer"),
-        "rank": _per_layer(r.get("rank") if r.get("rank") is not None else r.get("rank_spec")),
-        "backend": r.get("backend"), "threads": r.get("threads"), "batch": r.get("batch"),
-        "finetune_epochs": r.get("finetune_epochs"), "rel_error": _per_layer(r.get("rel_error")),
-        "acc_base": _acc(r.get("accuracy_base")), "acc_base_finetuned": _acc(r.get("accuracy_base_finetuned")),
-        "acc_decomposed": _acc(r.get("accuracy_decomposed")),
-        "acc_finetuned": _acc(r.get("accuracy_finetuned")), "acc_drop": None if drop is None else round(drop, 2),
-        "theoretical_speedup": r.get("theoretical_speedup"), "speedup": r.get("speedup"),
-        "speedup_lo": ci[0], "speedup_hi": ci[1], "noisy": bool(r.get("noisy")),
-        "baseline_ms": r.get("baseline_ms"), "compressed_ms": r.get("compressed_ms"),
-        "error": r.get("error"),
+        "status": c.status, "model": model, "decomposer": c.decomposer,
+        "rank": _per_layer(c.rank if c.rank is not None else c.rank_spec),
+        "backend": c.backend, "threads": c.threads, "batch": c.batch,
+        "finetune_epochs": c.finetune_epochs, "rel_error": _per_layer(c.rel_error),
+        "acc_base": _acc(c.accuracy_base), "acc_base_finetuned": _acc(c.accuracy_base_finetuned),
+        "acc_decomposed": _acc(c.accuracy_decomposed),
+        "acc_finetuned": _acc(c.accuracy_finetuned), "acc_drop": None if drop is None else round(drop, 2),
+        "theoretical_speedup": c.theoretical_speedup, "speedup": c.speedup,
+        "speedup_lo": ci[0], "speedup_hi": ci[1], "noisy": bool(c.noisy),
+        "baseline_ms": c.baseline_ms, "compressed_ms": c.compressed_ms,
+        "error": c.error,
     }
 
 
@@ -89,36 +89,35 @@ def results_table(rows: list[dict], *, title: str = "cpbench results") -> Table:
     return t
 
 
-def _group_key(r: dict) -> tuple:
+def _group_key(c: CellResult) -> tuple:
     import json
 
-    return (r.get("model"), json.dumps(r.get("model_params"), sort_keys=True), r.get("decomposer"),
-            json.dumps(r.get("decomposer_options"), sort_keys=True), json.dumps(r.get("rank_spec"), sort_keys=True),
-            r.get("finetune_epochs"), r.get("seed"), r.get("backend"), r.get("threads"))
+    return (c.model, json.dumps(c.model_params, sort_keys=True), c.decomposer,
+            json.dumps(c.decomposer_options, sort_keys=True), json.dumps(c.rank_spec, sort_keys=True),
+            c.finetune_epochs, c.seed, c.backend, c.threads)
 
 
 def paper_rows(rows: list[dict]) -> list[dict]:
     """One row per decomposition (batch sizes side by side), as the paper's table reads."""
     groups: dict[tuple, dict] = {}
-    for r in rows:
-        if r.get("status") != "ok":
+    for c in (CellResult.from_row(r) for r in rows):
+        if not c.ok:
             continue
-        g = groups.setdefault(_group_key(r), {"row": r, "by_batch": {}})
-        g["by_batch"][r.get("batch")] = r
+        g = groups.setdefault(_group_key(c), {"cell": c, "by_batch": {}})
+        g["by_batch"][c.batch] = c
     out = []
     for g in groups.values():
-        r = g["row"]
-        base, dec, ft = r.get("accuracy_base"), r.get("accuracy_decomposed"), r.get("accuracy_finetuned")
+        c, by_batch = g["cell"], sorted(g["by_batch"].items())
         out.append({
-            "decomposer": r.get("decomposer"), "rank": r.get("rank"), "rel_error": r.get("rel_error"),
-            "backend": r.get("backend"), "threads": r.get("threads"), "finetune_epochs": r.get("finetune_epochs"),
-            "accuracy_base": base, "accuracy_base_finetuned": r.get("accuracy_base_finetuned"),
-            "accuracy_decomposed": dec, "accuracy_finetuned": ft, "accuracy_drop": accuracy_drop(r),
-            "theoretical_speedup": r.get("theoretical_speedup"),
-            "speedup": {b: (x.get("speedup"), x.get("speedup_ci"), x.get("noisy")) for b, x in sorted(g["by_batch"].items())},
-            "compressed_ms": {b: x.get("compressed_ms") for b, x in sorted(g["by_batch"].items())},
-            "layer_speedup": {b: x.get("layer_speedup") for b, x in sorted(g["by_batch"].items())},
-            "layer_theoretical_speedup": r.get("layer_theoretical_speedup"),
+            "decomposer": c.decomposer, "rank": c.rank, "rel_error": c.rel_error,
+            "backend": c.backend, "threads": c.threads, "finetune_epochs": c.finetune_epochs,
+            "accuracy_base": c.accuracy_base, "accuracy_base_finetuned": c.accuracy_base_finetuned,
+            "accuracy_decomposed": c.accuracy_decomposed, "accuracy_finetuned": c.accuracy_finetuned,
+            "accuracy_drop": c.accuracy_drop(), "theoretical_speedup": c.theoretical_speedup,
+            "speedup": {b: (x.speedup, x.speedup_ci, x.noisy) for b, x in by_batch},
+            "compressed_ms": {b: x.compressed_ms for b, x in by_batch},
+            "layer_speedup": {b: x.layer_speedup for b, x in by_batch},
+            "layer_theoretical_speedup": c.layer_theoretical_speedup,
         })
     return sorted(out, key=lambda x: (x["decomposer"], -(x["theoretical_speedup"] or 0)))
 
@@ -126,13 +125,13 @@ def paper_rows(rows: list[dict]) -> list[dict]:
 def fastest_baselines(rows: list[dict]) -> dict[tuple, tuple[float, str]]:
     """``(threads, batch) -> (baseline_ms, backend)``: the fastest original network over the run's backends."""
     best: dict[tuple, tuple[float, str]] = {}
-    for r in rows:
-        ms = r.get("baseline_ms")
-        if r.get("status") != "ok" or ms is None:
+    for c in (CellResult.from_row(r) for r in rows):
+        ms = c.baseline_ms
+        if not c.ok or ms is None:
             continue
-        key = (r.get("threads"), r.get("batch"))
+        key = (c.threads, c.batch)
         if key not in best or ms < best[key][0]:
-            best[key] = (ms, r.get("backend"))
+            best[key] = (ms, c.backend)
     return best
 
 

@@ -83,7 +83,7 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
     if progress is not None:
         progress.start(len(todo), skipped=len(cells) - len(todo))
     try:
-        ex.execute(todo, functools.partial(run_cell, ctx=ctx), emit,
+        ex.execute(todo, functools.partial(run_cell, ctx=ctx, plugins=plugins), emit,
                    step=(progress.step if progress is not None else None), **executor_options)
     finally:
         sink.close()

@@ -51,7 +51,7 @@ def test_second_run_recomputes_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decomposed again although cached")
 
-    monkeypatch.setattr("cpbench.run.cell.decompose_layer", boom)
+    monkeypatch.setattr("cpbench.run.stages.decompose_layer", boom)
     second = run_matrix(m, tmp_path / "b", ctx=ctx(tmp_path / "cache"))
     assert second.ok == 2
     a = {r["cell_key"]: r for r in read_results(tmp_path / "a")}

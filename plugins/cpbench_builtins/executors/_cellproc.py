@@ -31,15 +31,16 @@ STARTUP_TIMEOUT_S = 300.0  # importing torch on a busy machine can take a while
 def error_row(cell, message: str, **extra: Any) -> dict:
     """A result row for a cell that produced none itself (timed out, its worker died, ...)."""
     from cpbench.plugin.manager import get_plugins
-    from cpbench.run.cell import _axes_row, _versions
+    from cpbench.run.cell import axes_result, versions
 
-    row = _axes_row(cell)
-    row.update(status="error", error=message, host=socket.gethostname(), started_at=None)
-    row.update(extra)
+    result = axes_result(cell)
+    result.status, result.error, result.host = "error", message, socket.gethostname()
     try:
-        row["versions"] = _versions(get_plugins())
+        result.versions = versions(get_plugins())
     except Exception:  # never lose the row over its metadata
         pass
+    row = result.to_row()
+    row.update(extra)
     return row
 
 

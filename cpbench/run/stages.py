@@ -1,0 +1,374 @@
+"""The stages of one cell: base → compress → evaluate → fine-tune → measure (→ record, in ``record.py``).
+
+Each stage is a function of typed values with a dataclass out, so each can be called and tested
+alone (a one-layer ``conv`` model needs no training). Expensive values are shared between cells
+through :class:`cpbench.run.memo.Computation`: in this process first, then the disk cache.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..decomposition.factorization import Factorization
+from ..errors import CpbenchError, UsageError
+from ..measure.threads import thread_limits
+from ..measure.timing import PairedTiming, TimingBudget, time_pair
+from ..nn.flops import count_flops
+from ..nn.surgery import conv_layers, decompose_layer, layer_input_shapes, replace_layers
+from .cache import Cache, key_of
+from .matrix import Cell
+from .memo import Computation
+from .results import jsonable
+
+if TYPE_CHECKING:
+    from ..plugin.manager import Plugins
+    from .cell import RunContext
+
+__all__ = ["Base", "Compressed", "Evaluation", "FineTuned", "Flops", "Measurement", "StepFn",
+           "split_named", "base_model", "build_base", "compress", "evaluate", "fine_tune", "count_flops_of",
+           "measure"]
+
+StepFn = Callable[[str], None]
+
+# Shared between the cells of a process (sizes: a few networks, many decompositions and evaluations).
+BASES: Computation[nn.Module] = Computation("base networks", 4)
+DATA: Computation[Any] = Computation("data sets", 4)
+ACCURACY: Computation[float] = Computation("accuracies", 64)
+TRAINED: Computation[tuple] = Computation("trained weights", 0, namespace="models",
+                                          encode=lambda v: v, decode=lambda hit: hit)
+FACTORIZATIONS: Computation[tuple] = Computation(
+    "factorizations", 64, namespace="factorizations",
+    encode=lambda v: (v[0].factors, {"rel_error": v[0].rel_error, "info": jsonable(v[0].info), "rank": jsonable(v[1])}),
+    decode=lambda hit: (Factorization(hit[0], hit[1]["rel_error"], hit[1]["info"]), hit[1]["rank"], 0.0, True))
+FINETUNED: Computation[tuple] = Computation(
+    "fine-tuned networks", 4, namespace="finetuned",
+    encode=lambda v: (v[0].state_dict(), {"seconds": v[1], "accuracy": v[2]}))
+
+
+def split_named(spec: dict) -> tuple[str, dict]:
+    """``{"name": n, **params}`` -> ``(n, params)`` (a matrix's model and decomposer entries)."""
+    return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- base -------------------------------------------------------------------------------------
+@dataclass
+class Base:
+    """The network a cell starts from, and what the later stages need to know about it."""
+
+    spec: dict                              # the matrix's model entry
+    model: nn.Module
+    plugin: Any                             # the model plugin
+    layers: list[str]                       # the layers to replace
+    convs: dict[str, nn.Conv2d]
+    input_shape: tuple[int, ...]            # one sample, (C, H, W)
+    example: torch.Tensor                   # one seeded sample, batch 1
+    layer_shapes: dict[str, tuple[int, ...]]  # each selected layer's input shape for ``example``
+    label: str | None = None                # the model plugin's label, when it has one
+    dataset: str | None = None              # the data set it is trained and evaluated on
+
+    @functools.cached_property
+    def weights_key(self) -> str:
+        return weights_key(self.model)
+
+
+def dataset(plugins: "Plugins", name: str, split: str, ctx: "RunContext"):
+    size = ctx.dataset_size.get(split)
+    return DATA.get(key_of("data", name, split, size), lambda: plugins.datasets.get(name).load(split, seed=0, size=size))
+
+
+def base_model(model_spec: dict, ctx: "RunContext", *, plugins: "Plugins", step: StepFn = _quiet) -> nn.Module:
+    """The model a cell starts from: trained (cached by recipe) when the model has a data set."""
+    name, params = split_named(model_spec)
+    plugin = plugins.models.get(name)
+
+    def make() -> nn.Module:
+        from torch.random import fork_rng
+
+        with fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                model = plugin.build(**params)
+            except CpbenchError:
+                raise
+            except TypeError as exc:
+                raise UsageError(f"model {name!r}: {exc}") from None
+        model._cpbench_spec = {"name": name, "params": params}
+        data = getattr(plugin, "dataset", None)
+        if data:
+            _train_or_load(model, plugin, data, params, ctx, plugins, step)
+        return model.eval()
+
+    return BASES.get(key_of("base", name, params, ctx.dataset_size.get("train")), make)
+
+
+def _train_or_load(model: nn.Module, plugin, data: str, params: dict, ctx: "RunContext", plugins: "Plugins",
+                   step: StepFn) -> None:
+    from ..nn import training
+
+    recipe = getattr(plugin, "train_recipe", training.DEFAULT_RECIPE)
+    if ctx.dataset_size.get("train"):
+        recipe = recipe.replace(n_train=ctx.dataset_size["train"])
+    data_plugin = plugins.datasets.get(data)
+    key = training.recipe_hash(recipe, model=plugin.name, params=params, dataset=data,
+                               dataset_version=getattr(data_plugin, "version", None), dataset_repr=repr(data_plugin))
+    caches = [ctx.cache()]
+    if getattr(plugin, "weights_root", None) is not None:
+        caches.append(Cache(plugin.weights_root))  # shipped weights, hash-checked
+
+    def train() -> tuple:
+        step(f"training {plugin.name} (first run; cached afterwards)")
+        with thread_limits(ctx.train_threads):
+            history = training.train(model, dataset(plugins, data, "train", ctx), recipe)
+        return model.state_dict(), {"recipe": dataclasses.asdict(recipe), "seconds": history.get("seconds")}
+
+    state, _ = TRAINED.get(key, train, caches=caches)
+    model.load_state_dict(state)
+
+
+def build_base(cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn = _quiet) -> Base:
+    """Stage 1: the (trained) base network, the layers to replace and their input shapes."""
+    name, params = split_named(cell.model)
+    plugin = plugins.models.get(name)
+    model = base_model(cell.model, ctx, plugins=plugins, step=step)
+    if cell.layers == "auto":
+        layers = list(getattr(plugin, "default_layers", None) or conv_layers(model))
+    else:
+        layers = list(cell.layers)
+    convs = conv_layers(model, layers)
+    in_shape = tuple(plugin.input_shape(**params))
+    x1 = torch.randn(1, *in_shape, generator=torch.Generator().manual_seed(cell.seed))
+    return Base(spec=cell.model, model=model, plugin=plugin, layers=layers, convs=convs, input_shape=in_shape,
+                example=x1, layer_shapes=layer_input_shapes(model, x1, layers),
+                label=plugin.label(**params) if hasattr(plugin, "label") else None,
+                dataset=getattr(plugin, "dataset", None) or None)
+
+
+# -- compress ---------------------------------------------------------------------------------
+@dataclass
+class Compressed:
+    """The base network with its selected layers replaced by the decomposer's blocks."""
+
+    model: nn.Module
+    replacements: dict[str, nn.Module]
+    factorizations: dict[str, Factorization]
+    ranks: dict[str, Any]                   # the rank chosen per layer
+    decompose_seconds: dict[str, float]     # 0 for a cached decomposition
+    cached: dict[str, bool]
+
+    @functools.cached_property
+    def weights_key(self) -> str:
+        return weights_key(self.model)
+
+
+def layer_ranks(rank_spec: Any, layers: list[str]) -> dict[str, Any]:
+    """The rank spec of each layer: one spec for all, or a table naming exactly the layers."""
+    if isinstance(rank_spec, dict):
+        missing = [n for n in layers if n not in rank_spec]
+        extra = [n for n in rank_spec if n not in layers]
+        if missing or extra:
+            raise UsageError(f"rank table {rank_spec} must name exactly the layers {layers}")
+        return dict(rank_spec)
+    return {n: rank_spec for n in layers}
+
+
+def compress(base: Base, decomposer: Any, cell: Cell, ctx: "RunContext", step: StepFn = _quiet) -> Compressed:
+    """Stage 2: decompose each selected layer (cached, content-addressed) and replace it."""
+    ranks = layer_ranks(cell.rank, base.layers)
+    _, options = split_named(cell.decomposer)
+    facts, chosen, seconds, cached = {}, {}, {}, {}
+    for n in base.layers:
+        step(f"decomposing {n} with {decomposer.name}")
+        conv, in_hw = base.convs[n], list(base.layer_shapes[n][-2:])
+        key = key_of("fact", conv.weight, decomposer.name, getattr(decomposer, "version", "0"), ranks[n], options,
+                     cell.seed, in_hw)
+
+        def make(conv=conv, n=n, in_hw=in_hw):
+            start = time.perf_counter()
+            fact, rank = decompose_layer(conv, decomposer, ranks[n], name=n, seed=cell.seed, in_hw=tuple(in_hw),
+                                         options=options)
+            return fact, rank, time.perf_counter() - start, False
+
+        facts[n], chosen[n], seconds[n], cached[n] = FACTORIZATIONS.get(key, make, caches=[ctx.cache()])
+    replacements = {n: decomposer.build(base.convs[n], facts[n]) for n in base.layers}
+    return Compressed(replace_layers(base.model, replacements).eval(), replacements, facts, chosen, seconds, cached)
+
+
+# -- evaluate ---------------------------------------------------------------------------------
+@dataclass
+class Evaluation:
+    """Test accuracy before fine-tuning (None without a data set)."""
+
+    accuracy_base: float | None = None
+    accuracy_decomposed: float | None = None
+
+
+def accuracy(model: nn.Module, plugins: "Plugins", data: str, ctx: "RunContext", memo_key: str | None = None) -> float:
+    from ..nn.training import evaluate as _evaluate
+
+    test = dataset(plugins, data, "test", ctx)
+    if memo_key is None:
+        return _evaluate(model, test)
+    return ACCURACY.get(memo_key, lambda: _evaluate(model, test))
+
+
+def evaluate(base: Base, compressed: Compressed, ctx: "RunContext", plugins: "Plugins",
+             step: StepFn = _quiet) -> Evaluation:
+    """Stage 3: the base and the compressed network's test accuracy."""
+    if not base.dataset:
+        return Evaluation()
+    step("evaluating")
+    with thread_limits(ctx.train_threads):
+        # every weight of the compressed net identifies it: cells that differ only in backend,
+        # threads or batch share its evaluation and its fine-tuning
+        return Evaluation(
+            accuracy(base.model, plugins, base.dataset, ctx, memo_key=key_of("acc", base.spec, ctx.dataset_size)),
+            accuracy(compressed.model, plugins, base.dataset, ctx,
+                     memo_key=key_of("acc", compressed.weights_key, ctx.dataset_size)))
+
+
+# -- fine-tune --------------------------------------------------------------------------------
+@dataclass
+class FineTuned:
+    """The network to time: the fine-tuned compressed one, or the compressed one when not fine-tuned."""
+
+    model: nn.Module
+    accuracy_finetuned: float | None = None
+    finetune_seconds: float = 0.0
+    accuracy_base_finetuned: float | None = None  # the control arm ([run] finetune_control)
+    cached: bool | None = None                    # None: not fine-tuned
+
+
+def fine_tune(base: Base, compressed: Compressed, cell: Cell, ctx: "RunContext", plugins: "Plugins",
+              step: StepFn = _quiet) -> FineTuned:
+    """Stage 4: fine-tune the compressed network (and, with ``finetune_control``, the base alike)."""
+    if not base.dataset or cell.finetune_epochs <= 0:
+        return FineTuned(compressed.model)
+    with thread_limits(ctx.train_threads):
+        tkey = key_of("tuned", compressed.weights_key, cell.finetune_epochs, cell.seed, ctx.dataset_size,
+                      ctx.finetune_samples)
+        model, seconds, acc, hit = _finetuned(compressed.model, base, cell, ctx, plugins, step, tkey)
+        control = None
+        if ctx.finetune_control:  # the control arm: the base network, same recipe, same samples
+            bkey = key_of("tuned-base", base.weights_key, cell.finetune_epochs, cell.seed, ctx.dataset_size,
+                          ctx.finetune_samples)
+            control = _finetuned(base.model, base, cell, ctx, plugins, step, bkey)[2]
+    return FineTuned(model.eval(), acc, seconds, control, hit)
+
+
+def _finetuned(start: nn.Module, base: Base, cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn,
+               key: str) -> tuple[nn.Module, float, float, bool]:
+    from ..nn.training import FINETUNE_RECIPE, finetune, recipe_hash
+
+    recipe = getattr(base.plugin, "finetune_recipe", FINETUNE_RECIPE)
+    recipe = recipe.replace(epochs=cell.finetune_epochs, seed=cell.seed)
+    if ctx.finetune_samples or ctx.dataset_size.get("train"):
+        recipe = recipe.replace(n_train=ctx.finetune_samples or ctx.dataset_size["train"])
+    model = copy.deepcopy(start)
+
+    def train() -> tuple[nn.Module, float, float, bool]:
+        step(f"fine-tuning {cell.finetune_epochs} epoch(s)")
+        t0 = time.perf_counter()
+        finetune(model, dataset(plugins, base.dataset, "train", ctx), recipe)
+        model.eval()
+        seconds = time.perf_counter() - t0
+        return model, seconds, accuracy(model, plugins, base.dataset, ctx), False
+
+    def load(hit) -> tuple[nn.Module, float, float, bool]:
+        model.load_state_dict(hit[0])
+        return model.eval(), hit[1]["seconds"], hit[1]["accuracy"], True
+
+    return FINETUNED.get(f"{key}-{recipe_hash(recipe)}", train, caches=[ctx.cache()], decode=load)
+
+
+# -- measure ----------------------------------------------------------------------------------
+@dataclass
+class Flops:
+    """FLOPs of one sample (``torch.utils.flop_counter``), of the whole networks and of each layer."""
+
+    baseline: int
+    compressed: int
+    layer_theoretical_speedup: dict[str, float]
+
+    @property
+    def theoretical_speedup(self) -> float:
+        return self.baseline / max(self.compressed, 1)
+
+
+def count_flops_of(base: Base, compressed: Compressed, model: nn.Module) -> Flops:
+    """Stage 5a: the FLOP ratio of the networks and of each replaced layer alone."""
+    layer = {}
+    for n in base.layers:
+        xin = torch.randn(*base.layer_shapes[n])
+        layer[n] = count_flops(base.convs[n], xin) / max(count_flops(compressed.replacements[n], xin), 1)
+    return Flops(count_flops(base.model, base.example), count_flops(model, base.example), layer)
+
+
+@dataclass
+class Measurement:
+    """Paired timings of baseline and compressed on the cell's backend, threads and batch."""
+
+    allocator: dict
+    timing: PairedTiming
+    backend_info: dict
+    thread_state: dict
+    layer_speedup: dict[str, float] | None = None
+    layer_speedup_ci: dict[str, list[float]] | None = None
+    layer_noisy: dict[str, bool] | None = None
+
+
+def time_models(backend: Any, base: nn.Module, compressed: nn.Module, x: torch.Tensor, threads: int,
+                budget: TimingBudget) -> tuple[PairedTiming, dict]:
+    """Prepare both networks on ``backend`` and time them side by side; the timing and both preparations' info."""
+    pa = backend.prepare(base, x, threads=threads)
+    try:
+        pb = backend.prepare(compressed, x, threads=threads)
+        try:
+            xa, xb = pa.convert_input(x), pb.convert_input(x)
+            timing = time_pair(lambda: pa(xa), lambda: pb(xb), budget)
+            info = {"baseline": pa.info, "compressed": pb.info}
+        finally:
+            pb.close()
+    finally:
+        pa.close()
+    return timing, info
+
+
+def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, backend: Any, ctx: "RunContext",
+            step: StepFn = _quiet) -> Measurement:
+    """Stage 5b: time the whole networks, then (``per_layer_timing``) each replaced layer on its real input."""
+    from ..kernels.forms import configure_malloc
+
+    step(f"timing on {backend.name}")
+    allocator = configure_malloc()  # once per process, before any timing: both arms alike
+    budget = ctx.budget()
+    x = torch.randn(cell.batch, *base.input_shape, generator=torch.Generator().manual_seed(cell.seed))
+    with thread_limits(cell.threads) as threads_set:
+        timing, info = time_models(backend, base.model, model, x, cell.threads, budget)
+        out = Measurement(allocator, timing, info, threads_set)
+        if ctx.per_layer_timing:
+            shapes = layer_input_shapes(base.model, x, base.layers)
+            out.layer_speedup, out.layer_speedup_ci, out.layer_noisy = {}, {}, {}
+            for n in base.layers:
+                xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(cell.seed))
+                lt, _ = time_models(backend, base.convs[n], compressed.replacements[n].eval(), xin, cell.threads,
+                                    dataclasses.replace(budget, budget_s=budget.budget_s / 2))
+                out.layer_speedup[n], out.layer_speedup_ci[n], out.layer_noisy[n] = (
+                    lt.speedup, list(lt.speedup_ci), lt.noisy)
+    return out
+
+
+def weights_key(model: nn.Module) -> str:
+    """Content key of every weight of ``model``: two cells with the same network share its work."""
+    return key_of(*[v for _, v in sorted(model.state_dict().items())])
