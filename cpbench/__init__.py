@@ -29,6 +29,7 @@ from .errors import (  # noqa: E402
 )
 from . import _aliases  # noqa: E402
 from .decomposition.factorization import Factorization  # noqa: E402
+from .run.paths import resolve_path  # noqa: E402
 from .plugin.manager import get_plugins, hookimpl  # noqa: E402
 
 _aliases.install()
@@ -40,6 +41,7 @@ __all__ = [
     "hookimpl",
     "Factorization",
     "get_plugins",
+    "resolve_path",
     "get_decomposer",
     "decompose",
     "compress",
@@ -78,6 +80,7 @@ _LAZY = {
     "CPDecomposer": "cpbench.decomposition.decomposer",
     "Prepared": "cpbench.plugin.contracts",
     "Backend": "cpbench.plugin.contracts",
+    "benchmark": "cpbench.notebook",
 }
 
 

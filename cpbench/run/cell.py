@@ -48,6 +48,8 @@ class RunContext:
     # from the better of the two, so extra training is not credited to the compression
     finetune_control: bool = False
     train_threads: int | None = None  # threads for training/fine-tuning (None: leave as is)
+    train: dict = field(default_factory=dict)  # the matrix's [train] table: Recipe fields for base training
+    spec_dir: str | None = None  # where the matrix file is: relative paths in its specs start there
 
     @classmethod
     def from_matrix(cls, matrix, **overrides) -> "RunContext":
@@ -56,13 +58,21 @@ class RunContext:
         return cls(**{"timing": dict(matrix.timing), "dataset_size": dict(run.get("dataset_size", {})),
                       "per_layer_timing": run.get("per_layer_timing", True),
                       "finetune_samples": run.get("finetune_samples"),
-                      "finetune_control": run.get("finetune_control", False), **overrides})
+                      "finetune_control": run.get("finetune_control", False), "train": dict(matrix.train),
+                      "spec_dir": _spec_dir(matrix), **overrides})
 
     def budget(self) -> TimingBudget:
         return TimingBudget(**self.timing)
 
     def cache(self) -> Cache:
         return Cache(self.cache_dir, enabled=self.use_cache)
+
+
+def _spec_dir(matrix) -> str | None:
+    from pathlib import Path
+
+    src = Path(matrix.source)
+    return str(src.resolve().parent) if src.is_file() else None
 
 
 def clear_memo() -> None:
@@ -72,7 +82,8 @@ def clear_memo() -> None:
 
 def base_model(model_spec: dict, ctx: RunContext, *, plugins: "Plugins | None" = None,
                step: StepFn | None = None) -> nn.Module:
-    """The model a cell starts from: trained (cached by recipe) when the model has a data set."""
+    """The model a cell starts from: given weights, or trained (cached by recipe) when the model has a
+    data set."""
     from ..plugin.manager import get_plugins
 
     return stages.base_model(model_spec, ctx, plugins=plugins or get_plugins(), step=step or (lambda s: None))
@@ -126,7 +137,7 @@ def record(result: CellResult, *, base: Base | None = None, compressed: Compress
            measurement: Measurement | None = None) -> CellResult:
     """Stage 6: write what the stages that finished found into ``result`` (the others stay unset)."""
     if base is not None:
-        result.layers, result.model_label = base.layers, base.label
+        result.layers, result.model_label, result.weights_from = base.layers, base.label, base.weights_from
     if compressed is not None:
         facts = compressed.factorizations
         result.rank = compressed.ranks

@@ -16,6 +16,9 @@ seed = [0]
 
 [timing]                             # optional: per-cell timing budget
 budget_s = 6.0
+
+[train]                              # optional: base training of a model that has a data set
+epochs = 10                          # and no weights (fields of cpbench.training.Recipe)
 ```
 
 Several ``[[matrix]]`` blocks instead of one ``[matrix]`` table: the run is the union of their
@@ -41,7 +44,7 @@ DEFAULTS: dict[str, list] = {
     "finetune_epochs": [0], "seed": [0],
 }
 REQUIRED = ("model", "decomposer", "rank")
-SECTIONS = ("matrix", "timing", "run")
+SECTIONS = ("matrix", "timing", "run", "train")
 TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel")
 RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
             "cell_timeout_s")
@@ -83,6 +86,7 @@ class Matrix:
     timing: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)
     source: str = "<inline>"
+    train: dict = field(default_factory=dict)  # Recipe fields for base training (cpbench.run.inputs)
 
     @property
     def axes(self) -> dict[str, list]:
@@ -133,7 +137,29 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
     for key in ("finetune_control", "per_layer_timing"):
         if key in run and not isinstance(run[key], bool):
             raise MatrixError(f"{source}: [run] {key} must be true or false, not {run[key]!r}")
-    return Matrix(blocks, dict(timing), dict(run), source)
+    return Matrix(blocks, dict(timing), dict(run), source, _parse_train(data.get("train", {}), source))
+
+
+def _parse_train(train: Any, source: str) -> dict:
+    """The [train] table: a recipe's fields, checked here so a typo fails before any cell runs."""
+    from .inputs import TRAIN_KEYS
+
+    if not isinstance(train, dict):
+        raise MatrixError(f"{source}: [train] must be a table of {', '.join(TRAIN_KEYS)}")
+    bad = sorted(set(train) - set(TRAIN_KEYS))
+    if bad:
+        raise MatrixError(f"{source}: unknown [train] key(s) {bad}; allowed: {', '.join(TRAIN_KEYS)}")
+    choices = {"optimizer": ("adam", "sgd"), "schedule": ("onecycle", "cosine", "constant")}
+    for key, value in train.items():
+        if key in choices:
+            if value not in choices[key]:
+                raise MatrixError(f"{source}: [train] {key} = {value!r} is not allowed; allowed: {', '.join(choices[key])}")
+        elif key in ("epochs", "batch_size", "n_train", "seed"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+                raise MatrixError(f"{source}: [train] {key} = {value!r} is not allowed; allowed: a positive integer")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise MatrixError(f"{source}: [train] {key} = {value!r} is not allowed; allowed: a number ≥ 0")
+    return dict(train)
 
 
 def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, list]:

@@ -54,6 +54,9 @@ class CellResult:
     machine: dict | None = _key("cell")
     traceback: str | None = _key("cell")
     model_label: str | None = _key("cell")
+    # where the base network's weights came from: "weights file", "plugin", "trained", "cache", "shipped"
+    # or "init" (random initialisation); absent when the cell failed before its base was built
+    weights_from: str | None = _key("cell")
     # -- compress: one entry per replaced layer -----------------------------------------------
     rel_error: dict | None = _key("compress")
     decompose_seconds: float | None = _key("compress")
@@ -133,7 +136,7 @@ class CellResult:
 
 _FIELDS = {f.name for f in dataclasses.fields(CellResult)} - {"extra"}
 
-OPTIONAL_KEYS = frozenset({"traceback", "model_label", "finetune_cached", "layer_speedup", "layer_speedup_ci",
+OPTIONAL_KEYS = frozenset({"traceback", "model_label", "weights_from", "finetune_cached", "layer_speedup", "layer_speedup_ci",
                            "layer_noisy"})
 
 # Which keys each stage of a cell writes: a stage's keys appear in a row once any of them has a value (the

@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from ..decomposition.factorization import Factorization
-from ..errors import CpbenchError, UsageError
+from ..errors import UsageError
 from ..measure.threads import thread_limits
 from ..measure.timing import PairedTiming, TimingBudget, time_pair
 from ..nn.flops import count_flops
 from ..nn.surgery import conv_layers, decompose_layer, layer_input_shapes, replace_layers
-from .cache import Cache, key_of
+from .cache import key_of
+from .inputs import Network, build_network, open_dataset, split_model_spec
 from .matrix import Cell
 from .memo import Computation
+from .paths import spec_dir
 from .results import jsonable
 
 if TYPE_CHECKING:
@@ -42,8 +44,6 @@ StepFn = Callable[[str], None]
 BASES: Computation[nn.Module] = Computation("base networks", 4)
 DATA: Computation[Any] = Computation("data sets", 4)
 ACCURACY: Computation[float] = Computation("accuracies", 64)
-TRAINED: Computation[tuple] = Computation("trained weights", 0, namespace="models",
-                                          encode=lambda v: v, decode=lambda hit: hit)
 FACTORIZATIONS: Computation[tuple] = Computation(
     "factorizations", 64, namespace="factorizations",
     encode=lambda v: (v[0].factors, {"rel_error": v[0].rel_error, "info": jsonable(v[0].info), "rank": jsonable(v[1])}),
@@ -76,83 +76,57 @@ class Base:
     example: torch.Tensor                   # one seeded sample, batch 1
     layer_shapes: dict[str, tuple[int, ...]]  # each selected layer's input shape for ``example``
     label: str | None = None                # the model plugin's label, when it has one
-    dataset: str | None = None              # the data set it is trained and evaluated on
+    dataset: Any = None                     # the data-set name or inline spec it is trained and evaluated on
+    weights_from: str | None = None         # see cpbench.run.inputs.Network
 
     @functools.cached_property
     def weights_key(self) -> str:
         return weights_key(self.model)
 
 
-def dataset(plugins: "Plugins", name: str, split: str, ctx: "RunContext"):
+def dataset(plugins: "Plugins", spec: Any, split: str, ctx: "RunContext"):
+    """A split of the data set ``spec`` names (a name or an inline spec), memoised in the process."""
     size = ctx.dataset_size.get(split)
-    return DATA.get(key_of("data", name, split, size), lambda: plugins.datasets.get(name).load(split, seed=0, size=size))
+
+    def load():
+        with spec_dir(ctx.spec_dir):
+            return open_dataset(spec, plugins).load(split, seed=0, size=size)
+
+    return DATA.get(key_of("data", spec, ctx.spec_dir, split, size), load)
+
+
+def network(model_spec: dict, ctx: "RunContext", *, plugins: "Plugins", step: StepFn = _quiet) -> Network:
+    """The network a model spec names: given weights, or trained (cached by recipe) when it has a data
+    set (:func:`cpbench.run.inputs.build_network`); memoised in the process."""
+    def make() -> Network:
+        with spec_dir(ctx.spec_dir):
+            return build_network(model_spec, ctx, plugins, step=step,
+                                 load_split=lambda spec, data, split: dataset(plugins, spec, split, ctx))
+
+    return BASES.get(key_of("base", model_spec, ctx.spec_dir, ctx.dataset_size.get("train"), ctx.train), make)
 
 
 def base_model(model_spec: dict, ctx: "RunContext", *, plugins: "Plugins", step: StepFn = _quiet) -> nn.Module:
-    """The model a cell starts from: trained (cached by recipe) when the model has a data set."""
-    name, params = split_named(model_spec)
-    plugin = plugins.models.get(name)
-
-    def make() -> nn.Module:
-        from torch.random import fork_rng
-
-        with fork_rng(devices=[]):
-            torch.manual_seed(0)
-            try:
-                model = plugin.build(**params)
-            except CpbenchError:
-                raise
-            except TypeError as exc:
-                raise UsageError(f"model {name!r}: {exc}") from None
-        model._cpbench_spec = {"name": name, "params": params}
-        data = getattr(plugin, "dataset", None)
-        if data:
-            _train_or_load(model, plugin, data, params, ctx, plugins, step)
-        return model.eval()
-
-    return BASES.get(key_of("base", name, params, ctx.dataset_size.get("train")), make)
-
-
-def _train_or_load(model: nn.Module, plugin, data: str, params: dict, ctx: "RunContext", plugins: "Plugins",
-                   step: StepFn) -> None:
-    from ..nn import training
-
-    recipe = getattr(plugin, "train_recipe", training.DEFAULT_RECIPE)
-    if ctx.dataset_size.get("train"):
-        recipe = recipe.replace(n_train=ctx.dataset_size["train"])
-    data_plugin = plugins.datasets.get(data)
-    key = training.recipe_hash(recipe, model=plugin.name, params=params, dataset=data,
-                               dataset_version=getattr(data_plugin, "version", None), dataset_repr=repr(data_plugin))
-    caches = [ctx.cache()]
-    if getattr(plugin, "weights_root", None) is not None:
-        caches.append(Cache(plugin.weights_root))  # shipped weights, hash-checked
-
-    def train() -> tuple:
-        step(f"training {plugin.name} (first run; cached afterwards)")
-        with thread_limits(ctx.train_threads):
-            history = training.train(model, dataset(plugins, data, "train", ctx), recipe)
-        return model.state_dict(), {"recipe": dataclasses.asdict(recipe), "seconds": history.get("seconds")}
-
-    state, _ = TRAINED.get(key, train, caches=caches)
-    model.load_state_dict(state)
+    """The model a cell starts from (see :func:`network`)."""
+    return network(model_spec, ctx, plugins=plugins, step=step).module
 
 
 def build_base(cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn = _quiet) -> Base:
     """Stage 1: the (trained) base network, the layers to replace and their input shapes."""
-    name, params = split_named(cell.model)
+    name, params, _ = split_model_spec(cell.model)
     plugin = plugins.models.get(name)
-    model = base_model(cell.model, ctx, plugins=plugins, step=step)
+    net = network(cell.model, ctx, plugins=plugins, step=step)
+    model = net.module
     if cell.layers == "auto":
         layers = list(getattr(plugin, "default_layers", None) or conv_layers(model))
     else:
         layers = list(cell.layers)
     convs = conv_layers(model, layers)
-    in_shape = tuple(plugin.input_shape(**params))
-    x1 = torch.randn(1, *in_shape, generator=torch.Generator().manual_seed(cell.seed))
-    return Base(spec=cell.model, model=model, plugin=plugin, layers=layers, convs=convs, input_shape=in_shape,
+    x1 = torch.randn(1, *net.input_shape, generator=torch.Generator().manual_seed(cell.seed))
+    return Base(spec=cell.model, model=model, plugin=plugin, layers=layers, convs=convs, input_shape=net.input_shape,
                 example=x1, layer_shapes=layer_input_shapes(model, x1, layers),
                 label=plugin.label(**params) if hasattr(plugin, "label") else None,
-                dataset=getattr(plugin, "dataset", None) or None)
+                dataset=net.data_spec if net.data is not None else None, weights_from=net.weights_from)
 
 
 # -- compress ---------------------------------------------------------------------------------
@@ -233,7 +207,8 @@ def evaluate(base: Base, compressed: Compressed, ctx: "RunContext", plugins: "Pl
         # every weight of the compressed net identifies it: cells that differ only in backend,
         # threads or batch share its evaluation and its fine-tuning
         return Evaluation(
-            accuracy(base.model, plugins, base.dataset, ctx, memo_key=key_of("acc", base.spec, ctx.dataset_size)),
+            accuracy(base.model, plugins, base.dataset, ctx,
+                     memo_key=key_of("acc", base.spec, ctx.spec_dir, ctx.dataset_size)),
             accuracy(compressed.model, plugins, base.dataset, ctx,
                      memo_key=key_of("acc", compressed.weights_key, ctx.dataset_size)))
 

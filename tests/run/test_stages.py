@@ -115,7 +115,7 @@ def test_measure_times_the_networks_then_each_layer_and_closes_every_preparation
 ROW_KEYS = {
     "cell_key", "model", "model_params", "layers", "decomposer", "decomposer_options", "rank_spec", "rank",
     "backend", "threads", "batch", "finetune_epochs", "seed", "axes", "status", "error", "host", "started_at",
-    "wall_seconds", "versions", "machine", "model_label",
+    "wall_seconds", "versions", "machine", "model_label", "weights_from",
     "rel_error", "decompose_seconds", "layer_decompose_seconds", "decomposition_cached", "degeneracy",
     "decomposer_info", "accuracy_base", "accuracy_decomposed", "accuracy_finetuned", "finetune_seconds",
     "accuracy_base_finetuned", "baseline_flops", "compressed_flops", "theoretical_speedup",
@@ -131,6 +131,7 @@ def test_an_ok_row_has_every_key_and_reads_back_unchanged(ctx):
     assert row["status"] == "ok", row["error"]
     assert set(row) == ROW_KEYS
     assert row["layers"] == ["conv"] and row["rank"] == {"conv": 2} and row["accuracy_base"] is None
+    assert row["weights_from"] == "init"  # no weights, no data set: the random initialisation
     assert row["finetune_seconds"] == 0.0 and row["speedup_ci"][0] <= row["speedup"] <= row["speedup_ci"][1]
     assert CellResult.from_row(row).to_row() == row
 
