@@ -42,6 +42,7 @@ __all__ = [
     "Factorization",
     "get_plugins",
     "resolve_path",
+    "benchmark",
     "get_decomposer",
     "decompose",
     "compress",
@@ -80,7 +81,7 @@ _LAZY = {
     "CPDecomposer": "cpbench.decomposition.decomposer",
     "Prepared": "cpbench.plugin.contracts",
     "Backend": "cpbench.plugin.contracts",
-    "benchmark": "cpbench.notebook",
+    "benchmark": "cpbench.run.notebook",
 }
 
 

@@ -38,7 +38,7 @@ from ..errors import CpbenchError, UsageError
 from .paths import resolve_path
 
 __all__ = ["CORE_MODEL_KEYS", "TRAIN_KEYS", "DataSource", "Network", "split_model_spec", "open_dataset",
-           "load_weights", "check_input_shape", "build_network"]
+           "load_weights", "check_input_shape", "build_network", "check_model_specs", "model_content"]
 
 CORE_MODEL_KEYS = ("dataset", "weights", "input_shape")
 # the [train] table: fields of cpbench.training.Recipe a matrix may set
@@ -254,8 +254,27 @@ def _train_or_load(model, plugin, params, data, data_spec, ctx, load_split, step
     return "trained"
 
 
-def build_network(spec: dict, ctx, plugins, *, load_split=None, step=None) -> Network:
-    """The network a model spec names, with weights loaded or trained, in eval mode.
+def check_model_specs(specs, ctx, plugins) -> None:
+    """Build every model spec once, without training: a target that does not import, a file that is
+    not ONNX, weights for another architecture, a data folder that is empty, an input shape the network
+    cannot take... raise here, before any cell runs, rather than failing every cell after the work."""
+    from .paths import spec_dir
+
+    seen = []
+    with spec_dir(ctx.spec_dir):
+        for spec in specs:
+            if spec not in seen:
+                seen.append(spec)
+                try:
+                    build_network(spec, ctx, plugins, train=False)
+                except CpbenchError:
+                    raise
+                except Exception:  # a plugin's own failure: each cell records it with its traceback
+                    pass
+
+
+def build_network(spec: dict, ctx, plugins, *, load_split=None, step=None, train: bool = True) -> Network:
+    """The network a model spec names, with weights loaded or trained (``train``), in eval mode.
 
     ``load_split(data_spec, data, split)`` loads a split of the data set (the caller memoises it).
     """
@@ -293,6 +312,6 @@ def build_network(spec: dict, ctx, plugins, *, load_split=None, step=None) -> Ne
         weights_from = "weights file"
     elif getattr(plugin, "trained", None) is not None and plugin.trained(**params):
         weights_from = "plugin"
-    elif data is not None:
+    elif data is not None and train:
         weights_from = _train_or_load(model, plugin, params, data, data_spec, ctx, load_split, step)
     return Network(model.eval(), input_shape, data, data_spec, weights_from)

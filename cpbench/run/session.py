@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .inputs import check_model_specs
 from .matrix import Matrix
 from ..plugin.manager import get_plugins
 from .results import RESULTS_FILE, ResultSink, finished_keys
@@ -45,11 +46,12 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
     if path.exists() and path.stat().st_size and not resume:
         raise UsageError(f"{path} already holds results; pass --resume to finish that run, or choose another --out")
     ctx = ctx or RunContext.from_matrix(matrix)
+    cells = matrix.cells()
+    check_model_specs([c.model for c in cells], ctx, plugins)  # bad inputs fail now, not in every cell
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(matrix.source)
     if src.is_file() and not (out_dir / "matrix.toml").exists():
         shutil.copyfile(src, out_dir / "matrix.toml")  # the report shows what produced the run
-    cells = matrix.cells()
     done = finished_keys(path) if resume else set()
     todo = [c for c in cells if c.key not in done]
     ex = plugins.executors.get(executor)
