@@ -213,21 +213,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ..plugin.manager import get_plugins
-    from ..run.cell import RunContext, base_model
     from ..nn.training import evaluate
+    from ..plugin.manager import get_plugins
+    from ..run.cell import RunContext, network
 
     plugins = get_plugins()
     model_plugin = plugins.models.get(args.model)
     if not getattr(model_plugin, "dataset", None):
-        raise UsageError(f"model {args.model!r} has no data set to train on")
+        raise UsageError(f"model {args.model!r} has no data set to train on; a model spec with "
+                         "dataset = {...} in a matrix file is trained by cpbench run")
     ctx = RunContext(cache_dir=args.cache_dir)
     console = Console(stderr=True)
     start = time.perf_counter()
     with console.status(f"training {args.model} (cached by recipe; reused by cpbench run)"):
-        model = base_model({"name": args.model}, ctx, plugins=plugins)
-        test = plugins.datasets.get(model_plugin.dataset).load("test", seed=0)
-        acc = evaluate(model, test)
+        net = network({"name": args.model}, ctx, plugins=plugins)
+        acc = evaluate(net.module, net.data.load("test", seed=0))
     print(f"{args.model}: test accuracy {100 * acc:.2f}% ({time.perf_counter() - start:.0f} s, weights cached in "
           f"{ctx.cache().root / 'models'})")
     return 0

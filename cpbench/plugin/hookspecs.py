@@ -39,7 +39,11 @@ def cpbench_register_models(registry: Any) -> None:
 
     A model has ``name``, ``dataset`` (a dataset name or None), ``default_layers`` (list of conv
     names or None for every Conv2d), ``build(**params) -> nn.Module`` and
-    ``input_shape(**params) -> tuple`` (C, H, W).
+    ``input_shape(**params) -> tuple | None`` (C, H, W; None: the spec's or the data set's).
+    Optional: ``from_dataset`` (params such as ``num_classes``, ``in_channels`` the core fills from
+    the model's data set), ``trained(**params) -> bool`` (what ``build`` returns already holds
+    trained weights), ``label(**params) -> str``. The spec keys ``dataset``, ``weights`` and
+    ``input_shape`` are the core's and never reach ``build`` (see :mod:`cpbench.run.inputs`).
     """
 
 
@@ -48,7 +52,9 @@ def cpbench_register_datasets(registry: Any) -> None:
     """Called once when the plugins load. Add data sets with ``registry.add(obj)``.
 
     A data set has ``name``, ``num_classes`` and ``load(split, *, seed=0, size=None) -> TensorDataset``
-    for split in ``train``, ``val``, ``test``.
+    for split in ``train``, ``val``, ``test``. A data set that takes parameters from a spec
+    (``{name = "imagefolder", path = "DIR"}``) has ``open(**params)``, returning an object with
+    ``num_classes``, ``input_shape`` and ``load(split, *, seed=0, size=None)`` for ``train``/``test``.
     """
 
 

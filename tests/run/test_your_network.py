@@ -140,3 +140,18 @@ def test_bad_input_is_one_line_exit_2_and_keeps_what_was_recorded(user_dir, caps
     assert code == 2
     assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
     assert (out / "results.jsonl").read_text() == recorded
+
+
+def test_the_readme_walkthrough_is_valid_toml_and_python():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from cpbench.matrix import parse_matrix
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Your own network"):readme.index("## Matrix files")]
+    blocks = dict(reversed(re.findall(r"```(\w+)\n(.*?)```", section, re.S)))  # the first of each kind
+    matrix = parse_matrix(tomllib.loads(blocks["toml"]))
+    assert matrix.cells()[0].model["target"] == "mynet.py:MyNet" and matrix.train["epochs"] == 5
+    compile(blocks["python"], "README", "exec")

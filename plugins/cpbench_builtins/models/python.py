@@ -1,8 +1,12 @@
 """``python``: any ``nn.Module`` a Python callable builds, named by ``module:callable``.
 
 ```toml
-model = [{name = "python", target = "nets.py:ResNet", params = {num_classes = 10},
-          weights = "resnet.safetensors", input_shape = [3, 32, 32]}]
+[[matrix.model]]
+name = "python"
+target = "nets.py:ResNet"
+params = {num_classes = 10}
+weights = "resnet.safetensors"
+input_shape = [3, 32, 32]
 ```
 
 ``target`` is ``package.module:callable`` (imported as usual) or ``path/to/file.py:callable``
