@@ -130,7 +130,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}  # DataParallel
     own = model.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    # parameters before BatchNorm's batch counters: the first keys named are the telling ones
+    unexpected = sorted((k for k in state if k not in own), key=lambda k: k.endswith("num_batches_tracked"))
     shapes = [f"{k} {tuple(state[k].shape)} (the model has {tuple(own[k].shape)})"
               for k in own if k in state and state[k].shape != own[k].shape]
     problems = []

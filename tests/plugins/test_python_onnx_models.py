@@ -169,3 +169,19 @@ def test_onnx_bad_files_and_ops_are_one_line_errors(tmp_path):
         OnnxModel().build(path=str(tmp_path / "nms.onnx"))
     assert "ONNX op 'NonMaxSuppression' (node 'nms_1') cannot be converted" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["torch-cpu", "mkl", "onnxruntime"])
+def test_a_converted_onnx_network_runs_on_the_backends(tmp_path, plugins, backend):
+    from cpbench_builtins.models.resnet import CifarResNet
+
+    ref = CifarResNet(depth=8, width=4).eval()
+    net = convert(load_model(_export(ref, tmp_path / "r.onnx", dynamo=False)))
+    x = torch.randn(3, 3, 16, 16)
+    prepared = plugins.backends.get(backend).prepare(net, x, threads=1)
+    try:
+        out = prepared(prepared.convert_input(x))
+    finally:
+        prepared.close()
+    out = out.to_dense() if out.is_mkldnn else out
+    torch.testing.assert_close(out, ref(x), rtol=1e-3, atol=1e-4)
