@@ -147,7 +147,7 @@ def test_the_readme_walkthrough_is_valid_toml_and_python():
     import tomllib
     from pathlib import Path
 
-    from cpbench.matrix import parse_matrix
+    from cpbench.run.matrix import parse_matrix
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("## Your own network"):readme.index("## Matrix files")]
