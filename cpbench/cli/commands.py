@@ -215,7 +215,8 @@ def cmd_run(args) -> int:
 def cmd_train(args) -> int:
     from ..nn.training import evaluate
     from ..plugin.manager import get_plugins
-    from ..run.cell import RunContext, network
+    from ..run.cell import RunContext
+    from ..run.stages import network
 
     plugins = get_plugins()
     model_plugin = plugins.models.get(args.model)

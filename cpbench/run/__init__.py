@@ -4,7 +4,8 @@ Where a change goes: matrix keys and expansion → ``matrix.py``; resume, execut
 ``session.py``; what one cell does → ``cell.py`` (the order of the stages) and ``stages.py`` (each
 stage); the keys of a result row → ``record.py`` (:class:`CellResult`); values shared between cells →
 ``memo.py`` (in process) and ``cache.py`` (on disk); ``results.jsonl`` → ``results.py``; the progress
-display → ``progress.py``.
+display → ``progress.py``; a model spec's network and data set (weights, training, input shape) →
+``inputs.py``, where its relative paths point → ``paths.py``; ``cpbench.benchmark`` → ``notebook.py``.
 
 The names below are the public surface for executor plugins and scripts (loaded on first use).
 """
