@@ -67,7 +67,9 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.machinery.ModuleSpec(fullname, self) if _new_name(fullname) else None
 
     def create_module(self, spec):
-        return _Forward(spec.name, importlib.import_module(_new_name(spec.name)))
+        new = _new_name(spec.name)
+        assert new is not None  # find_spec returned a spec only for an old path
+        return _Forward(spec.name, importlib.import_module(new))
 
     def exec_module(self, module):
         pass

@@ -166,6 +166,20 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def _executor_cli_options(plugins, args) -> dict:
+    """The ``--scheduler``/``--workers`` values given, checked against what the executor declares it takes
+    (its ``cli_options``): the CLI knows the flags, the executor plugin says whether they are its own."""
+    given = {k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers)) if v is not None}
+    takes = set(getattr(plugins.executors.get(args.executor), "cli_options", ()))
+    for flag in given:
+        if flag not in takes:
+            which = [n for n in plugins.executors.names()
+                     if flag in getattr(plugins.executors.get(n), "cli_options", ())]
+            raise UsageError(f"--{flag} is not an option of executor {args.executor!r}; executors that take it: "
+                             f"{', '.join(which) or 'none registered'}")
+    return given
+
+
 def cmd_run(args) -> int:
     from ..run.matrix import load_matrix
     from ..run.session import run_matrix
@@ -183,10 +197,7 @@ def cmd_run(args) -> int:
     out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
     ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     ex_opts = {} if args.cell_timeout is None else {"cell_timeout_s": args.cell_timeout}
-    if args.executor == "dask":
-        ex_opts.update({k: v for k, v in (("scheduler", args.scheduler), ("workers", args.workers)) if v is not None})
-    elif args.scheduler or args.workers:
-        raise UsageError("--scheduler/--workers go with --executor dask")
+    ex_opts.update(_executor_cli_options(plugins, args))
     console = _console()
     console.print(f"matrix {path} → {len(matrix)} cells; results in {out / 'results.jsonl'}")
     start = time.perf_counter()
@@ -293,8 +304,8 @@ def _run_options(p) -> None:
     p.add_argument("--out", help="result directory (default cpbench-runs/<matrix name>)")
     p.add_argument("--resume", action="store_true", help="skip cells already in the results file")
     p.add_argument("--executor", default="local", help="executor plugin (local, dask)")
-    p.add_argument("--workers", type=int, help="dask: start a LocalCluster with N workers")
-    p.add_argument("--scheduler", help="dask: address of an existing scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, help="executors that take it (dask): start a local cluster of N workers")
+    p.add_argument("--scheduler", help="executors that take it (dask): address of an existing scheduler, e.g. tcp://host:8786")
     p.add_argument("--cell-timeout", type=float, help="seconds before a cell is recorded as an error (local, dask)")
     p.add_argument("--cache-dir", help="cache directory (default $CPBENCH_CACHE_DIR or ~/.cache/cpbench)")
     p.add_argument("--no-cache", action="store_true", help="compute everything afresh")
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CpbenchError as exc:
         print(f"cpbench: error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, UsageError) or exc.exit_code == 2 else 2
+        return exc.exit_code  # per class: cpbench/errors.py
     except KeyboardInterrupt:
         print("cpbench: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ rank checks and the replacement layer for free; or implement the bare contract (
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RankError, UsageError, WeightError
+from ..errors import CpbenchError, RankError, SolverInputError, UsageError, WeightError, with_context
 from .factorization import Factorization
 from ..nn.layers import (
     CPBlock,
@@ -168,17 +169,17 @@ class CPDecomposer:
         return Factorization(named, err, info)
 
     def _fit_checked(self, tensor, rank, seed, options):
+        try:  # an option fit() does not take: say which ones it does, before anything runs
+            inspect.signature(self.fit).bind(tensor, rank, seed=seed, **options)
+        except TypeError as exc:
+            raise UsageError(f"{self.name}: {exc}") from None
         try:
             return self.fit(tensor, rank, seed=seed, **options)
-        except TypeError as exc:  # an unknown option: say which ones exist
-            if "unexpected keyword" in str(exc) or "got an unexpected" in str(exc):
-                raise UsageError(f"{self.name}: {exc}") from None
-            raise
+        except SolverInputError as exc:  # a UsageError (a RankError for the memory budget): say whose
+            raise with_context(exc, self.name) from None
         except ValueError as exc:
-            if isinstance(exc, (UsageError, WeightError)):
+            if isinstance(exc, CpbenchError):
                 raise
-            if "memory" in str(exc):
-                raise RankError(f"{self.name}: {exc}") from None
             raise UsageError(f"{self.name}: {exc}") from None
 
     def build(self, conv: nn.Conv2d, factorization: Factorization) -> nn.Module:

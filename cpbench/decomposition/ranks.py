@@ -121,8 +121,9 @@ def resolve_rank(
     if rs.kind == "fixed":
         return rs.value, None
     if rs.kind == "vbmf":
-        if decomposer.name != "tucker2" and not getattr(decomposer, "accepts_rank_pairs", False):
-            raise RankError(f'rank "vbmf" is for tucker2 only, not {decomposer.name!r} (layer {layer!r})')
+        if getattr(decomposer, "rank_kind", "int") != "pair":  # a declared capability (contracts.Decomposer)
+            raise RankError(f'rank "vbmf" gives a rank pair [r_out, r_in]: it is for decomposers whose rank is a '
+                            f'pair (rank_kind = "pair"), not {decomposer.name!r} (layer {layer!r})')
         return vbmf_rank(weight, geo.groups), None
     cands = _candidates(decomposer, shape, geo.groups, options)
     form = options.get("form")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CpbenchError, UsageError
+from ..errors import CpbenchError, UsageError, with_context
 from ..decomposition.factorization import Factorization
 from .layers import geometry
 
@@ -105,7 +105,7 @@ def decompose_layer(conv: nn.Conv2d, decomposer, rank, *, name: str = "?", seed:
         try:
             return decomposer.decompose(weight, r, seed=seed, **options)
         except CpbenchError as exc:
-            raise type(exc)(f"layer {name!r}: {exc}") from None
+            raise with_context(exc, f"layer {name!r}") from None
         except TypeError as exc:
             raise UsageError(f"layer {name!r}: decomposer {decomposer.name!r} rejected options "
                              f"{sorted(options)}: {exc}") from None
@@ -113,8 +113,9 @@ def decompose_layer(conv: nn.Conv2d, decomposer, rank, *, name: str = "?", seed:
     try:
         r, fact = resolve_rank(rank, decomposer, weight, geo, in_hw, decompose=run, options=options, layer=name)
     except CpbenchError as exc:
-        msg = str(exc)
-        raise type(exc)(msg if name in msg else f"layer {name!r}: {msg}") from None
+        if f"layer {name!r}" in getattr(exc, "contexts", ()):  # raised by run(): already says which layer
+            raise
+        raise with_context(exc, f"layer {name!r}") from None
     if fact is None:
         fact = run(r)
     return fact, r

@@ -8,14 +8,17 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from ..errors import PluginError
 from .registry import KIND_REQUIREMENTS, Registry
+
+if TYPE_CHECKING:  # the contracts import torch; `import cpbench` stays cheap
+    from .contracts import Backend, Dataset, Decomposer, Executor, Model
 
 __all__ = ["hookimpl", "Plugins", "PluginInfo", "get_plugins", "reset_plugins", "ENTRY_POINT_GROUP"]
 
@@ -48,7 +51,7 @@ class Plugins:
     def __init__(self, *, autoload: bool = True, extra: dict[str, Any] | None = None):
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.registries = {kind: Registry(kind) for kind in KIND_REQUIREMENTS}
+        self.registries: dict[str, Registry[Any]] = {kind: Registry(kind) for kind in KIND_REQUIREMENTS}
         self.info: dict[str, PluginInfo] = {}
         if autoload:
             self._load_entry_points()
@@ -100,12 +103,20 @@ class Plugins:
         self.pm.check_pending()
 
     def _fill_registries(self) -> None:
+        # Each plugin's registration hook is called through pluggy on its own (a subset caller holding
+        # that plugin's implementation and every wrapper): pluggy passes it only the arguments it
+        # declares and runs the wrappers around it, a plugin whose hook raises is reported without
+        # stopping the others, and what it adds is credited to it.
         for kind, hook_name in _REGISTER_HOOKS.items():
             registry = self.registries[kind]
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+            plain = [i for i in impls if not (i.hookwrapper or i.wrapper)]
+            for impl in plain:
+                others = [i.plugin for i in plain if i.plugin is not impl.plugin]
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
                 before = set(registry.names())
                 try:
-                    impl.function(registry=registry.bound(impl.plugin_name))
+                    caller(registry=registry.bound(impl.plugin_name))
                 except Exception as exc:
                     info = self.info.get(impl.plugin_name)
                     msg = f"{hook_name} failed: {type(exc).__name__}: {exc}"
@@ -126,23 +137,23 @@ class Plugins:
 
     # -- access ------------------------------------------------------------------------------
     @property
-    def decomposers(self) -> Registry:
+    def decomposers(self) -> Registry[Decomposer]:
         return self.registries["decomposer"]
 
     @property
-    def backends(self) -> Registry:
+    def backends(self) -> Registry[Backend]:
         return self.registries["backend"]
 
     @property
-    def models(self) -> Registry:
+    def models(self) -> Registry[Model]:
         return self.registries["model"]
 
     @property
-    def datasets(self) -> Registry:
+    def datasets(self) -> Registry[Dataset]:
         return self.registries["dataset"]
 
     @property
-    def executors(self) -> Registry:
+    def executors(self) -> Registry[Executor]:
         return self.registries["executor"]
 
     @property
@@ -159,6 +170,20 @@ class Plugins:
             for name, i in sorted(self.info.items())
             if not i.error
         }
+
+    def library_versions(self) -> dict[str, str]:
+        """What the registered objects report through their optional ``versions()`` (the libraries they run
+        on, e.g. ``{"onnxruntime": "1.19.2"}``); an object whose ``versions()`` fails adds nothing."""
+        out: dict[str, str] = {}
+        for registry in self.registries.values():
+            for name in registry.names():
+                fn = getattr(registry.get(name), "versions", None)
+                if callable(fn):
+                    try:
+                        out.update({str(k): str(v) for k, v in (fn() or {}).items()})
+                    except Exception:  # a version probe must never lose a result row
+                        continue
+        return out
 
     def warn_failures(self, stream=None) -> None:
         stream = stream or sys.stderr

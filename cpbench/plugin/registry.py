@@ -1,13 +1,19 @@
-"""Named registries of plugin-provided objects (decomposers, backends, models, datasets, executors)."""
+"""Named registries of plugin-provided objects (decomposers, backends, models, datasets, executors).
+
+``Registry[T]`` is typed by the contract of its kind (:mod:`cpbench.plugin.contracts`): the registration
+hooks receive ``Registry[Decomposer]``, ``Registry[Backend]``, ... and ``get`` returns that type.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 from ..errors import PluginError, UnknownNameError
 
 __all__ = ["Registry", "Entry", "KIND_REQUIREMENTS"]
+
+T = TypeVar("T")
 
 # What each kind of object must provide; checked at registration so a broken plugin fails early.
 KIND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
@@ -20,34 +26,34 @@ KIND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class Entry:
-    obj: Any
+class Entry(Generic[T]):
+    obj: T
     plugin: str  # name of the plugin (entry point) that added it
 
 
-class Registry:
+class Registry(Generic[T]):
     """Objects of one kind by name. Plugins call :meth:`add`; the core calls :meth:`get`."""
 
     def __init__(self, kind: str):
         if kind not in KIND_REQUIREMENTS:
             raise ValueError(f"unknown registry kind {kind!r}")
         self.kind = kind
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry[T]] = {}
         self._current_plugin = "<direct>"
 
-    def bound(self, plugin: str) -> "Registry":
+    def bound(self, plugin: str) -> "Registry[T]":
         """The same registry, crediting additions to ``plugin`` (used by the plugin loader)."""
         self._current_plugin = plugin
         return self
 
-    def add(self, obj: Any) -> Any:
+    def add(self, obj: T) -> T:
         """Register ``obj`` under ``obj.name``. Refuses a duplicate name, naming both plugins."""
         missing = [a for a in KIND_REQUIREMENTS[self.kind] if not hasattr(obj, a)]
         if missing:
             raise PluginError(
                 f"plugin {self._current_plugin!r} added a {self.kind} without {', '.join(missing)}"
             )
-        name = obj.name
+        name = getattr(obj, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {self._current_plugin!r} added a {self.kind} with no valid name")
         if name in self._entries:
@@ -58,7 +64,7 @@ class Registry:
         self._entries[name] = Entry(obj, self._current_plugin)
         return obj
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str) -> T:
         try:
             return self._entries[name].obj
         except (KeyError, TypeError):

@@ -20,41 +20,22 @@ import base64
 import csv
 import datetime as _dt
 import html
-import io
 import json
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
 from ..run.record import CellResult
 from ..run.results import RESULTS_FILE, read_results
+from .figures import Plot, build_plots
 from .tables import row_summary, summary_columns
 
-__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "Plot", "build_plots", "load_rows", "pareto_plots",
-           "efficiency_plot", "error_rank_plot", "accuracy_rank_plot",
-           "render_html", "render_markdown", "write_csv"]
+__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "load_rows", "render_html", "write_csv"]
 
 FORMATS = ("html", "md", "csv", "png")
 DEFAULT_FORMATS = ("html", "md", "png")
 REPORT_DIR = "report"
 MATRIX_FILE = "matrix.toml"
-
-
-@dataclass
-class Plot:
-    """One figure of the report: its PNG bytes, or a note saying why it was skipped."""
-
-    name: str            # file stem, e.g. "pareto"
-    title: str
-    caption: str
-    png: bytes | None = None
-    note: str | None = None
-
-    @property
-    def filename(self) -> str:
-        return f"{self.name}.png"
 
 
 # -- input ------------------------------------------------------------------------------------
@@ -87,92 +68,6 @@ def _formats(formats) -> list[str]:
         if f not in out:
             out.append(f)
     return out or list(DEFAULT_FORMATS)
-
-
-# -- plots ------------------------------------------------------------------------------------
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "model"
-
-
-_NO_OK = "skipped: no cell finished successfully (see Failures)."
-
-
-def pareto_plots(rows: list[dict]) -> list[Plot]:
-    """Speedup against accuracy drop: one plot per model with accuracy (``pareto.png`` when one model)."""
-    from . import plots as P
-
-    cap = ("Measured whole-network speedup (95% CI as error bars) against the accuracy drop after fine-tuning "
-           "(base − fine-tuned, or − decomposed without fine-tuning), one marker and colour per decomposer; "
-           "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: noisy timings.")
-    title = "Speedup against accuracy drop"
-    pts = P.pareto_points(rows)
-    if not _any_ok(rows):
-        return [Plot("pareto", title, cap, note=_NO_OK)]
-    if not pts:
-        return [Plot("pareto", title, cap,
-                     note="skipped: no cell has an accuracy (the model has no data set) and a measured speedup.")]
-    models = sorted({p.model for p in pts})
-    out = []
-    for m in models:
-        mine = [p for p in pts if p.model == m]
-        paper = any(p.model_name == P.PAPER_POINT["model"] for p in mine)
-        name = "pareto" if len(models) == 1 else f"pareto-{_slug(m)}"
-        c = cap + (" The gold star is the paper's result (Lebedev et al. 2015: 8.5×, 1 point)." if paper else "")
-        fig = P.draw_pareto(mine, title=f"{m}: speedup against accuracy drop", paper=paper)
-        out.append(Plot(name, title + ("" if len(models) == 1 else f" — {m}"), c, png=_png(fig)))
-    return out
-
-
-def efficiency_plot(rows: list[dict]) -> Plot:
-    from . import plots as P
-
-    cap = ("Per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP ratio); "
-           "colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
-    pts = P.efficiency_points(rows)
-    if pts:
-        return Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts)))
-    return Plot("efficiency", "Efficiency per layer", cap, note=_NO_OK if not _any_ok(rows) else
-                "skipped: no per-layer timings in this run ([run] per_layer_timing = false?).")
-
-
-def error_rank_plot(rows: list[dict]) -> Plot:
-    from . import plots as P
-
-    cap = ("Relative reconstruction error of each layer's kernel against rank, one line per decomposer "
-           "(a Tucker-2 pair [r_out, r_in] is plotted at r_out·r_in).")
-    pts = P.error_rank_points(rows)
-    if pts:
-        return Plot("error_rank", "Error against rank", cap, png=_png(P.draw_error_rank(pts)))
-    return Plot("error_rank", "Error against rank", cap,
-                note=_NO_OK if not _any_ok(rows) else "skipped: no cell recorded a relative error.")
-
-
-def accuracy_rank_plot(rows: list[dict]) -> Plot:
-    from . import plots as P
-
-    cap = ("Test accuracy against rank per decomposer: right after decomposition (dashed, hollow) and after "
-           "fine-tuning (solid); the dotted line is the base network. A cell whose layers have different "
-           "ranks is plotted at the mean rank.")
-    pts = P.accuracy_rank_points(rows)
-    if pts:
-        return Plot("accuracy_rank", "Accuracy against rank", cap, png=_png(P.draw_accuracy_rank(pts)))
-    return Plot("accuracy_rank", "Accuracy against rank", cap, note=_NO_OK if not _any_ok(rows) else
-                "skipped: no cell has an accuracy (the model has no data set).")
-
-
-def _any_ok(rows) -> bool:
-    return any(CellResult.from_row(r).ok for r in rows)
-
-
-def build_plots(rows: list[dict]) -> list[Plot]:
-    """Every plot of the report, in order; skipped ones carry a note instead of a PNG."""
-    return [*pareto_plots(rows), efficiency_plot(rows), error_rank_plot(rows), accuracy_rank_plot(rows)]
 
 
 # -- shared pieces ----------------------------------------------------------------------------
@@ -361,45 +256,6 @@ def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: s
     return "\n".join(parts)
 
 
-# -- Markdown ---------------------------------------------------------------------------------
-def _md(v) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: str | None) -> str:
-    cols = summary_columns()
-    lines = [f"# cpbench report — {run_dir.name}", "", f"{_counts(rows)}. Run directory `{run_dir}`.", "",
-             "## Summary", "", "Accuracies in %, acc_drop in percentage points; speedup_lo/hi are the 95% CI.", "",
-             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        s = row_summary(r)
-        lines.append("| " + " | ".join(_md(_cell(s[c])) for c in cols) + " |")
-    lines += ["", "## Plots", ""]
-    for p in plots:
-        lines += [f"### {p.title}", ""]
-        lines += [f"*{p.note}*", ""] if p.png is None else [f"![{p.title}]({p.filename})", "", p.caption, ""]
-    fails = _failures(rows)
-    lines += [f"## Failures ({len(fails)})", ""]
-    if not fails:
-        lines += ["No cell failed.", ""]
-    else:
-        lines += ["| model | decomposer | rank | backend | threads | batch | error |", "|---|---|---|---|---|---|---|"]
-        for r in fails:
-            s = row_summary(r)
-            lines.append("| " + " | ".join(_md(_cell(s[c])) for c in
-                                             ("model", "decomposer", "rank", "backend", "threads", "batch", "error")) + " |")
-        lines.append("")
-    lines += ["## Machine and versions", ""]
-    for field, drop in (("machine", ("threads",)), ("versions", ())):
-        for hosts, values in _groups(rows, field, drop):
-            lines += [f"### {field} on {', '.join(hosts)}", "", "| key | value |", "|---|---|"]
-            lines += [f"| {_md(k)} | {_md(v)} |" for k, v in _flatten(values)] + [""]
-    lines += ["## Matrix", ""]
-    lines += (["```toml", matrix.rstrip("\n"), "```", ""] if matrix is not None else
-              [f"No {MATRIX_FILE} in the run directory.", ""])
-    return "\n".join(lines)
-
-
 # -- CSV --------------------------------------------------------------------------------------
 def write_csv(rows: list[dict], path: Path) -> Path:
     """The flat summary, one row per cell, columns :func:`summary_columns` (None → empty field)."""
@@ -441,6 +297,8 @@ def write_report(run_dir: str | Path, formats: Iterable[str] | str | None = None
                 (out_dir / p.filename).write_bytes(p.png)
                 written.append(out_dir / p.filename)
     if "md" in fmts:
+        from .markdown import render_markdown  # here: it shares this module's helpers
+
         path = out_dir / "report.md"
         path.write_text(render_markdown(rows, plots, run_dir=run_dir, matrix=matrix), encoding="utf-8")
         written.append(path)

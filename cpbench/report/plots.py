@@ -25,26 +25,40 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from ..run.record import CellResult
 from .tables import accuracy_drop  # noqa: F401  (one definition for tables, plots and exports)
 
 __all__ = [
-    "PAPER_POINT", "ParetoPoint", "EfficiencyPoint", "ErrorRankPoint", "AccuracyRankPoint",
+    "ReferencePoint", "reference_points", "ParetoPoint", "EfficiencyPoint", "ErrorRankPoint", "AccuracyRankPoint",
     "rank_x", "rank_label", "accuracy_drop",
     "pareto_points", "pareto_front", "efficiency_points", "error_rank_points", "accuracy_rank_points",
     "draw_pareto", "draw_efficiency", "draw_error_rank", "draw_accuracy_rank", "style_map",
 ]
 
-#: Lebedev et al. (ICLR 2015), character CNN: 8.5× speedup of the whole network for a 1 point drop.
-PAPER_POINT = {"model": "charnet", "speedup": 8.5, "drop": 1.0,
-               "label": "Lebedev et al. 2015 (8.5×, 1 pt)"}
 
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A published result drawn on the Pareto plot of its model (a model plugin's ``reference_points``)."""
+
+    speedup: float
+    drop: float  # accuracy drop, percentage points
+    label: str
+
+
+def reference_points(model: str, plugins: Any = None) -> list[ReferencePoint]:
+    """What the registered model plugin ``model`` lists as ``reference_points`` (none for a model that is
+    not registered here: a report may be made where the run's plugins are not installed)."""
+    if plugins is None:
+        from ..plugin.manager import get_plugins
+
+        plugins = get_plugins()
+    if model not in plugins.models:
+        return []
+    return [ReferencePoint(float(r["speedup"]), float(r["drop"]), str(r["label"]))
+            for r in getattr(plugins.models.get(model), "reference_points", None) or ()]
+
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -248,185 +262,5 @@ def accuracy_rank_points(rows: list[dict]) -> list[AccuracyRankPoint]:
     return sorted(seen, key=lambda p: (p.model, p.decomposer, p.finetune_epochs, p.rank_x, p.rank))
 
 
-# -- drawing ----------------------------------------------------------------------------------
-def style_map(names) -> dict[str, tuple[str, str]]:
-    """A stable (colour, marker) per name: sorted names get tab10 colours and distinct markers."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {n: (cmap(i % 10), _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(sorted(set(names)))}
-
-
-def _figure(w=9.0, h=4.8) -> Figure:
-    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _noisy_handle():
-    return Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
-                  label="noisy timing (hollow)")
-
-
-def _legend(ax, handles):
-    """One legend outside the axes, on the right, so it never hides a point."""
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-
-
-def _log_if_wide(ax, values, axis="x"):
-    vals = [v for v in values if v and v > 0]
-    if vals and max(vals) / min(vals) > 20:
-        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
-        return True
-    return False
-
-
-def draw_pareto(points: list[ParetoPoint], *, title: str = "", paper: bool = False) -> Figure:
-    """Speedup (with CI) against accuracy drop, per decomposer; the Pareto front as a step line."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    styles = style_map(p.decomposer for p in points)
-    for name, (colour, marker) in styles.items():
-        labelled = False
-        for noisy in (False, True):
-            pts = [p for p in points if p.decomposer == name and p.noisy == noisy]
-            if not pts:
-                continue
-            ax.errorbar([p.drop for p in pts], [p.speedup for p in pts],
-                        yerr=[[p.speedup - p.speedup_lo for p in pts], [p.speedup_hi - p.speedup for p in pts]],
-                        fmt=marker, color=colour, markerfacecolor="none" if noisy else colour, markersize=7,
-                        capsize=3, linewidth=1, label=None if labelled else name)
-            labelled = True
-    if len(points) <= 30:
-        for p in points:
-            ax.annotate(p.rank, (p.drop, p.speedup), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                        color="0.35")
-    front = pareto_front(points)
-    if front:
-        ax.step([p.drop for p in front], [p.speedup for p in front], where="post", color="0.25",
-                linestyle="--", linewidth=1.2, label="Pareto front", zorder=0)
-    if paper:
-        ax.plot([PAPER_POINT["drop"]], [PAPER_POINT["speedup"]], marker="*", markersize=16, color="gold",
-                markeredgecolor="black", linestyle="none", label=PAPER_POINT["label"])
-    ax.axhline(1.0, color="0.6", linewidth=0.8)
-    ax.set_xlabel("accuracy drop after fine-tuning (percentage points)")
-    ax.set_ylabel("measured whole-network speedup (×, 95% CI)")
-    ax.set_title(title or "speedup against accuracy drop")
-    ax.grid(alpha=0.3)
-    handles, _ = ax.get_legend_handles_labels()
-    _legend(ax, handles + ([_noisy_handle()] if any(p.noisy for p in points) else []))
-    return fig
-
-
-def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure:
-    """Measured layer speedup (with CI) against the layer's FLOP ratio, per backend, with y = x."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    colours = {n: c for n, (c, _) in style_map(p.backend for p in points).items()}
-    markers = {n: m for n, (_, m) in style_map(p.decomposer for p in points).items()}
-    for (backend, dec) in sorted({(p.backend, p.decomposer) for p in points}):
-        colour, marker = colours[backend], markers[dec]
-        for noisy in (False, True):
-            pts = [p for p in points if (p.backend, p.decomposer) == (backend, dec) and p.noisy == noisy]
-            if not pts:
-                continue
-            ax.errorbar([p.theoretical for p in pts], [p.measured for p in pts],
-                        yerr=[[p.measured - p.measured_lo for p in pts], [p.measured_hi - p.measured for p in pts]],
-                        fmt=marker, color=colour, markerfacecolor="none" if noisy else colour, markersize=7,
-                        capsize=3, linewidth=1)
-    if len(points) <= 30:
-        for p in points:
-            ax.annotate(f"{p.layer} r{p.rank}", (p.theoretical, p.measured), textcoords="offset points",
-                        xytext=(7, -3), va="top", fontsize=7, color="0.35")
-    handles = [Line2D([], [], linestyle="none", marker="s", color=c, label=f"backend {n}") for n, c in colours.items()]
-    handles += [Line2D([], [], linestyle="none", marker=m, color="0.3", label=n) for n, m in markers.items()]
-    values = [p.theoretical for p in points] + [p.measured_hi for p in points] + [p.measured_lo for p in points]
-    lo, hi = min(values + [1.0]), max(values + [1.0])
-    lo, hi = max(lo * 0.8, 1e-3), hi * 1.15
-    handles += ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="y = x (ideal)")
-    _log_if_wide(ax, [lo, hi], "x")
-    _log_if_wide(ax, [lo, hi], "y")
-    if any(p.noisy for p in points):
-        handles.append(_noisy_handle())
-    ax.set_xlabel("theoretical layer speedup (FLOP ratio, ×)")
-    ax.set_ylabel("measured layer speedup (×, 95% CI)")
-    ax.set_title(title or "per-layer efficiency: measured against theoretical speedup")
-    ax.grid(alpha=0.3)
-    _legend(ax, handles)
-    return fig
-
-
-def _grid(n: int):
-    cols = 1 if n == 1 else 2 if n <= 4 else 3
-    return math.ceil(n / cols), cols
-
-
-def draw_error_rank(points: list[ErrorRankPoint], *, title: str = "") -> Figure:
-    """rel_error against rank, one panel per (model, layer), one line per decomposer."""
-    panels = sorted({(p.model, p.layer) for p in points})
-    nr, nc = _grid(len(panels))
-    fig = _figure(4.2 * nc + 1.0, 3.3 * nr + 0.6)
-    styles = style_map(p.decomposer for p in points)
-    multi_model = len({m for m, _ in panels}) > 1
-    for k, (model, layer) in enumerate(panels):
-        ax = fig.add_subplot(nr, nc, k + 1)
-        mine = [p for p in points if (p.model, p.layer) == (model, layer)]
-        for name, (colour, marker) in styles.items():
-            pts = sorted((p for p in mine if p.decomposer == name), key=lambda p: (p.rank_x, p.rel_error))
-            if pts:
-                ax.plot([p.rank_x for p in pts], [p.rel_error for p in pts], marker=marker, color=colour,
-                        label=name)
-        if not _log_if_wide(ax, [p.rank_x for p in mine], "x"):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{model} · {layer}" if multi_model else layer, fontsize=10)
-        ax.set_xlabel("rank (Tucker-2 pair: r_out·r_in)", fontsize=8)
-        ax.set_ylabel("relative error", fontsize=8)
-        ax.set_ylim(0, max([p.rel_error for p in mine] + [1e-3]) * 1.1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title or "reconstruction error against rank")
-    return fig
-
-
-def draw_accuracy_rank(points: list[AccuracyRankPoint], *, title: str = "") -> Figure:
-    """Accuracy (%) against rank per decomposer: before fine-tuning (dashed, hollow) and after (solid)."""
-    models = sorted({p.model for p in points})
-    nr, nc = _grid(len(models))
-    fig = _figure(9.0 if nc == 1 else 4.6 * nc + 1, 4.8 if nr == 1 else 3.6 * nr + 0.6)
-    styles = style_map(p.decomposer for p in points)
-    for k, model in enumerate(models):
-        ax = fig.add_subplot(nr, nc, k + 1)
-        mine = [p for p in points if p.model == model]
-        for name, (colour, marker) in styles.items():
-            pts = [p for p in mine if p.decomposer == name]
-            if not pts:
-                continue
-            before = {}
-            for p in sorted(pts, key=lambda p: p.rank_x):
-                before.setdefault(p.rank_x, p.accuracy_decomposed)
-            ax.plot(list(before), list(before.values()), marker=marker, color=colour, linestyle="--",
-                    markerfacecolor="none", label=f"{name}, decomposed")
-            for ep in sorted({p.finetune_epochs for p in pts if p.accuracy_finetuned is not None}):
-                after = sorted((p for p in pts if p.finetune_epochs == ep and p.accuracy_finetuned is not None),
-                               key=lambda p: p.rank_x)
-                ax.plot([p.rank_x for p in after], [p.accuracy_finetuned for p in after], marker=marker,
-                        color=colour, linestyle="-", label=f"{name}, fine-tuned {ep} ep")
-        bases = sorted({p.accuracy_base for p in mine})
-        for b in bases:
-            ax.axhline(b, color="0.3", linewidth=1, linestyle=":")
-        if bases:
-            ax.plot([], [], color="0.3", linestyle=":", label="base network")
-        if not _log_if_wide(ax, [p.rank_x for p in mine], "x"):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("rank (Tucker-2 pair: r_out·r_in; rank table: mean)", fontsize=8)
-        ax.set_ylabel("test accuracy (%)", fontsize=8)
-        if len(models) > 1:
-            ax.set_title(model, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.margins(y=0.08)
-        if len(models) == 1:
-            _legend(ax, ax.get_legend_handles_labels()[0])
-        else:
-            ax.legend(fontsize=7)
-    fig.suptitle(title or "accuracy against rank: before and after fine-tuning")
-    return fig
+# the drawing half, importable from here as before
+from .drawing import draw_accuracy_rank, draw_efficiency, draw_error_rank, draw_pareto, style_map  # noqa: E402

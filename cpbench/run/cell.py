@@ -10,7 +10,6 @@ networks) are memoised in the process and cached on disk, content-addressed
 """
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 import traceback
@@ -177,17 +176,13 @@ def _small_info(info: dict) -> dict:
 
 
 def versions(plugins: "Plugins") -> dict:
-    """What produced a row: cpbench, torch, oneDNN and every loaded plugin's distribution and version."""
+    """What produced a row: cpbench, torch, oneDNN, every loaded plugin's distribution and version, and the
+    libraries the plugins report (their ``versions()``)."""
     import cpbench
 
-    v = {"cpbench": cpbench.__version__, "torch": torch.__version__,
-         "mkldnn": getattr(torch.backends.mkldnn, "version", lambda: None)() if hasattr(torch.backends.mkldnn, "version") else None,
-         "plugins": plugins.versions()}
-    with contextlib.suppress(Exception):
-        import onnxruntime
-
-        v["onnxruntime"] = onnxruntime.__version__
-    return v
+    mkldnn = getattr(torch.backends.mkldnn, "version", None)
+    return {"cpbench": cpbench.__version__, "torch": torch.__version__, "mkldnn": mkldnn() if mkldnn else None,
+            "plugins": plugins.versions(), **plugins.library_versions()}
 
 
 def _machine() -> dict:

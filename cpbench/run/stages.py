@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -228,22 +228,23 @@ class FineTuned:
 def fine_tune(base: Base, compressed: Compressed, cell: Cell, ctx: "RunContext", plugins: "Plugins",
               step: StepFn = _quiet) -> FineTuned:
     """Stage 4: fine-tune the compressed network (and, with ``finetune_control``, the base alike)."""
-    if not base.dataset or cell.finetune_epochs <= 0:
+    data = base.dataset
+    if not data or cell.finetune_epochs <= 0:
         return FineTuned(compressed.model)
     with thread_limits(ctx.train_threads):
         tkey = key_of("tuned", compressed.weights_key, cell.finetune_epochs, cell.seed, ctx.dataset_size,
                       ctx.finetune_samples)
-        model, seconds, acc, hit = _finetuned(compressed.model, base, cell, ctx, plugins, step, tkey)
+        model, seconds, acc, hit = _finetuned(compressed.model, base, data, cell, ctx, plugins, step, tkey)
         control = None
         if ctx.finetune_control:  # the control arm: the base network, same recipe, same samples
             bkey = key_of("tuned-base", base.weights_key, cell.finetune_epochs, cell.seed, ctx.dataset_size,
                           ctx.finetune_samples)
-            control = _finetuned(base.model, base, cell, ctx, plugins, step, bkey)[2]
+            control = _finetuned(base.model, base, data, cell, ctx, plugins, step, bkey)[2]
     return FineTuned(model.eval(), acc, seconds, control, hit)
 
 
-def _finetuned(start: nn.Module, base: Base, cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn,
-               key: str) -> tuple[nn.Module, float, float, bool]:
+def _finetuned(start: nn.Module, base: Base, data: str, cell: Cell, ctx: "RunContext", plugins: "Plugins",
+               step: StepFn, key: str) -> tuple[nn.Module, float, float, bool]:
     from ..nn.training import FINETUNE_RECIPE, finetune, recipe_hash
 
     recipe = getattr(base.plugin, "finetune_recipe", FINETUNE_RECIPE)
@@ -255,10 +256,10 @@ def _finetuned(start: nn.Module, base: Base, cell: Cell, ctx: "RunContext", plug
     def train() -> tuple[nn.Module, float, float, bool]:
         step(f"fine-tuning {cell.finetune_epochs} epoch(s)")
         t0 = time.perf_counter()
-        finetune(model, dataset(plugins, base.dataset, "train", ctx), recipe)
+        finetune(model, dataset(plugins, data, "train", ctx), recipe)
         model.eval()
         seconds = time.perf_counter() - t0
-        return model, seconds, accuracy(model, plugins, base.dataset, ctx), False
+        return model, seconds, accuracy(model, plugins, data, ctx), False
 
     def load(hit) -> tuple[nn.Module, float, float, bool]:
         model.load_state_dict(hit[0])

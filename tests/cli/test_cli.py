@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -131,3 +130,11 @@ def test_failing_cell_is_recorded_run_goes_on_exit_1(tmp_path):
     bad = [r for r in rows if r["status"] == "error"]
     assert len(bad) == 2 and all("out of range" in r["error"] and "'conv'" in r["error"] for r in bad)
     assert all(r["status"] == "ok" for r in rows if r["rank_spec"] == 2)
+
+
+def test_executor_flags_go_to_the_executors_that_declare_them(tmp_path, capsys):
+    """--scheduler/--workers: the executor plugin says whether they are its own (cli_options), not the CLI."""
+    assert main(["run", "--matrix", "smoke", "--out", str(tmp_path / "r"), "--scheduler", "tcp://x:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler is not an option of executor 'local'; executors that take it: dask" in err
+    assert not (tmp_path / "r").exists()

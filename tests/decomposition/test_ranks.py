@@ -6,7 +6,7 @@ import cpbench
 from cpbench.errors import RankError
 from cpbench.nn.flops import conv_macs, count_flops, cp_block_macs
 from cpbench.nn.layers import geometry
-from cpbench.decomposition.ranks import evbmf, parse_rank, resolve_rank, vbmf_rank
+from cpbench.decomposition.ranks import parse_rank, resolve_rank, vbmf_rank
 from cpbench.nn.surgery import decompose_layer
 
 
@@ -80,7 +80,14 @@ def test_vbmf_finds_planted_ranks():
     assert vbmf_rank(w) == (6, 5)
 
 
-def test_vbmf_is_for_tucker2_only():
+def test_vbmf_is_for_decomposers_whose_rank_is_a_pair():
     conv = nn.Conv2d(8, 8, 3)
-    with pytest.raises(RankError, match="tucker2 only"):
+    with pytest.raises(RankError, match='rank_kind = "pair"'):
         resolve_rank("vbmf", cpbench.get_decomposer("cp-als"), conv.weight, geometry(conv), None)
+
+    class PairRanks:  # any decomposer declaring the capability, whatever its name
+        name = "my-tucker"
+        rank_kind = "pair"
+
+    rank, fact = resolve_rank("vbmf", PairRanks(), conv.weight, geometry(conv), None)
+    assert isinstance(rank, tuple) and len(rank) == 2 and fact is None

@@ -9,7 +9,7 @@ from torch import nn
 
 from cpbench.kernels import fused
 from cpbench.errors import BackendError
-from cpbench.kernels.forms import build_form, optimize_cp_blocks, rel_error
+from cpbench.kernels.forms import optimize_cp_blocks, rel_error
 from cpbench.nn.layers import CPBlock, geometry
 from cpbench.measure.threads import thread_limits
 from cpbench.measure.timing import TimingBudget

@@ -141,7 +141,7 @@ def _marker_xy(fig):
 
 def test_drawn_markers_are_the_points(rows):
     pts = P.pareto_points(rows)
-    fig = P.draw_pareto(pts, paper=True)
+    fig = P.draw_pareto(pts, references=P.reference_points("charnet"))
     expected = {(round(p.drop, 9), round(p.speedup, 9)) for p in pts} | {(1.0, 8.5)}  # + the paper's star
     assert _marker_xy(fig) == expected
     assert any("Lebedev" in t.get_text() for t in fig.axes[0].get_legend().get_texts())

@@ -16,9 +16,9 @@ import pytest
 from cpbench import hookimpl
 from cpbench.run.matrix import load_matrix, parse_matrix
 from cpbench.run.session import run_matrix
-from cpbench.plugin.manager import Plugins, get_plugins, reset_plugins
+from cpbench.plugin.manager import Plugins, get_plugins
 from cpbench.run.results import read_results
-from cpbench.run.cell import RunContext, clear_memo
+from cpbench.run.cell import RunContext
 
 CONV = {"name": "conv", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "input_size": 8, "padding": 1}
 TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1}

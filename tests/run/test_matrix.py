@@ -1,7 +1,7 @@
 import pytest
 
 from cpbench.errors import MatrixError
-from cpbench.run.matrix import AXES, cell_key, expand, load_matrix, parse_matrix
+from cpbench.run.matrix import cell_key, expand, load_matrix, parse_matrix
 from cpbench.plugin.manager import get_plugins
 
 BASE = {"model": ["conv"], "decomposer": ["cp-als"], "rank": [4]}

@@ -190,10 +190,16 @@ class NarrowMaxRank(_Broken):
 
 
 class RefusesGroups(_Broken):
+    supports_groups = False  # declared: the grouped checks are skipped
+
     def decompose(self, weight, rank, *, groups=1, **k):
         if groups != 1:
             raise UsageError("refuses-groups handles groups=1 convs only")
         return super().decompose(weight, rank, **k)
+
+
+class RefusesGroupsSilently(RefusesGroups):
+    supports_groups = True  # claims groups, then refuses them: whatever the message says, that fails
 
 
 @pytest.mark.parametrize("broken, failing", [
@@ -235,14 +241,20 @@ def test_reference_decomposer_passes_everything_and_messages_are_specific():
     assert "output shape" in stride.message and "stride=(2, 2)" in stride.message
 
 
-def test_refusing_groups_is_a_skip_not_a_failure():
+def test_refusing_groups_is_a_skip_not_a_failure_when_declared():
     results = {r.name: r for r in check_decomposer(RefusesGroups(), raise_on_failure=False)}
-    assert results["geometry-grouped"].status == "skipped" and "groups" in results["geometry-grouped"].message
+    assert results["geometry-grouped"].status == "skipped" and "supports_groups" in results["geometry-grouped"].message
     assert results["geometry-depthwise"].status == "skipped"
     assert all(r.status != "failed" for r in results.values())
     check = next(p.values[0] for p in decomposer_checks(RefusesGroups()) if p.id == "broken:geometry-grouped")
     with pytest.raises(pytest.skip.Exception):
         check()
+
+
+def test_an_undeclared_refusal_of_groups_fails_whatever_its_message():
+    results = {r.name: r for r in check_decomposer(RefusesGroupsSilently(), raise_on_failure=False)}
+    assert results["geometry-grouped"].failed and results["geometry-depthwise"].failed
+    assert "groups=1 convs only" in results["geometry-grouped"].message
 
 
 def test_check_objects_raise_naming_the_check_and_select_by_name():

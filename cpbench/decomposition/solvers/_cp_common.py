@@ -19,9 +19,13 @@ from typing import Sequence
 
 import torch
 
+# bad input is a UsageError of cpbench's one exception tree (see cpbench/errors.py)
+from ...errors import SolverInputError, SolverMemoryError
+
 __all__ = [
     "CPResult",
     "SolverInputError",
+    "SolverMemoryError",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "validate_inputs",
     "estimate_working_memory",
@@ -44,10 +48,6 @@ __all__ = [
 
 #: Default cap on a solver's estimated working memory (2 GiB).
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
-
-
-class SolverInputError(ValueError):
-    """Bad input to a CP solver (rank, tensor values/shape, memory budget); one-line message."""
 
 
 @dataclass
@@ -166,7 +166,7 @@ def validate_inputs(
     if memory_budget_bytes is not None:
         need = estimate_working_memory(tuple(tensor.shape), rank, solver)
         if need > memory_budget_bytes:
-            raise SolverInputError(
+            raise SolverMemoryError(
                 f"rank {rank} needs ~{need / 2**20:.1f} MiB of working memory for shape "
                 f"{tuple(tensor.shape)}, more than memory_budget_bytes="
                 f"{memory_budget_bytes} ({memory_budget_bytes / 2**20:.1f} MiB); "
@@ -408,7 +408,6 @@ def balance_columns(factors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     list of torch.Tensor
         Same shapes; ``||A_k[:, r]|| = ||term_r||^(1/N)`` for every ``k``.
     """
-    n = len(factors)
     norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
     logs = torch.stack([torch.log(nr) for nr in norms])  # (N, R)
     ok = torch.isfinite(logs).all(dim=0)

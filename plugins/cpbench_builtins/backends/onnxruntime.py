@@ -100,6 +100,14 @@ class OnnxRuntime:
     def __init__(self, fuse: str = "auto"):
         self.fuse = fuse
 
+    def versions(self) -> dict[str, str]:
+        """The ONNX Runtime this backend runs on, recorded in every result row (``versions``)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return {}
+        return {"onnxruntime": ort.__version__}
+
     def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
         try:
             import onnxruntime as ort

@@ -31,7 +31,7 @@ STARTUP_TIMEOUT_S = 300.0  # importing torch on a busy machine can take a while
 def error_row(cell, message: str, **extra: Any) -> dict:
     """A result row for a cell that produced none itself (timed out, its worker died, ...)."""
     from cpbench.plugin.manager import get_plugins
-    from cpbench.run.cell import axes_result, versions
+    from cpbench.run import axes_result, versions
 
     result = axes_result(cell)
     result.status, result.error, result.host = "error", message, socket.gethostname()

@@ -93,6 +93,8 @@ class CharNet:
     # trains afresh.
     weights_root = __import__("pathlib").Path(__file__).parent / "weights"
     default_layers = ["conv2", "conv3"]
+    # the paper's headline for this network, drawn on the report's Pareto plot
+    reference_points = [{"speedup": 8.5, "drop": 1.0, "label": "Lebedev et al. 2015 (8.5×, 1 pt)"}]
 
     def build(self, *, num_classes: int = 36, dropout: float = 0.0, seed: int | None = None,
               **params) -> nn.Module:

@@ -14,7 +14,7 @@ import cpbench_testplugins  # noqa: E402  (tests/plugins/executors is on sys.pat
 from cpbench.errors import UsageError  # noqa: E402
 from cpbench.run.matrix import parse_matrix  # noqa: E402
 from cpbench.run.session import run_matrix  # noqa: E402
-from cpbench.plugin.manager import get_plugins, reset_plugins  # noqa: E402
+from cpbench.plugin.manager import get_plugins  # noqa: E402
 from cpbench.run.results import read_results  # noqa: E402
 from cpbench.run.cell import RunContext, clear_memo  # noqa: E402
 
