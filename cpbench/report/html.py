@@ -7,9 +7,9 @@
 * ``*.png`` — the plots (``pareto.png``, ``efficiency.png``, ``error_rank.png``, ``accuracy_rank.png``);
 * ``report.md`` — the same content in Markdown, referencing the PNGs (so ``md`` writes the PNGs too);
 * ``results.csv`` — (``--format csv``) the flat summary table, one row per cell, columns
-  :func:`cpbench.table.summary_columns`.
+  :func:`cpbench.report.tables.summary_columns`.
 
-The plots' data come from the pure functions in :mod:`cpbench.plots`. A run whose cells all failed
+The plots' data come from the pure functions in :mod:`cpbench.report.plots`. A run whose cells all failed
 still gets a report: the failures section, with every plot replaced by a note saying why it was
 skipped. A missing run directory, a missing results file, a results file without rows or an
 unknown format is a :class:`~cpbench.errors.UsageError` (one line).

@@ -24,7 +24,7 @@ Decomposer checks (:data:`DECOMPOSER_CHECKS`)
 ---------------------------------------------
 ``contract``
     ``name`` is a non-empty str; ``decompose``/``build`` are callable; ``version`` (if any) is a str;
-    ``max_rank`` (if any) accepts the call :mod:`cpbench.ranks` makes (today
+    ``max_rank`` (if any) accepts the call :mod:`cpbench.decomposition.ranks` makes (today
     ``(weight_shape, groups, group_mode)`` positionally) and returns a positive int or a tuple of them.
 ``factorization``
     ``decompose`` returns a :class:`cpbench.Factorization`: ``factors`` a non-empty
@@ -60,9 +60,9 @@ Decomposer checks (:data:`DECOMPOSER_CHECKS`)
     A kernel with a NaN, and one with an inf, raise :class:`cpbench.errors.WeightError` with a
     one-line message.
 ``cache-roundtrip``
-    The factorization is stored and read back through :class:`cpbench.cache.Cache` exactly as the
+    The factorization is stored and read back through :class:`cpbench.run.cache.Cache` exactly as the
     runner does (factors as safetensors, ``rel_error`` and ``info`` as JSON through
-    :func:`cpbench.results.jsonable`); the module built from the copy gives bit-identical outputs,
+    :func:`cpbench.run.results.jsonable`); the module built from the copy gives bit-identical outputs,
     also for a grouped conv when groups are supported.
 ``trainable``
     The built module deep-copies (the runner copies models) and back-propagates: it has parameters,
@@ -70,7 +70,7 @@ Decomposer checks (:data:`DECOMPOSER_CHECKS`)
 
 Backend checks (:data:`BACKEND_CHECKS`)
 ---------------------------------------
-The model is a small conv net (three convs, one of them a :class:`cpbench.layers.CPBlock`) on a
+The model is a small conv net (three convs, one of them a :class:`cpbench.nn.CPBlock`) on a
 ``(2, 3, 16, 16)`` input, prepared with ``threads=1``.
 
 ``contract``
@@ -84,11 +84,11 @@ The model is a small conv net (three convs, one of them a :class:`cpbench.layers
     ``torch.get_num_threads()``, ``torch.get_num_interop_threads()``,
     ``torch.backends.mkldnn.enabled`` and the thread count of every native pool threadpoolctl saw
     before are the same after prepare/run/close. The check first sets every pool to the current count
-    plus one (through :func:`cpbench.threads.thread_limits`, restored afterwards) and prepares with
+    plus one (through :func:`cpbench.measure.thread_limits`, restored afterwards) and prepares with
     ``threads=1``, so a backend that sets its count and forgets to restore it is caught. Pools first
     loaded by the backend are not compared.
 ``times-a-model``
-    :func:`cpbench.timing.time_pair` on a prepared baseline and compressed model (the runner's
+    :func:`cpbench.measure.time_pair` on a prepared baseline and compressed model (the runner's
     sequence: prepare both, ``convert_input`` once, time, close) gives finite positive medians and a
     finite positive speedup.
 """

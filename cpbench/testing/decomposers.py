@@ -47,7 +47,7 @@ def _dc_contract(dec, options):
     if hasattr(dec, "max_rank"):
         from ..decomposition import ranks
 
-        try:  # exactly as cpbench.ranks calls it to enumerate candidate ranks for "params:"/"speedup:"/"error:"
+        try:  # exactly as cpbench.decomposition.ranks calls it to enumerate candidate ranks for "params:"/"speedup:"/"error:"
             if hasattr(ranks, "max_rank_for"):
                 ranks.max_rank_for(dec, KERNEL, 1, options)
             else:
