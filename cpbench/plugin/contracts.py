@@ -102,19 +102,21 @@ class Model(Protocol):
     Conv2d), ``label(**params) -> str`` (the name tables show), ``train_recipe`` and
     ``finetune_recipe`` (:class:`cpbench.nn.training.Recipe`), ``weights_root`` (a folder of shipped
     trained weights, a cache read before training), ``reference_points`` (published results the
-    report marks on its plots: ``[{"speedup": 8.5, "drop": 1.0, "label": "..."}]``).
+    report marks on its plots: ``[{"speedup": 8.5, "drop": 1.0, "label": "..."}]``), ``from_dataset``
+    and ``trained(**params)`` (see :mod:`cpbench.run.inputs`).
     """
 
     name: str
 
     def build(self, **params: Any) -> nn.Module: ...
 
-    def input_shape(self, **params: Any) -> Sequence[int]: ...
+    def input_shape(self, **params: Any) -> Sequence[int] | None: ...  # None: the spec's or the data set's
 
 
 @runtime_checkable
 class Dataset(Protocol):
-    """A labelled image data set in splits ``train``, ``val``, ``test``. Optional: ``num_classes``, ``version``."""
+    """A labelled image data set in splits ``train``, ``val``, ``test``. Optional: ``num_classes``, ``version``,
+    ``open(**params)`` for a data set that takes parameters from a spec (see :mod:`cpbench.run.inputs`)."""
 
     name: str
 

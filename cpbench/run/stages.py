@@ -41,7 +41,7 @@ __all__ = ["Base", "Compressed", "Evaluation", "FineTuned", "Flops", "Measuremen
 StepFn = Callable[[str], None]
 
 # Shared between the cells of a process (sizes: a few networks, many decompositions and evaluations).
-BASES: Computation[nn.Module] = Computation("base networks", 4)
+BASES: Computation[Network] = Computation("base networks", 4)
 DATA: Computation[Any] = Computation("data sets", 4)
 ACCURACY: Computation[float] = Computation("accuracies", 64)
 FACTORIZATIONS: Computation[tuple] = Computation(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,5 +81,6 @@ def write_npz(path: str | Path, *, classes: int = 4, n: int = 100, size=(16, 16)
     """Write one ``.npz`` with images under key ``x`` (N×H×W when ``channels`` is None) and labels ``y``."""
     images, labels = gratings(n, classes=classes, size=size, channels=channels or 1, seed=seed)
     path = Path(path)
-    np.savez(path, **{x: images[:, 0] if channels is None else images, y: labels}, **extra)
+    arrays: dict[str, Any] = {x: images[:, 0] if channels is None else images, y: labels, **extra}
+    np.savez(path, **arrays)
     return path
