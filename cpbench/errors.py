@@ -10,6 +10,7 @@ the class's ``exit_code``; anything else that escapes is a bug and keeps its tra
     │   ├── UnknownNameError    exit 2  a plugin/layer name that is not registered; lists the available ones
     │   ├── MatrixError         exit 2  a matrix file that cannot be read or holds unknown keys/values
     │   ├── RankError           exit 2  a rank < 1, too large for the kernel, or an unparsable rank spec
+    │   ├── RunDirectoryError   exit 2  an --out that cannot be written, or that another run owns
     │   └── SolverInputError    exit 2  bad input to a CP solver (cpbench.decomposition.solvers)
     │       └── SolverMemoryError   2   a rank whose estimated working memory exceeds the budget
     │                                   (also a RankError: a smaller rank fits)
@@ -34,6 +35,7 @@ __all__ = [
     "RankError",
     "SolverInputError",
     "SolverMemoryError",
+    "RunDirectoryError",
     "WeightError",
     "PluginError",
     "BackendError",
@@ -80,6 +82,10 @@ class SolverInputError(UsageError):
 
 class SolverMemoryError(SolverInputError, RankError):
     """The rank's estimated working memory is above the solver's ``memory_budget_bytes``."""
+
+
+class RunDirectoryError(UsageError):
+    """A run directory that is a file, cannot be written, or is locked by another live run."""
 
 
 class WeightError(CpbenchError, ValueError):

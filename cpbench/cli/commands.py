@@ -13,6 +13,8 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import CpbenchError, UsageError
+from ..report.columns import COLUMNS, DEFAULT_COLUMNS, parse_columns, print_run_end, table_width
+from ..report.verdict import DEFAULT_MAX_DROP
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +40,7 @@ def _matrix_path(name_or_file: str | None) -> Path:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_plugins(args) -> int:
     from ..plugin.manager import get_plugins
+    from ..plugin.registry import description_of
 
     plugins = get_plugins()
     data = {
@@ -47,21 +50,30 @@ def cmd_plugins(args) -> int:
             for i in plugins.info.values()
         ],
         "registered": {kind: {n: reg.plugin_of(n) for n in reg.names()} for kind, reg in plugins.registries.items()},
+        "descriptions": {kind: {n: description_of(reg.get(n)) for n in reg.names()}
+                         for kind, reg in plugins.registries.items()},
     }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="cpbench plugins")
-    for c in ("kind", "name", "plugin", "distribution"):
-        t.add_column(c)
+    console = _console()
+    t = Table(title="cpbench plugins (cpbench plugins --json for everything)", box=box.SIMPLE_HEAD,
+              show_edge=False, pad_edge=False, title_justify="left")
+    t.add_column("kind", no_wrap=True)
+    t.add_column("name", no_wrap=True)
+    t.add_column("what it is (from which package, unless built in)")
     for kind, names in data["registered"].items():
         for n, plugin in names.items():
             info = plugins.info.get(plugin)
-            dist = f"{info.distribution} {info.version}" if info and info.distribution else "-"
-            t.add_row(kind, n, plugin, dist)
-    Console().print(t)
+            where = "" if info is not None and info.builtin else (
+                f" — {info.distribution} {info.version}" if info and info.distribution else f" — plugin {plugin}")
+            t.add_row(kind, n, escape(data["descriptions"][kind][n] + where))
+    console.print(t)
+    sys.stdout.flush()
     for f in plugins.failures():
         Console(stderr=True).print(f"[red]not loaded[/red] {f.name}: {f.error}")
     return 0
@@ -186,7 +198,6 @@ def cmd_run(args) -> int:
     from ..plugin.manager import get_plugins
     from ..run.progress import CellProgress
     from ..run.cell import RunContext
-    from ..report.tables import results_table
 
     plugins = get_plugins()
     plugins.warn_failures()
@@ -194,33 +205,70 @@ def cmd_run(args) -> int:
         raise UsageError("cpbench run needs --matrix [FILE.toml]")
     path = _matrix_path(args.matrix)
     matrix = load_matrix(path, registries=plugins.registries)
-    out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
+    from ..run.validate import validate_matrix
+
     ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    warnings = validate_matrix(matrix, plugins=plugins, ctx=ctx)
+    extra = parse_columns(args.columns)
+    out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
     ex_opts = {} if args.cell_timeout is None else {"cell_timeout_s": args.cell_timeout}
     ex_opts.update(_executor_cli_options(plugins, args))
     console = _console()
-    console.print(f"matrix {path} → {len(matrix)} cells; results in {out / 'results.jsonl'}")
+    for w in warnings:
+        print(f"cpbench: warning: {w}", file=sys.stderr)
+    if getattr(args, "list", False):
+        _list_cells(matrix, out, console)
+        return 0
+    shown = f"{path.stem} (shipped)" if path.parent == Path(str(resources.files("cpbench") / "matrices")) else path
+    console.print(f"matrix {shown} → {len(matrix)} cells; results in {out / 'results.jsonl'}")
     start = time.perf_counter()
     progress = CellProgress()
     try:
-        summary = run_matrix(matrix, out, resume=args.resume, executor=args.executor, executor_options=ex_opts,
+        summary = run_matrix(matrix, out, resume=args.resume, keep_errors=args.keep_errors,
+                             executor=args.executor, executor_options=ex_opts,
                              ctx=ctx, progress=progress, plugins=plugins)
     except KeyboardInterrupt:
         print(f"cpbench: interrupted; finished cells are in {out / 'results.jsonl'}; "
               "finish with the same command plus --resume", file=sys.stderr)
         return 130
     wall = time.perf_counter() - start
-    from ..run.results import read_results
+    sys.stderr.flush()  # the progress bar ends before the table
+    from ..run.results import latest_rows, read_results
 
-    rows = read_results(out)
-    console.print(results_table(rows, title=f"{path.stem}: {summary.ok} ok, {summary.failed} failed, "
-                                            f"{summary.skipped} resumed, {wall:.0f} s"))
+    rows, _ = latest_rows(read_results(out))
+    report = None
     if args.report:
         from ..report.html import write_report
 
-        written = write_report(out)
-        console.print("report: " + ", ".join(map(str, written)))
+        report = str(next(p for p in write_report(out, max_drop=args.max_drop) if p.suffix == ".html"))
+    title = (f"{path.stem}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} resumed, {wall:.0f} s")
+    print_run_end(console, rows, title=title, width=table_width(console), extra=extra, max_drop=args.max_drop,
+                  report=report or f"not written (add --report, or run: cpbench report {out})")
+    sys.stdout.flush()
     return summary.exit_code
+
+
+def _list_cells(matrix, out: Path, console: Console) -> None:
+    """The cells a run would run (a dry run), with what ``--resume`` would do with each."""
+    from rich.table import Table
+
+    from ..run.results import RESULTS_FILE, latest_rows, read_results
+
+    path = out / RESULTS_FILE
+    status = {r.get("cell_key"): r.get("status") for r in latest_rows(read_results(path))[0]} if path.is_file() else {}
+    cells = matrix.cells()
+    t = Table(title=f"{matrix.source}: {len(cells)} cells" + (f" ({path} holds {len(status)})" if status else ""),
+              box=None, pad_edge=False)
+    for col in ("#", "model", "layers", "decomposer", "rank", "backend", "threads", "batch", "ft", "seed", "on disk"):
+        t.add_column(col, overflow="fold")
+    for i, c in enumerate(cells, 1):
+        dec = c.decomposer["name"] + "".join(f" {k}={v}" for k, v in c.decomposer.items() if k != "name")
+        model = c.model["name"] + "".join(f" {k}={v}" for k, v in c.model.items() if k != "name")
+        rank = " ".join(f"{k}={v}" for k, v in c.rank.items()) if isinstance(c.rank, dict) else str(c.rank)
+        layers = c.layers if c.layers == "auto" else ",".join(c.layers)
+        t.add_row(str(i), model, layers, dec, rank, c.backend, str(c.threads), str(c.batch), str(c.finetune_epochs),
+                  str(c.seed), {"ok": "done", None: "–"}.get(status.get(c.key), "failed") if status else "–")
+    console.print(t)
 
 
 def cmd_train(args) -> int:
@@ -250,14 +298,14 @@ def cmd_compare(args) -> int:
 
     result = compare_runs(args.run_a, args.run_b, threshold=args.threshold,
                           accuracy_threshold=args.accuracy_threshold)
-    print_comparison(result, _console())
+    print_comparison(result, _wide_console())
     return 1 if result.regressions else 0
 
 
 def cmd_report(args) -> int:
     from ..report.html import write_report
 
-    written = write_report(args.run_dir, formats=args.format)
+    written = write_report(args.run_dir, formats=args.format, max_drop=args.max_drop)
     for p in written:
         print(p)
     return 0
@@ -279,7 +327,7 @@ def cmd_reproduce(args) -> int:
     from ..report.tables import paper_table, paper_verdict
 
     rows = read_results(args.out)
-    console = _console()
+    console = _wide_console()
     console.print(paper_table(rows, title=f"{args.experiment}: {EXPERIMENTS[args.experiment]}"))
     if args.experiment == "lebedev2015":
         for line in paper_verdict(rows):
@@ -288,13 +336,62 @@ def cmd_reproduce(args) -> int:
 
 
 def _console() -> Console:
-    """The terminal's console, or a wide one when stdout is a file or pipe (rich would squeeze the
-    results tables into 80 columns there, which makes them unreadable in logs)."""
+    """The terminal's console; when stdout is a file or pipe, one as wide as ``$COLUMNS`` (120 when
+    unset)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=table_width(console))
+
+
+def _wide_console() -> Console:
+    """For the comparison and paper tables, which have many columns: the terminal's console, or a wide
+    one when stdout is a file or pipe (rich would squeeze them into 80 columns there)."""
     console = Console()
     return console if console.is_terminal else Console(width=max(console.width, 240))
 
 
 # -- parser -----------------------------------------------------------------------------------
+RANK_SPECS = """\
+rank specs:
+  64                an integer rank (Tucker-2 also a pair [r_out, r_in])
+  "speedup:4"       the largest rank whose theoretical layer speedup is at least 4
+  "params:0.25"     the largest rank keeping at most 25% of the layer's parameters
+  "error:0.2"       the smallest rank whose relative reconstruction error is at most 0.2
+  "vbmf"            Tucker-2 ranks by variational Bayesian matrix factorization"""
+
+RUN_EPILOG = f"""\
+A matrix file is TOML; the run is the cartesian product of the lists in [matrix]:
+
+  [matrix]
+  model = ["charnet"]                 # or {{name = "conv", in_channels = 64, out_channels = 192,
+                                      #      kernel_size = 5, input_size = 27, padding = 2}}
+  layers = [["conv2", "conv3"]]       # optional; "auto" = the model's default layers
+  decomposer = ["cp-nls", {{name = "cp-als", impl = "tensorly"}}]
+  rank = [64, "speedup:4", {{conv2 = 64, conv3 = 128}}]   # per layer: a table
+  backend = ["torch-cpu", "mkl"]      # optional, default torch-cpu
+  threads = [1]                       # optional, default 1
+  batch = [1, 32]                     # optional, default 1
+  finetune_epochs = [0, 1]            # optional, default 0 (models with a data set)
+  seed = [0]                          # optional, default 0
+
+  [timing]                            # optional: budget_s, warmup, min_rounds, max_rounds, ...
+  budget_s = 4.0
+
+{RANK_SPECS}
+
+Every cell is checked before any work (exit 2 and one line on a mistake); failed cells are recorded
+and the run goes on (exit 1). The run ends with a table and a verdict: per decomposer the fastest
+cell within --max-drop points of accuracy.
+Shipped matrices (a name instead of a file): {", ".join(BUILTIN_MATRICES)}.
+
+examples:
+  cpbench run --matrix                        the default matrix (the paper's character network)
+  cpbench run --matrix my.toml --list         check a matrix and list its cells, run nothing
+  cpbench run --matrix my.toml --out runs/a --report
+  cpbench run --matrix my.toml --out runs/a --resume     finish it, running failed cells again
+
+More: cpbench's README.md, sections "Matrix files" and "Result fields"; docs/scale-out.md for
+--executor, --resume and what survives a crash."""
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         raise UsageError(f"{self.prog}: {message}")
@@ -302,7 +399,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _run_options(p) -> None:
     p.add_argument("--out", help="result directory (default cpbench-runs/<matrix name>)")
-    p.add_argument("--resume", action="store_true", help="skip cells already in the results file")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the run in --out: skip its finished cells, run again the ones that failed")
+    p.add_argument("--keep-errors", action="store_true",
+                   help="with --resume: count failed cells as finished (do not run them again)")
     p.add_argument("--executor", default="local", help="executor plugin (local, dask)")
     p.add_argument("--workers", type=int, help="executors that take it (dask): start a local cluster of N workers")
     p.add_argument("--scheduler", help="executors that take it (dask): address of an existing scheduler, e.g. tcp://host:8786")
@@ -310,6 +410,27 @@ def _run_options(p) -> None:
     p.add_argument("--cache-dir", help="cache directory (default $CPBENCH_CACHE_DIR or ~/.cache/cpbench)")
     p.add_argument("--no-cache", action="store_true", help="compute everything afresh")
     p.add_argument("--report", action="store_true", help="write the HTML/Markdown report at the end")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, metavar="POINTS",
+                   help=f"accuracy budget of the verdict, in percentage points (default {DEFAULT_MAX_DROP:g})")
+    p.add_argument("--columns", metavar="A,B,..",
+                   help=f"more table columns: {', '.join(n for n in COLUMNS if n not in DEFAULT_COLUMNS)}, "
+                        "or all (the table always has " + ", ".join(DEFAULT_COLUMNS) + "; every field: "
+                        "cpbench report DIR --format csv)")
+
+
+def _decompose_epilog() -> str:
+    from ..plugin.manager import get_plugins
+    from ..plugin.registry import description_of
+
+    try:
+        reg = get_plugins().decomposers
+        methods = "\n".join(f"  {n:<14}{description_of(reg.get(n))}" for n in reg.names())
+    except Exception as exc:  # a broken plugin set must not break --help
+        methods = f"  (plugins could not be listed: {exc})"
+    return (f"methods:\n{methods}\n\n{RANK_SPECS}\n  (decompose takes integer ranks and pairs; the others are "
+            "resolved per layer by cpbench run)\n\nexamples:\n  cpbench decompose conv2.npy --method cp-nls --rank 64\n"
+            "  cpbench decompose model.pt --tensor conv2.weight --method tucker2 --rank '[32,16]' --json\n"
+            "  cpbench decompose k.npy --method cp-als -o impl=tensorly -o n_iter_max=200 --rank 8 --save f.safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,9 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("run", help="run a benchmark matrix")
+    p = sub.add_parser("run", help="run a benchmark matrix", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Decompose, fine-tune and time every cell of a matrix; end with a verdict.")
     p.add_argument("--matrix", nargs="?", const=None, default=False, metavar="FILE",
                    help=f"a matrix .toml, or a shipped one ({', '.join(BUILTIN_MATRICES)}); none: the default")
+    p.add_argument("--list", action="store_true", help="check the matrix and list its cells; run nothing")
     _run_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -332,10 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("decompose", help="decompose one kernel file")
+    p = sub.add_parser("decompose", help="decompose one kernel file", epilog=_decompose_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Decompose one conv kernel (out_channels, in_channels/groups, kh, kw) from a "
+                                   ".npy, .pt or .safetensors file and print its relative error.")
     p.add_argument("kernel", metavar="KERNEL_FILE")
-    p.add_argument("--method", default="cp-nls")
-    p.add_argument("--rank", required=True)
+    p.add_argument("--method", default="cp-nls", help="a decomposer (listed below); default cp-nls")
+    p.add_argument("--rank", required=True, help="an integer, or for tucker2 a pair [r_out,r_in]")
     p.add_argument("--groups", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor", help="which tensor of a multi-tensor file")
@@ -361,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", action="append", choices=["html", "md", "csv", "png"],
                    help="repeatable; default html+md+png")
+    p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, metavar="POINTS",
+                   help=f"accuracy budget of the verdict, in percentage points (default {DEFAULT_MAX_DROP:g})")
     p.set_defaults(func=cmd_report)
 
     from ..plugin.manager import get_plugins

@@ -11,7 +11,7 @@ from typing import Generic, TypeVar
 
 from ..errors import PluginError, UnknownNameError
 
-__all__ = ["Registry", "Entry", "KIND_REQUIREMENTS"]
+__all__ = ["Registry", "Entry", "KIND_REQUIREMENTS", "description_of"]
 
 T = TypeVar("T")
 
@@ -23,6 +23,23 @@ KIND_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "dataset": ("name", "load"),
     "executor": ("name", "execute"),
 }
+
+
+def description_of(obj: Any) -> str:
+    """One line saying what a registered object is: its ``description`` attribute (optional in every
+    contract), else the first line of its class's docstring, else of its module's (without a leading
+    "``name``:" as the built-ins' module docstrings start)."""
+    import re
+    import sys
+
+    text = getattr(obj, "description", None)
+    if isinstance(text, str) and text.strip():
+        return text.strip().splitlines()[0]
+    for doc in (type(obj).__doc__, getattr(sys.modules.get(type(obj).__module__), "__doc__", None)):
+        if doc and doc.strip():
+            line = doc.strip().splitlines()[0]
+            return re.sub(r"^``[^`]+``:\s*", "", line)
+    return ""
 
 
 @dataclass(frozen=True)

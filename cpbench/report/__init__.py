@@ -2,7 +2,9 @@
 
 Where a change goes: a new plot → ``plots.py`` (its data), ``drawing.py`` (its figure) and
 ``figures.py`` (its caption and place in the report); the report's HTML → ``html.py``, its Markdown →
-``markdown.py``; a column of the summary tables → ``tables.py``; regression gating → ``compare.py``.
+``markdown.py``; a column of the summary tables → ``tables.py``; the end-of-run table fitted to the
+terminal → ``columns.py``; the verdict (best cell per decomposer within an accuracy budget) →
+``verdict.py``; regression gating → ``compare.py``.
 """
 from .compare import compare_runs
 from .figures import Plot, build_plots, pareto_plots

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..run.record import AXIS_KEYS, CellResult
-from ..run.results import RESULTS_FILE, read_results
+from ..run.results import RESULTS_FILE, latest_rows, read_results
 
 __all__ = [
     "AXES",
@@ -91,6 +91,7 @@ class Comparison:
     cells: list[CellComparison]
     only_a: list[dict]
     only_b: list[dict]
+    duplicates: list[str] = field(default_factory=list)  # one line per run whose file holds duplicated ok rows
 
     @property
     def regressions(self) -> list[tuple[CellComparison, MetricChange]]:
@@ -261,7 +262,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 0.05,
     pairs, only_a, only_b = _match(rows_a, rows_b)
     cells = [compare_rows(a, b, threshold=threshold, accuracy_threshold=accuracy_threshold, matched_on=how)
              for a, b, how in pairs]
-    return Comparison(pa, pb, float(threshold), float(accuracy_threshold), cells, only_a, only_b)
+    dups = [f"run {which}: " + d.message(p) for which, p, rows in (("A", pa, rows_a), ("B", pb, rows_b))
+            if (d := latest_rows(rows)[1])]
+    return Comparison(pa, pb, float(threshold), float(accuracy_threshold), cells, only_a, only_b, dups)
 
 
 # -- display ----------------------------------------------------------------------------------
@@ -337,6 +340,8 @@ def print_comparison(result: Comparison, console=None) -> None:
         from rich.console import Console
 
         console = Console()
+    for line in result.duplicates:
+        console.print(f"[yellow]warning[/yellow]: {line}", highlight=False)
     console.print(comparison_table(result))
     rows = result.only_a + result.only_b
     axes = _varying_axes(rows + [c.a for c in result.cells]) if rows else []

@@ -72,8 +72,8 @@ def pareto_plots(rows: list[dict]) -> list[Plot]:
 def efficiency_plot(rows: list[dict]) -> Plot:
     from . import plots as P
 
-    cap = ("Per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP ratio); "
-           "colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
+    cap = ("One panel per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP "
+           "ratio); colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
     pts = P.efficiency_points(rows)
     if pts:
         return Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts)))
@@ -84,8 +84,10 @@ def efficiency_plot(rows: list[dict]) -> Plot:
 def error_rank_plot(rows: list[dict]) -> Plot:
     from . import plots as P
 
-    cap = ("Relative reconstruction error of each layer's kernel against rank, one line per decomposer "
-           "(a Tucker-2 pair [r_out, r_in] is plotted at r_out·r_in).")
+    cap = ("Relative reconstruction error of each layer's kernel against the fraction of the layer's parameters "
+           "the decomposition keeps, one line per decomposer: the size axis on which a CP rank, a Tucker-2 pair "
+           "[r_out, r_in] and a spatial-SVD rank compare (rows from before cpbench recorded it: against the rank, a "
+           "pair at r_out·r_in).")
     pts = P.error_rank_points(rows)
     if pts:
         return Plot("error_rank", "Error against rank", cap, png=_png(P.draw_error_rank(pts)))
@@ -96,9 +98,8 @@ def error_rank_plot(rows: list[dict]) -> Plot:
 def accuracy_rank_plot(rows: list[dict]) -> Plot:
     from . import plots as P
 
-    cap = ("Test accuracy against rank per decomposer: right after decomposition (dashed, hollow) and after "
-           "fine-tuning (solid); the dotted line is the base network. A cell whose layers have different "
-           "ranks is plotted at the mean rank.")
+    cap = ("Test accuracy against the fraction of the network's parameters kept, per decomposer: right after "
+           "decomposition (dashed, hollow) and after fine-tuning (solid); the dotted line is the base network.")
     pts = P.accuracy_rank_points(rows)
     if pts:
         return Plot("accuracy_rank", "Accuracy against rank", cap, png=_png(P.draw_accuracy_rank(pts)))

@@ -26,11 +26,12 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..run.record import CellResult
-from ..run.results import RESULTS_FILE, read_results
+from ..run.results import RESULTS_FILE, latest_rows, read_results
 from .figures import Plot, build_plots
-from .tables import row_summary, summary_columns
+from .tables import accuracy_drop, row_summary, summary_columns
+from .verdict import DEFAULT_MAX_DROP, make_verdict, verdict_lines
 
-__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "load_rows", "render_html", "write_csv"]
+__all__ = ["write_report", "FORMATS", "DEFAULT_FORMATS", "load_rows", "render_html", "write_csv", "report_columns"]
 
 FORMATS = ("html", "md", "csv", "png")
 DEFAULT_FORMATS = ("html", "md", "png")
@@ -39,8 +40,9 @@ MATRIX_FILE = "matrix.toml"
 
 
 # -- input ------------------------------------------------------------------------------------
-def load_rows(run_dir: str | Path) -> list[dict]:
-    """The run's rows; a later row for the same ``cell_key`` replaces an earlier one."""
+def load_rows(run_dir: str | Path, *, warn=None) -> list[dict]:
+    """The run's rows, one per cell (:func:`~cpbench.run.results.latest_rows`: a retried error is superseded);
+    duplicated ok rows are reported through ``warn`` (default: a line on stderr)."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise UsageError(f"run directory not found: {run_dir}")
@@ -49,10 +51,16 @@ def load_rows(run_dir: str | Path) -> list[dict]:
     rows = read_results(run_dir)
     if not rows:
         raise UsageError(f"{run_dir / RESULTS_FILE} has no rows: nothing to report (did the run finish a cell?)")
-    by_key: dict = {}
-    for i, r in enumerate(rows):
-        by_key[CellResult.from_row(r).cell_key or f"#{i}"] = r
-    return list(by_key.values())
+    latest, dup = latest_rows(rows)
+    if dup:
+        (warn or _warn)(dup.message(run_dir / RESULTS_FILE))
+    return latest
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"cpbench: warning: {message}", file=sys.stderr)
 
 
 def _formats(formats) -> list[str]:
@@ -98,27 +106,50 @@ def _flatten(d, prefix="") -> list[tuple[str, str]]:
 
 
 def _groups(rows: list[dict], field: str, drop=()) -> list[tuple[list[str], dict]]:
-    """Distinct values of a :class:`CellResult` field (ignoring keys in ``drop``) with the hosts that
-    reported them."""
-    seen: dict[str, tuple[list[str], dict]] = {}
+    """A :class:`CellResult` field (ignoring keys in ``drop``) once per host: values that changed between
+    the host's cells (e.g. its load average) are shown as their range, not as another copy of the machine."""
+    per_host: dict[str, list[dict]] = {}
     for c in (CellResult.from_row(r) for r in rows):
         v = getattr(c, field)
         if not isinstance(v, dict):
             continue
-        v = {k: x for k, x in v.items() if k not in drop}
-        key = json.dumps(v, sort_keys=True, default=str)
-        hosts, _ = seen.setdefault(key, ([], v))
-        h = str(c.host or v.get("hostname") or "?")
-        if h not in hosts:
-            hosts.append(h)
+        per_host.setdefault(str(c.host or v.get("hostname") or "?"), []).append(
+            {k: x for k, x in v.items() if k not in drop})
+    seen: dict[str, tuple[list[str], dict]] = {}
+    for host, values in per_host.items():
+        merged = _merge(values)
+        key = json.dumps(merged, sort_keys=True, default=str)
+        seen.setdefault(key, ([], merged))[0].append(host)
     return list(seen.values())
 
 
+def _merge(values: list[dict]) -> dict:
+    """One dict from several: a key whose value differs becomes "varies: …" (numbers as min–max)."""
+    out: dict = {}
+    for k in dict.fromkeys(k for v in values for k in v):
+        vs = [v.get(k) for v in values]
+        if all(json.dumps(x, sort_keys=True, default=str) == json.dumps(vs[0], sort_keys=True, default=str) for x in vs):
+            out[k] = vs[0]
+        elif all(isinstance(x, dict) for x in vs):
+            out[k] = _merge(vs)
+        elif all(isinstance(x, (list, tuple)) and len(x) == len(vs[0]) and
+                 all(isinstance(y, (int, float)) for y in x) for x in vs):
+            out[k] = "varies over the cells: " + ", ".join(
+                f"{min(col):.3g}–{max(col):.3g}" for col in zip(*vs))
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vs):
+            out[k] = f"varies over the cells: {min(vs):.3g}–{max(vs):.3g}"
+        else:
+            distinct = list(dict.fromkeys(json.dumps(x, default=str) for x in vs))
+            out[k] = "varies over the cells: " + " | ".join(distinct[:4]) + (" | …" if len(distinct) > 4 else "")
+    return out
+
+
 def _counts(rows) -> str:
-    cells = [CellResult.from_row(r) for r in rows]
-    ok = sum(c.ok for c in cells)
-    noisy = sum(bool(c.noisy) for c in cells if c.ok)
-    return f"{len(rows)} cells: {ok} ok, {len(rows) - ok} failed, {noisy} with noisy timings"
+    from .verdict import row_flags
+
+    ok = [r for r in rows if CellResult.from_row(r).ok]
+    flagged = sum(bool(row_flags(r)) for r in ok)
+    return f"{len(rows)} cells: {len(ok)} ok, {len(rows) - len(ok)} failed, {flagged} flagged"
 
 
 def _matrix_text(run_dir: Path) -> str | None:
@@ -144,6 +175,8 @@ figcaption{color:#555;font-size:.9em;max-width:60em}.note{color:#8a5a00;backgrou
 display:inline-block}pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:.85em}
 .kv td:first-child{color:#555}#summary td{white-space:nowrap}#summary td.wrap{white-space:normal;min-width:7em}
 #summary td.err{white-space:normal;min-width:18em;max-width:40em}
+#verdict{background:#f4f8ff;border:1px solid #cfe0ff;padding:.3em 1em .5em;margin-top:1em}
+#verdict h2{margin-top:.3em;border:none}#verdict table{font-size:.95em;background:#fff}#verdict tr.over td{color:#8a5a00}
 """
 
 _JS = """
@@ -176,12 +209,28 @@ _NUMERIC = {"threads", "batch", "finetune_epochs", "acc_base", "acc_base_finetun
             "acc_finetuned", "acc_drop", "theoretical_speedup", "speedup", "speedup_lo", "speedup_hi", "baseline_ms", "compressed_ms"}
 
 
+# what a reader needs first, left, so that the speedup is on the first screen; then the rest
+_FIRST = ("model", "decomposer", "rank", "backend", "batch", "acc_drop", "speedup", "speedup_lo", "speedup_hi")
+
+
+def report_columns(rows: list[dict]) -> list[str]:
+    """The summary table's columns: :data:`_FIRST`, then the other summary columns, without those that
+    are empty in every row (e.g. the accuracy columns of a model without a data set)."""
+    summaries = [row_summary(r) for r in rows]
+    rest = [c for c in summary_columns() if c not in _FIRST and c not in ("status", "error")]
+
+    def empty(c):
+        return all(s[c] in (None, "", "–", False) for s in summaries)
+
+    return [c for c in (*_FIRST, *rest, "status", "error") if not empty(c)]
+
+
 def _e(v) -> str:
     return html.escape(str(v), quote=True)
 
 
 def _html_table(rows: list[dict]) -> str:
-    cols = summary_columns()
+    cols = report_columns(rows)
     head = "".join(f'<th data-col="{_e(c)}">{_e(c).replace("_", "_<wbr>")}</th>' for c in cols)
     body = []
     for r in rows:
@@ -211,25 +260,66 @@ def _html_kv_groups(groups, what) -> str:
     return "".join(parts)
 
 
-def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: str | None) -> str:
+def _headline(plots: list[Plot]) -> Plot | None:
+    """The plot shown right under the verdict: the first one drawn (speedup against accuracy drop, or
+    the per-layer efficiency when the model has no accuracy)."""
+    return next((p for p in plots if p.png is not None), None)
+
+
+def _html_plot(p: Plot) -> str:
+    if p.png is None:
+        return f"<h3>{_e(p.title)}</h3><p class=\"note\">{_e(p.note)}</p>"
+    data = base64.b64encode(p.png).decode("ascii")
+    return (f"<h3>{_e(p.title)}</h3><figure><img alt=\"{_e(p.title)}\" src=\"data:image/png;base64,{data}\">"
+            f"<figcaption>{_e(p.caption)}</figcaption></figure>")
+
+
+def _html_verdict(rows: list[dict], max_drop: float, notes: list[str]) -> str:
+    """The verdict as a small table (one row per decomposer), its counts line and any notes."""
+    from .columns import rank_text
+
+    v = make_verdict(rows, max_drop=max_drop)
+    lines = verdict_lines(v)
+    trs = []
+    for b in v.best:
+        name = f"{b.model}: {b.decomposer}" if v.multi_model else b.decomposer
+        r = b.row or b.closest
+        if r is None:
+            trs.append(f"<tr><td>{_e(name)}</td><td colspan=\"6\">no cell finished</td></tr>")
+            continue
+        ci = r.get("speedup_ci") or [None, None]
+        sp = f"{r['speedup']:.2f}×" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else "")
+        drop = accuracy_drop(r)
+        what = ("" if b.row is not None else f"none within {max_drop:g} pt; closest: ")
+        drop_text = "no accuracy (no data set)" if drop is None else f"{drop:.2f}"
+        trs.append(f"<tr class=\"{'' if b.row is not None else 'over'}\"><td>{_e(name)}</td>"
+                   f"<td class=\"num sp\">{_e(what + sp)}</td><td class=\"num\">{_e(drop_text)}</td>"
+                   f"<td>{_e(rank_text(r))}</td><td>{_e(r.get('backend'))}</td><td class=\"num\">{_e(r.get('batch'))}</td>"
+                   f"<td class=\"num\">{_e(r.get('threads'))}</td></tr>")
+    extra = "".join(f"<p class=\"note\">{_e(n)}</p>" for n in notes)
+    return (f"<section id=\"verdict\"><h2>Verdict</h2><p>{_e(lines[0])}</p><table id=\"verdict-table\"><thead><tr>"
+            "<th>decomposer</th><th>speedup [95% CI]</th><th>drop pt</th><th>rank</th><th>backend</th><th>batch</th>"
+            f"<th>threads</th></tr></thead><tbody>{''.join(trs)}</tbody></table>"
+            f"<p class=\"meta\">{_e(lines[-1])}</p>{extra}</section>")
+
+
+def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: str | None,
+                max_drop: float = DEFAULT_MAX_DROP, notes: list[str] | None = None) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    headline = _headline(plots)
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>cpbench report — {_e(run_dir.name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>cpbench report — {_e(run_dir.name)}</h1>",
         f"<p class=\"meta\">{_e(_counts(rows))}. Run directory <code>{_e(run_dir)}</code>; generated {now}.</p>",
+        _html_verdict(rows, max_drop, notes or []),
+        *([_html_plot(headline)] if headline is not None else []),
         "<h2 id=\"summary-table\">Summary</h2><p class=\"meta\">Click a column header to sort. Accuracies in %, "
-        "acc_drop in percentage points; speedup_lo/hi are the 95% CI; red rows failed, yellow speedups are noisy.</p>",
+        "acc_drop in percentage points; speedup_lo/hi are the 95% CI; red rows failed, yellow speedups are noisy; "
+        "columns empty in every row are left out (every field: <code>cpbench report DIR --format csv</code>).</p>",
         _html_table(rows), "<h2 id=\"plots\">Plots</h2>",
     ]
-    for p in plots:
-        parts.append(f"<h3>{_e(p.title)}</h3>")
-        if p.png is None:
-            parts.append(f"<p class=\"note\">{_e(p.note)}</p>")
-        else:
-            data = base64.b64encode(p.png).decode("ascii")
-            parts.append(f"<figure><img alt=\"{_e(p.title)}\" src=\"data:image/png;base64,{data}\">"
-                         f"<figcaption>{_e(p.caption)}</figcaption></figure>")
+    parts += [_html_plot(p) for p in plots if p is not headline]
     fails = _failures(rows)
     parts.append(f"<h2 id=\"failures\">Failures ({len(fails)})</h2>")
     if not fails:
@@ -270,15 +360,18 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 # -- entry point ------------------------------------------------------------------------------
-def write_report(run_dir: str | Path, formats: Iterable[str] | str | None = None) -> list[Path]:
+def write_report(run_dir: str | Path, formats: Iterable[str] | str | None = None, *,
+                 max_drop: float = DEFAULT_MAX_DROP) -> list[Path]:
     """Write the report of a run into ``RUN_DIR/report/``; return the files written.
 
     ``formats``: any of ``html`` (self-contained report.html), ``md`` (report.md plus the PNGs it
-    references), ``png`` (the plots), ``csv`` (results.csv); default html, md and png.
+    references), ``png`` (the plots), ``csv`` (results.csv); default html, md and png. ``max_drop``:
+    the accuracy budget of the verdict, in points.
     """
     fmts = _formats(formats)
     run_dir = Path(run_dir)
-    rows = load_rows(run_dir)
+    notes: list[str] = []
+    rows = load_rows(run_dir, warn=lambda m: (_warn(m), notes.append(m)))
     out_dir = run_dir / REPORT_DIR
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -300,10 +393,12 @@ def write_report(run_dir: str | Path, formats: Iterable[str] | str | None = None
         from .markdown import render_markdown  # here: it shares this module's helpers
 
         path = out_dir / "report.md"
-        path.write_text(render_markdown(rows, plots, run_dir=run_dir, matrix=matrix), encoding="utf-8")
+        path.write_text(render_markdown(rows, plots, run_dir=run_dir, matrix=matrix, max_drop=max_drop, notes=notes),
+                        encoding="utf-8")
         written.append(path)
     if "html" in fmts:
         path = out_dir / "report.html"
-        path.write_text(render_html(rows, plots, run_dir=run_dir, matrix=matrix), encoding="utf-8")
+        path.write_text(render_html(rows, plots, run_dir=run_dir, matrix=matrix, max_drop=max_drop, notes=notes),
+                        encoding="utf-8")
         written.append(path)
     return written

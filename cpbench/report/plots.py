@@ -12,8 +12,10 @@ Conventions
   ``100 · (accuracy_base − accuracy_finetuned)``, or ``− accuracy_decomposed`` when the cell was not
   fine-tuned (the same number as the summary table's ``acc_drop``); with a control arm
   (``accuracy_base_finetuned``) the reference is the better of base and base+FT.
-* A rank is an int or a Tucker-2 pair ``[r_out, r_in]``; a pair is plotted at x = r_out · r_in (its
-  product, the size of the Tucker-2 core's channel plane) and labelled ``r_outxr_in``.
+* A rank is an int or a Tucker-2 pair ``[r_out, r_in]``, labelled ``r_outxr_in``. The error and
+  accuracy plots put ranks on the axis every decomposer shares, the fraction of parameters kept
+  (``layer_params_kept``, ``params_kept``: a CP rank and a Tucker-2 pair mean different sizes). Rows
+  written before cpbench recorded it are plotted at the rank (a pair at r_out · r_in).
 * A row's rank for the accuracy plot (which is per cell, not per layer) is the rank shared by all its
   layers, or the mean of the layers' rank numbers when a rank table gives them different ranks.
 * A cell is "noisy" when its timing was flagged noisy (``row["noisy"]``); for per-layer points a
@@ -79,6 +81,14 @@ def rank_label(rank: Any) -> str:
     if isinstance(rank, dict):
         return " ".join(f"{k}:{rank_label(v)}" for k, v in rank.items())
     return str(rank)
+
+
+def _short_rank(label: str) -> str:
+    """``conv2:47 conv3:56`` as ``47/56`` (the layers' order is the caption's)."""
+    parts = label.split(" ")
+    if len(parts) > 1 and all(":" in q for q in parts):
+        return "/".join(q.split(":", 1)[1] for q in parts)
+    return label
 
 
 def _ok(rows: list[dict]) -> list[CellResult]:
@@ -211,6 +221,7 @@ class ErrorRankPoint:
     rank: str
     rank_x: float
     rel_error: float
+    params_kept: float | None = None  # the layer's parameters kept (fraction)
 
 
 def error_rank_points(rows: list[dict]) -> list[ErrorRankPoint]:
@@ -223,6 +234,7 @@ def error_rank_points(rows: list[dict]) -> list[ErrorRankPoint]:
     for c in _ok(rows):
         errs = c.rel_error or {}
         ranks = c.rank if isinstance(c.rank, dict) else {}
+        kept = c.layer_params_kept if isinstance(c.layer_params_kept, dict) else {}
         if not isinstance(errs, dict):
             continue
         for layer, e in errs.items():
@@ -231,7 +243,8 @@ def error_rank_points(rows: list[dict]) -> list[ErrorRankPoint]:
             x = rank_x(rk)
             if e is None or x is None:
                 continue
-            seen.add(ErrorRankPoint(_model_label(c), str(layer), str(c.decomposer), rank_label(rk), x, e))
+            seen.add(ErrorRankPoint(_model_label(c), str(layer), str(c.decomposer), rank_label(rk), x, e,
+                                    _num(kept.get(layer))))
     return sorted(seen, key=lambda p: (p.model, p.layer, p.decomposer, p.rank_x, p.rel_error))
 
 
@@ -245,6 +258,7 @@ class AccuracyRankPoint:
     accuracy_base: float         # percent
     accuracy_decomposed: float   # percent, before fine-tuning
     accuracy_finetuned: float | None  # percent; None when not fine-tuned
+    params_kept: float | None = None  # the whole network's parameters kept (fraction)
 
 
 def accuracy_rank_points(rows: list[dict]) -> list[AccuracyRankPoint]:
@@ -258,7 +272,7 @@ def accuracy_rank_points(rows: list[dict]) -> list[AccuracyRankPoint]:
         ft = _num(c.accuracy_finetuned)
         seen.add(AccuracyRankPoint(_model_label(c), str(c.decomposer), label, x,
                                    int(c.finetune_epochs or 0), 100 * base, 100 * dec,
-                                   None if ft is None else 100 * ft))
+                                   None if ft is None else 100 * ft, _num(c.params_kept)))
     return sorted(seen, key=lambda p: (p.model, p.decomposer, p.finetune_epochs, p.rank_x, p.rank))
 
 

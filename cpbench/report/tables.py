@@ -1,11 +1,12 @@
-"""The results table (rich), shared by ``cpbench run``, ``reproduce`` and ``report``."""
+"""Row summaries (the report's table and CSV) and the paper's table of ``cpbench reproduce``. The
+end-of-run table of ``cpbench run`` is :mod:`cpbench.report.columns`."""
 from __future__ import annotations
 
 from rich.table import Table
 
 from ..run.record import CellResult
 
-__all__ = ["results_table", "summary_columns", "row_summary"]
+__all__ = ["summary_columns", "row_summary"]
 
 
 def _fmt(v, spec="{:.3g}"):
@@ -64,29 +65,6 @@ def row_summary(r: dict) -> dict:
 
 def summary_columns() -> list[str]:
     return list(row_summary({}).keys())
-
-
-def results_table(rows: list[dict], *, title: str = "cpbench results") -> Table:
-    t = Table(title=title, show_lines=False)
-    for col, just in [("model", "left"), ("decomposer", "left"), ("rank", "left"), ("backend", "left"),
-                      ("thr", "right"), ("batch", "right"), ("ft", "right"), ("rel_error", "left"),
-                      ("acc base→dec→ft %", "right"), ("theo ×", "right"), ("speedup × [95% CI]", "right"),
-                      ("base ms", "right"), ("comp ms", "right")]:
-        t.add_column(col, justify=just)
-    for r in rows:
-        s = row_summary(r)
-        if s["status"] != "ok":
-            t.add_row(str(s["model"]), str(s["decomposer"]), s["rank"], str(s["backend"]), _fmt(s["threads"]),
-                      _fmt(s["batch"]), _fmt(s["finetune_epochs"]), f"[red]error: {s['error']}[/red]", "", "", "", "", "")
-            continue
-        acc = f"{s['acc_base']}→{s['acc_decomposed']}→{s['acc_finetuned']}" if s["acc_base"] != "–" else "–"
-        sp = f"{s['speedup']:.2f} [{s['speedup_lo']:.2f}, {s['speedup_hi']:.2f}]"
-        if s["noisy"]:
-            sp += " [yellow]noisy[/yellow]"
-        t.add_row(str(s["model"]), s["decomposer"], s["rank"], s["backend"], _fmt(s["threads"]), _fmt(s["batch"]),
-                  _fmt(s["finetune_epochs"]), s["rel_error"], acc, _fmt(s["theoretical_speedup"], "{:.2f}"), sp,
-                  _fmt(s["baseline_ms"], "{:.3f}"), _fmt(s["compressed_ms"], "{:.3f}"))
-    return t
 
 
 def _group_key(c: CellResult) -> tuple:

@@ -157,6 +157,7 @@ def record(result: CellResult, *, base: Base | None = None, compressed: Compress
         result.baseline_flops, result.compressed_flops = flops.baseline, flops.compressed
         result.theoretical_speedup = flops.theoretical_speedup
         result.layer_theoretical_speedup = flops.layer_theoretical_speedup
+        result.params_kept, result.layer_params_kept = flops.params_kept, flops.layer_params_kept
     if measurement is not None:
         t = measurement.timing
         result.allocator = measurement.allocator

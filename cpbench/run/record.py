@@ -76,6 +76,8 @@ class CellResult:
     compressed_flops: int | None = _key("flops")
     theoretical_speedup: float | None = _key("flops")
     layer_theoretical_speedup: dict | None = _key("flops")
+    params_kept: float | None = _key("flops")          # compressed parameters over original, whole network
+    layer_params_kept: dict | None = _key("flops")     # ... per replaced layer
     # -- measure: timing ----------------------------------------------------------------------
     allocator: dict | None = _key("timing")
     baseline_ms: float | None = _key("timing")

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["RESULTS_FILE", "ResultSink", "read_results", "finished_keys", "jsonable"]
+__all__ = ["RESULTS_FILE", "ResultSink", "read_results", "finished_keys", "latest_rows", "Duplicates", "jsonable"]
 
 RESULTS_FILE = "results.jsonl"
 
@@ -74,11 +75,54 @@ def read_results(path: str | Path) -> list[dict]:
     return _scan(path)[0]
 
 
-def finished_keys(path: str | Path) -> set[str]:
+def finished_keys(path: str | Path, *, errors_count: bool = False) -> set[str]:
+    """The cells ``--resume`` skips: those with an ok row (and, with ``errors_count``, those whose
+    last attempt failed: ``--keep-errors``)."""
     path = Path(path)
     if not path.is_file():
         return set()
-    return {r["cell_key"] for r in _scan(path)[0] if "cell_key" in r}
+    rows, _ = latest_rows(_scan(path)[0])
+    return {r["cell_key"] for r in rows if "cell_key" in r and (errors_count or r.get("status") == "ok")}
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Cells with more than one ok row: two runs wrote into one file (an older cpbench without the run
+    lock, or results files concatenated). Not resolved silently: the reader says so."""
+
+    cells: int   # cells with duplicates
+    extra: int   # rows beyond one per cell
+    example: dict | None = None  # one of the duplicated rows
+
+    def __bool__(self) -> bool:
+        return self.cells > 0
+
+    def message(self, where: str | Path) -> str:
+        ex = self.example or {}
+        what = ", ".join(f"{k} {ex.get(k)}" for k in ("model", "decomposer", "rank_spec", "backend", "batch")
+                         if ex.get(k) is not None)
+        return (f"{where}: {self.cells} cell(s) have more than one ok row ({self.extra} extra; e.g. {what}): two runs "
+                f"wrote into one results file; the last row of each cell is used")
+
+
+def latest_rows(rows: list[dict]) -> tuple[list[dict], Duplicates]:
+    """One row per cell: its last ok row, else its last row (an error that a resume ran again is
+    superseded by the new attempt), in the order cells first appear; and the duplicated ok rows."""
+    by_key: dict[str, dict] = {}
+    ok_count: dict[str, int] = {}
+    example = None
+    for i, r in enumerate(rows):
+        k = r.get("cell_key") or f"#{i}"
+        ok = r.get("status") == "ok"
+        if ok:
+            ok_count[k] = ok_count.get(k, 0) + 1
+            if ok_count[k] == 2 and example is None:
+                example = r
+        prev = by_key.get(k)
+        if prev is None or ok or prev.get("status") != "ok":
+            by_key[k] = r
+    dup = [n for n in ok_count.values() if n > 1]
+    return list(by_key.values()), Duplicates(len(dup), sum(n - 1 for n in dup), example)
 
 
 class ResultSink:

@@ -1,7 +1,9 @@
 """Running a whole matrix: skip finished cells, hand the rest to an executor, write every result.
 
 The client process owns the results file: each row is appended and flushed the moment it arrives,
-then ``cpbench_cell_finished`` is called. A crash loses no finished cell; ``resume`` skips them.
+then ``cpbench_cell_finished`` is called. A crash loses no finished cell; ``resume`` skips them and
+runs again the cells whose last attempt failed (unless ``keep_errors``). The run directory is
+locked for the whole run (:class:`~cpbench.rundir.RunLock`): a second run on it stops at once.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from ..errors import UsageError
 from .inputs import check_model_specs
 from .matrix import Matrix
 from ..plugin.manager import get_plugins
-from .results import RESULTS_FILE, ResultSink, finished_keys
+from .results import RESULTS_FILE, ResultSink, finished_keys, latest_rows, read_results
+from .rundir import RunLock, check_writable
 from .cell import RunContext, run_cell
 
 __all__ = ["RunSummary", "run_matrix"]
@@ -29,30 +32,42 @@ class RunSummary:
     ok: int
     failed: int
     rows: list
+    errors_in_file: int = 0  # cells of the results file whose last row is an error (this run's or kept)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.errors_in_file else 0
 
 
-def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, executor: str = "local",
-               executor_options: dict | None = None, ctx: RunContext | None = None,
+def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, keep_errors: bool = False,
+               executor: str = "local", executor_options: dict | None = None, ctx: RunContext | None = None,
                progress=None, plugins=None, stream=None) -> RunSummary:
-    """Run every cell of ``matrix`` not yet in ``out_dir/results.jsonl`` (with ``resume``)."""
-    plugins = plugins or get_plugins()
+    """Run every cell of ``matrix`` not yet in ``out_dir/results.jsonl`` (with ``resume``; a cell whose
+    last row is an error runs again unless ``keep_errors``)."""
     stream = stream or sys.stderr
-    out_dir = Path(out_dir)
+    out_dir = check_writable(out_dir)
+    with RunLock(out_dir) as lock:
+        if lock.stale_owner:
+            print(f"cpbench: {out_dir} was locked by a run that is gone (pid {lock.stale_owner.get('pid')} on "
+                  f"{lock.stale_owner.get('host')}); taking it over", file=stream)
+        return _run_locked(matrix, out_dir, resume=resume, keep_errors=keep_errors, executor=executor,
+                           executor_options=executor_options, ctx=ctx, progress=progress, plugins=plugins,
+                           stream=stream)
+
+
+def _run_locked(matrix, out_dir: Path, *, resume, keep_errors, executor, executor_options, ctx, progress,
+                plugins, stream) -> RunSummary:
+    plugins = plugins or get_plugins()
     path = out_dir / RESULTS_FILE
     if path.exists() and path.stat().st_size and not resume:
         raise UsageError(f"{path} already holds results; pass --resume to finish that run, or choose another --out")
     ctx = ctx or RunContext.from_matrix(matrix)
     cells = matrix.cells()
     check_model_specs([c.model for c in cells], ctx, plugins)  # bad inputs fail now, not in every cell
-    out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(matrix.source)
     if src.is_file() and not (out_dir / "matrix.toml").exists():
         shutil.copyfile(src, out_dir / "matrix.toml")  # the report shows what produced the run
-    done = finished_keys(path) if resume else set()
+    done = finished_keys(path, errors_count=keep_errors) if resume else set()
     todo = [c for c in cells if c.key not in done]
     ex = plugins.executors.get(executor)
     executor_options = dict(executor_options or {})
@@ -91,4 +106,7 @@ def run_matrix(matrix: Matrix, out_dir: str | Path, *, resume: bool = False, exe
         sink.close()
         if progress is not None:
             progress.stop()
-    return RunSummary(out_dir, len(cells), len(cells) - len(todo), ok, failed, rows)
+    keys = {c.key for c in cells}
+    latest, _ = latest_rows(read_results(path)) if path.is_file() else ([], None)
+    errors_in_file = sum(r.get("status") != "ok" for r in latest if r.get("cell_key") in keys)
+    return RunSummary(out_dir, len(cells), len(cells) - len(todo), ok, failed, rows, errors_in_file)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .cell import RunContext
 
 __all__ = ["Base", "Compressed", "Evaluation", "FineTuned", "Flops", "Measurement", "StepFn",
-           "split_named", "base_model", "build_base", "compress", "evaluate", "fine_tune", "count_flops_of",
+           "split_named", "select_layers", "layer_ranks", "base_model", "build_base", "compress", "evaluate", "fine_tune", "count_flops_of",
            "measure"]
 
 StepFn = Callable[[str], None]
@@ -111,16 +111,22 @@ def base_model(model_spec: dict, ctx: "RunContext", *, plugins: "Plugins", step:
     return network(model_spec, ctx, plugins=plugins, step=step).module
 
 
+def select_layers(layers_axis: Any, model_plugin: Any, model: nn.Module) -> list[str]:
+    """The layers a cell decomposes: the names it lists, or for ``"auto"`` the model plugin's
+    ``default_layers`` (every Conv2d when it has none). Also what the matrix is validated against
+    before a run (:mod:`cpbench.run.validate`)."""
+    if layers_axis == "auto":
+        return list(getattr(model_plugin, "default_layers", None) or conv_layers(model))
+    return list(layers_axis)
+
+
 def build_base(cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn = _quiet) -> Base:
     """Stage 1: the (trained) base network, the layers to replace and their input shapes."""
     name, params, _ = split_model_spec(cell.model)
     plugin = plugins.models.get(name)
     net = network(cell.model, ctx, plugins=plugins, step=step)
     model = net.module
-    if cell.layers == "auto":
-        layers = list(getattr(plugin, "default_layers", None) or conv_layers(model))
-    else:
-        layers = list(cell.layers)
+    layers = select_layers(cell.layers, plugin, model)
     convs = conv_layers(model, layers)
     x1 = torch.randn(1, *net.input_shape, generator=torch.Generator().manual_seed(cell.seed))
     return Base(spec=cell.model, model=model, plugin=plugin, layers=layers, convs=convs, input_shape=net.input_shape,
@@ -276,6 +282,10 @@ class Flops:
     baseline: int
     compressed: int
     layer_theoretical_speedup: dict[str, float]
+    # parameters kept (compressed over original), the one size axis on which every decomposer's ranks
+    # compare: a Tucker-2 pair, a CP rank and a spatial-SVD rank mean different things
+    params_kept: float | None = None
+    layer_params_kept: dict[str, float] | None = None
 
     @property
     def theoretical_speedup(self) -> float:
@@ -288,7 +298,13 @@ def count_flops_of(base: Base, compressed: Compressed, model: nn.Module) -> Flop
     for n in base.layers:
         xin = torch.randn(*base.layer_shapes[n])
         layer[n] = count_flops(base.convs[n], xin) / max(count_flops(compressed.replacements[n], xin), 1)
-    return Flops(count_flops(base.model, base.example), count_flops(model, base.example), layer)
+    kept = {n: _n_params(compressed.replacements[n]) / max(_n_params(base.convs[n]), 1) for n in base.layers}
+    return Flops(count_flops(base.model, base.example), count_flops(model, base.example), layer,
+                 _n_params(model) / max(_n_params(base.model), 1), kept)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 @dataclass

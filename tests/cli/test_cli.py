@@ -122,9 +122,13 @@ def test_run_records_every_cell_and_resume_skips_them(tmp_path, capsys):
 
 
 def test_failing_cell_is_recorded_run_goes_on_exit_1(tmp_path):
+    """Through the API, which does not validate up front (the CLI would stop at the rank, exit 2)."""
+    from cpbench.run.matrix import load_matrix
+    from cpbench.run.session import run_matrix
+
     m = tiny_matrix(tmp_path, ranks="100000, 2", per_layer="false")
     out = tmp_path / "out"
-    assert main(["run", "--matrix", str(m), "--out", str(out)]) == 1
+    assert run_matrix(load_matrix(m), out).exit_code == 1
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     bad = [r for r in rows if r["status"] == "error"]

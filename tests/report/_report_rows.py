@@ -33,6 +33,7 @@ def ok_row(decomposer: str, rank, i: int, *, noisy: bool = False, model: str = "
         "finetune_epochs": 1 if with_accuracy else 0, "seed": 0,
         "rel_error": {"conv2": 0.5 / (i + 1), "conv3": 0.6 / (i + 1)},
         "theoretical_speedup": 2.0 + i, "layer_theoretical_speedup": {"conv2": 2.5 + i, "conv3": 3.0 + i},
+        "params_kept": 0.5 / (i + 1), "layer_params_kept": {"conv2": 0.4 / (i + 1), "conv3": 0.3 / (i + 1)},
         "baseline_ms": 10.0, "compressed_ms": 10.0 / sp, "speedup": sp, "speedup_ci": [sp - 0.1, sp + 0.2],
         "noisy": noisy,
         "layer_speedup": {"conv2": 1.2 + 0.5 * i, "conv3": 1.4 + 0.5 * i},

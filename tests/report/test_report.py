@@ -12,6 +12,7 @@ import pytest
 from cpbench.report import plots as P
 from cpbench.errors import UsageError
 from cpbench.report import pareto_plots, write_report
+from cpbench.report.html import report_columns
 from cpbench.report.tables import row_summary, summary_columns
 
 _spec = importlib.util.spec_from_file_location("_report_rows", Path(__file__).with_name("_report_rows.py"))
@@ -158,9 +159,13 @@ def test_report_html_md_pngs(run_dir, rows):
                             "accuracy_rank.png"])
     assert all(p.parent == out and p.is_file() for p in written)
     html = (out / "report.html").read_text(encoding="utf-8")
-    # the summary table: header = summary columns, one body row per cell
+    # the summary table: what a reader needs first, left; columns empty in every row left out
     table = re.search(r'<table class="sortable" id="summary">(.*?)</table>', html, re.S).group(1)
-    assert re.findall(r'<th data-col="(.*?)">', table) == summary_columns()
+    headers = re.findall(r'<th data-col="(.*?)">', table)
+    assert headers == report_columns(rows)
+    assert headers[:7] == ["model", "decomposer", "rank", "backend", "batch", "acc_drop", "speedup"]
+    assert "acc_base_finetuned" not in headers and "acc_base_finetuned" in summary_columns()  # empty here
+    assert headers[-2:] == ["status", "error"]
     assert len(re.findall(r"<tr class=", table)) == len(rows)
     assert table.count('<tr class="error">') == 1 and table.count('<tr class="noisy">') == 1
     # four plots embedded as data URIs, byte-identical to the PNG files
@@ -178,7 +183,14 @@ def test_report_html_md_pngs(run_dir, rows):
     md = (out / "report.md").read_text(encoding="utf-8")
     refs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert sorted(refs) == sorted(p.name for p in out.glob("*.png"))
-    assert md.count("\n| ok |") == 4 and "```toml" in md and "rank 999" in md
+    assert md.count("| ok |") == 4 and "```toml" in md and "rank 999" in md
+    # the verdict heads both, before the summary table, then the headline plot
+    for text in (html, md):
+        assert text.index("Verdict") < text.index("Summary")
+        assert "5 cells: 4 ok, 1 failed, 1 flagged (noisy)" in text
+    assert "cp-nls   none within 1 pt; closest: drop 2.00 pt at 1.50× [1.40–1.70] (rank 8)" in md
+    assert "none within 1 pt; closest: 1.50× [1.40, 1.70]</td><td class=\"num\">2.00</td>" in html
+    assert html.index("Verdict") < html.index("<img") < html.index('id="summary"')
 
 
 def test_csv_round_trip(run_dir, rows):
@@ -270,3 +282,25 @@ def test_cli_report(tmp_path, run_dir, capsys):
     assert main(["report", str(run_dir), "--format", "csv", "--format", "csv"]) == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(run_dir / "report" / "results.csv")]
+
+
+def test_each_machine_once_with_what_varied(tmp_path, rows):
+    ok = [dict(r, machine={**r["machine"], "load_average": [1.0 + i, 2.0, 3.0]}) for i, r in enumerate(rows[:4])]
+    run = R.write_run(tmp_path / "run", ok)
+    html = write_report(run, formats="html")[0].read_text(encoding="utf-8")
+    assert html.count("<h3>machine on testhost</h3>") == 1
+    assert "varies over the cells: 1–4, 2–2, 3–3" in html
+
+
+def test_duplicated_ok_rows_are_reported_not_hidden(tmp_path, rows, capsys):
+    run = R.write_run(tmp_path / "run", rows + [dict(rows[0], speedup=9.0, speedup_ci=[8.5, 9.5])])
+    write_report(run, formats=["html", "md"])
+    err = capsys.readouterr().err
+    assert "1 cell(s) have more than one ok row (1 extra" in err and "two runs wrote into one results file" in err
+    for name in ("report.html", "report.md"):
+        assert "more than one ok row" in (run / "report" / name).read_text(encoding="utf-8")
+    from cpbench.report.compare import compare_runs
+
+    other = R.write_run(tmp_path / "other", rows)
+    assert any("run B: " in d and "more than one ok row" in d for d in compare_runs(other, run).duplicates)
+    assert compare_runs(other, other).duplicates == []

@@ -61,6 +61,9 @@ window.addEventListener('load',function(){
     out.before=column();
     ths[col].click(); out.asc=column(); out.asc_mark=ths[col].getAttribute('aria-sort');
     ths[col].click(); out.desc=column(); out.desc_mark=ths[col].getAttribute('aria-sort');
+    var r=ths[col].getBoundingClientRect(), v=document.getElementById('verdict').getBoundingClientRect();
+    out.speedup_rect=[r.left,r.right,r.top]; out.viewport=[window.innerWidth,window.innerHeight];
+    out.verdict_top=v.top;
     var dc=out.headers.indexOf('decomposer');
     ths[dc].click(); out.by_decomposer=Array.prototype.map.call(t.tBodies[0].rows,function(r){return r.cells[dc].textContent;});
     out.rows=t.tBodies[0].rows.length;
@@ -93,13 +96,19 @@ def test_report_in_headless_chromium(report, tmp_path):
     page = page.replace("<head>", "<head>" + _PRE, 1).replace("</body>", _POST + "</body>", 1)
     probe = tmp_path / "probe.html"
     probe.write_text(page, encoding="utf-8")
-    proc = _run(_flags(tmp_path) + ["--virtual-time-budget=5000", "--dump-dom", probe.as_uri()])
+    proc = _run(_flags(tmp_path) + ["--window-size=1280,900", "--virtual-time-budget=5000", "--dump-dom",
+                                    probe.as_uri()])
     m = re.search(r'<pre id="cpbench-selftest">(.*?)</pre>', proc.stdout, re.S)
     assert m and m.group(1), f"the self-check did not run; chromium rc={proc.returncode}, stderr tail: {proc.stderr[-800:]}"
     res = json.loads(htmlmod.unescape(m.group(1)))
     assert res["errors"] == []
     assert res["images"] == 4 and res["images_ok"] == 4
-    assert res["rows"] == 5 and res["headers"][:3] == ["status", "model", "decomposer"]
+    assert res["rows"] == 5 and res["headers"][:3] == ["model", "decomposer", "rank"]
+    # the speedup column is in view on a 1280-pixel-wide window without scrolling sideways, and the
+    # verdict opens the page
+    left, right, _ = res["speedup_rect"]
+    assert 0 <= left < right <= res["viewport"][0] == 1280, res["speedup_rect"]
+    assert 0 <= res["verdict_top"] < 300
     sp = sorted(r["speedup"] for r in R.synthetic_rows() if r["status"] == "ok")
     # ascending, the failed cell's empty speedup last; then descending, empty still last
     assert [float(v) for v in res["asc"][:4]] == sp and res["asc"][4] == "" and res["asc_mark"] == "ascending"
@@ -126,3 +135,35 @@ def test_report_screenshot(report, tmp_path):
         dest = Path(os.environ["CPBENCH_SCREENSHOT_DIR"])
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, dest / "report.png")
+
+
+@needs_chromium
+def test_speedup_column_visible_in_the_screenshot(report, tmp_path):
+    """Looked for in the screenshot itself: the summary table's speedup header painted a colour nothing
+    else on the page has, then found among the pixels of a 1280-pixel-wide page (not off to the right,
+    no sideways scrolling); and the verdict's speedups in the first 900 pixels."""
+    page = report.read_text(encoding="utf-8").replace(
+        "</style>", 'th[data-col="speedup"]{background:#ff00ff !important;color:#ff00ff}'
+                    '#verdict td.sp{background:#00ffff !important;color:#00ffff}</style>', 1)
+    probe = tmp_path / "marked.html"
+    probe.write_text(page, encoding="utf-8")
+    shot = tmp_path / "marked.png"
+    proc = _run(_flags(tmp_path) + ["--hide-scrollbars", "--window-size=1280,2400", "--virtual-time-budget=3000",
+                                    f"--screenshot={shot}", probe.as_uri()])
+    assert shot.is_file(), f"no screenshot; chromium rc={proc.returncode}, stderr tail: {proc.stderr[-800:]}"
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        rgb = im.convert("RGB")
+        assert rgb.size == (1280, 2400)
+        px = rgb.load()
+
+        def painted(colour):
+            return [(x, y) for x in range(0, 1280, 2) for y in range(0, 2400, 2) if px[x, y] == colour]
+
+        magenta, cyan = painted((255, 0, 255)), painted((0, 255, 255))
+    assert len(magenta) > 50, "the summary table's speedup header is not in the screenshot"
+    assert max(x for x, _ in magenta) < 1280 - 2  # wholly in view, not cut at the right edge
+    assert len(cyan) > 50 and max(y for _, y in cyan) < 900, "the verdict's speedups are not on the first screen"
+    if os.environ.get("CPBENCH_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["CPBENCH_SCREENSHOT_DIR"]) / "marked.png")

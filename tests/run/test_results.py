@@ -18,7 +18,7 @@ def test_rows_are_appended_and_read_back(tmp_path):
 
 def test_torn_last_line_is_dropped_and_truncated_before_appending(tmp_path):
     p = tmp_path / "results.jsonl"
-    p.write_text(json.dumps({"cell_key": "a"}) + "\n" + '{"cell_key": "b", "spe')
+    p.write_text(json.dumps({"cell_key": "a", "status": "ok"}) + "\n" + '{"cell_key": "b", "spe')
     assert [r["cell_key"] for r in read_results(p)] == ["a"]
     assert finished_keys(p) == {"a"}
     with ResultSink(p) as s:
@@ -26,6 +26,15 @@ def test_torn_last_line_is_dropped_and_truncated_before_appending(tmp_path):
         s.write({"cell_key": "c"})
     lines = p.read_text().splitlines()
     assert [json.loads(l)["cell_key"] for l in lines] == ["a", "c"]
+
+
+def test_finished_keys_count_failed_cells_only_when_kept(tmp_path):
+    p = tmp_path / "results.jsonl"
+    rows = [{"cell_key": "a", "status": "ok"}, {"cell_key": "b", "status": "error"},
+            {"cell_key": "c", "status": "error"}, {"cell_key": "c", "status": "ok"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert finished_keys(p) == {"a", "c"}  # b failed last: --resume runs it again
+    assert finished_keys(p, errors_count=True) == {"a", "b", "c"}  # --keep-errors
 
 
 def test_missing_results_is_a_usage_error(tmp_path):

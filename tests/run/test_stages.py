@@ -119,7 +119,7 @@ ROW_KEYS = {
     "rel_error", "decompose_seconds", "layer_decompose_seconds", "decomposition_cached", "degeneracy",
     "decomposer_info", "accuracy_base", "accuracy_decomposed", "accuracy_finetuned", "finetune_seconds",
     "accuracy_base_finetuned", "baseline_flops", "compressed_flops", "theoretical_speedup",
-    "layer_theoretical_speedup", "allocator", "baseline_ms", "compressed_ms", "baseline_p90_ms",
+    "layer_theoretical_speedup", "params_kept", "layer_params_kept", "allocator", "baseline_ms", "compressed_ms", "baseline_p90_ms",
     "compressed_p90_ms", "baseline_iqr_ms", "compressed_iqr_ms", "speedup", "speedup_ci", "noisy",
     "timing_rounds", "calls_per_round", "backend_info", "thread_state", "layer_speedup", "layer_speedup_ci",
     "layer_noisy",
@@ -134,6 +134,8 @@ def test_an_ok_row_has_every_key_and_reads_back_unchanged(ctx):
     assert row["weights_from"] == "init"  # no weights, no data set: the random initialisation
     assert row["finetune_seconds"] == 0.0 and row["speedup_ci"][0] <= row["speedup"] <= row["speedup_ci"][1]
     assert CellResult.from_row(row).to_row() == row
+    # a 6→8 3×3 conv (432 weights + 8 biases) as rank-2 spatial SVD: 2·(6·3 + 8·3) + 8 = 92 parameters
+    assert row["layer_params_kept"] == {"conv": pytest.approx(92 / 440)} and row["params_kept"] == pytest.approx(92 / 440)
 
 
 def test_an_error_row_holds_the_stages_that_finished(ctx):

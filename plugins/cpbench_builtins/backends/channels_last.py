@@ -19,6 +19,7 @@ from cpbench.kernels.forms import apply_forms, optimize_cp_blocks
 
 class ChannelsLast:
     name = "channels-last"
+    description = "eager NHWC; CP blocks in their fastest exact form"
 
     def __init__(self, fuse: str = "auto"):
         self.fuse = fuse

@@ -24,6 +24,7 @@ from cpbench.kernels.forms import apply_forms, configure_malloc, optimize_cp_blo
 
 class MKL:
     name = "mkl"
+    description = "eager NCHW, pools set; CP blocks in their fastest exact form"
 
     def __init__(self, fuse: str = "auto", malloc: bool = True):
         self.fuse = fuse

@@ -96,6 +96,7 @@ def _runner(sess, in_name: str, out_name: str, in_shape: tuple, out_shape: tuple
 
 class OnnxRuntime:
     name = "onnxruntime"
+    description = "exported to ONNX, run by ONNX Runtime on the CPU"
 
     def __init__(self, fuse: str = "auto"):
         self.fuse = fuse

@@ -40,6 +40,7 @@ def _compiler() -> str | None:
 
 class TorchCompile:
     name = "torch-compile"
+    description = "torch.compile (inductor) on the CPU"
 
     def __init__(self, *, mode: str | None = None, freezing: bool = True, channels_last: bool = True,
                  fuse: str = "auto"):

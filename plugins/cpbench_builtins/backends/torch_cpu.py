@@ -12,6 +12,7 @@ class TorchCPU:
     """Eager PyTorch in eval mode under ``torch.inference_mode()``; nothing else changed."""
 
     name = "torch-cpu"
+    description = "eager PyTorch, the model as it is (the reference)"
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
         model.eval()

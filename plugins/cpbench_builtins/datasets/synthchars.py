@@ -311,6 +311,7 @@ class SynthChars:
     """The data-set plugin object (registered as ``synthchars``)."""
 
     name = "synthchars"
+    description = "36-class 24×24 characters rendered from fonts"
     version = "1"  # bump when the generator changes: trained weights are cached under it
     num_classes = 36
     input_shape = (1, IMG, IMG)

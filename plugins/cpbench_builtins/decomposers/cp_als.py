@@ -27,6 +27,7 @@ IMPLS = ("torch", "tensorly")
 
 class CPALS(CPDecomposer):
     name = "cp-als"
+    description = "CP by alternating least squares (torch, or TensorLy parafac)"
     version = "1"
 
     def fit(self, tensor, rank, *, seed, impl="torch", init="svd", n_iter_max=500, tol=1e-8,

@@ -12,6 +12,7 @@ from cpbench.decomposition.decomposer import CPDecomposer
 
 class CPNLS(CPDecomposer):
     name = "cp-nls"
+    description = "the paper's CP by non-linear least squares (Gauss–Newton)"
     # Part of the factorization cache key: bumped whenever the solver's results change.
     # 2: dimension-tree MTTKRPs and single-precision PCG steps (cg_precision), so different iterates.
     version = "2"

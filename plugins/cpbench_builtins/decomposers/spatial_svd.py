@@ -19,6 +19,7 @@ from cpbench.nn.layers import SpatialSVDBlock, svd_kernel
 
 class SpatialSVD:
     name = "spatial-svd"
+    description = "Jaderberg et al. 2014: kh×1 then 1×kw conv, by SVD"
     version = "1"
     exact_at_full_rank = True
 

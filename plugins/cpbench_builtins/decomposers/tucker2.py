@@ -30,6 +30,7 @@ def _pair(rank):
 class Tucker2:
     name = "tucker2"
     rank_kind = "pair"  # a rank is [r_out, r_in]; also what the "vbmf" rank spec gives
+    description = "Tucker-2 on the channel modes; rank [r_out, r_in]"
     version = "1"
     exact_at_full_rank = True
 

@@ -90,6 +90,7 @@ def _positive(name, value, kind=float):
 class DaskExecutor:
     name = "dask"
     cli_options = ("scheduler", "workers")  # `cpbench run --scheduler/--workers` are for this executor
+    description = "cells on a Dask cluster (--scheduler or --workers)"
 
     def execute(self, cells, run_cell, emit, *, step=None, scheduler=None, workers=None, cell_timeout_s=None,
                 retries=1, allowed_failures=3, **unknown):

@@ -12,6 +12,7 @@ from cpbench.errors import UsageError
 
 class LocalExecutor:
     name = "local"
+    description = "cells one after another in this process (default)"
 
     def execute(self, cells, run_cell, emit, *, step=None, cell_timeout_s=None, **options):
         if options:

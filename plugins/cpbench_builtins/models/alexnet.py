@@ -47,6 +47,7 @@ class AlexNet(nn.Module):
 
 class AlexNetModel:
     name = "alexnet"
+    description = "the paper's AlexNet (grouped conv2/4/5); no data set"
     dataset = None
     default_layers = ["conv2"]
     ALLOWED = ("num_classes", "input_size", "features_only")

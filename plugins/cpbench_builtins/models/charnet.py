@@ -86,6 +86,7 @@ class CharNet:
     """The model plugin object (registered as ``charnet``)."""
 
     name = "charnet"
+    description = "the paper's character CNN, trained on synthchars"
     dataset = "synthchars"
     # Trained weights shipped with the package, laid out like the cache (models/<k2>/<key>.safetensors,
     # keyed by the recipe hash), so a fresh machine skips base training. Made by `cpbench train charnet`

@@ -30,6 +30,7 @@ def _tuple(v):
 
 class ConvModel:
     name = "conv"
+    description = "one conv layer from parameters (in_channels, ...)"
     dataset = None
     default_layers = ["conv"]
 

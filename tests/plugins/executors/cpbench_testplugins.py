@@ -5,6 +5,8 @@ PYTHONPATH and preload this module on workers, where ``dask_setup`` registers it
   sleep_s [0]   sleep before decomposing (a slow cell).
   crash [false] if the file named by $CPBENCH_TEST_CRASH_MARKER exists, claim it (rename: only one
                 process wins) and kill this process with ``os._exit(1)``; later calls run normally.
+  fail [false]  if the file named by $CPBENCH_TEST_FAIL_MARKER exists, raise RuntimeError (a failure
+                that depends on the computation: the cell becomes an error row; remove the file and it runs).
 Each call appends a line "pid" to $CPBENCH_TEST_CALL_LOG when that is set.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ class CrashySVD:
     def __getattr__(self, attr):
         return getattr(self._inner, attr)
 
-    def decompose(self, weight, rank, *, seed=0, sleep_s=0, crash=False, **options):
+    def decompose(self, weight, rank, *, seed=0, sleep_s=0, crash=False, fail=False, **options):
         log = os.environ.get("CPBENCH_TEST_CALL_LOG")
         if log:
             with open(log, "a") as f:
@@ -42,6 +44,9 @@ class CrashySVD:
                 pass
             else:
                 os._exit(1)
+        fail_marker = os.environ.get("CPBENCH_TEST_FAIL_MARKER")
+        if fail and fail_marker and os.path.exists(fail_marker):
+            raise RuntimeError("the solver diverged (test failure)")
         if sleep_s:
             time.sleep(sleep_s)
         return self._inner.decompose(weight, rank, seed=seed, **options)

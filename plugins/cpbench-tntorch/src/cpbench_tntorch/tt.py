@@ -156,6 +156,7 @@ class TTDecomposer:
     """Tensor-train decomposition of a conv kernel (see the module docstring)."""
 
     name = "tt"
+    description = "tensor-train decomposition of a conv kernel (TT-SVD by tntorch)"
     version = "1"
     exact_at_full_rank = True
 
