@@ -182,6 +182,7 @@ def main(argv=None) -> int:
         print("tensorly-torch is not installed: pip install --no-deps tensorly-torch", file=sys.stderr)
         return 2
     malloc = configure_malloc()
+    print(layer_suite.build_kernel_step(), flush=True)
     plugins = Plugins()
     suite, specs, axes = user_suite.suite_from_matrix(Path(args.matrix), plugins)
     keep_specs = set(args.specs.split(",")) if args.specs else None

@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gomp-spincount", default=layer_suite.GOMP_SPINCOUNT, help="as for layer_suite.py")
     args = ap.parse_args(argv)
     malloc = configure_malloc()  # before anything is timed: same allocator for every arm
+    print(layer_suite.build_kernel_step(), flush=True)
     plugins = Plugins()
     suite, specs, axes = suite_from_matrix(Path(args.matrix), plugins)
     if args.specs:

@@ -464,6 +464,19 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
     print(f"fastest compressed backend: {summary['backend_wins_compressed']}", file=out)
 
 
+def build_kernel_step() -> str:
+    """The suite's explicit build step for the fused kernel (``cpbench build-kernel``), as one status line:
+    a run without it would time every CP block without the ``cp4-fused`` form."""
+    from cpbench import fused
+    from cpbench.errors import BackendError
+
+    try:
+        build = fused.build_kernel()
+    except BackendError as exc:
+        return f"fused kernel: NOT AVAILABLE, cp4-fused not offered ({exc})"
+    return f"fused kernel: {'already built' if build.cached else f'built in {build.seconds:.0f} s'} (key {build.kernel.key})"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="threads=2 only, first rank per layer, shorter timing")
@@ -485,6 +498,7 @@ def main(argv=None) -> int:
                     + ", ".join(l.name for l in LAYERS) + ")")
     args = ap.parse_args(argv)
     malloc = configure_malloc()  # before anything is timed: same allocator for every arm
+    print(build_kernel_step(), flush=True)
     plugins = Plugins()
     names = args.backends.split(",") if args.backends else plugins.backends.names()
     backends = [plugins.backends.get(n) for n in names]

@@ -311,6 +311,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_build_kernel(args) -> int:
+    from ..errors import BackendError
+    from ..kernels import fused
+
+    try:
+        build = fused.build_kernel(args.march, verbose=args.verbose)
+    except BackendError as exc:
+        print(f"cpbench: {exc}", file=sys.stderr)
+        print("cpbench: cpbench works without it: backends do not offer the cp4-fused form and pick among "
+              "the other CP-block forms", file=sys.stderr)
+        return 1
+    k, compiler = build.kernel, build.inputs["compiler"]
+    state = "already built" if build.cached else f"built in {build.seconds:.0f} s"
+    print(f"fused CP kernel ({k.march}): {state}; build key {k.key}; operator torch.ops.{k.module.op_namespace}"
+          f".cp_fused; AVX-512 micro-kernel {'yes' if k.panel else 'no'}")
+    print(f"  {k.path}")
+    print(f"  compiler {compiler['path']} ({compiler['version']}); torch {build.inputs['torch']}; "
+          f"flags {' '.join(build.inputs['cflags'])}")
+    return 0
+
+
 EXPERIMENTS = {
     "lebedev2015": "the paper's character network: conv2+conv3 by four decomposers, fine-tuned, timed",
     "lebedev2015-alexnet": "the paper's AlexNet conv2 (grouped 5×5, block-diagonal) at ranks 100–300, timed",
@@ -483,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-threshold", type=float, default=0.5,
                    help="accuracy drop in percentage points that counts (default 0.5)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("build-kernel", help="build the fused CP-block kernel for this machine (form cp4-fused)")
+    p.add_argument("--march", default="native",
+                   help="the -march target (default native: this CPU; e.g. x86-64-v3 for an AVX2 build)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=cmd_build_kernel)
 
     p = sub.add_parser("report", help="write a report (HTML, Markdown, PNGs; or CSV) for a run")
     p.add_argument("run_dir")

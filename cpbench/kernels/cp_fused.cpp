@@ -377,9 +377,9 @@ void gemm_packed(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, i
 // (N, T, Ho, Wo) in x's memory format. The intermediates are NHWC either way; NCHW data goes through
 // the two GEMMs as transposed operands. Layout and checks are here, not in Python, because at batch 1
 // a small block's whole run is ~20 us and each Python-side tensor operation costs ~1 us.
-torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v,
-                       torch::Tensor taps_h, torch::Tensor w_out, c10::optional<torch::Tensor> bias,
-                       torch::Tensor w_in_packed, torch::Tensor w_out_packed,
+torch::Tensor cp_fused(torch::Tensor x, const torch::Tensor& w_in, const torch::Tensor& taps_v,
+                       const torch::Tensor& taps_h, const torch::Tensor& w_out, const c10::optional<torch::Tensor>& bias,
+                       const torch::Tensor& w_in_packed, const torch::Tensor& w_out_packed,
                        int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pb,
                        int64_t pl, int64_t pr, int64_t band_bytes, int64_t min_parallel_macs, int64_t cache_bytes) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
@@ -560,8 +560,31 @@ torch::Tensor cp_fused(torch::Tensor x, torch::Tensor w_in, torch::Tensor taps_v
   return out;
 }
 
+// Registered twice: as the torch operator <namespace>::cp_fused (schema below, CPU kernel), which
+// torch.compile and torch.export see and trace through the fake implementation registered in fused.py;
+// and as a plain Python function, which eager calls take (the dispatcher adds a few microseconds, and a
+// small block's whole run at batch 1 is ~10 us). The namespace is "cpbench" for the native build; other
+// builds of the same source (another -march) load into the same process and need their own.
+#ifndef CPBENCH_OP_NAMESPACE
+#define CPBENCH_OP_NAMESPACE cpbench
+#endif
+#define CP_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CP_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+CP_TORCH_LIBRARY(CPBENCH_OP_NAMESPACE, m) {
+  m.def("cp_fused(Tensor x, Tensor w_in, Tensor taps_v, Tensor taps_h, Tensor w_out, Tensor? bias, "
+        "Tensor w_in_packed, Tensor w_out_packed, int sh, int sw, int dh, int dw, int pt, int pb, int pl, "
+        "int pr, int band_bytes, int min_parallel_macs, int cache_bytes) -> Tensor");
+}
+
+CP_TORCH_LIBRARY_IMPL(CPBENCH_OP_NAMESPACE, CPU, m) { m.impl("cp_fused", TORCH_FN(cp_fused)); }
+
+#define CP_STR2(x) #x
+#define CP_STR(x) CP_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cp_fused", &cp_fused, "CP block (1x1, kh x 1, 1 x kw, 1x1) fused over bands of rows, NHWC or NCHW");
+  m.attr("op_namespace") = CP_STR(CPBENCH_OP_NAMESPACE);
 #if defined(__AVX512F__)
   m.attr("panel") = PANEL;
 #else

@@ -27,8 +27,8 @@ depthwise layer; in channels_last a 1×1 conv is exactly a GEMM on the ``(N·H·
 ``cp4-fused``
     the whole block as one compiled operator (:mod:`cpbench.fused`): MKL GEMMs for the 1×1 layers and
     register-blocked depthwise taps, computed in bands of output rows so the R-channel intermediates
-    stay in cache. float32 CPU inference, zero padding; compiled on first use (about 25 s, then
-    cached), and simply not offered where it cannot be built.
+    stay in cache. float32 CPU inference, zero padding; built by ``cpbench build-kernel`` and not
+    offered where it is not built (the choice records why).
 
 :func:`optimize_cp_blocks` times each candidate against the current best side by side
 (:func:`cpbench.timing.time_pair`) on the block alone with its real input shape, layout and thread
@@ -47,9 +47,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..nn.layers import CPBlock
+from . import fused
 from ..measure.threads import thread_limits
 from ..measure.timing import TimingBudget, time_pair
+from ..nn.layers import CPBlock, geometry, out_len
 
 __all__ = [
     "FORMS",
@@ -196,19 +197,6 @@ class CPGemmBlock(nn.Module):
         return out.permute(0, 3, 1, 2)
 
 
-def _axis_padding(geo, axis: int, size: int) -> tuple[int, int]:
-    """(before, after) zero padding of ``geo`` along ``axis`` (0: H, 1: W) for an input of ``size``."""
-    k = (geo.kh, geo.kw)[axis]
-    d = geo.dilation[axis]
-    if geo.padding == "valid":
-        return 0, 0
-    if geo.padding == "same":
-        total = d * (k - 1)
-        return total // 2, total - total // 2
-    p = geo.padding[axis]
-    return p, p
-
-
 def band_matrix(taps: torch.Tensor, size: int, *, stride: int, dilation: int,
                 pad: tuple[int, int]) -> torch.Tensor:
     """Per-channel banded matrices of a 1-D depthwise correlation: ``(C, out, size)``.
@@ -218,7 +206,7 @@ def band_matrix(taps: torch.Tensor, size: int, *, stride: int, dilation: int,
     are dropped), so ``band @ x`` equals ``conv1d(x, taps, stride, dilation, padding)`` per channel.
     """
     c, k = taps.shape
-    n_out = (size + pad[0] + pad[1] - dilation * (k - 1) - 1) // stride + 1
+    n_out = out_len(size, k, stride, dilation, *pad)
     if n_out < 1:
         raise ValueError(f"input size {size} is smaller than the kernel's reach")
     band = taps.new_zeros((c, n_out, size))
@@ -264,9 +252,9 @@ class CPBandBlock(nn.Module):
         if key not in self._bands:
             geo = self.geo
             ty = band_matrix(self.taps_h, h, stride=geo.stride[0], dilation=geo.dilation[0],
-                             pad=_axis_padding(geo, 0, h))
+                             pad=geo.axis_padding(0))
             tx = band_matrix(self.taps_w, w, stride=geo.stride[1], dilation=geo.dilation[1],
-                             pad=_axis_padding(geo, 1, w))
+                             pad=geo.axis_padding(1))
             self._bands[key] = (ty.contiguous(), tx.transpose(1, 2).contiguous())
         return self._bands[key]
 
@@ -313,9 +301,7 @@ def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = 
     elif form == "cp4-band":
         out = CPBandBlock(block)
     elif form == "cp4-fused":
-        from .fused import CPFusedBlock
-
-        out = CPFusedBlock(block)
+        out = fused.CPFusedBlock(block)
     elif form == "cp4-gemm":
         if block.form != "cp4":
             raise ValueError("a CP3 block has no CP4 form")
@@ -325,7 +311,11 @@ def build_form(block: CPBlock, form: str, input_shape: tuple[int, ...] | None = 
     return out.eval()
 
 
-def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_shape=None) -> list[str]:
+def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_shape=None,
+                skipped: dict[str, str] | None = None) -> list[str]:
+    """The forms of ``forms`` (default :data:`DEFAULT_FORMS`) that apply to ``block`` here. A form that
+    would apply but cannot run on this machine (the fused kernel not built) goes into ``skipped`` with
+    the reason, so the choice records why it was not tried."""
     wanted = list(forms) if forms is not None else list(DEFAULT_FORMS)
     out = []
     for f in wanted:
@@ -335,22 +325,19 @@ def _candidates(block: CPBlock, layout: str, forms: Iterable[str] | None, input_
             continue
         if f in ("cp4-band", "cp4-fused") and block.geo.padding_mode != "zeros":
             continue
-        if f == "cp4-fused" and not _fused_applies(block):
-            continue
+        if f == "cp4-fused":
+            p = block[0].weight
+            if p.dtype != torch.float32 or p.device.type != "cpu":
+                continue
+            reason = fused.kernel_status()
+            if reason is not None:
+                if skipped is not None:
+                    skipped[f] = reason
+                continue
         if f.endswith("-chunked") and (input_shape is None or chunk_size(block, input_shape) >= input_shape[0]):
             continue  # one chunk is the unchunked form
         out.append(f)
     return out
-
-
-def _fused_applies(block: CPBlock) -> bool:
-    """float32 on CPU and the kernel builds here (the first call compiles it, later ones are free)."""
-    p = block[0].weight
-    if p.dtype != torch.float32 or p.device.type != "cpu":
-        return False
-    from .fused import kernel_available
-
-    return kernel_available()
 
 
 @dataclass
@@ -422,14 +409,10 @@ class ConvGemm(nn.Module):
         self.register_buffer("w", w.clone() if self.kind in ("pointwise", "im2col") else None)
         self.unfold = None
         if self.kind == "im2col":
+            self.geo = geometry(conv)
             self.unfold = dict(kernel_size=conv.kernel_size, dilation=conv.dilation, stride=conv.stride,
-                               padding=_int_padding(conv))
+                               padding=self.geo.symmetric_padding())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        u = self.unfold
-        return tuple((size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
-                     zip((h, w), u["padding"], u["dilation"], u["kernel_size"], u["stride"]))
 
     def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """``unfold(x)`` as one strided copy: ``(N, S·kh·kw, Hout·Wout)``, (S, kh, kw) major to minor,
@@ -445,7 +428,7 @@ class ConvGemm(nn.Module):
         if ph or pw:
             xp = nn.functional.pad(xp, (pw, pw, ph, ph))
         n, c, h, w = x.shape
-        ho, wo = self._out_hw(h, w)
+        ho, wo = self.geo.out_hw((h, w))
         s_n, s_c, s_h, s_w = xp.stride()
         view = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
         return view.reshape(n, c * kh * kw, ho * wo), ho, wo
@@ -479,27 +462,11 @@ class ConvGemm(nn.Module):
 IM2COL_MAX_IN = 4
 
 
-def _int_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The conv's padding as symmetric ints, or None ('same' with an odd total, which unfold cannot do)."""
-    pad = conv.padding
-    if pad == "valid":
-        return 0, 0
-    if pad == "same":
-        out = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                return None
-            out.append(total // 2)
-        return tuple(out)
-    return tuple(pad)
-
-
 def conv_gemm_kind(conv: nn.Module, input_shape: tuple[int, ...]) -> str | None:
     """"cover", "pointwise", "im2col" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
     if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
         return None
-    pad = _int_padding(conv)
+    pad = geometry(conv).symmetric_padding()
     h, w = input_shape[-2:]
     kh, kw = conv.kernel_size
     if pad == (0, 0) and (kh, kw) == (h, w):
@@ -564,12 +531,13 @@ def optimize_cp_blocks(
     inputs = _capture_inputs(work, x, names + conv_names)
     choices: list[BlockChoice] = []
 
-    def choose(name: str, module: nn.Module, built: str, cands: list[tuple[str, Callable[[], nn.Module]]]):
+    def choose(name: str, module: nn.Module, built: str, cands: list[tuple[str, Callable[[], nn.Module]]],
+               skipped: dict[str, str] | None = None):
         xin = inputs[name]
         ref = module(xin)
         best_form, best = built, module
         speed_vs_built = 1.0
-        tried: dict = {}
+        tried: dict = {form: {"error": reason} for form, reason in (skipped or {}).items()}
         for form, make in cands:
             try:
                 cand = as_layout(make(), layout)
@@ -594,9 +562,10 @@ def optimize_cp_blocks(
         for name in names:
             block = work.get_submodule(name) if name else work
             shape = tuple(inputs[name].shape)
+            skipped: dict[str, str] = {}
             cands = [(f, lambda f=f: build_form(block, f, shape))
-                     for f in _candidates(block, layout, forms, shape) if f != block.form]
-            best = choose(name, block, block.form, cands)
+                     for f in _candidates(block, layout, forms, shape, skipped) if f != block.form]
+            best = choose(name, block, block.form, cands, skipped)
             if best is not block:
                 work = _set_submodule(work, name, best)
         for name in conv_names:

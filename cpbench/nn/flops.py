@@ -22,16 +22,9 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _out_len(n: int, k: int, s: int, p, d: int) -> int:
-    if p == "same":
-        return n
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def conv_out_hw(geo: ConvGeometry, in_hw: tuple[int, int]) -> tuple[int, int]:
-    ph, pw = (geo.padding, geo.padding) if isinstance(geo.padding, str) else geo.padding
-    return (_out_len(in_hw[0], geo.kh, geo.stride[0], ph, geo.dilation[0]),
-            _out_len(in_hw[1], geo.kw, geo.stride[1], pw, geo.dilation[1]))
+    """The conv's output (H, W): :meth:`ConvGeometry.out_hw` (kept as a function for plugins)."""
+    return geo.out_hw(in_hw)
 
 
 def conv_macs(geo: ConvGeometry, in_hw: tuple[int, int]) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 __all__ = [
     "ConvGeometry",
     "geometry",
+    "out_len",
     "CPBlock",
     "Tucker2Block",
     "SpatialSVDBlock",
@@ -71,6 +72,34 @@ class ConvGeometry:
     def full(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     padding_mode=self.padding_mode)
+
+    # The conv arithmetic lives here and in :func:`out_len` only; the execution forms, the fused
+    # kernel's Python side, ConvGemm and the FLOP formulas all ask these.
+    def axis_padding(self, axis: int) -> tuple[int, int]:
+        """(before, after) zero padding along ``axis`` (0: H, 1: W); "same" puts the odd one after,
+        as PyTorch does."""
+        if self.padding == "valid":
+            return 0, 0
+        if self.padding == "same":
+            total = self.dilation[axis] * ((self.kh, self.kw)[axis] - 1)
+            return total // 2, total - total // 2
+        p = self.padding[axis]
+        return p, p
+
+    def symmetric_padding(self) -> tuple[int, int] | None:
+        """(ph, pw) when each axis is padded equally on both sides, else None ("same" with an odd total)."""
+        pads = [self.axis_padding(axis) for axis in (0, 1)]
+        return None if any(a != b for a, b in pads) else (pads[0][0], pads[1][0])
+
+    def out_hw(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """The output's (H, W) for an input of ``in_hw``."""
+        return tuple(out_len(n, (self.kh, self.kw)[axis], self.stride[axis], self.dilation[axis],
+                             *self.axis_padding(axis)) for axis, n in enumerate(in_hw))
+
+
+def out_len(size: int, k: int, stride: int, dilation: int, pad_before: int, pad_after: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's formula; negative padding crops)."""
+    return (size + pad_before + pad_after - dilation * (k - 1) - 1) // stride + 1
 
 
 def _pair(v) -> tuple[int, int]:

@@ -108,3 +108,24 @@ def test_bias_free_conv_gives_bias_free_block():
     out, in_, h, w = exact_cp_factors(conv.weight.detach(), 1)
     block = CPBlock(geometry(conv), out, in_, h=h, w=w, bias=None)
     assert all(m.bias is None for m in block)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs())
+def test_geometry_arithmetic_is_pytorchs(cfg_hw):
+    # The one place conv arithmetic lives (ConvGeometry.axis_padding / out_hw): the output size of the
+    # real conv, and zero padding that, applied by F.pad, gives the same result as the conv's own.
+    cfg, (h, w) = cfg_hw
+    cfg = {**cfg, "padding_mode": "zeros"}
+    conv = nn.Conv2d(**cfg)
+    geo = geometry(conv)
+    x = torch.randn(1, cfg["in_channels"], h, w)
+    with torch.no_grad():
+        y = conv(x)
+        assert geo.out_hw((h, w)) == tuple(y.shape[-2:])
+        (pt, pb), (pl, pr) = geo.axis_padding(0), geo.axis_padding(1)
+        padded = nn.functional.conv2d(nn.functional.pad(x, (pl, pr, pt, pb)), conv.weight, conv.bias,
+                                      stride=conv.stride, dilation=conv.dilation, groups=conv.groups)
+        torch.testing.assert_close(padded, y)
+    sym = geo.symmetric_padding()
+    assert sym is None or sym == (pt, pl) and (pt, pl) == (pb, pr)
