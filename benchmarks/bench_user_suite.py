@@ -1,4 +1,4 @@
-"""asv: the user suite's median efficiency over a fixed subset of its cells (benchmarks/user_suite.py).
+"""asv: the user suite's median efficiency over a fixed subset of its cells (benchmarks/scripts/user_suite.py).
 
 The whole suite (144 cells) takes hours; asv tracks 6 of its cells per commit: the three layer shapes
 whose blocks are most GEMM-bound (ResNet 128→128 at 28×28 and 512→512 at 7×7, the detector layer) at
@@ -18,7 +18,7 @@ BACKENDS = ("torch-cpu", "mkl", "channels-last", "onnxruntime")
 
 
 def _scripts():
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent / "scripts"
     if str(here) not in sys.path:
         sys.path.insert(0, str(here))
     import layer_suite
@@ -37,9 +37,9 @@ class TrackUserSuite:
     timeout = 1800
 
     def track_median_efficiency(self):
-        from cpbench import fused
-        from cpbench.execution import configure_malloc
-        from cpbench.pluginmanager import Plugins
+        from cpbench.kernels import fused
+        from cpbench.kernels.forms import configure_malloc
+        from cpbench.plugin.manager import Plugins
 
         layer_suite, user_suite = _scripts()
         configure_malloc()

@@ -467,8 +467,8 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
 def build_kernel_step() -> str:
     """The suite's explicit build step for the fused kernel (``cpbench build-kernel``), as one status line:
     a run without it would time every CP block without the ``cp4-fused`` form."""
-    from cpbench import fused
     from cpbench.errors import BackendError
+    from cpbench.kernels import fused
 
     try:
         build = fused.build_kernel()

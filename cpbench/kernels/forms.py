@@ -25,7 +25,7 @@ depthwise layer; in channels_last a 1×1 conv is exactly a GEMM on the ``(N·H·
     GEMM-speed inner loops: at batch 1, where PyTorch's depthwise kernels are dominated by fixed
     costs, it is the fastest form here (see :class:`CPBandBlock`). Zero padding only.
 ``cp4-fused``
-    the whole block as one compiled operator (:mod:`cpbench.fused`): MKL GEMMs for the 1×1 layers and
+    the whole block as one compiled operator (:mod:`cpbench.kernels.fused`): MKL GEMMs for the 1×1 layers and
     register-blocked depthwise taps, computed in bands of output rows so the R-channel intermediates
     stay in cache. float32 CPU inference, zero padding; built by ``cpbench build-kernel`` and not
     offered where it is not built (the choice records why).

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("tltorch")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "scripts"))
 import layer_suite  # noqa: E402
 import tltorch_compare  # noqa: E402
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "scripts"))
 import user_suite  # noqa: E402
 
-from cpbench.layers import geometry  # noqa: E402
-from cpbench.matrix import expand, load_matrix  # noqa: E402
-from cpbench.pluginmanager import Plugins  # noqa: E402
+from cpbench.nn.layers import geometry  # noqa: E402
+from cpbench.run.matrix import expand, load_matrix  # noqa: E402
+from cpbench.plugin.manager import Plugins  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_the_suite_holds_every_layer_at_every_speedup(suite):
 
 
 def test_ranks_are_the_largest_meeting_each_speedup(suite):
-    from cpbench.flops import conv_macs, cp_block_macs
+    from cpbench.nn.flops import conv_macs, cp_block_macs
 
     layers, specs, _ = suite
     for lay in layers:

@@ -1,14 +1,14 @@
 """The user suite: CP-block speed at users' operating points (theoretical speedup 2-6 per layer).
 
-    python benchmarks/user_suite.py [--matrix FILE] [--layers a,b] [--specs speedup:2,...]
+    python benchmarks/scripts/user_suite.py [--matrix FILE] [--layers a,b] [--specs speedup:2,...]
                                     [--batches 1,32] [--threads 1,2] [--passes N] [--json OUT]
 
 The cells come from a cpbench matrix file (default ``benchmarks/matrices/user_suite.toml``): every
 ``conv`` model × rank spec × batch × threads of its ``[[matrix]]`` blocks, over the backends it lists.
-Each ``speedup:X`` spec is resolved as ``cpbench run`` resolves it (:func:`cpbench.ranks.resolve_rank`
+Each ``speedup:X`` spec is resolved as ``cpbench run`` resolves it (:func:`cpbench.decomposition.ranks.resolve_rank`
 with the block's cost model: the largest rank whose theoretical speedup is at least X; rank per group
 for grouped layers). Each cell is then timed exactly as the layer suite times its cells
-(``benchmarks/layer_suite.py``: random CP factors, a short selection over every backend for both arms,
+(``benchmarks/scripts/layer_suite.py``: random CP factors, a short selection over every backend for both arms,
 then ``--passes`` final paired measurements of the fastest baseline(s) against the fastest compressed
 execution, pass 1 of every cell before pass 2 of any), with:
 
@@ -39,14 +39,14 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cpbench.execution import configure_malloc  # noqa: E402
-from cpbench.layers import geometry  # noqa: E402
-from cpbench.machine import machine_info  # noqa: E402
-from cpbench.matrix import load_matrix  # noqa: E402
-from cpbench.pluginmanager import Plugins  # noqa: E402
-from cpbench.ranks import resolve_rank  # noqa: E402
+from cpbench.kernels.forms import configure_malloc  # noqa: E402
+from cpbench.nn.layers import geometry  # noqa: E402
+from cpbench.measure.machine import machine_info  # noqa: E402
+from cpbench.run.matrix import load_matrix  # noqa: E402
+from cpbench.plugin.manager import Plugins  # noqa: E402
+from cpbench.decomposition.ranks import resolve_rank  # noqa: E402
 
-MATRIX = Path(__file__).resolve().parent / "matrices" / "user_suite.toml"
+MATRIX = Path(__file__).resolve().parents[1] / "matrices" / "user_suite.toml"
 # Issue 22's targets.
 TARGET_MEDIAN, TARGET_WORST_QUARTER, NO_SLOWDOWN_FROM_THEO = 0.8, 0.7, 1.5
 

@@ -1,17 +1,17 @@
 """cpbench's CP block against TensorLy-Torch's CP convolution at the same rank, timed side by side.
 
     pip install --no-deps tensorly-torch      # benchmark-only dependency (tensorly is already one of ours)
-    python benchmarks/tltorch_compare.py [--matrix FILE] [--layers a,b] [--specs ...] [--batches 1,32]
+    python benchmarks/scripts/tltorch_compare.py [--matrix FILE] [--layers a,b] [--specs ...] [--batches 1,32]
                                          [--threads 1,2] [--passes N] [--json OUT]
 
 The cells are the user suite's (``benchmarks/matrices/user_suite.toml``, ranks resolved from its
 ``speedup:X`` specs; see ``user_suite.py``). In each cell both sides compute the same function: one set
-of random CP factors is loaded into cpbench's :class:`~cpbench.layers.CPBlock` and into a
+of random CP factors is loaded into cpbench's :class:`~cpbench.nn.layers.CPBlock` and into a
 ``tltorch.FactorizedConv`` (``factorization="cp"``), and their outputs are checked to agree. TensorLy-Torch
 offers two CP forwards, ``factorized`` (its CP convolution as a chain of convs) and ``mobilenet`` (1×1,
 depthwise per spatial mode, 1×1); cpbench offers its backends' prepared blocks (``mkl`` and
 ``channels-last``, each choosing its own execution form). A short selection picks the faster of each
-side, and ``--passes`` final paired measurements (:func:`cpbench.timing.time_pair`, interleaved, pass 1
+side, and ``--passes`` final paired measurements (:func:`cpbench.measure.timing.time_pair`, interleaved, pass 1
 of every cell before pass 2 of any) time the two winners against each other, TensorLy-Torch as the
 "baseline" arm: the speedup is TensorLy-Torch's time over cpbench's (geometric mean over passes, with a
 t-interval). TensorLy-Torch runs as a user runs it: eager PyTorch in NCHW under ``inference_mode`` at the
@@ -41,12 +41,12 @@ import torch  # noqa: E402
 
 import layer_suite  # noqa: E402
 import user_suite  # noqa: E402
-from cpbench.execution import configure_malloc, rel_error  # noqa: E402
-from cpbench.machine import machine_info  # noqa: E402
-from cpbench.pluginmanager import Plugins  # noqa: E402
-from cpbench.stats import speedup_across_passes  # noqa: E402
-from cpbench.threads import thread_limits  # noqa: E402
-from cpbench.timing import time_pair  # noqa: E402
+from cpbench.kernels.forms import configure_malloc, rel_error  # noqa: E402
+from cpbench.measure.machine import machine_info  # noqa: E402
+from cpbench.plugin.manager import Plugins  # noqa: E402
+from cpbench.measure.stats import speedup_across_passes  # noqa: E402
+from cpbench.measure.threads import thread_limits  # noqa: E402
+from cpbench.measure.timing import time_pair  # noqa: E402
 
 TARGET = 1.5
 CPBENCH_BACKENDS = ("mkl", "channels-last")
