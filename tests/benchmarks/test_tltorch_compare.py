@@ -2,20 +2,33 @@
 a benchmark-only dependency: pip install --no-deps tensorly-torch)."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("tltorch")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tltorch") is None,
+                                reason="tensorly-torch is not installed (pip install --no-deps tensorly-torch)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "scripts"))
 import layer_suite  # noqa: E402
 import tltorch_compare  # noqa: E402
 
 
+@pytest.fixture
+def tensorly_backend():
+    """Importing tltorch switches TensorLy's global backend to pytorch; the rest of the suite expects
+    the one it had."""
+    import tensorly as tl
+
+    before = tl.get_backend()
+    yield
+    tl.set_backend(before)
+
+
 @pytest.mark.parametrize("implementation", tltorch_compare.TLTORCH_FORWARDS)
-def test_tltorch_conv_holds_the_blocks_factors(implementation):
+def test_tltorch_conv_holds_the_blocks_factors(implementation, tensorly_backend):
     layer = layer_suite.Layer("t", 6, 10, 3, 1, 9, 1, (5,))
     _, block = layer_suite.build(layer, 5)
     peer = tltorch_compare.tltorch_conv(layer, block, implementation)

@@ -220,3 +220,12 @@ def test_torch_export_carries_the_operator():
         assert rel_error(exported.module()(x), net(x)) <= 1e-5
         fake_shape = [n.meta["val"].shape for n in exported.graph.nodes if str(n.target) == "cpbench.cp_fused.default"]
         assert list(fake_shape[0]) == [2, 20, 10, 10]  # the fake implementation's output shape
+
+
+def test_build_kernel_command_reports_the_build(capsys):
+    from cpbench.cli import main
+
+    assert main(["build-kernel"]) == 0  # built already (the module would be skipped otherwise): a load
+    out = capsys.readouterr().out
+    assert "already built" in out and fused.build_key() in out and "torch.ops.cpbench.cp_fused" in out
+    assert fused.build_inputs()["compiler"]["version"] in out
