@@ -15,7 +15,8 @@ class CPNLS(CPDecomposer):
     description = "the paper's CP by non-linear least squares (Gauss–Newton)"
     # Part of the factorization cache key: bumped whenever the solver's results change.
     # 2: dimension-tree MTTKRPs and single-precision PCG steps (cg_precision), so different iterates.
-    version = "2"
+    # 3: the polish without the penalty after the conditioned phase (exact on exactly low-rank kernels).
+    version = "3"
 
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.decomposition.solvers import cp_nls
