@@ -517,6 +517,7 @@ def cp_nls(
     penalty_decay: float = 0.9,
     polish: bool = True,
     degeneracy_cap: float = 2.0,
+    conditioned_tol: float | None = None,
     als_sweeps: int = 10,
     cg_max_iter: int = 10,
     cg_tol: float = 1e-2,
@@ -672,6 +673,7 @@ def cp_nls(
     iters = int(max_iter)
 
     # ---- phase 1: conditioned (or plain least squares with conditioning="none")
+    phase_tol = tol if conditioned_tol is None or not use_penalty or not polish else float(conditioned_tol)
     stop = "max_iter"
     while run.iterations < iters:
         if run.out_of_time():
@@ -688,7 +690,7 @@ def cp_nls(
                 if weight < 1e-12:  # a schedule that decays to 0 switches off for good
                     weight = 0.0
                 run.set_mu(weight)
-            if schedule_done and decrease <= tol * f_before:
+            if schedule_done and decrease <= phase_tol * f_before:
                 stop = "tol"
                 break
         if tiny:

@@ -1,19 +1,19 @@
 """``cp-epc``: a CP fit followed by the error-preserving correction of Phan et al. (ECCV 2020).
 
 The fit is ``cp-nls`` (default) or ``cp-als`` with their own options; then
-:func:`cpbench.solvers.cp_epc` minimises the rank-1 terms' norms at the fit's error (the result is
+:func:`cpbench.decomposition.solvers.cp_epc` minimises the rank-1 terms' norms at the fit's error (the result is
 at most as degenerate and at most as inaccurate as the fit). Options:
 
   fit ["cp-nls"]        the decomposer whose fit is corrected: "cp-nls" or "cp-als".
   fit_options [{}]      options of that decomposer (e.g. ``{max_iter = 100}``).
-  epc_* options         passed to :func:`cpbench.solvers.cp_epc` without the prefix
+  epc_* options         passed to :func:`cpbench.decomposition.solvers.cp_epc` without the prefix
                         (``epc_max_iter``, ``epc_bisections``, ``epc_tol_error``, ...).
-plus the CP options of :class:`cpbench.decomposer.CPDecomposer` (groups, group_mode, form).
+plus the CP options of :class:`cpbench.decomposition.decomposer.CPDecomposer` (groups, group_mode, form).
 """
 from __future__ import annotations
 
 from cpbench import hookimpl
-from cpbench.decomposer import CPDecomposer
+from cpbench.decomposition.decomposer import CPDecomposer
 from cpbench.errors import UsageError
 from cpbench_builtins.decomposers.cp_als import CPALS
 from cpbench_builtins.decomposers.cp_nls import CPNLS
@@ -27,14 +27,14 @@ class CPEPC(CPDecomposer):
     version = f"1+cp-nls.{CPNLS.version}+cp-als.{CPALS.version}"
 
     def fit(self, tensor, rank, *, seed, fit="cp-nls", fit_options=None, **options):
-        from cpbench.solvers import cp_epc
+        from cpbench.decomposition.solvers import cp_epc
 
         if fit not in FITS:
             raise UsageError(f"cp-epc fit {fit!r} is not allowed; allowed: {', '.join(FITS)}")
         bad = sorted(k for k in options if not k.startswith("epc_"))
         if bad:
             raise UsageError(f"cp-epc got unknown options {bad}; allowed: fit, fit_options, epc_* "
-                             f"(options of cpbench.solvers.cp_epc), groups, group_mode, form")
+                             f"(options of cpbench.decomposition.solvers.cp_epc), groups, group_mode, form")
         base = {"cp-nls": CPNLS, "cp-als": CPALS}[fit]()
         factors, fit_info = base.fit(tensor, rank, seed=seed, **dict(fit_options or {}))
         res = cp_epc(tensor.double(), [f.double() for f in factors],

@@ -1,4 +1,4 @@
-"""Tests of cpbench.solvers.cp_epc (the error-preserving correction) and the cp-epc decomposer."""
+"""Tests of cpbench.decomposition.solvers.cp_epc (the error-preserving correction) and the cp-epc decomposer."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import cpbench
 from cpbench.errors import UsageError
-from cpbench.solvers import SolverInputError, cp_als, cp_epc, cp_nls, degeneracy, rel_error
+from cpbench.decomposition.solvers import SolverInputError, cp_als, cp_epc, cp_nls, degeneracy, rel_error
 
 torch.set_num_threads(1)
 
