@@ -123,14 +123,15 @@ def _train(name: str, steps: int, seed: int, log) -> tuple[dict[str, torch.Tenso
     return {f"{name}.{k}": getattr(net, k).weight.detach().clone().contiguous() for k in KEEP[name]}, acc
 
 
-def trained_kernels(steps: int = 300, seed: int = 0, log=print) -> dict[str, torch.Tensor]:
-    """Every trained kernel of the suite by name (``net.layer``), trained once and cached."""
+def trained_kernels(steps: int = 300, seed: int = 0, log=print,
+                    nets: tuple[str, ...] = ("charnet", "alexnet", "vgg")) -> dict[str, torch.Tensor]:
+    """The trained kernels of ``nets`` by name (``net.layer``), trained once and cached."""
     from safetensors.torch import load_file, save_file
 
     out = {f"charnet.{k}": v for k, v in load_file(str(CHARNET_WEIGHTS)).items()
            if k in ("conv2.weight", "conv3.weight")}
-    out = {k.removesuffix(".weight"): v for k, v in out.items()}
-    for name in NETS:
+    out = {k.removesuffix(".weight"): v for k, v in out.items()} if "charnet" in nets else {}
+    for name in (n for n in NETS if n in nets):
         key = hashlib.sha256(json.dumps([name, KEEP[name], steps, seed, 1 if name == "alexnet" else 2]).encode()).hexdigest()[:16]
         path = default_cache_dir() / "kernel-suite" / f"{name}-{key}.safetensors"
         if not path.exists():
