@@ -208,7 +208,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="training steps of the AlexNet/VGG-style nets")
     ap.add_argument("--nets", default="charnet,alexnet,vgg", help="networks whose kernels are used")
     ap.add_argument("--json", metavar="OUT", help="write every pair and the summary as JSON")
+    ap.add_argument("--jsonl", metavar="OUT", help="append each pair's record to OUT as it finishes")
+    ap.add_argument("--summarise", metavar="JSONL", help="print the table of the pairs in JSONL (a --jsonl file); run nothing")
     args = ap.parse_args(argv)
+    if args.summarise:
+        recs = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
+        _report(recs, f"kernel suite, 1 thread, {len(recs)} pairs from {args.summarise}")
+        return 0
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(1)
@@ -237,20 +243,27 @@ def main(argv=None) -> int:
         order = names[i % len(names):] + names[: i % len(names)]
         rec = run_pair(name, w, rank, kind, order, table)
         recs.append(rec)
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         print(f"{name} {tuple(w.shape)} R={rank}: " + "; ".join(
             f"{s} err {v['rel_error']:.5f} (x{v['error_ratio']:.4f}) deg {v['degeneracy']:.3g} "
             f"{v['seconds']:.2f} s (x{v['time_ratio']:.2f})" for s, v in rec["solvers"].items()), flush=True)
     pools.restore_original_limits()
-    rows = summarise(recs)
-    _print_table(rows, f"kernel suite, 1 thread, {len(recs)} pairs (started {started}); ratios against "
-                       f"the efficient torch ALS (error: the better of its two starts)")
-    checks = targets(recs)
-    for label, ok, value in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value}")
+    rows, checks = _report(recs, f"kernel suite, 1 thread, {len(recs)} pairs (started {started})")
     if args.json:
         Path(args.json).write_text(json.dumps({"pairs": recs, "summary": rows, "targets": [
             {"target": a, "pass": b, "value": c} for a, b, c in checks]}, indent=1))
     return 0
+
+
+def _report(recs: list[dict], title: str):
+    rows = summarise(recs)
+    _print_table(rows, f"{title}; ratios against the efficient torch ALS (error: the better of its two starts)")
+    checks = targets(recs)
+    for label, ok, value in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value}")
+    return rows, checks
 
 
 if __name__ == "__main__":
