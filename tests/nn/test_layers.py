@@ -1,4 +1,5 @@
 """Layer surgery is exact: any Conv2d geometry, at a rank where the factors are exact."""
+import pytest
 import torch
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st

@@ -21,6 +21,14 @@ class CPNLS(CPDecomposer):
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.decomposition.solvers import cp_nls
 
+        import inspect
+
+        from cpbench.errors import UsageError
+
+        allowed = set(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:  # one line naming what exists, before anything runs
+            raise UsageError(f"cp-nls got an unexpected keyword argument {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         res = cp_nls(tensor.double(), rank, seed=seed, **options)
         return res.factors, dict(res.info)
 
