@@ -1,33 +1,34 @@
-"""Kernel suite: cp_nls vs the efficient ALS (and optionally TensorLy) on CNN conv kernels.
+"""Kernel suite: every CP solver side by side on real trained conv kernels and on low-rank ones.
 
 Usage::
 
-    python benchmarks/scripts/kernel_suite.py [--quick] [--json OUT] [--kernels FILE.safetensors]
-                                      [--save-kernels FILE.safetensors] [--tensorly]
-                                      [--threads N] [--train-seconds S] [--als-iter N]
-                                      [--only NAME,...] [--include-1x1] [--rank200-only]
+    python benchmarks/scripts/kernel_suite.py [--classes small,mid,large,synthetic] [--compression 4,8]
+                                      [--only NAME,...] [--no-pyttb] [--json OUT] [--steps N]
 
-Kernels: named 4-D tensors from ``--kernels`` (safetensors, e.g. the real character network's
-``conv2`` (128, 48, 9, 9) and ``conv3`` (512, 64, 8, 8)); otherwise two tiny CNNs are trained
-here for ``--train-seconds`` (default 30 s in total) on synthetic stroke images and their conv
-weights are taken:
+Kernels (:mod:`suite_kernels`): the character network's conv2/conv3, an AlexNet-style and a
+VGG-style network trained here on synthchars (cached), at the ranks of 4x and 8x parameter
+compression (``R = numel // (c * sum(dims))``); and exactly rank-R kernels with and without 1 %
+noise at that R. Size classes: ``small`` <= 1e5 entries, ``mid`` 1e5-1e6, ``large`` > 1e6.
 
-* ``blob.conv2`` (192, 48, 3, 3), ``blob.conv4`` (96, 96, 3, 3), ``blob.conv5`` (256, 96, 5, 5)
-  of a small VGG-like net on 12x12 stroke patterns;
-* ``char.conv2`` (128, 48, 9, 9), ``char.conv3`` (512, 64, 8, 8) of a maxout net with the
-  layout of Jaderberg et al.'s character classifier (24x24 inputs).
+Solvers, all in this one process on one thread (torch, and every BLAS/OpenMP pool through
+threadpoolctl), each pair running them in a rotated order so that a burst of load from other jobs
+does not always hit the same solver:
 
-1x1 kernels (matrices) are skipped unless ``--include-1x1``. For each kernel the ranks giving
-4x and 8x parameter compression are used (``R = numel // (c * sum(dims))``), pairs run cheapest
-first, each printed as it finishes. The reference is :func:`cp_als` from SVD init, 1000
-iterations, tol 1e-10 (with ``--tensorly``: checked once against
-``tensorly.decomposition.parafac`` from the same init, and TensorLy timed on every pair); the
-candidate is :func:`cp_nls` with its defaults. ``--quick``: half the training time, kernels
-up to 200k entries, 200 ALS iterations, no rank-200 check. The end prints a table and one
-PASS/FAIL line per target: rel_error <= 1.001 x ALS on >= 90 % of pairs; median degeneracy
-<= 2 and <= ALS's / 10; median seconds <= ALS's; rank 200 on 256x96x5x5 in < 30 s
-(``--rank200-only``: that check alone, e.g. ``--threads 2 --kernels FILE --rank200-only``).
-Timings are wall-clock on whatever else the machine runs: use ``--threads`` and a quiet machine.
+* ``als``: the efficient torch ALS (:func:`cpbench.decomposition.solvers.cp_als`) from TensorLy's SVD init,
+  1000 sweeps, tol 1e-10 -- the time reference;
+* ``als@nls-init``: the same ALS from cp-nls's own initialisation (SVD + its ALS sweeps);
+* ``cp-nls``: :func:`cpbench.decomposition.solvers.cp_nls` at its defaults;
+* ``cp-epc``: cp-nls's fit, then :func:`cpbench.decomposition.solvers.cp_epc` (time: both);
+* ``pyttb.cp_als`` and ``pyttb.gcp_opt`` (Gaussian, L-BFGS-B): Sandia's pyttb from its own
+  defaults (random init, numpy RNG seeded per pair), if installed
+  (``pip install --no-deps pyttb numpy_groupies``; benchmark-only).
+
+Per pair: error ratio = rel_error / min(als, als@nls-init) (errors below 1e-9 count as 1e-9:
+round-off); degeneracy; time ratio = seconds /
+als's seconds. The end prints, per size class and solver, the median error ratio, the share of
+pairs within 1.001, the median degeneracy and the median time ratio, then one PASS/FAIL line per
+target of cp-nls on the trained kernels (error ratio <= 1.001 on >= 95 % of pairs; median
+degeneracy <= 2; median time <= als's, per class) and on the exactly low-rank ones (< 1e-6).
 """
 from __future__ import annotations
 
@@ -40,274 +41,229 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cpbench.decomposition.solvers import cp_als, cp_nls  # noqa: E402
+from suite_kernels import synthetic_kernels, trained_kernels  # noqa: E402
+
+from cpbench.decomposition.solvers import cp_als, cp_epc, cp_nls, degeneracy, rel_error  # noqa: E402
 from cpbench.decomposition.solvers._cp_common import svd_init  # noqa: E402
+from cpbench.decomposition.solvers._cp_common import tree_split  # noqa: E402
+from cpbench.decomposition.solvers.cp_als import _als_sweeps  # noqa: E402
 
-# --------------------------------------------------------------------------------------------
-# synthetic data and tiny CNNs
-
-
-def _class_strokes(n_classes: int, n_strokes: int, gen: torch.Generator) -> torch.Tensor:
-    """Random stroke templates: (n_classes, n_strokes, 4) endpoints in [0.15, 0.85]."""
-    return 0.15 + 0.7 * torch.rand((n_classes, n_strokes, 4), generator=gen)
+CLASSES = ("small", "mid", "large", "synthetic")
+ALS_ITER, ALS_TOL = 1000, 1e-10
+EXACT = 1e-9
 
 
-def _render(strokes: torch.Tensor, labels: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    """Render jittered strokes of the given classes as (B, 1, size, size) images."""
-    b = labels.shape[0]
-    seg = strokes[labels].clone()  # (B, S, 4)
-    shift = (torch.rand((b, 1, 2), generator=gen) - 0.5) * 0.25
-    scale = 1.0 + (torch.rand((b, 1, 1), generator=gen) - 0.5) * 0.3
-    seg[..., 0:2] = (seg[..., 0:2] - 0.5) * scale + 0.5 + shift
-    seg[..., 2:4] = (seg[..., 2:4] - 0.5) * scale + 0.5 + shift
-    seg = seg + 0.03 * torch.randn(seg.shape, generator=gen)
-    lin = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    p = torch.stack([xx, yy], dim=-1).reshape(1, 1, -1, 2)  # (1,1,P,2)
-    a = seg[..., None, 0:2]
-    d = seg[..., None, 2:4] - a
-    tt = (((p - a) * d).sum(-1) / (d * d).sum(-1).clamp_min(1e-6)).clamp(0, 1)
-    dist2 = ((p - a - tt[..., None] * d) ** 2).sum(-1)  # (B,S,P)
-    width = 0.04 + 0.03 * torch.rand((b, 1, 1), generator=gen)
-    img = torch.exp(-dist2 / (2 * width**2)).amax(dim=1)
-    img = img + 0.1 * torch.randn(img.shape, generator=gen)
-    return img.reshape(b, 1, size, size)
+def size_class(numel: int) -> str:
+    return "small" if numel <= 100_000 else "mid" if numel <= 1_000_000 else "large"
 
 
-class BlobNet(nn.Module):
-    def __init__(self, n_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 48, 3, padding=1)
-        self.conv2 = nn.Conv2d(48, 192, 3, padding=1)
-        self.conv3 = nn.Conv2d(192, 96, 1)
-        self.conv4 = nn.Conv2d(96, 96, 3, padding=1)
-        self.conv5 = nn.Conv2d(96, 256, 5, padding=2)
-        self.fc = nn.Linear(256, n_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # 6x6
-        x = F.relu(self.conv2(x))
-        x = F.relu(self.conv3(x))
-        x = F.max_pool2d(F.relu(self.conv4(x)), 2)  # 3x3
-        x = F.relu(self.conv5(x))
-        return self.fc(x.mean(dim=(2, 3)))
+def rank_for(shape, compression: int) -> int:
+    return max(1, math.prod(shape) // (compression * sum(shape)))
 
 
-class CharNet(nn.Module):
-    """Maxout layout of Jaderberg et al.'s 24x24 character classifier."""
+def _nls_init(w: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """cp-nls's ``init="als"``: TensorLy's SVD init and the default number of ALS sweeps."""
+    import inspect
 
-    def __init__(self, n_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 96, 9)  # 16x16, maxout 2 -> 48
-        self.conv2 = nn.Conv2d(48, 128, 9)  # 8x8, maxout 2 -> 64
-        self.conv3 = nn.Conv2d(64, 512, 8)  # 1x1, maxout 4 -> 128
-        self.conv4 = nn.Conv2d(128, n_classes, 1)
-
-    @staticmethod
-    def _maxout(x, k):
-        b, c, h, w = x.shape
-        return x.reshape(b, c // k, k, h, w).amax(dim=2)
-
-    def forward(self, x):
-        x = self._maxout(self.conv1(x), 2)
-        x = self._maxout(self.conv2(x), 2)
-        x = self._maxout(self.conv3(x), 4)
-        return self.conv4(x).flatten(1)
+    sweeps = inspect.signature(cp_nls).parameters["als_sweeps"].default
+    factors = svd_init(w, rank, torch.Generator().manual_seed(0))
+    return _als_sweeps(w, factors, sweeps, 0.0, split=tree_split(tuple(w.shape)))[0]
 
 
-def train_kernels(seconds: float = 30.0, seed: int = 0, verbose: bool = True) -> dict[str, torch.Tensor]:
-    """Train BlobNet and CharNet on synthetic strokes for ``seconds`` in total; return kernels."""
-    torch.manual_seed(seed)  # module init uses the global RNG; this script owns its process
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for name, net, size, n_classes, share in (
-        ("blob", BlobNet(10), 12, 10, 0.5),
-        ("char", CharNet(36), 24, 36, 0.5),
-    ):
-        strokes = _class_strokes(n_classes, 3, gen)
-        opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-        t_end = time.perf_counter() + seconds * share
-        steps, acc = 0, float("nan")
-        while time.perf_counter() < t_end:
-            labels = torch.randint(0, n_classes, (32,), generator=gen)
-            x = _render(strokes, labels, size, gen)
-            logits = net(x)
-            loss = F.cross_entropy(logits, labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            acc = 0.9 * acc + 0.1 * float((logits.argmax(1) == labels).float().mean()) if steps > 1 else float((logits.argmax(1) == labels).float().mean())
-        if verbose:
-            print(f"trained {name}: {steps} steps, running train accuracy {acc:.2f}", file=sys.stderr)
-        for lname in ("conv2", "conv3", "conv4", "conv5"):
-            layer = getattr(net, lname, None)
-            if layer is None:
-                continue
-            w = layer.weight.detach().clone()
-            out[f"{name}.{lname}"] = w
+def _pyttb_solvers():
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # pyttb warns on every C-ordered factor it copies
+    try:
+        import numpy as np
+        import pyttb as ttb
+        from pyttb.gcp.fg_setup import Objectives
+        from pyttb.gcp.optimizers import LBFGSB
+    except Exception:  # noqa: BLE001 - optional peer
+        return {}
+
+    def run(fn):
+        def solve(w, rank):
+            np.random.seed(0)
+            x = ttb.tensor(w.numpy().copy())
+            start = time.perf_counter()
+            model = fn(x, rank)
+            seconds = time.perf_counter() - start
+            model = model.normalize(sort=False)
+            factors = [torch.from_numpy(np.asarray(f).copy()) for f in model.factor_matrices]
+            factors[0] = factors[0] * torch.from_numpy(np.asarray(model.weights).copy())[None, :]
+            return factors, seconds
+        return solve
+
+    return {
+        "pyttb.cp_als": run(lambda x, r: ttb.cp_als(x, r, printitn=0)[0]),
+        "pyttb.gcp_opt": run(lambda x, r: ttb.gcp_opt(x, r, Objectives.GAUSSIAN, LBFGSB(), printitn=0)[0]),
+    }
+
+
+def solvers(with_pyttb: bool) -> dict:
+    def timed(fn):
+        def solve(w, rank):
+            start = time.perf_counter()
+            factors = fn(w, rank)
+            return factors, time.perf_counter() - start
+        return solve
+
+    def epc(w, rank):
+        return cp_epc(w, cp_nls(w, rank).factors).factors
+
+    out = {
+        "als": timed(lambda w, r: cp_als(w, r, max_iter=ALS_ITER, tol=ALS_TOL).factors),
+        "als@nls-init": timed(lambda w, r: cp_als(w, r, init=_nls_init(w, r), max_iter=ALS_ITER, tol=ALS_TOL).factors),
+        "cp-nls": timed(lambda w, r: cp_nls(w, r).factors),
+        "cp-epc": timed(epc),
+    }
+    if with_pyttb:
+        out.update(_pyttb_solvers())
     return out
 
 
-# --------------------------------------------------------------------------------------------
+def run_pair(name: str, w: torch.Tensor, rank: int, kind: str, order: list[str], table: dict) -> dict:
+    w = w.double().contiguous()
+    norm_sq = float((w * w).sum())
+    rec = {"kernel": name, "shape": list(w.shape), "rank": rank, "class": kind, "solvers": {}}
+    for sname in order:
+        factors, seconds = table[sname](w, rank)
+        rec["solvers"][sname] = {"rel_error": rel_error(w, factors), "degeneracy": degeneracy(factors, norm_sq),
+                                 "seconds": seconds}
+    best_als = min(rec["solvers"][s]["rel_error"] for s in ("als", "als@nls-init"))
+    t_als = rec["solvers"]["als"]["seconds"]
+    for s in rec["solvers"].values():  # errors below EXACT count as exact (round-off)
+        s["error_ratio"] = max(s["rel_error"], EXACT) / max(best_als, EXACT)
+        s["time_ratio"] = s["seconds"] / t_als
+    return rec
 
 
-def ranks_for(shape, factors=(4, 8)) -> list[tuple[int, int]]:
-    numel = math.prod(shape)
-    s = sum(shape)
-    return [(c, max(1, numel // (c * s))) for c in factors]
+def summarise(recs: list[dict]) -> list[dict]:
+    rows = []
+    for kind in CLASSES:
+        group = [r for r in recs if r["class"] == kind]
+        if not group:
+            continue
+        for sname in group[0]["solvers"]:
+            vals = [r["solvers"][sname] for r in group]
+            rows.append({
+                "class": kind, "solver": sname, "pairs": len(vals),
+                "median_error_ratio": statistics.median(v["error_ratio"] for v in vals),
+                "within_1.001": sum(v["error_ratio"] <= 1.001 for v in vals) / len(vals),
+                "worst_error_ratio": max(v["error_ratio"] for v in vals),
+                "median_degeneracy": statistics.median(v["degeneracy"] for v in vals),
+                "median_time_ratio": statistics.median(v["time_ratio"] for v in vals),
+                "median_seconds": statistics.median(v["seconds"] for v in vals),
+                "max_rel_error": max(v["rel_error"] for v in vals),
+            })
+    return rows
 
 
-def _table(rows, columns, title):
-    try:
-        from rich.console import Console
-        from rich.table import Table
+def targets(recs: list[dict]) -> list[tuple[str, bool, str]]:
+    out = []
+    for kind in ("small", "mid", "large"):
+        group = [r["solvers"]["cp-nls"] | {"als_s": r["solvers"]["als"]["seconds"]} for r in recs if r["class"] == kind]
+        if not group:
+            continue
+        ok = sum(g["error_ratio"] <= 1.001 for g in group)
+        out.append((f"{kind}: cp-nls error <= 1.001 x best ALS on >= 95% of pairs", ok >= 0.95 * len(group),
+                    f"{ok}/{len(group)}"))
+        md = statistics.median(g["degeneracy"] for g in group)
+        out.append((f"{kind}: cp-nls median degeneracy <= 2", md <= 2, f"{md:.3g}"))
+        tn, ta = statistics.median(g["seconds"] for g in group), statistics.median(g["als_s"] for g in group)
+        out.append((f"{kind}: cp-nls median seconds <= als's", tn <= ta, f"{tn:.2f} s vs {ta:.2f} s"))
+    exact = [r["solvers"]["cp-nls"]["rel_error"] for r in recs if r["kernel"].startswith("lowrank.")]
+    if exact:
+        out.append(("exactly rank-R: cp-nls rel_error < 1e-6", max(exact) < 1e-6, f"max {max(exact):.2g}"))
+    return out
 
-        tab = Table(title=title)
-        for c in columns:
-            tab.add_column(c, justify="right")
-        for r in rows:
-            tab.add_row(*[str(x) for x in r])
-        Console(width=max(160, Console().width)).print(tab)
-    except Exception:  # plain fallback
-        widths = [max(len(c), *(len(str(r[i])) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
-        print(title)
-        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-        for r in rows:
-            print("  ".join(str(x).rjust(w) for x, w in zip(r, widths)))
+
+def _print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tab = Table(title=title)
+    cols = ["class", "solver", "pairs", "err ratio (median)", "<= 1.001", "worst", "degeneracy (median)",
+            "time ratio (median)", "seconds (median)"]
+    for c in cols:
+        tab.add_column(c, justify="right")
+    for r in rows:
+        tab.add_row(r["class"], r["solver"], str(r["pairs"]), f"{r['median_error_ratio']:.5f}",
+                    f"{r['within_1.001']:.0%}", f"{r['worst_error_ratio']:.4f}", f"{r['median_degeneracy']:.3g}",
+                    f"{r['median_time_ratio']:.2f}", f"{r['median_seconds']:.2f}")
+    Console(width=200).print(tab)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small kernels only, shorter ALS")
-    ap.add_argument("--json", metavar="OUT", help="write rows and summary as JSON")
-    ap.add_argument("--kernels", metavar="FILE", help="safetensors file of named 4-D kernels")
-    ap.add_argument("--save-kernels", metavar="FILE", help="save the trained kernels (safetensors)")
-    ap.add_argument("--tensorly", action="store_true", help="also time tensorly parafac (slow)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--train-seconds", type=float, default=30.0)
-    ap.add_argument("--als-iter", type=int, default=None, help="ALS iterations (default 1000, 200 with --quick)")
-    ap.add_argument("--only", default=None, help="comma-separated kernel names to run")
-    ap.add_argument("--include-1x1", action="store_true", help="keep 1x1 kernels (skipped by default)")
-    ap.add_argument("--rank200-only", action="store_true", help="run only the rank-200 timing check")
+    ap.add_argument("--classes", default="small,mid,large,synthetic", help="size classes to run")
+    ap.add_argument("--compression", default="4,8", help="parameter compression factors (ranks)")
+    ap.add_argument("--only", help="comma-separated kernel names")
+    ap.add_argument("--no-pyttb", action="store_true", help="leave pyttb out even if installed")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the AlexNet/VGG-style nets")
+    ap.add_argument("--nets", default="charnet,alexnet,vgg", help="networks whose kernels are used")
+    ap.add_argument("--json", metavar="OUT", help="write every pair and the summary as JSON")
+    ap.add_argument("--jsonl", metavar="OUT", help="append each pair's record to OUT as it finishes")
+    ap.add_argument("--summarise", metavar="JSONL", help="print the table of the pairs in JSONL (a --jsonl file); run nothing")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    als_iter = args.als_iter or (200 if args.quick else 1000)
+    if args.summarise:
+        recs = [json.loads(line) for line in Path(args.summarise).read_text().splitlines() if line.strip()]
+        _report(recs, f"kernel suite, 1 thread, {len(recs)} pairs from {args.summarise}")
+        return 0
+    from threadpoolctl import threadpool_limits
 
-    if args.kernels:
-        from safetensors.torch import load_file
-
-        kernels = {k: v for k, v in load_file(args.kernels).items() if v.dim() == 4}
-    else:
-        kernels = train_kernels(args.train_seconds * (0.5 if args.quick else 1.0))
-        if args.save_kernels:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in kernels.items()}, args.save_kernels)
-    if not args.include_1x1:
-        # a 1x1 "kernel" is a matrix: its best low-rank approximation is the truncated SVD
-        kernels = {k: v for k, v in kernels.items() if v.shape[2] * v.shape[3] > 1}
+    torch.set_num_threads(1)
+    pools = threadpool_limits(limits=1)
+    classes = set(args.classes.split(","))
+    unknown = classes - set(CLASSES)
+    if unknown:
+        ap.error(f"unknown classes {sorted(unknown)}; allowed: {', '.join(CLASSES)}")
+    comps = [int(c) for c in args.compression.split(",")]
+    pairs = []
+    nets = tuple(args.nets.split(","))
+    for name, w in trained_kernels(args.steps, log=lambda s: print(s, file=sys.stderr), nets=nets).items():
+        if size_class(w.numel()) in classes:
+            pairs += [(name, w, rank_for(tuple(w.shape), c), size_class(w.numel())) for c in comps]
+    if "synthetic" in classes:
+        pairs += [(name, w, r, "synthetic") for name, (w, r) in synthetic_kernels().items()]
     if args.only:
         keep = set(args.only.split(","))
-        kernels = {k: v for k, v in kernels.items() if k in keep}
-    if args.quick:
-        kernels = {k: v for k, v in kernels.items() if v.numel() <= 200_000}
-
-    rows, recs = [], []
-    tl_checked = None
-    # the rank-200 timing target first (cheap), then the kernel-rank pairs, cheapest first
-    big = None
-    if not args.quick:
-        w256 = next((v for v in kernels.values() if tuple(v.shape) == (256, 96, 5, 5)), None)
-        if w256 is not None:
-            r200 = cp_nls(w256.double(), 200)
-            big = {"shape": list(w256.shape), "rank": 200, "seconds": r200.info["seconds"],
-                   "rel_error": r200.info["rel_error"], "degeneracy": r200.info["degeneracy"],
-                   "iterations": r200.info["iterations"]}
-            print(f"rank 200 on 256x96x5x5: {json.dumps(big)}", flush=True)
-    pairs = [(name, w, comp, rank) for name, w in kernels.items() for comp, rank in ranks_for(tuple(w.shape))]
-    if args.rank200_only:
-        pairs = []
-    pairs.sort(key=lambda p: p[1].numel() * p[3])
-    for name, w, comp, rank in pairs:
-        w = w.double()
-        als = cp_als(w, rank, max_iter=als_iter, tol=1e-10)
-        nls = cp_nls(w, rank)
-        rec = {
-            "kernel": name, "shape": list(w.shape), "compression": comp, "rank": rank,
-            "als_rel_error": als.info["rel_error"], "als_degeneracy": als.info["degeneracy"],
-            "als_seconds": als.info["seconds"], "als_iterations": als.info["iterations"],
-            "nls_rel_error": nls.info["rel_error"], "nls_degeneracy": nls.info["degeneracy"],
-            "nls_seconds": nls.info["seconds"], "nls_iterations": nls.info["iterations"],
-            "nls_cg": nls.info["cg_iterations_total"], "nls_stop": nls.info["stop_reason"],
-        }
-        rec["error_ratio"] = rec["nls_rel_error"] / rec["als_rel_error"]
-        if args.tensorly:
-            import numpy as np
-            import tensorly as tl
-            from tensorly.decomposition import parafac
-
-            t0 = time.perf_counter()
-            cpt = parafac(w.numpy(), rank, init="svd", n_iter_max=als_iter, tol=1e-10)
-            rec["tensorly_seconds"] = time.perf_counter() - t0
-            rec["tensorly_rel_error"] = float(np.linalg.norm(w.numpy() - tl.cp_to_tensor(cpt)) / np.linalg.norm(w.numpy()))
-            if tl_checked is None:
-                # same start on both sides (SVD init incl. its random padding columns)
-                init = svd_init(w, rank, torch.Generator().manual_seed(0))
-                cpt = parafac(w.numpy(), rank, init=tl.cp_tensor.CPTensor((None, [f.numpy() for f in init])),
-                              n_iter_max=als_iter, tol=1e-10)
-                e_tl = float(np.linalg.norm(w.numpy() - tl.cp_to_tensor(cpt)) / np.linalg.norm(w.numpy()))
-                ref = cp_als(w, rank, init=init, max_iter=als_iter, tol=1e-10)
-                tl_checked = (name, rank, ref.info["rel_error"], e_tl)
+        pairs = [p for p in pairs if p[0] in keep]
+    pairs.sort(key=lambda p: p[1].numel() * p[2])
+    table = solvers(not args.no_pyttb)
+    names = list(table)
+    recs = []
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    for i, (name, w, rank, kind) in enumerate(pairs):
+        order = names[i % len(names):] + names[: i % len(names)]
+        rec = run_pair(name, w, rank, kind, order, table)
         recs.append(rec)
-        print(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()), flush=True)
-
-    cols = ["kernel", "shape", "R", "ALS err", "ALS degen", "ALS s", "TL s", "NLS err", "NLS degen", "NLS s", "err ratio"]
-    for r in recs:
-        rows.append([
-            r["kernel"], "x".join(map(str, r["shape"])), r["rank"],
-            f"{r['als_rel_error']:.5f}", f"{r['als_degeneracy']:.3g}", f"{r['als_seconds']:.2f}",
-            f"{r['tensorly_seconds']:.1f}" if "tensorly_seconds" in r else "-",
-            f"{r['nls_rel_error']:.5f}", f"{r['nls_degeneracy']:.3g}", f"{r['nls_seconds']:.2f}",
-            f"{r['error_ratio']:.5f}",
-        ])
-    if not args.rank200_only:
-        _table(rows, cols, f"cp_nls vs cp_als ({als_iter} it, tol 1e-10), {args.threads} threads")
-
-    summary = []
-    if recs:
-        ok_err = [r["error_ratio"] <= 1.001 for r in recs]
-        frac = sum(ok_err) / len(recs)
-        summary.append(("rel_error <= 1.001 x ALS on >= 90% of pairs", frac >= 0.9, f"{sum(ok_err)}/{len(recs)} = {frac:.0%}"))
-        md_n = statistics.median(r["nls_degeneracy"] for r in recs)
-        md_a = statistics.median(r["als_degeneracy"] for r in recs)
-        summary.append(("median NLS degeneracy <= 2", md_n <= 2, f"{md_n:.3g}"))
-        summary.append(("median NLS degeneracy <= ALS/10", md_n <= md_a / 10, f"NLS {md_n:.3g} vs ALS {md_a:.3g} (ratio {md_n / md_a:.3g})"))
-        mt_n = statistics.median(r["nls_seconds"] for r in recs)
-        mt_a = statistics.median(r["als_seconds"] for r in recs)
-        summary.append(("median NLS seconds <= ALS's", mt_n <= mt_a, f"NLS {mt_n:.2f} s vs ALS {mt_a:.2f} s"))
-        if args.tensorly:
-            sp = [r["tensorly_seconds"] / r["als_seconds"] for r in recs]
-            summary.append(("(info) TensorLy / cp_als time", True, f"median {statistics.median(sp):.1f}x, range {min(sp):.1f}-{max(sp):.1f}x"))
-    if tl_checked is not None:
-        n_, r_, e1, e2 = tl_checked
-        summary.append(("cp_als == TensorLy parafac (same init, %s R=%d)" % (n_, r_), abs(e1 - e2) <= 1e-6 * e2,
-                        f"rel_error {e1:.8f} vs {e2:.8f}"))
-    if big is not None:
-        summary.append(("rank 200 on 256x96x5x5 in < 30 s", big["seconds"] < 30, f"{big['seconds']:.1f} s (err {big['rel_error']:.4f}, degen {big['degeneracy']:.3g})"))
-    print()
-    for name, ok, txt in summary:
-        print(f"{'PASS' if ok else 'FAIL'}  {name}: {txt}")
+        if args.jsonl:
+            with open(args.jsonl, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        print(f"{name} {tuple(w.shape)} R={rank}: " + "; ".join(
+            f"{s} err {v['rel_error']:.5f} (x{v['error_ratio']:.4f}) deg {v['degeneracy']:.3g} "
+            f"{v['seconds']:.2f} s (x{v['time_ratio']:.2f})" for s, v in rec["solvers"].items()), flush=True)
+    pools.restore_original_limits()
+    rows, checks = _report(recs, f"kernel suite, 1 thread, {len(recs)} pairs (started {started})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": recs, "rank200": big,
-                                               "summary": [{"target": a, "pass": b, "value": c} for a, b, c in summary],
-                                               "als_iter": als_iter, "threads": args.threads}, indent=1))
+        Path(args.json).write_text(json.dumps({"pairs": recs, "summary": rows, "targets": [
+            {"target": a, "pass": b, "value": c} for a, b, c in checks]}, indent=1))
     return 0
+
+
+def _report(recs: list[dict], title: str):
+    rows = summarise(recs)
+    _print_table(rows, f"{title}; ratios against the efficient torch ALS (error: the better of its two starts)")
+    checks = targets(recs)
+    for label, ok, value in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value}")
+    return rows, checks
 
 
 if __name__ == "__main__":

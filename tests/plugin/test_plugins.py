@@ -121,7 +121,7 @@ def test_unknown_name_lists_available(monkeypatch):
     p = Plugins()
     with pytest.raises(UnknownNameError) as e:
         p.decomposers.get("cp-nsl")
-    assert "unknown decomposer 'cp-nsl'; available: cp-als, cp-nls" in str(e.value)
+    assert "unknown decomposer 'cp-nsl'; available: cp-als, cp-epc, cp-nls" in str(e.value)
 
 
 def test_cell_finished_and_add_commands_hooks(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from cpbench_builtins.decomposers.spatial_svd import SpatialSVD
 FAST_OPTIONS = {
     "cp-als": {"n_iter_max": 20},
     "cp-nls": {"max_iter": 20},
+    "cp-epc": {"fit_options": {"max_iter": 20}, "epc_max_iter": 20},
     "tucker2": {"n_iter_max": 20},
 }
 # Option sets that switch a built-in to another code path, checked as well.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -59,6 +60,11 @@ CG_PRECISIONS = {"double": torch.float64, "single": torch.float32}
 # relative fit (f_fit / ||W||^2) below which f and g are computed from the explicit residual
 # instead of the Gram-matrix expansion, whose cancellation error is ~1e-16 ||W||^2
 _EXACT_RESIDUAL_BELOW = 1e-6
+
+# The polish may raise the degeneracy by this factor over where the conditioned phase left it (or
+# up to degeneracy_cap): the penalty pulls an exact fit's terms in by O(mu), so an exact solution
+# whose degeneracy is above the cap sits just above the conditioned point's.
+_CAP_SLACK = 1.1
 
 
 def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
@@ -386,6 +392,113 @@ def _solve(op: _GramOperator, b: torch.Tensor, max_iter: int, rtol: float, dtype
     return x.to(b.dtype).mul_(bmax / low.scale), it
 
 
+@dataclass
+class _StepRule:
+    """How one Levenberg-Marquardt step is computed and when a run stops (see :func:`cp_nls`)."""
+
+    cg_max_iter: int = 10
+    cg_tol: float = 1e-2
+    cg_dtype: torch.dtype = torch.float32
+    tol: float = 1e-8
+    tol_step: float = 1e-10
+    tol_grad: float = 1e-13
+    deadline: float | None = None
+
+
+class _LMRun:
+    """Levenberg-Marquardt on ``f = f_fit + mu/2 sum_r ||term_r||^2`` from one point.
+
+    ``mu`` may be changed between steps (:meth:`set_mu`): the gain ratio of a step compares ``f``
+    at one ``mu``, so a schedule that moves ``mu`` after each accepted step is still a descent
+    method on the current objective. Used by :func:`cp_nls` (its phases) and by the
+    error-preserving correction (:mod:`cp_epc`).
+    """
+
+    def __init__(self, prob: _Problem, factors: list[torch.Tensor], mu: float, rule: _StepRule,
+                 lam: float | None = None, damping_start: float = 1e-3):
+        self.prob = prob
+        self.rule = rule
+        self.mu = float(mu)
+        self.ev = prob.evaluate(factors, self.mu)
+        self.grad = prob.gradient(self.ev, self.mu)
+        self.gnorm = math.sqrt(_dot(self.grad, self.grad))
+        if lam is None:
+            rank, n, g = prob.rank, prob.n, self.ev["grams"]
+            diag_max = max(
+                float(torch.diagonal(hadamard([g[j] for j in range(n) if j != k], rank, prob.t)).max())
+                for k in range(n)
+            )
+            lam = damping_start * max(diag_max, 1e-300)
+        self.lam = lam
+        self.nu = 2.0
+        self.iterations = 0
+        self.accepted = 0
+        self.cg_total = 0
+        self.history = [self.ev["f_fit"]]
+
+    @property
+    def rel_error(self) -> float:
+        """``||W - [[A]]|| / ||W||`` at the current point (from the tracked fit objective)."""
+        return math.sqrt(2.0 * self.ev["f_fit"] / self.prob.norm_sq)
+
+    @property
+    def degeneracy(self) -> float:
+        return self.ev["sq"] / self.prob.norm_sq
+
+    def set_mu(self, mu: float) -> None:
+        self.mu = float(mu)
+        self.ev["f"] = self.ev["f_fit"] + 0.5 * self.mu * self.ev["sq"]
+        self.grad = self.prob.gradient(self.ev, self.mu)
+        self.gnorm = math.sqrt(_dot(self.grad, self.grad))
+
+    def converged_by_gradient(self) -> bool:
+        return self.gnorm <= self.rule.tol_grad * self.prob.norm_sq
+
+    def step(self) -> tuple[bool, float, float, bool]:
+        """One LM iteration. Returns ``(accepted, decrease, f_before, step_is_tiny)``.
+
+        On acceptance the previous point is kept in :attr:`previous` (so a caller may go back).
+        """
+        rule, ev = self.rule, self.ev
+        self.iterations += 1
+        op = _GramOperator(ev["factors"], ev["grams"], self.mu, self.lam)
+        gp = op.pack(self.grad)
+        step, cg_it = _solve(op, -gp, int(rule.cg_max_iter), float(rule.cg_tol), rule.cg_dtype)
+        self.cg_total += cg_it
+        hp = op.apply(step, damped=False)
+        pred = -_vdot(gp, step) - 0.5 * _vdot(step, hp)
+        xnorm = math.sqrt(sum(float((f * f).sum()) for f in ev["factors"]))
+        pnorm = math.sqrt(_vdot(step, step))
+        trial = balance_columns([f + p for f, p in zip(ev["factors"], op.unpack(step))])
+        ev_new = self.prob.evaluate(trial, self.mu)
+        actual = ev["f"] - ev_new["f"]
+        rho = actual / pred if pred > 0 else -1.0
+        f_before = ev["f"]
+        accepted = rho > 0 and math.isfinite(ev_new["f"])
+        if accepted:
+            self.previous = (self.ev, self.grad, self.gnorm)
+            self.accepted += 1
+            self.ev = ev_new
+            self.lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            self.nu = 2.0
+            self.grad = self.prob.gradient(ev_new, self.mu)
+            self.gnorm = math.sqrt(_dot(self.grad, self.grad))
+            self.history.append(ev_new["f_fit"])
+        else:
+            self.lam *= self.nu
+            self.nu *= 2.0
+        tiny = pnorm <= rule.tol_step * xnorm or not math.isfinite(self.lam)
+        return accepted, actual, f_before, tiny
+
+    def go_back(self) -> None:
+        """Return to the point before the last accepted step."""
+        self.ev, self.grad, self.gnorm = self.previous
+        self.history.pop()
+
+    def out_of_time(self) -> bool:
+        return self.rule.deadline is not None and time.perf_counter() >= self.rule.deadline
+
+
 def cp_nls(
     tensor: torch.Tensor,
     rank: int,
@@ -402,6 +515,9 @@ def cp_nls(
     penalty: float = 3e-3,
     penalty_start: float = 1e-2,
     penalty_decay: float = 0.9,
+    polish: bool = True,
+    degeneracy_cap: float = 2.0,
+    conditioned_tol: float | None = 1e-5,
     als_sweeps: int = 10,
     cg_max_iter: int = 10,
     cg_tol: float = 1e-2,
@@ -420,19 +536,16 @@ def cp_nls(
         Seed of the ``torch.Generator`` for the random parts of the initialisation.
     init : {"als", "svd", "random"} or sequence of torch.Tensor, default "als"
         ``"svd"``: TensorLy's SVD initialisation (see :func:`cp_als`); ``"als"``: that plus
-        ``als_sweeps`` ALS sweeps (cheap, and it measured as good as or better than the others
-        on the kernel suite); ``"random"``: standard normal factors scaled to ``||W||``;
+        ``als_sweeps`` ALS sweeps; ``"random"``: standard normal factors scaled to ``||W||``;
         a sequence: initial factors of shapes ``(I_k, R)`` (copied).
     max_iter : int, default 250
-        Maximum number of LM iterations (accepted or rejected steps). One iteration costs
-        two ``numel x R`` matmuls (``f`` at the trial point, and the gradient once accepted),
-        ``N^2 / 2`` Hadamard products and ``N`` Cholesky factorisations of ``R x R`` blocks,
-        and up to ``cg_max_iter`` Gram-vector products (``~3 sum_k I_k R^2`` multiply-adds
-        each); on the kernel suite 250 iterations reach the error of 1000 ALS sweeps
-        (typically after 130-180 iterations) in less time.
+        Maximum number of LM iterations (accepted or rejected steps, both phases). One
+        iteration costs two ``numel x R`` matmuls, ``N^2 / 2`` Hadamard products and ``N``
+        Cholesky factorisations of ``R x R`` blocks, and up to ``cg_max_iter`` Gram-vector
+        products (``~3 sum_k I_k R^2`` multiply-adds each).
     tol : float, default 1e-8
-        Stop when an accepted step decreases ``f`` by less than ``tol * f`` (once ``mu`` has
-        reached ``penalty``).
+        A phase ends when an accepted step decreases ``f`` by less than ``tol * f`` (the
+        conditioned phase only once ``mu`` has reached ``penalty``).
     tol_step : float, default 1e-10
         Stop when ``||p|| <= tol_step * ||A||`` (step relative to the factors' norm).
     tol_grad : float, default 1e-13
@@ -440,39 +553,46 @@ def cp_nls(
     time_budget_s : float or None, default None
         Wall-clock budget, checked after every iteration (the ALS warm start counts).
     conditioning : {"terms", "none"}, default "terms"
-        ``"terms"``: add ``mu/2 sum_r ||term_r||^2`` (``= mu/2 * degeneracy * ||W||^2``), a
-        sum of squares itself, so the Gauss-Newton structure is kept. ``mu`` is relative to
-        ``||W||^2`` (the objective is homogeneous, so it is scale-free); it starts at
-        ``penalty_start`` and is multiplied by ``penalty_decay`` after every accepted step
-        down to ``penalty`` (continuation; with ``penalty=0`` the schedule vanishes and the
-        result is the plain least-squares solution). It keeps out the cancelling, growing
-        terms that ALS runs into: on the kernel suite it lowers the median degeneracy by more
-        than 10x at an error within 0.1 % of 1000 ALS iterations (``penalty=3e-3`` is the
-        measured trade-off: ``3e-3`` gave degeneracy 1.1-1.5 against ALS's 19-24 at errors
-        0.3 % below to 0.06 % above ALS's; ``1e-2`` costs 0.2-0.3 % error; ``1e-3`` leaves
-        degeneracy ~2-2.6). An l2 penalty on the factors was also measured and rejected: with
-        balanced columns it is ``N mu/2 sum_r ||term_r||^(2/N)``, too weak on large terms.
-        ``"none"``: plain least squares (its degeneracy is then often far higher than ALS's).
-        In both modes each rank-1 term's columns are rescaled to equal norms after every step
-        (the model is unchanged; it keeps ``J^T J`` well scaled).
+        ``"terms"``: two phases. First minimise
+        ``f = 1/2 ||W - [[A]]||^2 + mu/2 sum_r ||term_r||^2`` (``= ... + mu/2 degeneracy ||W||^2``,
+        so ``mu`` is scale-free); ``mu`` starts at ``penalty_start`` and is multiplied by
+        ``penalty_decay`` after every accepted step down to ``penalty``. The penalty is a sum of
+        squares itself, so the Gauss-Newton structure is kept; it keeps out the cancelling,
+        growing terms that ALS runs into. It also costs error, and it never vanishes: on an
+        exactly low-rank tensor it leaves a relative error of order ``mu``. So, with
+        ``polish``, the penalty is then switched off and the plain least-squares problem is
+        polished from there for as long as the degeneracy stays within
+        ``max(degeneracy_cap, 1.1 x the degeneracy reached)``: the step that would cross it is
+        undone and the run ends (``stop_reason="degeneracy_cap"``). An exact fit is reached
+        (its degeneracy is the conditioned point's plus O(mu)); on a degenerate problem the
+        polish stops at the cap.
+        ``"none"``: plain least squares from the start (its degeneracy is then often far
+        higher than ALS's). In both modes each rank-1 term's columns are rescaled to equal
+        norms after every step (the model is unchanged; it keeps ``J^T J`` well scaled).
     memory_budget_bytes : int or None, default 2 GiB
         Raise :class:`SolverInputError` if the estimated working memory exceeds it.
     penalty, penalty_start, penalty_decay : float, default 3e-3, 1e-2, 0.9
-        Final ``mu``, its start, and its decay factor per accepted step (a schedule that
-        falls below 1e-12 switches the penalty off).
+        Final ``mu``, its start, and its decay factor per accepted step (``penalty=0`` with
+        ``penalty_decay < 1``: a schedule that vanishes; below 1e-12 it is switched off).
+    polish : bool, default True
+        Polish without the penalty after the conditioned phase (see ``conditioning``).
+    degeneracy_cap : float, default 2.0
+        The degeneracy the polish may not exceed (or 1.1 x the one reached, if higher).
+    conditioned_tol : float or None, default 1e-5
+        ``tol`` of the conditioned phase when a polish follows (``None``: ``tol``). Its optimum is
+        not the one returned, so it need not be reached closely: on 1 %-noise rank-16 and exact
+        rank-48 kernels, 1e-5 took 47 and 16 iterations in all where ``tol`` took 91 and 19, to
+        the same error.
     als_sweeps : int, default 10
         Sweeps of the ``"als"`` initialisation.
     cg_max_iter : int, default 10
-        Maximum PCG iterations per LM step (inexact Gauss-Newton; 10 measured faster overall
-        than 25 at equal or lower error).
+        Maximum PCG iterations per LM step (inexact Gauss-Newton).
     cg_tol : float, default 1e-2
         PCG stops at ``||residual|| <= cg_tol * ||g||``.
     cg_precision : {"single", "double"}, default "single"
         Arithmetic of the PCG iterations (the operator's blocks and their Cholesky factors are
         always formed in float64, and the step is accepted or rejected in float64).
-        ``"single"`` halves the cost of the Gram-vector products; on the kernel suite it gave
-        the same errors as ``"double"`` to 5-6 digits (rank 200 on 256x96x5x5: 0.39959 after
-        250 iterations with either) in ~25 % less time (1 thread). Use ``"double"`` with a
+        ``"single"`` halves the cost of the Gram-vector products. Use ``"double"`` with a
         ``cg_tol`` below ~1e-5, which single precision cannot resolve.
     damping_start : float, default 1e-3
         Initial ``lambda`` relative to the largest diagonal entry of ``J^T J``.
@@ -482,13 +602,14 @@ def cp_nls(
     CPResult
         ``factors[k]`` of shape ``(I_k, R)`` in the input dtype. ``info`` has ``iterations``,
         ``objective`` (final ``f`` including the penalty), ``grad_norm`` (of ``f``),
-        ``converged`` (stopped by ``tol``/``tol_step``/``tol_grad``), ``degeneracy``,
-        ``rel_error``, ``seconds``, ``stop_reason`` (``"tol"``, ``"tol_step"``, ``"tol_grad"``,
-        ``"max_iter"``, ``"time_budget"``), and ``cg_iterations_total``, ``damping`` (final
-        ``lambda``), ``penalty`` (final ``mu``),
-        ``penalty_value`` (``mu/2 sum_r ||term_r||^2``), ``fit_objective``
-        (``0.5 ||W - [[A]]||^2``), ``accepted_steps``, ``init_seconds`` and
-        ``rel_error_history`` (after each accepted step, from the Gram expansion).
+        ``converged`` (stopped by ``tol``/``tol_step``/``tol_grad``/``degeneracy_cap``),
+        ``degeneracy``, ``rel_error``, ``seconds``, ``stop_reason`` (``"tol"``,
+        ``"tol_step"``, ``"tol_grad"``, ``"degeneracy_cap"``, ``"max_iter"``,
+        ``"time_budget"``), and ``cg_iterations_total``, ``damping`` (final ``lambda``),
+        ``penalty`` (final ``mu``), ``penalty_value`` (``mu/2 sum_r ||term_r||^2``),
+        ``fit_objective`` (``0.5 ||W - [[A]]||^2``), ``accepted_steps``, ``init_seconds``,
+        ``polish_iterations``, ``conditioned_rel_error`` and ``conditioned_degeneracy`` (where
+        the conditioned phase ended) and ``rel_error_history`` (after each accepted step).
 
     Raises
     ------
@@ -515,10 +636,13 @@ def cp_nls(
             f"penalty, penalty_start >= 0 and 0 < penalty_decay <= 1 required, got "
             f"{penalty}, {penalty_start}, {penalty_decay}"
         )
+    if not degeneracy_cap > 0:
+        raise SolverInputError(f"degeneracy_cap must be > 0, got {degeneracy_cap}")
     if cg_precision not in CG_PRECISIONS:
         raise SolverInputError(f"cg_precision must be one of {tuple(CG_PRECISIONS)}, got {cg_precision!r}")
-    cg_dtype = CG_PRECISIONS[cg_precision]
     deadline = None if time_budget_s is None else t_start + float(time_budget_s)
+    rule = _StepRule(int(cg_max_iter), float(cg_tol), CG_PRECISIONS[cg_precision], float(tol),
+                     float(tol_step), float(tol_grad), deadline)
     gen = torch.Generator().manual_seed(int(seed))
 
     # ---- initialisation
@@ -541,93 +665,92 @@ def cp_nls(
             "degeneracy": 0.0, "rel_error": 0.0, "seconds": time.perf_counter() - t_start,
             "stop_reason": "zero_tensor", "cg_iterations_total": 0, "damping": 0.0,
             "penalty": 0.0, "penalty_value": 0.0, "fit_objective": 0.0,
-            "accepted_steps": 0, "init_seconds": init_seconds, "rel_error_history": [0.0],
+            "accepted_steps": 0, "init_seconds": init_seconds, "polish_iterations": 0,
+            "conditioned_rel_error": 0.0, "conditioned_degeneracy": 0.0, "rel_error_history": [0.0],
         }
         return CPResult([torch.zeros_like(f).to(tensor.dtype) for f in factors], info)
 
-    # ---- penalty weight schedule (mu is relative to ||W||^2: f/||W||^2 is scale-free)
     use_penalty = conditioning == "terms" and max(penalty, penalty_start) > 0
-    mu = float(max(penalty_start, penalty)) if use_penalty else 0.0
-    mu_final = float(penalty) if use_penalty else 0.0
-    ev = prob.evaluate(factors, 0.0)
-    ev["f"] = ev["f_fit"] + 0.5 * mu * ev["sq"]
-    grad = prob.gradient(ev, mu)
-    diag_max = max(
-        float(torch.diagonal(hadamard([ev["grams"][j] for j in range(prob.n) if j != k], rank, t)).max())
-        for k in range(prob.n)
-    )
-    lam = damping_start * max(diag_max, 1e-300)
-    nu = 2.0
-    cg_total = 0
-    accepted = 0
-    history = [ev["f_fit"]]
+    weight = float(max(penalty_start, penalty)) if use_penalty else 0.0
+    weight_final = float(penalty) if use_penalty else 0.0
+
+    run = _LMRun(prob, factors, weight, rule, damping_start=damping_start)
+    iters = int(max_iter)
+
+    # ---- phase 1: conditioned (or plain least squares with conditioning="none")
+    phase_tol = tol if conditioned_tol is None or not use_penalty or not polish else float(conditioned_tol)
     stop = "max_iter"
-    it = 0
-    gnorm = math.sqrt(_dot(grad, grad))
-    for it in range(1, int(max_iter) + 1):
-        if deadline is not None and time.perf_counter() >= deadline:
-            it -= 1
+    while run.iterations < iters:
+        if run.out_of_time():
             stop = "time_budget"
             break
-        if gnorm <= tol_grad * norm_sq:
-            it -= 1
+        if run.converged_by_gradient():
             stop = "tol_grad"
             break
-        op = _GramOperator(ev["factors"], ev["grams"], mu, lam)
-        gp = op.pack(grad)
-        step, cg_it = _solve(op, -gp, int(cg_max_iter), float(cg_tol), cg_dtype)
-        cg_total += cg_it
-        hp = op.apply(step, damped=False)
-        pred = -_vdot(gp, step) - 0.5 * _vdot(step, hp)
-        xnorm = math.sqrt(sum(float((f * f).sum()) for f in ev["factors"]))
-        pnorm = math.sqrt(_vdot(step, step))
-        trial = [f + p for f, p in zip(ev["factors"], op.unpack(step))]
-        trial = balance_columns(trial)
-        ev_new = prob.evaluate(trial, mu)
-        actual = ev["f"] - ev_new["f"]
-        rho = actual / pred if pred > 0 else -1.0
-        if rho > 0 and math.isfinite(ev_new["f"]):
-            accepted += 1
-            f_old = ev["f"]
-            schedule_done = mu <= mu_final
-            ev = ev_new
-            lam *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-            nu = 2.0
+        accepted, decrease, f_before, tiny = run.step()
+        if accepted:
+            schedule_done = weight <= weight_final
             if use_penalty:
-                mu = max(mu * penalty_decay, mu_final)
-                if mu < 1e-12:  # a schedule that decays to 0 switches off for good
-                    mu = 0.0
-                ev["f"] = ev["f_fit"] + 0.5 * mu * ev["sq"]
-            grad = prob.gradient(ev, mu)
-            gnorm = math.sqrt(_dot(grad, grad))
-            history.append(ev["f_fit"])
-            if schedule_done and actual <= tol * f_old:
+                weight = max(weight * penalty_decay, weight_final)
+                if weight < 1e-12:  # a schedule that decays to 0 switches off for good
+                    weight = 0.0
+                run.set_mu(weight)
+            if schedule_done and decrease <= phase_tol * f_before:
                 stop = "tol"
                 break
-        else:
-            lam *= nu
-            nu *= 2.0
-        if pnorm <= tol_step * xnorm or not math.isfinite(lam):
+        if tiny:
             stop = "tol_step"
             break
-    factors = ev["factors"]
-    rel = rel_error(t, factors)
+    conditioned_rel_error, conditioned_degeneracy = run.rel_error, run.degeneracy
+
+    # ---- phase 2: polish the plain least-squares fit while the degeneracy stays within the cap
+    polish_iterations = 0
+    if polish and run.mu > 0 and stop in ("tol", "tol_step", "max_iter") and run.iterations < iters:
+        cap = max(float(degeneracy_cap), _CAP_SLACK * run.degeneracy)
+        run.set_mu(0.0)
+        stop = "max_iter"
+        start_it = run.iterations
+        while run.iterations < iters:
+            if run.out_of_time():
+                stop = "time_budget"
+                break
+            if run.converged_by_gradient():
+                stop = "tol_grad"
+                break
+            accepted, decrease, f_before, tiny = run.step()
+            if accepted and run.degeneracy > cap:
+                run.go_back()
+                stop = "degeneracy_cap"
+                break
+            if accepted and decrease <= tol * f_before:
+                stop = "tol"
+                break
+            if tiny:
+                stop = "tol_step"
+                break
+        polish_iterations = run.iterations - start_it
+
+    factors = run.ev["factors"]
     info = {
-        "iterations": it,
-        "objective": ev["f"],
-        "grad_norm": gnorm,
-        "converged": stop in ("tol", "tol_step", "tol_grad"),
+        "iterations": run.iterations,
+        "objective": run.ev["f"],
+        "grad_norm": run.gnorm,
+        "converged": stop in ("tol", "tol_step", "tol_grad", "degeneracy_cap"),
         "degeneracy": degeneracy(factors, norm_sq),
-        "rel_error": rel,
+        "rel_error": rel_error(t, factors),
         "seconds": time.perf_counter() - t_start,
         "stop_reason": stop,
-        "cg_iterations_total": cg_total,
-        "damping": lam,
-        "penalty": mu,
-        "penalty_value": 0.5 * mu * ev["sq"],
-        "fit_objective": ev["f_fit"],
-        "accepted_steps": accepted,
+        "cg_iterations_total": run.cg_total,
+        "damping": run.lam,
+        "penalty": run.mu,
+        "penalty_value": 0.5 * run.mu * run.ev["sq"],
+        "fit_objective": run.ev["f_fit"],
+        "accepted_steps": run.accepted,
         "init_seconds": init_seconds,
-        "rel_error_history": [math.sqrt(2.0 * h / norm_sq) for h in history],
+        "polish_iterations": polish_iterations,
+        "conditioned_rel_error": conditioned_rel_error,
+        "conditioned_degeneracy": conditioned_degeneracy,
+        "rel_error_history": [math.sqrt(2.0 * h / norm_sq) for h in run.history],
     }
     return CPResult(factors=[f.to(tensor.dtype) for f in factors], info=info)
+

@@ -15,11 +15,20 @@ class CPNLS(CPDecomposer):
     description = "the paper's CP by non-linear least squares (Gauss–Newton)"
     # Part of the factorization cache key: bumped whenever the solver's results change.
     # 2: dimension-tree MTTKRPs and single-precision PCG steps (cg_precision), so different iterates.
-    version = "2"
+    # 3: the polish without the penalty after the conditioned phase (exact on exactly low-rank kernels).
+    version = "3"
 
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.decomposition.solvers import cp_nls
 
+        import inspect
+
+        from cpbench.errors import UsageError
+
+        allowed = set(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:  # one line naming what exists, before anything runs
+            raise UsageError(f"cp-nls got an unexpected keyword argument {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         res = cp_nls(tensor.double(), rank, seed=seed, **options)
         return res.factors, dict(res.info)
 
