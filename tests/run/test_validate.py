@@ -35,7 +35,7 @@ def _matrix(plugins, **axes):
     # decomposer options: names and values, as the decomposer itself says
     ({"decomposer": '[{name = "cp-als", bogus = 1}]'}, "cp-als got unknown options ['bogus']"),
     ({"decomposer": '[{name = "cp-als", impl = "numpy"}]'}, "cp-als impl 'numpy' is not allowed; allowed: torch, tensorly"),
-    ({"decomposer": '[{name = "cp-nls", max_iters = 3}]'}, "unexpected keyword argument 'max_iters'"),
+    ({"decomposer": '[{name = "cp-nls", max_iters = 3}]'}, "decomposer 'cp-nls' has no option(s) max_iters; allowed:"),
     ({"decomposer": '[{name = "spatial-svd", form = "cp3"}]'}, "spatial-svd got unknown options ['form']"),
     # model parameters
     ({"model": '[{name = "conv", in_channels = 8}]'}, "model 'conv'"),

@@ -18,6 +18,17 @@ class CPNLS(CPDecomposer):
     # 3: the polish without the penalty after the conditioned phase (exact on exactly low-rank kernels).
     version = "3"
 
+    @property
+    def accepted_options(self) -> frozenset[str]:
+        """The solver's keyword options and the CP ones (fit passes ``**options`` on, so its signature
+        cannot say; checked by name before a run)."""
+        import inspect
+
+        from cpbench.decomposition.solvers import cp_nls
+
+        solver = set(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
+        return frozenset(solver | {"groups", "group_mode", "form"})
+
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.decomposition.solvers import cp_nls
 
