@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cpbench import hookimpl
 from cpbench.decomposition.decomposer import CPDecomposer
+from cpbench.errors import UsageError
 
 
 class CPNLS(CPDecomposer):
@@ -22,26 +23,25 @@ class CPNLS(CPDecomposer):
     def accepted_options(self) -> frozenset[str]:
         """The solver's keyword options and the CP ones (fit passes ``**options`` on, so its signature
         cannot say; checked by name before a run)."""
-        import inspect
-
-        from cpbench.decomposition.solvers import cp_nls
-
-        solver = set(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
-        return frozenset(solver | {"groups", "group_mode", "form"})
+        return _solver_options() | {"groups", "group_mode", "form"}
 
     def fit(self, tensor, rank, *, seed, **options):
         from cpbench.decomposition.solvers import cp_nls
 
-        import inspect
-
-        from cpbench.errors import UsageError
-
-        allowed = set(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
+        allowed = _solver_options()
         unknown = sorted(set(options) - allowed)
         if unknown:  # one line naming what exists, before anything runs
             raise UsageError(f"cp-nls got an unexpected keyword argument {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
         res = cp_nls(tensor.double(), rank, seed=seed, **options)
         return res.factors, dict(res.info)
+
+
+def _solver_options() -> frozenset[str]:
+    import inspect
+
+    from cpbench.decomposition.solvers import cp_nls
+
+    return frozenset(inspect.signature(cp_nls).parameters) - {"tensor", "rank", "seed"}
 
 
 @hookimpl
