@@ -32,8 +32,17 @@ class LayerPlan:
     options: dict = field(default_factory=dict)
 
 
-def normalize_plan(plan: dict) -> dict[str, LayerPlan]:
-    """Accept ``{layer: LayerPlan | (method, rank) | {"method": m, "rank": r, **options}}``."""
+def normalize_plan(plan) -> dict[str, LayerPlan]:
+    """Accept ``{layer: LayerPlan | (method, rank) | {"method": m, "rank": r, **options}}``, a plan file
+    written by ``cpbench tune`` (a path) or its :class:`cpbench.tune.Plan`."""
+    if isinstance(plan, (str, Path)):
+        from .tune.plan import read_plan
+
+        plan = read_plan(plan)
+    if hasattr(plan, "compress_plan"):
+        plan = plan.compress_plan()
+        if not plan:
+            raise UsageError("the plan leaves every layer as it is; there is nothing to compress")
     if not isinstance(plan, dict) or not plan:
         raise UsageError("plan must be a non-empty dict {layer_name: (method, rank)}")
     out = {}
@@ -144,7 +153,7 @@ def compress(model: nn.Module, plan: dict, *, example_input: torch.Tensor | None
     """Replace the layers named in ``plan`` by their decompositions; returns a new model.
 
     ``plan`` maps layer names (as in ``model.named_modules()``) to ``(method, rank)`` or
-    ``{"method": ..., "rank": ..., **options}``. Rank specs like "speedup:4" need ``example_input``.
+    ``{"method": ..., "rank": ..., **options}``; or it is a plan file of ``cpbench tune`` (``plan-12.toml``). Rank specs like "speedup:4" need ``example_input``.
     Every name, method and rank is checked before anything is decomposed; nothing is half-replaced.
     """
     from ..plugin.manager import get_plugins

@@ -1,0 +1,108 @@
+"""Candidates of a tune: per layer, each decomposer over a grid of ranks, plus "leave it as it is".
+
+The grid comes from the decomposers' cost models (``macs``): theoretical layer speedups spaced
+geometrically from ``min_speedup`` up to ``max_speedup``, each turned into the largest rank that still
+reaches it (exactly what the ``"speedup:X"`` rank spec resolves to). Pure: no decomposition, no timing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UsageError
+from ..flops import conv_macs
+from ..layers import ConvGeometry
+from ..ranks import _candidates, _largest
+
+__all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates"]
+
+KEEP = "keep"  # the method name of "leave the layer as it is"
+
+# Theoretical layer speedups a grid spans by default. Below 1.5 a replacement saves too little to pay
+# for its extra layers once measured; above 128 the ranks left (a few per group) lose too much.
+MIN_SPEEDUP = 1.5
+MAX_SPEEDUP = 128.0
+GRID_POINTS = 7
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to execute one layer: ``method`` at ``rank``, or :data:`KEEP` (``rank`` None)."""
+
+    layer: str
+    method: str
+    rank: Any
+    theoretical_speedup: float = 1.0
+
+    @property
+    def is_keep(self) -> bool:
+        return self.method == KEEP
+
+    @property
+    def label(self) -> str:
+        """``"cp-nls:48"``, ``"tucker2:32x16"`` or ``"keep"``."""
+        if self.is_keep:
+            return KEEP
+        r = "x".join(map(str, self.rank)) if isinstance(self.rank, (list, tuple)) else str(self.rank)
+        return f"{self.method}:{r}"
+
+
+def keep(layer: str) -> Candidate:
+    return Candidate(layer, KEEP, None, 1.0)
+
+
+def speedup_grid(min_speedup: float = MIN_SPEEDUP, max_speedup: float = MAX_SPEEDUP,
+                 points: int = GRID_POINTS) -> list[float]:
+    """``points`` theoretical speedups, geometric from ``min_speedup`` to ``max_speedup`` inclusive."""
+    if not (1 < min_speedup <= max_speedup) or points < 1:
+        raise UsageError(f"speedup grid {min_speedup}..{max_speedup} with {points} points is not allowed; "
+                         "allowed: 1 < min ≤ max, points ≥ 1")
+    if points == 1:
+        return [float(min_speedup)]
+    step = (max_speedup / min_speedup) ** (1 / (points - 1))
+    return [min_speedup * step ** i for i in range(points)]
+
+
+def _hashable(rank: Any) -> Any:
+    return tuple(rank) if isinstance(rank, list) else rank
+
+
+def rank_grid(decomposer: Any, weight_shape: tuple[int, ...], geo: ConvGeometry, in_hw: tuple[int, int],
+              speedups: list[float], options: dict | None = None) -> list[tuple[Any, float]]:
+    """``[(rank, theoretical layer speedup)]``: for each speedup of ``speedups`` the largest rank whose
+    theoretical speedup reaches it; duplicates dropped, highest rank first. Empty when the decomposer
+    has no cost model or no rank reaches ``speedups[0]``."""
+    if not hasattr(decomposer, "macs"):
+        return []
+    base = conv_macs(geo, in_hw)
+    form = (options or {}).get("form")
+    kw = {"form": form} if form else {}
+    cands = _candidates(decomposer, weight_shape, geo.groups, options or {})
+    theo = {}
+
+    def speedup(rank) -> float:
+        key = _hashable(rank)
+        if key not in theo:
+            theo[key] = base / max(decomposer.macs(geo, rank, in_hw, **kw), 1)
+        return theo[key]
+
+    out: dict[Any, float] = {}
+    for s in speedups:
+        r = _largest(cands, lambda c, s=s: speedup(c) >= s)
+        if r is not None and _hashable(r) not in out:
+            out[_hashable(r)] = speedup(r)
+    ranked = sorted(out.items(), key=lambda kv: kv[1])
+    return [(list(r) if isinstance(r, tuple) else r, s) for r, s in ranked]
+
+
+def layer_candidates(layer: str, decomposers: list[Any], weight_shape: tuple[int, ...], geo: ConvGeometry,
+                     in_hw: tuple[int, int], speedups: list[float],
+                     options: dict[str, dict] | None = None) -> list[Candidate]:
+    """Every candidate of one layer: :func:`keep`, then each decomposer's grid (lowest speedup first)."""
+    out = [keep(layer)]
+    for dec in decomposers:
+        for rank, s in rank_grid(dec, weight_shape, geo, in_hw, speedups, (options or {}).get(dec.name)):
+            if math.isfinite(s):
+                out.append(Candidate(layer, dec.name, rank, s))
+    return out

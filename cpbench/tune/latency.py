@@ -1,0 +1,159 @@
+"""The latency table of a tune: every candidate timed alone on its layer's real input, cached.
+
+Two kinds of entries, both ratios of paired, interleaved timings (:func:`cpbench.timing.time_pair`
+through the backend, as a cell times its networks) so that the machine's load, which changes between
+entries, cancels within each:
+
+* a candidate's **layer speedup**: the original layer against the candidate, each prepared by the
+  backend (its fastest exact form), on the layer's input shape;
+* a layer's **share** of the baseline network: the prepared network against the prepared original layer
+  on its input; ``share = network / layer`` inverted. ``1 − Σ share`` is the part never replaced.
+
+A plan's predicted cost, as a fraction of the baseline network's latency, is
+``1 − Σ share_l + Σ share_l / speedup_l`` (:func:`predicted_cost`).
+
+Entries are keyed by the machine (CPU, cores, torch), the backend, threads, the input shape (batch
+included), the layer's geometry and the candidate (method, rank, options) — not by weights, which do
+not change a dense kernel's speed — so a second tune on the same machine times nothing, and layers of
+the same shape share entries. The timer is injected: tests count its calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import key_of
+from ..layers import geometry
+from .candidates import Candidate
+from .store import JsonStore
+
+__all__ = ["Timed", "PairTimer", "LatencyTable", "machine_key", "predicted_cost", "backend_timer"]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One paired timing: ``speedup = reference_ms / candidate_ms`` (ratio of medians) and its CI."""
+
+    speedup: float
+    speedup_ci: tuple[float, float]
+    reference_ms: float
+    candidate_ms: float
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "speedup_ci": list(self.speedup_ci)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Timed":
+        return cls(float(d["speedup"]), tuple(d["speedup_ci"]), float(d["reference_ms"]), float(d["candidate_ms"]))
+
+
+# (reference module, candidate module, reference input, candidate input) -> Timed
+PairTimer = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], Timed]
+
+
+def machine_key() -> dict:
+    """What identifies a machine for cached latencies: CPU, cores, torch build."""
+    from ..machine import static_machine_info
+
+    m = static_machine_info()
+    return {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
+
+
+def backend_timer(backend: Any, threads: int, budget: Any) -> PairTimer:
+    """The default timer: both modules prepared by ``backend`` and timed as a cell times its networks."""
+    from ..runner import _time_models
+
+    def timer(ref: nn.Module, cand: nn.Module, x_ref: torch.Tensor, x_cand: torch.Tensor) -> Timed:
+        if x_ref.shape == x_cand.shape:
+            t, _ = _time_models(backend, ref.eval(), cand.eval(), x_ref, threads, budget)
+        else:  # a network against one of its layers: each prepared on its own input
+            t = _time_two_inputs(backend, ref.eval(), cand.eval(), x_ref, x_cand, threads, budget)
+        return Timed(t.speedup, tuple(t.speedup_ci), t.baseline.median_ms, t.compressed.median_ms)
+
+    return timer
+
+
+def _time_two_inputs(backend, a, b, xa, xb, threads, budget):
+    from ..timing import time_pair
+
+    pa = backend.prepare(a, xa, threads=threads)
+    try:
+        pb = backend.prepare(b, xb, threads=threads)
+        try:
+            ia, ib = pa.convert_input(xa), pb.convert_input(xb)
+            return time_pair(lambda: pa(ia), lambda: pb(ib), budget)
+        finally:
+            pb.close()
+    finally:
+        pa.close()
+
+
+def _geometry_key(conv: nn.Conv2d) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(geometry(conv)).items()}
+
+
+class LatencyTable:
+    """Cached layer speedups and network shares; ``timed`` counts what this table measured itself."""
+
+    def __init__(self, context: dict, timer: PairTimer, path: str | Path | None = None):
+        self.context = dict(context)  # machine, backend, threads (the batch is in every input shape)
+        self.timer = timer
+        self.store = JsonStore(path)
+        self.timed = 0
+
+    @classmethod
+    def for_run(cls, cache_root: str | Path | None, *, backend: str, threads: int, timer: PairTimer,
+                machine: dict | None = None) -> "LatencyTable":
+        context = {"machine": machine or machine_key(), "backend": backend, "threads": threads}
+        path = None if cache_root is None else Path(cache_root) / "latency" / f"{key_of(context)}.json"
+        return cls(context, timer, path)
+
+    def _get(self, key: str, measure: Callable[[], Timed]) -> Timed:
+        hit = self.store.get(key)
+        if hit is not None:
+            return Timed.from_dict(hit)
+        t = measure()
+        self.timed += 1
+        self.store.put(key, t.as_dict())
+        return t
+
+    def layer_speedup(self, cand: Candidate, conv: nn.Conv2d, input_shape: tuple[int, ...],
+                      build: Callable[[], nn.Module], options: dict | None = None) -> Timed:
+        """The original ``conv`` against the candidate module ``build()`` on a random input of
+        ``input_shape``. "Leave it as it is" is 1 by definition, never timed."""
+        if cand.is_keep:
+            return Timed(1.0, (1.0, 1.0), float("nan"), float("nan"))
+        key = key_of("layer", self.context, _geometry_key(conv), list(input_shape), cand.method, cand.rank,
+                     options or {})
+
+        def measure() -> Timed:
+            x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+            return self.timer(conv, build(), x, x)
+
+        return self._get(key, measure)
+
+    def layer_share(self, network_key: Any, layer: str, network: nn.Module, conv: nn.Conv2d,
+                    network_input_shape: tuple[int, ...], layer_input_shape: tuple[int, ...]) -> float:
+        """Fraction of the baseline network's latency its layer ``layer`` takes (timed alone)."""
+        key = key_of("share", self.context, network_key, layer, list(network_input_shape), list(layer_input_shape))
+
+        def measure() -> Timed:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(*network_input_shape, generator=g)
+            xl = torch.randn(*layer_input_shape, generator=g)
+            return self.timer(network, conv, x, xl)
+
+        return 1.0 / self._get(key, measure).speedup
+
+
+def predicted_cost(shares: dict[str, float], speedups: dict[str, float]) -> float:
+    """Predicted latency of a plan as a fraction of the baseline network's (layers absent from
+    ``speedups`` are left as they are)."""
+    rest = 1.0 - sum(shares.values())
+    return rest + sum(s / speedups.get(n, 1.0) for n, s in shares.items())

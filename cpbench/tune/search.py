@@ -1,0 +1,137 @@
+"""Choose one candidate per layer: a multiple-choice knapsack over measured latency.
+
+Every layer offers options, each with a ``cost`` (the fraction of the baseline network's latency the
+layer takes with that option, from the latency table) and a ``loss`` (the accuracy lost, in points,
+with only that layer replaced). A network's predicted latency is ``rest + Σ cost`` (``rest``: the part
+of the network that is never replaced, timed once) and its predicted loss ``Σ loss`` — losses are taken
+as additive, the usual first-order assumption of per-layer sensitivity searches (AIMET, NetAdapt).
+:func:`search` minimises the loss subject to ``rest + Σ cost ≤ budget`` by dynamic programming over
+the costs discretised into ``bins`` steps of the available budget, each cost rounded *up*: the plan it
+returns always meets the budget with its real costs, and it is optimal among the plans whose real
+cost is at least ``layers × step`` inside the budget (exact when the costs are multiples of the step).
+:func:`brute_force` enumerates every plan, for tests and tiny cases. Pure functions.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .candidates import Candidate
+
+__all__ = ["Option", "Selection", "TargetUnreachable", "search", "brute_force", "fastest"]
+
+DEFAULT_BINS = 4000
+
+
+class TargetUnreachable(UsageError):
+    """No choice of candidates meets the latency budget; ``best_speedup`` is what the fastest plan reaches."""
+
+    def __init__(self, message: str, best_speedup: float):
+        super().__init__(message)
+        self.best_speedup = best_speedup
+
+
+@dataclass(frozen=True)
+class Option:
+    candidate: Candidate
+    cost: float  # fraction of the baseline network's latency this layer takes with this candidate
+    loss: float  # accuracy points lost with only this layer replaced (fidelity loss without labels)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One option per layer, with the predicted whole-network cost (``rest`` included) and loss."""
+
+    choice: dict[str, Option]
+    cost: float
+    loss: float
+
+    @property
+    def predicted_speedup(self) -> float:
+        return 1.0 / self.cost if self.cost > 0 else math.inf
+
+    def labels(self) -> dict[str, str]:
+        return {n: o.candidate.label for n, o in self.choice.items()}
+
+
+def _check(options: dict[str, list[Option]], rest: float, budget: float) -> None:
+    if not options or any(not opts for opts in options.values()):
+        raise UsageError("the search needs at least one option for every layer")
+    if rest < 0 or budget <= 0:
+        raise UsageError(f"rest {rest} must be ≥ 0 and budget {budget} > 0")
+
+
+def fastest(options: dict[str, list[Option]], rest: float) -> Selection:
+    """The lowest-cost plan (ties: the lower loss)."""
+    choice = {n: min(opts, key=lambda o: (o.cost, o.loss)) for n, opts in options.items()}
+    return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
+
+
+def _unreachable(options, rest, budget) -> TargetUnreachable:
+    best = fastest(options, rest)
+    return TargetUnreachable(
+        f"no plan reaches a predicted speedup of {1 / budget:.3g}x; the fastest plan of these candidates "
+        f"reaches {best.predicted_speedup:.3g}x ({', '.join(f'{n} {l}' for n, l in best.labels().items())})",
+        best.predicted_speedup)
+
+
+def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins: int = DEFAULT_BINS) -> Selection:
+    """The plan of least total loss with ``rest + Σ cost ≤ budget`` (ties: the lower cost).
+
+    Raises :class:`TargetUnreachable` (naming what the fastest plan reaches) when no plan fits.
+    """
+    _check(options, rest, budget)
+    avail = budget - rest
+    if avail < 0 or fastest(options, rest).cost > budget:
+        raise _unreachable(options, rest, budget)
+    step = avail / bins if avail > 0 else 1.0
+    inf = (math.inf, math.inf)
+    # best[b] = (loss, real cost) of the best partial plan whose rounded cost is exactly b bins
+    best: list[tuple[float, float]] = [(0.0, 0.0)] + [inf] * bins
+    back: list[list[tuple[int, int] | None]] = []
+    for name, opts in options.items():
+        units = [math.ceil(o.cost / step - 1e-9) if avail > 0 else (0 if o.cost <= 0 else bins + 1) for o in opts]
+        new = [inf] * (bins + 1)
+        ptr: list[tuple[int, int] | None] = [None] * (bins + 1)
+        for b, (loss, cost) in enumerate(best):
+            if loss == math.inf:
+                continue
+            for i, (o, u) in enumerate(zip(opts, units)):
+                nb = b + u
+                if nb > bins:
+                    continue
+                cand = (loss + o.loss, cost + o.cost)
+                if cand < new[nb]:
+                    new[nb], ptr[nb] = cand, (b, i)
+        best = new
+        back.append(ptr)
+    end = min((v, b) for b, v in enumerate(best) if v[0] < math.inf)[1]
+    names = list(options)
+    choice: dict[str, Option] = {}
+    b = end
+    for li in range(len(names) - 1, -1, -1):
+        prev, i = back[li][b]
+        choice[names[li]] = options[names[li]][i]
+        b = prev
+    choice = {n: choice[n] for n in names}
+    return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
+
+
+def brute_force(options: dict[str, list[Option]], rest: float, budget: float) -> Selection:
+    """Every plan enumerated: the least loss within the budget (ties: the lower cost)."""
+    _check(options, rest, budget)
+    names = list(options)
+    best = None
+    for combo in itertools.product(*(options[n] for n in names)):
+        cost = rest + sum(o.cost for o in combo)
+        if cost > budget:
+            continue
+        key = (sum(o.loss for o in combo), cost)
+        if best is None or key < best[0]:
+            best = (key, combo)
+    if best is None:
+        raise _unreachable(options, rest, budget)
+    (loss, cost), combo = best
+    return Selection(dict(zip(names, combo)), cost, loss)

@@ -1,0 +1,41 @@
+"""Candidates from the cost models."""
+import pytest
+from torch import nn
+
+import cpbench
+from cpbench.layers import geometry
+from cpbench.tune.candidates import layer_candidates, rank_grid, speedup_grid
+
+
+def test_speedup_grid_is_geometric_and_inclusive():
+    g = speedup_grid(1.5, 96.0, 7)
+    assert g[0] == pytest.approx(1.5) and g[-1] == pytest.approx(96.0)
+    ratios = {round(b / a, 9) for a, b in zip(g, g[1:])}
+    assert len(ratios) == 1
+
+
+def test_rank_grid_is_the_speedup_rank_spec():
+    # each grid rank is what "speedup:X" resolves to: the largest rank reaching X
+    conv = nn.Conv2d(48, 128, 9)
+    dec = cpbench.get_decomposer("cp-als")
+    geo = geometry(conv)
+    grid = rank_grid(dec, tuple(conv.weight.shape), geo, (16, 16), [2.0, 8.0, 32.0])
+    base = 48 * 128 * 81 * 64
+    for (rank, s), target in zip(grid, [2.0, 8.0, 32.0]):
+        assert s >= target and base / dec.macs(geo, rank + 1, (16, 16)) < target
+    assert [s for _, s in grid] == sorted(s for _, s in grid)
+
+
+def test_layer_candidates_start_with_keep_and_cover_each_decomposer():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    decs = [cpbench.get_decomposer(n) for n in ("cp-nls", "tucker2", "spatial-svd")]
+    cands = layer_candidates("c", decs, tuple(conv.weight.shape), geometry(conv), (8, 8), speedup_grid(1.5, 8, 4))
+    assert cands[0].is_keep
+    assert {c.method for c in cands[1:]} == {"cp-nls", "tucker2", "spatial-svd"}
+    assert all(c.theoretical_speedup >= 1.5 for c in cands[1:])
+    assert len({c.label for c in cands}) == len(cands)
+
+
+def test_bad_grid():
+    with pytest.raises(cpbench.UsageError):
+        speedup_grid(0.5, 4)

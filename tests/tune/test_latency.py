@@ -1,0 +1,111 @@
+"""The latency table: injected timer, cached per machine/backend/threads/shape/candidate."""
+import pytest
+import torch
+from torch import nn
+
+from cpbench.tune.candidates import Candidate, keep
+from cpbench.tune.latency import LatencyTable, Timed, predicted_cost
+
+MACHINE = {"cpu_model": "fake", "logical_cores": 2}
+
+
+class CountingTimer:
+    """Speedup = reference parameter count / candidate parameter count; counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, ref, cand, x_ref, x_cand):
+        self.calls += 1
+        n = lambda m: sum(p.numel() for p in m.parameters())
+        return Timed(n(ref) / n(cand), (0.9 * n(ref) / n(cand), 1.1 * n(ref) / n(cand)), float(n(ref)), float(n(cand)))
+
+
+def _table(tmp_path, timer, **kw):
+    return LatencyTable.for_run(tmp_path, backend=kw.get("backend", "mkl"), threads=kw.get("threads", 1),
+                                timer=timer, machine=kw.get("machine", MACHINE))
+
+
+def _cands():
+    return [Candidate("conv", "m", r, 2.0) for r in (2, 4, 8)]
+
+
+def test_second_table_times_nothing(tmp_path):
+    conv = nn.Conv2d(8, 16, 3)
+    build = {c.rank: (lambda r=c.rank: nn.Conv2d(8, r, 1)) for c in _cands()}
+    t1 = CountingTimer()
+    first = [_table(tmp_path, t1).layer_speedup(c, conv, (1, 8, 10, 10), build[c.rank]) for c in _cands()]
+    assert t1.calls == 3
+    t2 = CountingTimer()
+    table = _table(tmp_path, t2)
+    again = [table.layer_speedup(c, conv, (1, 8, 10, 10), build[c.rank]) for c in _cands()]
+    assert t2.calls == 0 and table.timed == 0
+    assert again == first
+
+
+@pytest.mark.parametrize("change", [{"backend": "channels-last"}, {"threads": 2},
+                                    {"machine": {"cpu_model": "other", "logical_cores": 2}}])
+def test_other_context_is_timed_afresh(tmp_path, change):
+    conv = nn.Conv2d(8, 16, 3)
+    c = _cands()[0]
+    _table(tmp_path, CountingTimer()).layer_speedup(c, conv, (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    t = CountingTimer()
+    _table(tmp_path, t, **change).layer_speedup(c, conv, (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    assert t.calls == 1
+
+
+def test_batch_shape_and_rank_are_part_of_the_key(tmp_path):
+    conv = nn.Conv2d(8, 16, 3)
+    t = CountingTimer()
+    table = _table(tmp_path, t)
+    c2, c4 = _cands()[:2]
+    table.layer_speedup(c2, conv, (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    table.layer_speedup(c2, conv, (32, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    table.layer_speedup(c4, conv, (1, 8, 10, 10), lambda: nn.Conv2d(8, 4, 1))
+    table.layer_speedup(c2, nn.Conv2d(8, 16, 5), (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    assert t.calls == 4
+    # same geometry, another layer name and other weights: shared
+    table.layer_speedup(Candidate("other", "m", 2), nn.Conv2d(8, 16, 3), (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    assert t.calls == 4
+
+
+def test_keep_is_never_timed(tmp_path):
+    t = CountingTimer()
+    got = _table(tmp_path, t).layer_speedup(keep("conv"), nn.Conv2d(8, 16, 3), (1, 8, 10, 10), lambda: None)
+    assert got.speedup == 1.0 and t.calls == 0
+
+
+def test_share_cached_and_inverted(tmp_path):
+    net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    t = CountingTimer()
+    share = _table(tmp_path, t).layer_share("net", "0", net, net[0], (1, 8, 10, 10), (1, 8, 10, 10))
+    n_net, n_layer = sum(p.numel() for p in net.parameters()), sum(p.numel() for p in net[0].parameters())
+    assert share == pytest.approx(n_layer / n_net)
+    t2 = CountingTimer()
+    assert _table(tmp_path, t2).layer_share("net", "0", net, net[0], (1, 8, 10, 10), (1, 8, 10, 10)) == share
+    assert t2.calls == 0
+
+
+def test_without_a_cache_root_nothing_is_written(tmp_path):
+    t = CountingTimer()
+    table = LatencyTable.for_run(None, backend="mkl", threads=1, timer=t, machine=MACHINE)
+    table.layer_speedup(_cands()[0], nn.Conv2d(8, 16, 3), (1, 8, 10, 10), lambda: nn.Conv2d(8, 2, 1))
+    assert t.calls == 1 and not any(tmp_path.iterdir())
+
+
+def test_predicted_cost():
+    shares = {"a": 0.6, "b": 0.3}  # rest 0.1
+    assert predicted_cost(shares, {}) == pytest.approx(1.0)
+    assert predicted_cost(shares, {"a": 6.0, "b": 3.0}) == pytest.approx(0.1 + 0.1 + 0.1)
+
+
+def test_real_timer_runs_on_a_tiny_layer(tmp_path):
+    # the default timer through a real backend: a positive speedup with an interval around it
+    from cpbench.pluginmanager import get_plugins
+    from cpbench.timing import TimingBudget
+    from cpbench.tune.latency import backend_timer
+
+    timer = backend_timer(get_plugins().backends.get("torch-cpu"), 1,
+                          TimingBudget(warmup=1, min_rounds=3, max_rounds=6, budget_s=0.2, min_round_s=0.0005))
+    got = timer(nn.Conv2d(4, 8, 3), nn.Conv2d(4, 8, 1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))
+    assert got.speedup > 0 and got.speedup_ci[0] <= got.speedup <= got.speedup_ci[1]

@@ -1,0 +1,63 @@
+"""The tighten-and-retry loop on a fake timer."""
+import pytest
+
+from cpbench.tune.candidates import Candidate
+from cpbench.tune.loop import Measured, tighten_loop
+from cpbench.tune.search import Option, TargetUnreachable, search
+
+# one layer of share 0.9 (rest 0.1); option k has layer speedup k; loss falls with the speedup
+OPTIONS = {"conv": [Option(Candidate("conv", "m", k), 0.9 / k, 1.0 / (100 - k)) for k in range(1, 60)]}
+
+
+def _search(budget):
+    return search(OPTIONS, 0.1, budget)
+
+
+class FakeTimer:
+    """Measures a plan's speedup as its prediction times ``realised`` (< 1: the prediction is optimistic)."""
+
+    def __init__(self, realised, ci_rel=0.02):
+        self.realised, self.ci_rel, self.calls = realised, ci_rel, []
+
+    def __call__(self, sel):
+        s = sel.predicted_speedup * self.realised
+        self.calls.append(sel.labels()["conv"])
+        return Measured(s, (s * (1 - self.ci_rel), s * (1 + self.ci_rel)))
+
+
+def test_met_first_round():
+    out = tighten_loop(_search, FakeTimer(1.0), 4.0)
+    assert out.met and out.stopped == "met" and len(out.rounds) == 1
+    assert out.selection.predicted_speedup >= 4.0
+
+
+def test_miss_tightens_by_the_miss_and_meets():
+    timer = FakeTimer(0.8)
+    out = tighten_loop(_search, timer, 4.0)
+    assert out.met and len(out.rounds) >= 2
+    first, second = out.rounds[0], out.rounds[1]
+    assert second.budget == pytest.approx(first.budget * first.speedup / 4.0)
+    assert out.measured.speedup_ci[1] >= 4.0
+    assert len(set(timer.calls)) == len(timer.calls)  # no plan timed twice
+
+
+def test_within_interval_is_not_a_miss():
+    # measured 3.9 with interval up to 4.06: not beyond the interval, so no second round
+    out = tighten_loop(_search, FakeTimer(0.975, ci_rel=0.04), 4.0)
+    assert out.met and len(out.rounds) == 1
+
+
+def test_bounded_rounds_report_best():
+    out = tighten_loop(_search, FakeTimer(0.2), 4.0, max_rounds=2)
+    assert not out.met and out.stopped in ("max-rounds", "unreachable") and len(out.rounds) <= 2
+    assert out.measured.speedup == max(r.speedup for r in out.rounds)
+
+
+def test_unreachable_after_tightening_ends_the_loop():
+    out = tighten_loop(_search, FakeTimer(0.5), 6.0, max_rounds=10)
+    assert not out.met and out.stopped == "unreachable"
+
+
+def test_unreachable_first_search_propagates():
+    with pytest.raises(TargetUnreachable):
+        tighten_loop(_search, FakeTimer(1.0), 50.0)

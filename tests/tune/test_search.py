@@ -1,0 +1,75 @@
+"""The multiple-choice knapsack: exact against brute force on small cases."""
+import random
+
+import pytest
+
+from cpbench.tune.candidates import Candidate
+from cpbench.tune.search import Option, TargetUnreachable, brute_force, fastest, search
+
+
+def _options(rng, layers, per_layer, *, grid=None):
+    out = {}
+    for li in range(layers):
+        name = f"l{li}"
+        opts = [Option(Candidate(name, "keep", None), 0.3, 0.0)]
+        for k in range(per_layer):
+            cost = rng.randint(1, 30) * grid if grid else rng.uniform(0.001, 0.3)
+            opts.append(Option(Candidate(name, "m", k + 1), cost, rng.uniform(0.0, 10.0)))
+        out[name] = opts
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_search_matches_brute_force_on_grid_costs(seed):
+    # costs on a grid the DP resolves exactly: the DP's plan must be the brute-force optimum
+    rng = random.Random(seed)
+    bins = 400
+    rest, budget = 0.1, 0.1 + bins * 0.001
+    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    try:
+        want = brute_force(opts, rest, budget)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable):
+            search(opts, rest, budget, bins=bins)
+        return
+    got = search(opts, rest, budget, bins=bins)
+    assert got.loss == pytest.approx(want.loss, abs=1e-12)
+    assert got.cost <= budget + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_search_on_real_costs_meets_budget_and_bound(seed):
+    # arbitrary costs: always within budget, and no worse than the best plan with step·layers to spare
+    rng = random.Random(100 + seed)
+    layers = rng.randint(1, 4)
+    opts = _options(rng, layers, rng.randint(1, 5))
+    rest, budget, bins = 0.05, rng.uniform(0.2, 1.0), 1000
+    try:
+        got = search(opts, rest, budget, bins=bins)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable):
+            brute_force(opts, rest, budget)
+        return
+    assert got.cost <= budget + 1e-12
+    assert got.loss >= brute_force(opts, rest, budget).loss - 1e-12  # nothing beats the true optimum
+    step = (budget - rest) / bins
+    try:
+        tight = brute_force(opts, rest, budget - layers * step)
+    except TargetUnreachable:
+        return
+    assert got.loss <= tight.loss + 1e-12
+
+
+def test_search_prefers_lower_cost_on_equal_loss():
+    a = Option(Candidate("x", "m", 1), 0.2, 1.0)
+    b = Option(Candidate("x", "m", 2), 0.1, 1.0)
+    got = search({"x": [a, b]}, 0.0, 0.5)
+    assert got.choice["x"] is b
+
+
+def test_unreachable_names_the_fastest_plan():
+    opts = {"x": [Option(Candidate("x", "keep", None), 0.5, 0.0), Option(Candidate("x", "m", 3), 0.25, 2.0)]}
+    with pytest.raises(TargetUnreachable, match=r"reaches 1\.82x") as info:
+        search(opts, 0.3, 0.5)
+    assert info.value.best_speedup == pytest.approx(1 / 0.55)
+    assert fastest(opts, 0.3).choice["x"].candidate.rank == 3
