@@ -519,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"accuracy budget of the verdict, in percentage points (default {DEFAULT_MAX_DROP:g})")
     p.set_defaults(func=cmd_report)
 
+    from .tune import add_tune_parser
+
+    add_tune_parser(sub)
+
     from ..plugin.manager import get_plugins
 
     try:

@@ -124,13 +124,16 @@ class LatencyTable:
         return t
 
     def layer_speedup(self, cand: Candidate, conv: nn.Conv2d, input_shape: tuple[int, ...],
-                      build: Callable[[], nn.Module], options: dict | None = None) -> Timed:
+                      build: Callable[[], nn.Module], options: dict | None = None, *,
+                      structure: str | None = None) -> Timed:
         """The original ``conv`` against the candidate module ``build()`` on a random input of
-        ``input_shape``. "Leave it as it is" is 1 by definition, never timed."""
+        ``input_shape``. "Leave it as it is" is 1 by definition, never timed. ``structure`` names the
+        block the candidate builds when several methods build the same one (every CP decomposer builds
+        a CP block): they then share one entry."""
         if cand.is_keep:
             return Timed(1.0, (1.0, 1.0), float("nan"), float("nan"))
-        key = key_of("layer", self.context, _geometry_key(conv), list(input_shape), cand.method, cand.rank,
-                     options or {})
+        key = key_of("layer", self.context, _geometry_key(conv), list(input_shape), structure or cand.method,
+                     cand.rank, options or {})
 
         def measure() -> Timed:
             x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
@@ -139,15 +142,17 @@ class LatencyTable:
         return self._get(key, measure)
 
     def layer_share(self, network_key: Any, layer: str, network: nn.Module, conv: nn.Conv2d,
-                    network_input_shape: tuple[int, ...], layer_input_shape: tuple[int, ...]) -> float:
-        """Fraction of the baseline network's latency its layer ``layer`` takes (timed alone)."""
+                    network_input_shape: tuple[int, ...], layer_input_shape: tuple[int, ...],
+                    timer: PairTimer | None = None) -> float:
+        """Fraction of the baseline network's latency its layer ``layer`` takes (timed alone; ``timer``
+        overrides the table's, e.g. for a longer budget: every plan's prediction rests on it)."""
         key = key_of("share", self.context, network_key, layer, list(network_input_shape), list(layer_input_shape))
 
         def measure() -> Timed:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(*network_input_shape, generator=g)
             xl = torch.randn(*layer_input_shape, generator=g)
-            return self.timer(network, conv, x, xl)
+            return (timer or self.timer)(network, conv, x, xl)
 
         return 1.0 / self._get(key, measure).speedup
 

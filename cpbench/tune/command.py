@@ -1,0 +1,138 @@
+"""The ``cpbench tune`` sub-command: arguments → :class:`TuneRequest` → :func:`run_tune` → tables."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..errors import UsageError
+
+__all__ = ["add_tune_parser", "cmd_tune", "parse_targets"]
+
+DESCRIPTION = """\
+Compress a whole network to a measured speedup target: per layer, each decomposer over a rank grid
+(plus "leave it"), every candidate timed alone on its real input on the backend (cached per machine,
+backend, threads, batch and shape), its accuracy loss with only that layer replaced measured on the
+validation split, one candidate per layer chosen by an exact knapsack search on predicted latency,
+the plan timed whole against the baseline (budget tightened by the miss and searched again, up to
+--rounds times), fine-tuned, evaluated on the test split and timed again. Writes results.jsonl,
+plan-<target>.toml (cpbench.compress(model, "plan-12.toml") applies it), tune-report.md and pareto.png."""
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--target-speedup {text!r} is not allowed; allowed: numbers > 1, comma-separated (8,12,16)") from None
+    if not values:
+        raise UsageError("--target-speedup is empty; allowed: numbers > 1, comma-separated (8,12,16)")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_tune_parser(sub) -> argparse.ArgumentParser:
+    from .candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
+    from .loop import DEFAULT_ROUNDS
+    from .pipeline import DEFAULT_DECOMPOSERS, SENSITIVITY_MODES
+
+    p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="a model plugin name (cpbench plugins lists them)")
+    p.add_argument("--model-param", "-p", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    p.add_argument("--target-speedup", default="8", metavar="X[,Y...]",
+                   help="whole-network speedup target(s), > 1 (default 8)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="accuracy points a plan may lose after fine-tuning; checked and reported (default 1.0)")
+    p.add_argument("--backend", default="mkl", help="execution backend (default mkl)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decomposers", default=",".join(DEFAULT_DECOMPOSERS), metavar="A,B",
+                   help=f"decomposers to choose from (default {','.join(DEFAULT_DECOMPOSERS)})")
+    p.add_argument("--layers", default="auto", metavar="auto|NAME,PATTERN",
+                   help="layers that may be replaced: auto (every conv larger than 1x1) or names/fnmatch patterns")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tuning epochs of each plan (default 1)")
+    p.add_argument("--finetune-samples", type=int, help="training samples fine-tuning uses (default the recipe's)")
+    p.add_argument("--no-control", action="store_true",
+                   help="do not fine-tune the base network as a control (drops then count from the base network)")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"verify rounds per target (default {DEFAULT_ROUNDS})")
+    p.add_argument("--sensitivity", choices=SENSITIVITY_MODES, default="auto",
+                   help="auto: validation accuracy with a data set, else fidelity; error: reconstruction error")
+    p.add_argument("--val-samples", type=int, help="validation images for the sensitivities (default all)")
+    p.add_argument("--min-layer-speedup", type=float, default=MIN_SPEEDUP,
+                   help=f"lowest theoretical layer speedup of the rank grid (default {MIN_SPEEDUP})")
+    p.add_argument("--max-layer-speedup", type=float, default=MAX_SPEEDUP,
+                   help=f"highest theoretical layer speedup of the rank grid (default {MAX_SPEEDUP:g})")
+    p.add_argument("--grid-points", type=int, default=GRID_POINTS, help=f"ranks per decomposer and layer (default {GRID_POINTS})")
+    p.add_argument("--budget-s", type=float, default=3.0, help="seconds to time each whole-network pair (default 3)")
+    p.add_argument("--uniform", metavar="METHOD", help="also run uniform-rank plans of METHOD for the Pareto front")
+    p.add_argument("--uniform-speedups", metavar="X,Y", help="their per-layer speedup:X specs (default each target and twice it)")
+    p.add_argument("--out", help="output directory (default cpbench-runs/tune-MODEL)")
+    p.add_argument("--cache-dir", help="cache directory (default $CPBENCH_CACHE_DIR or ~/.cache/cpbench)")
+    p.add_argument("--no-cache", action="store_true", help="measure and decompose everything afresh")
+    p.set_defaults(func=cmd_tune)
+    return p
+
+
+def request_from_args(args):
+    from dataclasses import replace
+
+    from ..cli import _options
+    from ..timing import TimingBudget
+    from .pipeline import TuneRequest
+
+    layers = "auto" if args.layers == "auto" else list(_names(args.layers))
+    if layers != "auto" and not layers:
+        raise UsageError("--layers is empty; allowed: auto or layer names / patterns")
+    if args.budget_s <= 0:
+        raise UsageError(f"--budget-s {args.budget_s} is not allowed; allowed: seconds > 0")
+    req = TuneRequest(model={"name": args.model, **_options(args.model_param)}, targets=parse_targets(args.target_speedup),
+                      max_drop=args.max_drop, backend=args.backend, threads=args.threads, batch=args.batch,
+                      decomposers=_names(args.decomposers), layers=layers, finetune_epochs=args.finetune_epochs,
+                      finetune_samples=args.finetune_samples, finetune_control=not args.no_control,
+                      max_rounds=args.rounds, sensitivity=args.sensitivity, val_samples=args.val_samples,
+                      min_speedup=args.min_layer_speedup, max_speedup=args.max_layer_speedup,
+                      grid_points=args.grid_points)
+    return replace(req, network_budget=TimingBudget(budget_s=args.budget_s))
+
+
+def cmd_tune(args) -> int:
+    from rich.console import Console
+
+    from ..cli import _console
+    from ..pluginmanager import get_plugins
+    from ..runner import RunContext
+    from .plan import read_plan
+    from .report import layers_table, targets_table
+    from .run import plan_name, run_tune
+
+    plugins = get_plugins()
+    plugins.warn_failures()
+    request = request_from_args(args)
+    request.check(plugins)
+    uniform_speedups = list(parse_targets(args.uniform_speedups)) if args.uniform_speedups else None
+    if args.uniform:
+        plugins.decomposers.get(args.uniform)
+    out = Path(args.out) if args.out else Path("cpbench-runs") / f"tune-{args.model}"
+    ctx = RunContext(cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    console = _console()
+    err = Console(stderr=True)
+    start = time.perf_counter()
+    with err.status("tuning") as status:
+        run = run_tune(request, out, ctx=ctx, step=lambda s: status.update(s), plugins=plugins,
+                       uniform=args.uniform, uniform_speedups=uniform_speedups)
+    for r in run.rows:
+        target = r["rank_spec"]["target_speedup"]
+        console.print(layers_table(read_plan(out / plan_name(target)), f"plan for {target:g}x ({plan_name(target)})"))
+    console.print(targets_table(run.rows, title=f"cpbench tune {args.model}: {time.perf_counter() - start:.0f} s, "
+                                                f"{run.latency_timed} candidate timings measured (the rest cached)"))
+    console.print(f"results in {out / 'results.jsonl'}; report {out / 'tune-report.md'}")
+    missed = [r for r in run.rows if not r.get("tune_met") or not r.get("meets_max_drop")]
+    for r in missed:
+        why = [] if r.get("tune_met") else [f"measured {r['speedup']:.2f}x (interval up to {r['speedup_ci'][1]:.2f}x)"]
+        if not r.get("meets_max_drop"):
+            why.append(f"drop {r['accuracy_drop']:.2f} > --max-drop {request.max_drop:g}")
+        console.print(f"target {r['rank_spec']['target_speedup']:g}x not met: {'; '.join(why)}")
+    return 1 if missed else 0

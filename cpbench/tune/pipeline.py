@@ -1,0 +1,487 @@
+"""``cpbench tune``: compress a whole network to a measured speedup target.
+
+Stages, each cached so a second tune on the same machine repeats none of the expensive ones:
+
+1. **candidates** per layer (:mod:`.candidates`): each decomposer over a rank grid from the cost
+   models, plus "leave it as it is";
+2. **latency table** (:mod:`.latency`): each candidate timed alone on its layer's real input on the
+   backend, threads and batch asked for; each layer's share of the baseline network timed once.
+   A CP candidate is timed with random factors of its shapes (a dense kernel's speed does not depend
+   on its values, and a CP fit costs seconds to minutes); others with their real decomposition.
+   A candidate slower than the layer it replaces is dropped here: "leave it" is faster and loses nothing;
+3. **sensitivity**: the validation accuracy lost with only that layer replaced, before fine-tuning
+   (the fidelity — top-1 agreement with the baseline on random inputs — for models without a data
+   set; or the reconstruction error, a cheap prior, with ``sensitivity="error"``);
+4. **search** (:mod:`.search`) and **verify** (:mod:`.loop`): the plan of least predicted loss within
+   the latency budget, built and timed whole against the baseline; on a miss beyond the interval the
+   budget is tightened by the miss and the search runs again;
+5. the verified plan is fine-tuned, evaluated on the test split and timed again whole (a fresh
+   measurement, not the one the loop stopped on), and written as a results row, a plan file and a table.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import key_of
+from ..decomposer import CPDecomposer
+from ..errors import UsageError
+from ..layers import geometry
+from ..timing import TimingBudget
+from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, layer_candidates, speedup_grid
+from .latency import LatencyTable, Timed, backend_timer, predicted_cost
+from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
+from .plan import LayerChoice, Plan
+from .search import Option, Selection, search
+from .store import JsonStore
+
+__all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
+
+DEFAULT_DECOMPOSERS = ("cp-nls", "cp-als", "tucker2", "spatial-svd")
+SENSITIVITY_MODES = ("auto", "accuracy", "fidelity", "error")
+FIDELITY_SAMPLES = 64
+
+StepFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What a tune is asked for; :meth:`check` validates it against the registries (one-line errors)."""
+
+    model: dict
+    targets: tuple[float, ...] = (8.0,)
+    max_drop: float = 1.0
+    backend: str = "mkl"
+    threads: int = 1
+    batch: int = 1
+    decomposers: tuple[str, ...] = DEFAULT_DECOMPOSERS
+    layers: Any = "auto"  # "auto" (every conv with a spatial kernel) or names / fnmatch patterns
+    finetune_epochs: int = 1
+    finetune_samples: int | None = None
+    finetune_control: bool = True
+    seed: int = 0
+    max_rounds: int = DEFAULT_ROUNDS
+    min_speedup: float = MIN_SPEEDUP
+    max_speedup: float = MAX_SPEEDUP
+    grid_points: int = GRID_POINTS
+    sensitivity: str = "auto"
+    val_samples: int | None = None  # None: the data set's whole validation split
+    layer_budget: TimingBudget = TimingBudget(warmup=2, min_rounds=10, max_rounds=200, budget_s=1.0)
+    network_budget: TimingBudget = TimingBudget(budget_s=3.0)
+
+    def check(self, plugins) -> None:
+        for t in self.targets:
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 1:
+                raise UsageError(f"target speedup {t!r} is not allowed; allowed: numbers > 1 (e.g. 8 or 8,12,16)")
+        if not self.targets:
+            raise UsageError("no target speedup given; allowed: numbers > 1 (e.g. --target-speedup 8,12,16)")
+        if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0 or not math.isfinite(self.max_drop):
+            raise UsageError(f"--max-drop {self.max_drop!r} is not allowed; allowed: accuracy points ≥ 0")
+        for name, v, lo in (("threads", self.threads, 1), ("batch", self.batch, 1),
+                            ("finetune epochs", self.finetune_epochs, 0), ("max rounds", self.max_rounds, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise UsageError(f"{name} {v!r} is not allowed; allowed: integers ≥ {lo}")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise UsageError(f"sensitivity {self.sensitivity!r} is not allowed; allowed: {', '.join(SENSITIVITY_MODES)}")
+        if not self.decomposers:
+            raise UsageError("no decomposers given; allowed: " + ", ".join(plugins.decomposers.names()))
+        plugins.models.get(self.model["name"])
+        plugins.backends.get(self.backend)
+        for d in self.decomposers:
+            plugins.decomposers.get(d)
+        speedup_grid(self.min_speedup, self.max_speedup, self.grid_points)
+
+
+def select_layers(model: nn.Module, layers: Any) -> list[str]:
+    """The Conv2d layers a tune may replace: "auto" (every conv whose kernel is larger than 1×1), or
+    names and fnmatch patterns (``conv[1-3]``, ``layer*.conv1``); a pattern matching no conv is an error."""
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    if layers == "auto":
+        return [n for n, m in convs.items() if m.kernel_size != (1, 1)]
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    out: list[str] = []
+    for p in patterns:
+        hit = [n for n in convs if fnmatch.fnmatchcase(n, p)]
+        if not hit:
+            raise UsageError(f"layer pattern {p!r} matches no Conv2d layer; Conv2d layers: {', '.join(convs) or 'none'}")
+        out += [n for n in hit if n not in out]
+    return out
+
+
+class _RandomCP(CPDecomposer):
+    """Random factors in the layout of any CP decomposer: a block to time, never to use."""
+
+    name = "random-cp"
+
+    def fit(self, tensor, rank, *, seed, **options):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(d, rank, generator=g, dtype=torch.float64) for d in tensor.shape], {}
+
+
+_CP_LAYOUT_OPTIONS = ("groups", "group_mode", "form")
+
+
+@dataclass
+class Prepared:
+    """What the stages before the search leave: options per layer, shares, and their records."""
+
+    layers: list[str]
+    shares: dict[str, float]
+    options: dict[str, list[Option]]
+    timed: dict[str, Timed]  # candidate key -> layer speedup
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # layer -> candidates slower than the layer
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _cand_key(c: Candidate) -> str:
+    return f"{c.layer}/{c.label}"
+
+
+class Tuner:
+    """One tune of one model: :meth:`prepare` runs candidates, latency and sensitivity; :meth:`plan`
+    searches and verifies one target; :meth:`finish` fine-tunes, evaluates and times the plan."""
+
+    def __init__(self, request: TuneRequest, *, ctx=None, plugins=None, step: StepFn | None = None,
+                 timer=None):
+        from ..pluginmanager import get_plugins
+        from ..runner import RunContext
+
+        self.request = request
+        self.plugins = plugins or get_plugins()
+        request.check(self.plugins)
+        self.ctx = ctx or RunContext()
+        self.step = step or (lambda s: None)
+        self.model_plugin = self.plugins.models.get(request.model["name"])
+        self.backend = self.plugins.backends.get(request.backend)
+        self.decomposers = [self.plugins.decomposers.get(d) for d in request.decomposers]
+        self.params = {k: v for k, v in request.model.items() if k != "name"}
+        self.timer = timer or backend_timer(self.backend, request.threads, request.layer_budget)
+        self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget)
+        self.dataset = getattr(self.model_plugin, "dataset", None)
+        mode = request.sensitivity
+        self.sensitivity_mode = ("accuracy" if self.dataset else "fidelity") if mode == "auto" else mode
+        if self.sensitivity_mode == "accuracy" and not self.dataset:
+            raise UsageError(f"model {request.model['name']!r} has no data set; use sensitivity fidelity or error")
+
+    # -- stage 0: the base network and its layers -------------------------------------------------
+    def base(self) -> nn.Module:
+        from ..runner import base_model
+
+        if not hasattr(self, "_base"):
+            self._base = base_model(self.request.model, self.ctx, plugins=self.plugins, step=self.step)
+        return self._base
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.model_plugin.input_shape(**self.params))
+
+    def layer_shapes(self, batch: int) -> dict[str, tuple]:
+        from ..surgery import layer_input_shapes
+
+        return layer_input_shapes(self.base(), torch.zeros(self.input_shape(batch)), self.layers)
+
+    @property
+    def layers(self) -> list[str]:
+        if not hasattr(self, "_layers"):
+            self._layers = select_layers(self.base(), self.request.layers)
+        return self._layers
+
+    def conv(self, name: str) -> nn.Conv2d:
+        return self.base().get_submodule(name)
+
+    def _network_key(self) -> str:
+        from ..runner import _weights_key
+
+        return key_of(self.request.model, _weights_key(self.base()))
+
+    def _arch_key(self) -> Any:
+        return {"model": self.request.model}
+
+    # -- decompositions (cached on disk, as cells cache them) -----------------------------------
+    def decomposer(self, method: str):
+        return self.plugins.decomposers.get(method)
+
+    def factorization(self, cand: Candidate, in_hw):
+        from ..runner import _decompose_cached
+
+        conv = self.conv(cand.layer)
+        fact, rank, _, _ = _decompose_cached(conv, self.decomposer(cand.method), cand.rank, {}, self.request.seed,
+                                             cand.layer, in_hw, self.ctx)
+        return fact
+
+    def module(self, cand: Candidate, in_hw) -> nn.Module:
+        """The real replacement of ``cand``'s layer (its decomposition, cached)."""
+        conv = self.conv(cand.layer)
+        return self.decomposer(cand.method).build(conv, self.factorization(cand, in_hw)).eval()
+
+    def timing_module(self, cand: Candidate, in_hw) -> nn.Module:
+        dec = self.decomposer(cand.method)
+        conv = self.conv(cand.layer)
+        if self._builds_cp_block(cand.method):
+            opts = {"groups": conv.groups} if conv.groups > 1 else {}
+            fact = _RandomCP().decompose(conv.weight.detach(), cand.rank, seed=0, **opts)
+            return dec.build(conv, fact).eval()
+        return self.module(cand, in_hw)
+
+    def _builds_cp_block(self, method: str) -> bool:
+        if method == KEEP:
+            return False
+        dec = self.decomposer(method)
+        return isinstance(dec, CPDecomposer) and type(dec).build is CPDecomposer.build
+
+    def _structure(self, cand: Candidate) -> str | None:
+        return "cp-block" if self._builds_cp_block(cand.method) else None
+
+    # -- stages 1-3 -------------------------------------------------------------------------------
+    def prepare(self, batch: int | None = None) -> Prepared:
+        """Candidates, latency table and sensitivities for ``batch`` (default the request's)."""
+        req = self.request
+        batch = batch or req.batch
+        base = self.base()
+        shapes = self.layer_shapes(batch)
+        grid = speedup_grid(req.min_speedup, req.max_speedup, req.grid_points)
+        table = LatencyTable.for_run(self.ctx.cache().root if self.ctx.use_cache else None,
+                                     backend=req.backend, threads=req.threads, timer=self.timer)
+        self.latency_table = table
+        seconds: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        cands: dict[str, list[Candidate]] = {}
+        for n in self.layers:
+            conv = self.conv(n)
+            cands[n] = layer_candidates(n, self.decomposers, tuple(conv.weight.shape), geometry(conv),
+                                        shapes[n][-2:], grid)
+        seconds["candidates"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        from ..execution import configure_malloc
+
+        configure_malloc()  # as a cell does, before any timing: both arms alike
+        shares, timed, kept, dropped = {}, {}, {}, {}
+        net_key = key_of(self._arch_key(), "arch")
+        for n in self.layers:
+            self.step(f"timing {n}: the layer's share of the network")
+            shares[n] = table.layer_share(net_key, n, base, self.conv(n), self.input_shape(batch), shapes[n],
+                                          timer=self.network_timer)
+            kept[n], dropped[n] = [], []
+            for c in cands[n]:
+                if not c.is_keep:
+                    self.step(f"timing {n} {c.label} ({table.timed} timed, {len(table.store)} in the table)")
+                t = table.layer_speedup(c, self.conv(n), shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
+                                        structure=self._structure(c))
+                timed[_cand_key(c)] = t
+                if c.is_keep or t.speedup > 1.0:
+                    kept[n].append(c)
+                else:
+                    dropped[n].append(c.label)
+        seconds["latency"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        losses = self.sensitivities(kept, self.layer_shapes(1))
+        seconds["sensitivity"] = time.perf_counter() - t0
+        options = {n: [Option(c, shares[n] / timed[_cand_key(c)].speedup, losses[_cand_key(c)]) for c in kept[n]]
+                   for n in self.layers}
+        return Prepared(list(self.layers), shares, options, timed, dropped, seconds)
+
+    def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple]) -> dict[str, float]:
+        """Points lost with only each candidate's layer replaced (0 for "leave it"), cached."""
+        from ..runner import _weights_key
+        from ..surgery import replace_layers
+
+        mode = self.sensitivity_mode
+        store = JsonStore(self.ctx.cache().root / "sensitivity" / "sensitivity.json" if self.ctx.use_cache else None)
+        context = key_of(mode, _weights_key(self.base()), self.request.val_samples, self.request.seed)
+        score = self._scorer(mode)
+        out: dict[str, float] = {}
+        for n, cs in cands.items():
+            for c in cs:
+                if c.is_keep:
+                    out[_cand_key(c)] = 0.0
+                    continue
+                dec = self.decomposer(c.method)
+                key = key_of(context, c.layer, c.method, getattr(dec, "version", "0"), c.rank)
+                hit = store.get(key)
+                if hit is None:
+                    self.step(f"sensitivity of {n} {c.label} ({mode})")
+                    in_hw = shapes1[n][-2:]
+                    if mode == "error":
+                        hit = 100.0 * self.factorization(c, in_hw).rel_error
+                    else:
+                        hit = score(replace_layers(self.base(), {n: self.module(c, in_hw)}).eval())
+                    store.put(key, hit)
+                out[_cand_key(c)] = float(hit)
+        return out
+
+    def _scorer(self, mode: str) -> Callable[[nn.Module], float]:
+        """``loss(model)`` in points against the base network: validation accuracy or fidelity."""
+        from ..training import evaluate
+
+        base = self.base()
+        if mode == "accuracy":
+            val = self.plugins.datasets.get(self.dataset).load("val", seed=0, size=self.request.val_samples)
+            with torch.no_grad():
+                base_acc = evaluate(base, val)
+            return lambda m: 100.0 * (base_acc - evaluate(m, val))
+        x = torch.randn(FIDELITY_SAMPLES, *self.input_shape(1)[1:], generator=torch.Generator().manual_seed(self.request.seed))
+        with torch.no_grad():
+            ref = base(x)
+
+        def fidelity(m: nn.Module) -> float:
+            with torch.no_grad():
+                out = m(x)
+            if ref.dim() == 2:  # a classifier: top-1 disagreement with the base network
+                return 100.0 * float((out.argmax(1) != ref.argmax(1)).float().mean())
+            return 100.0 * float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+        return fidelity
+
+    # -- stage 4: search and verify one target ---------------------------------------------------
+    def compressed(self, selection: Selection) -> nn.Module:
+        from ..surgery import replace_layers
+
+        shapes1 = self.layer_shapes(1)
+        repl = {n: self.module(o.candidate, shapes1[n][-2:]) for n, o in selection.choice.items()
+                if not o.candidate.is_keep}
+        return replace_layers(self.base(), repl).eval()
+
+    def measure(self, selection: Selection, batch: int) -> Measured:
+        self.step(f"timing the whole network: {', '.join(f'{n} {l}' for n, l in selection.labels().items())}")
+        x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(self.request.seed))
+        net = self.compressed(selection)
+        t = self.network_timer(self.base(), net, x, x)
+        return Measured(t.speedup, tuple(t.speedup_ci), t)
+
+    def plan(self, prepared: Prepared, target: float, batch: int | None = None) -> TuneOutcome:
+        batch = batch or self.request.batch
+        rest = max(0.0, 1.0 - sum(prepared.shares.values()))
+        return tighten_loop(lambda budget: search(prepared.options, rest, budget),
+                            lambda sel: self.measure(sel, batch), target, max_rounds=self.request.max_rounds)
+
+    # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
+    def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
+               *, started: float | None = None) -> tuple[dict, Plan]:
+        from ..matrix import Cell
+        from ..runner import _accuracy, _finetune, _machine, _timing_fields, _versions, _weights_key
+        from ..threads import thread_limits
+
+        req = self.request
+        batch = batch or req.batch
+        started = started or time.time()
+        sel = outcome.selection
+        replaced = [n for n, o in sel.choice.items() if not o.candidate.is_keep]
+        cell = Cell(model=dict(req.model), layers=replaced, decomposer={"name": "tuned"},
+                    rank={"target_speedup": target}, backend=req.backend, threads=req.threads, batch=batch,
+                    finetune_epochs=req.finetune_epochs, seed=req.seed)
+        base = self.base()
+        compressed = self.compressed(sel)
+        shapes1 = self.layer_shapes(1)
+        facts = {n: self.factorization(sel.choice[n].candidate, shapes1[n][-2:]) for n in replaced}
+        row: dict[str, Any] = {
+            "status": "ok", "error": None, "cell_key": cell.key, "model": req.model["name"], "model_params": self.params,
+            "layers": replaced, "tune_layers": list(self.layers), "decomposer": "tuned",
+            "layer_decomposer": {n: o.candidate.method for n, o in sel.choice.items()},
+            "decomposer_options": {}, "rank_spec": {"target_speedup": target},
+            "rank": {n: sel.choice[n].candidate.rank for n in replaced},
+            "backend": req.backend, "threads": req.threads, "batch": batch, "finetune_epochs": req.finetune_epochs,
+            "seed": req.seed, "axes": cell.axes(), "started_at": started,
+            "rel_error": {n: facts[n].rel_error for n in replaced},
+            "degeneracy": {n: facts[n].info.get("degeneracy") for n in replaced},
+            "predicted_speedup": sel.predicted_speedup, "predicted_loss": sel.loss,
+            "layer_theoretical_speedup": {n: sel.choice[n].candidate.theoretical_speedup for n in replaced},
+            "tune_rounds": len(outcome.rounds), "tune_met": outcome.met, "tune_stopped": outcome.stopped,
+            "tune": {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares,
+                     "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop,
+                     "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
+                     "dropped_slower_than_layer": prepared.dropped, "stage_seconds": prepared.seconds},
+        }
+        from ..flops import count_flops
+
+        x1 = torch.zeros(self.input_shape(1))
+        bf, cf = count_flops(base, x1), count_flops(compressed, x1)
+        row.update(baseline_flops=bf, compressed_flops=cf, theoretical_speedup=bf / max(cf, 1))
+
+        row.update(accuracy_base=None, accuracy_decomposed=None, accuracy_finetuned=None,
+                   accuracy_base_finetuned=None, accuracy_drop=None, finetune_seconds=0.0)
+        if self.dataset:
+            self.step("evaluating on the test split")
+            with thread_limits(self.ctx.train_threads):
+                row["accuracy_base"] = _accuracy(base, self.plugins, self.dataset, self.ctx,
+                                                 memo_key=key_of("acc", req.model, self.ctx.dataset_size))
+                wkey = _weights_key(compressed)
+                row["accuracy_decomposed"] = _accuracy(compressed, self.plugins, self.dataset, self.ctx,
+                                                       memo_key=key_of("acc", wkey, self.ctx.dataset_size))
+                final = row["accuracy_decomposed"]
+                if req.finetune_epochs > 0:
+                    ctx = replace(self.ctx, finetune_samples=req.finetune_samples or self.ctx.finetune_samples)
+                    tkey = key_of("tuned", wkey, req.finetune_epochs, req.seed, ctx.dataset_size, ctx.finetune_samples)
+                    compressed, secs, final, hit = _finetune(compressed, self.plugins, self.dataset, cell, ctx,
+                                                             self.step, tkey)
+                    row.update(accuracy_finetuned=final, finetune_seconds=secs, finetune_cached=hit)
+                    if req.finetune_control:
+                        bkey = key_of("tuned-base", _weights_key(base), req.finetune_epochs, req.seed,
+                                      ctx.dataset_size, ctx.finetune_samples)
+                        _, _, row["accuracy_base_finetuned"], _ = _finetune(base, self.plugins, self.dataset, cell,
+                                                                            ctx, self.step, bkey)
+                reference = max(row["accuracy_base"], row["accuracy_base_finetuned"] or 0.0)
+                row["accuracy_drop"] = 100.0 * (reference - final)
+        else:
+            loss = self._scorer("fidelity")(compressed)
+            row["fidelity_loss"] = loss
+            row["accuracy_drop"] = loss
+        row["meets_max_drop"] = row["accuracy_drop"] is not None and row["accuracy_drop"] <= req.max_drop
+        compressed.eval()
+
+        # the whole network and each replaced layer timed afresh, as a cell times them
+        self.step("timing the fine-tuned network against the baseline")
+        x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(req.seed))
+        from ..runner import _time_models
+
+        with thread_limits(req.threads) as threads_set:
+            timing, info = _time_models(self.backend, base, compressed, x, req.threads, req.network_budget)
+            row.update(_timing_fields(timing), backend_info=info, thread_state=threads_set)
+            shapes = self.layer_shapes(batch)
+            ls, lci, lms = {}, {}, {}
+            for n in replaced:
+                xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(req.seed))
+                lt, _ = _time_models(self.backend, self.conv(n), compressed.get_submodule(n).eval(), xin,
+                                     req.threads, req.layer_budget)
+                ls[n], lci[n], lms[n] = lt.speedup, list(lt.speedup_ci), lt.compressed.median_ms
+            row.update(layer_speedup=ls, layer_speedup_ci=lci, layer_ms=lms)
+        row["predicted_cost_error"] = (1 / row["predicted_speedup"] - 1 / row["speedup"]) / (1 / row["speedup"])
+        row["wall_seconds"] = time.time() - started
+        row["versions"] = _versions(self.plugins)
+        row["machine"] = _machine()
+
+        layers = {}
+        for n in self.layers:
+            o = sel.choice[n]
+            tm = prepared.timed[_cand_key(o.candidate)]
+            rec = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
+            if not o.candidate.is_keep:
+                rec.update(theoretical_speedup=o.candidate.theoretical_speedup, predicted_layer_speedup=tm.speedup,
+                           predicted_layer_speedup_ci=list(tm.speedup_ci), predicted_ms=tm.candidate_ms,
+                           layer_speedup=ls[n], layer_speedup_ci=lci[n], measured_ms=lms[n],
+                           rel_error=facts[n].rel_error)
+            layers[n] = LayerChoice(o.candidate.method, o.candidate.rank, {}, rec)
+        meta = {k: row.get(k) for k in ("model", "model_params", "backend", "threads", "batch", "finetune_epochs",
+                                        "seed", "predicted_speedup", "speedup", "speedup_ci", "accuracy_base",
+                                        "accuracy_base_finetuned", "accuracy_decomposed", "accuracy_finetuned",
+                                        "accuracy_drop", "tune_rounds")}
+        meta["target_speedup"] = target
+        meta["model_params"] = meta["model_params"] or None
+        return row, Plan(layers, meta)
+
+
+def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
+    """The predicted speedup of a plan given by labels (``{"conv2": "cp-nls:48"}``, absent: kept)."""
+    speedups = {}
+    for n in prepared.layers:
+        label = labels.get(n, KEEP)
+        speedups[n] = 1.0 if label == KEEP else prepared.timed[f"{n}/{label}"].speedup
+    return 1.0 / predicted_cost(prepared.shares, speedups)

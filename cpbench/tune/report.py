@@ -1,0 +1,194 @@
+"""The tune's tables and report: each plan per layer, the targets, and the Pareto front.
+
+``pareto_front`` is pure (rows in, the non-dominated rows out); the report is Markdown plus one PNG
+(matplotlib, Agg) of measured whole-network speedup against accuracy after fine-tuning, tuned plans
+beside the uniform-rank ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+__all__ = ["pareto_front", "targets_table", "layers_table", "write_tune_report", "row_accuracy"]
+
+
+def row_accuracy(row: dict) -> float | None:
+    """Accuracy after fine-tuning (before it when there was none), in [0, 1]; None without labels."""
+    for k in ("accuracy_finetuned", "accuracy_decomposed"):
+        if row.get(k) is not None:
+            return row[k]
+    return None
+
+
+def _drop(row: dict) -> float | None:
+    if row.get("accuracy_drop") is not None:
+        return row["accuracy_drop"]
+    acc, base = row_accuracy(row), row.get("accuracy_base")
+    if acc is None or base is None:
+        return None
+    ref = max(base, row.get("accuracy_base_finetuned") or 0.0)
+    return 100.0 * (ref - acc)
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows no other row beats in both measured speedup and accuracy drop (lower drop is better)."""
+    pts = [r for r in rows if r.get("speedup") is not None and _drop(r) is not None]
+    front = []
+    for r in pts:
+        s, d = r["speedup"], _drop(r)
+        if not any((o["speedup"] >= s and _drop(o) <= d) and (o["speedup"] > s or _drop(o) < d) for o in pts):
+            front.append(r)
+    return sorted(front, key=lambda r: r["speedup"])
+
+
+def _label(row: dict) -> str:
+    if isinstance(row.get("rank_spec"), dict) and "target_speedup" in row["rank_spec"]:
+        return f"tuned {row['rank_spec']['target_speedup']:g}x"
+    return f"{row.get('decomposer')} {row.get('rank_spec')}"
+
+
+def _plan_cell(row: dict) -> str:
+    methods = row.get("layer_decomposer") or {n: row.get("decomposer") for n in (row.get("rank") or {})}
+    ranks = row.get("rank") or {}
+    parts = []
+    for n, m in methods.items():
+        r = ranks.get(n)
+        r = "x".join(map(str, r)) if isinstance(r, list) else r
+        parts.append(f"{n} keep" if m == "keep" else f"{n} {m}:{r}")
+    return ", ".join(parts)
+
+
+def _ci(row: dict) -> str:
+    ci = row.get("speedup_ci") or [None, None]
+    return f"{row['speedup']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else f"{row['speedup']:.2f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v, fmt=".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+TARGET_COLUMNS = ("target", "plan", "predicted", "measured [95% CI]", "acc base", "acc decomposed", "acc fine-tuned",
+                  "drop (pts)", "rounds", "met")
+
+
+def _target_cells(r: dict) -> list[str]:
+    return [f"{r['rank_spec']['target_speedup']:g}x", _plan_cell(r), _num(r.get("predicted_speedup")), _ci(r),
+            _pct(r.get("accuracy_base")), _pct(r.get("accuracy_decomposed")), _pct(r.get("accuracy_finetuned")),
+            _num(r.get("accuracy_drop")), str(r.get("tune_rounds")), "yes" if r.get("tune_met") else "no"]
+
+
+def targets_table(rows: list[dict], title: str = "cpbench tune") -> Table:
+    t = Table(title=title)
+    for c in TARGET_COLUMNS:
+        t.add_column(c, justify="left" if c == "plan" else "right")
+    for r in rows:
+        t.add_row(*_target_cells(r))
+    return t
+
+
+LAYER_COLUMNS = ("layer", "method", "rank", "theoretical", "predicted layer speedup", "measured layer speedup",
+                 "share of network", "sensitivity (pts)")
+
+
+def _layer_cells(plan_layers: dict) -> list[list[str]]:
+    out = []
+    for n, c in plan_layers.items():
+        rec = c.record if hasattr(c, "record") else c
+        method = c.method if hasattr(c, "method") else c.get("method")
+        rank = c.rank if hasattr(c, "rank") else c.get("rank")
+        ci = rec.get("layer_speedup_ci")
+        measured = "-" if rec.get("layer_speedup") is None else (
+            f"{rec['layer_speedup']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{rec['layer_speedup']:.2f}")
+        out.append([n, method, "-" if rank is None else ("x".join(map(str, rank)) if isinstance(rank, list) else str(rank)),
+                    _num(rec.get("theoretical_speedup"), ".1f"), _num(rec.get("predicted_layer_speedup")), measured,
+                    _num(rec.get("share"), ".3f"), _num(rec.get("sensitivity"))])
+    return out
+
+
+def layers_table(plan, title: str) -> Table:
+    t = Table(title=title)
+    for c in LAYER_COLUMNS:
+        t.add_column(c, justify="left" if c in ("layer", "method") else "right")
+    for cells in _layer_cells(plan.layers):
+        t.add_row(*cells)
+    return t
+
+
+def _md_table(columns, rows) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _plot(path: Path, tuned: list[dict], uniform: list[dict]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r, "tuned") for r in tuned] + [(r, "uniform") for r in uniform]
+    pts = [(r, k) for r, k in pts if r.get("speedup") is not None and _drop(r) is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for kind, marker in (("tuned", "o"), ("uniform", "s")):
+        xs = [r["speedup"] for r, k in pts if k == kind]
+        ys = [_drop(r) for r, k in pts if k == kind]
+        if xs:
+            ax.scatter(xs, ys, marker=marker, label=kind)
+            for r, k in pts:
+                if k == kind:
+                    lo, hi = r.get("speedup_ci") or (r["speedup"], r["speedup"])
+                    ax.plot([lo, hi], [_drop(r)] * 2, color="grey", linewidth=0.8)
+    front = pareto_front([r for r, _ in pts])
+    ax.plot([r["speedup"] for r in front], [_drop(r) for r in front], "k--", linewidth=0.8, label="Pareto front")
+    ax.set_xlabel("measured whole-network speedup (95% CI)")
+    ax.set_ylabel("accuracy drop after fine-tuning (points)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_tune_report(out_dir: str | Path, tuned: list[dict], uniform: list[dict]) -> list[Path]:
+    """``tune-report.md`` and ``pareto.png`` in ``out_dir``; returns the files written."""
+    from .plan import read_plan
+    from .run import plan_name
+
+    out_dir = Path(out_dir)
+    lines = ["# cpbench tune", ""]
+    if tuned:
+        r0 = tuned[0]
+        lines += [f"Model `{r0['model']}`, backend `{r0['backend']}`, {r0['threads']} thread(s), batch {r0['batch']}, "
+                  f"fine-tuning {r0['finetune_epochs']} epoch(s). Speedups are measured on the whole network against "
+                  "the baseline, interleaved, with 95% intervals; the drop is measured from the better of the base "
+                  "network and the base network fine-tuned by the same recipe.", ""]
+        lines += _md_table(TARGET_COLUMNS, [_target_cells(r) for r in tuned]) + [""]
+        for r in tuned:
+            target = r["rank_spec"]["target_speedup"]
+            p = out_dir / plan_name(target)
+            if p.is_file():
+                lines += [f"## Plan for {target:g}x (`{p.name}`)", ""]
+                lines += _md_table(LAYER_COLUMNS, _layer_cells(read_plan(p).layers)) + [""]
+    rows = tuned + uniform
+    front = pareto_front(rows)
+    if front:
+        lines += ["## Pareto front: measured speedup against accuracy drop", "",
+                  "Tuned plans beside uniform-rank plans (one method, `speedup:X` on every tuned layer).", ""]
+        table = [[_label(r), _plan_cell(r), _ci(r), _pct(row_accuracy(r)), _num(_drop(r)),
+                  "yes" if r in front else ""] for r in sorted(rows, key=lambda r: r.get("speedup") or 0)]
+        lines += _md_table(("plan", "layers", "measured speedup [95% CI]", "accuracy", "drop (pts)", "on the front"),
+                           table) + [""]
+    written = []
+    png = _plot(out_dir / "pareto.png", tuned, uniform)
+    if png:
+        lines += ["![Pareto front](pareto.png)", ""]
+        written.append(png)
+    md = out_dir / "tune-report.md"
+    md.write_text("\n".join(lines))
+    return [md] + written

@@ -1,0 +1,111 @@
+"""The tune end to end on a one-layer model with a fake timer: outputs, the cache, bad input."""
+import json
+
+import pytest
+import torch
+
+import cpbench
+from cpbench.runner import RunContext
+from cpbench.timing import TimingBudget
+from cpbench.tune.latency import Timed
+from cpbench.tune.pipeline import TuneRequest
+from cpbench.tune.run import run_tune
+from cpbench.tune.search import TargetUnreachable
+
+MODEL = {"name": "conv", "in_channels": 8, "out_channels": 16, "kernel_size": 3, "input_size": 8, "padding": 1}
+TINY = TimingBudget(warmup=1, min_rounds=3, max_rounds=5, budget_s=0.05, min_round_s=0.0002)
+
+
+class ParamTimer:
+    """Latency proportional to the parameter count: deterministic, counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, ref, cand, x_ref, x_cand):
+        self.calls += 1
+        n = lambda m: sum(p.numel() for p in m.parameters())
+        s = n(ref) / n(cand)
+        return Timed(s, (0.98 * s, 1.02 * s), float(n(ref)), float(n(cand)))
+
+
+def _request(**kw):
+    base = dict(model=MODEL, targets=(2.0,), backend="torch-cpu", decomposers=("tucker2", "spatial-svd"),
+                finetune_epochs=0, grid_points=4, max_speedup=16.0, layer_budget=TINY, network_budget=TINY)
+    return TuneRequest(**{**base, **kw})
+
+
+def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"))
+    first = ParamTimer()
+    run = run_tune(_request(targets=(2.0, 3.0)), tmp_path / "out", ctx=ctx, timer=first)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["rank_spec"] for r in rows] == [{"target_speedup": 2.0}, {"target_speedup": 3.0}]
+    for r in rows:
+        assert r["status"] == "ok" and r["tune_met"] and r["tune_rounds"] >= 1
+        assert r["predicted_speedup"] >= r["rank_spec"]["target_speedup"]
+        assert set(r["layer_decomposer"]) == {"conv"} and r["layer_decomposer"]["conv"] in ("tucker2", "spatial-svd")
+        assert r["speedup_ci"][0] <= r["speedup"] <= r["speedup_ci"][1]
+        assert r["accuracy_drop"] == r["fidelity_loss"]  # no labels: the fidelity measure
+    assert {p.name for p in run.written} >= {"plan-2.toml", "plan-3.toml", "tune-report.md"}
+    assert run.latency_timed == first.calls - 2 * 1 > 0  # each target's verify round is not cached
+
+    # the plan file rebuilds the same network through cpbench.compress
+    model = cpbench.get_plugins().models.get("conv").build(**{k: v for k, v in MODEL.items() if k != "name"})
+    small = cpbench.compress(model, tmp_path / "out" / "plan-2.toml")
+    assert type(small.conv) is not torch.nn.Conv2d
+
+    again = ParamTimer()
+    run2 = run_tune(_request(targets=(2.0, 3.0)), tmp_path / "out", ctx=ctx, timer=again)
+    assert run2.latency_timed == 0 and again.calls == 2  # only the verify rounds, nothing from the table
+    rows2 = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(rows2) == 2  # the rows of these targets replaced, not appended
+    assert [r["rank"] for r in rows2] == [r["rank"] for r in rows]
+
+
+def test_unreachable_target_says_what_the_fastest_plan_reaches(tmp_path):
+    with pytest.raises(TargetUnreachable, match=r"fastest plan of these candidates reaches [0-9.]+x"):
+        run_tune(_request(targets=(500.0,)), tmp_path / "out", ctx=RunContext(cache_dir=str(tmp_path)),
+                 timer=ParamTimer())
+    assert not (tmp_path / "out" / "results.jsonl").exists()  # nothing written before every target is checked
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"targets": (0.5,)}, "target speedup 0.5"),
+    ({"targets": (1.0,)}, "target speedup 1.0"),
+    ({"max_drop": -1.0}, "max-drop"),
+    ({"decomposers": ("nope",)}, "unknown decomposer 'nope'"),
+    ({"backend": "nope"}, "unknown backend 'nope'"),
+    ({"layers": ["fc*"]}, "matches no Conv2d layer"),
+    ({"sensitivity": "accuracy"}, "has no data set"),
+])
+def test_bad_requests(tmp_path, kw, match):
+    with pytest.raises(cpbench.UsageError, match=match):
+        run_tune(_request(**kw), tmp_path / "out", ctx=RunContext(cache_dir=str(tmp_path)), timer=ParamTimer())
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--target-speedup", "0.5"], "target speedup 0.5"),
+    (["--target-speedup", "eight"], "--target-speedup 'eight'"),
+    (["--max-drop", "-1"], "--max-drop -1.0"),
+    (["--decomposers", "cp-nls,foo"], "unknown decomposer 'foo'"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--layers", "fc*"], "matches no Conv2d layer"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
+    from cpbench.cli import main
+
+    code = main(["tune", "charnet", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_help_lists_the_options(capsys):
+    from cpbench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--target-speedup", "--max-drop", "--backend", "--threads", "--batch", "--decomposers", "--layers",
+                "--finetune-epochs", "--out"):
+        assert opt in out
