@@ -189,7 +189,15 @@ def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, lis
             raise MatrixError(f"{source}: matrix axis 'layers': {v!r} is not allowed; allowed: \"auto\" or a list of layer names")
     from ..decomposition.ranks import parse_rank
 
+    from .tune.cell import check_target_spec, is_target_spec
+
     for v in axes["rank"]:
+        if is_target_spec(v):  # a tuned plan: {target_speedup = 8}
+            try:
+                check_target_spec(v, (registries or {}).get("decomposer"))
+            except Exception as exc:
+                raise MatrixError(f"{source}: matrix axis 'rank': {exc}") from None
+            continue
         specs = v.values() if isinstance(v, dict) else [v]
         for s in specs:
             try:

@@ -109,3 +109,36 @@ def test_cli_help_lists_the_options(capsys):
     for opt in ("--target-speedup", "--max-drop", "--backend", "--threads", "--batch", "--decomposers", "--layers",
                 "--finetune-epochs", "--out"):
         assert opt in out
+
+
+def test_matrix_rank_spec_runs_a_tuned_cell(tmp_path):
+    from cpbench.matrix import parse_matrix
+    from cpbench.runner import run_cell
+
+    plugins = cpbench.get_plugins()
+    # a layer whose low-rank forms are many times cheaper: timed for real, the win is never in doubt
+    big = {"name": "conv", "in_channels": 32, "out_channels": 32, "kernel_size": 7, "input_size": 12, "padding": 3}
+    m = parse_matrix({"matrix": {"model": [big], "decomposer": ["spatial-svd"],
+                                 "rank": [{"target_speedup": 1.5}, "speedup:2"], "backend": ["torch-cpu"]},
+                      "timing": {"warmup": 1, "min_rounds": 3, "max_rounds": 5, "budget_s": 0.05, "min_round_s": 0.0002}},
+                     registries=plugins.registries)
+    ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path))
+    tuned, fixed = [run_cell(c, ctx) for c in m.cells()]
+    assert tuned["status"] == "ok", tuned.get("error")
+    assert tuned["rank_spec"] == {"target_speedup": 1.5} and tuned["decomposer"] == "spatial-svd"
+    assert tuned["cell_key"] == m.cells()[0].key and tuned["predicted_speedup"] >= 1.5
+    assert tuned["layer_decomposer"]["conv"] == "spatial-svd" and "speedup_ci" in tuned
+    assert fixed["status"] == "ok" and "predicted_speedup" not in fixed
+
+
+@pytest.mark.parametrize("rank,match", [
+    ({"target_speedup": 0.5}, "target_speedup 0.5"),
+    ({"target_speedup": 4, "decomposers": ["nope"]}, "unknown decomposer 'nope'"),
+    ({"target_speedup": 4, "layers": 3}, "unknown key"),
+])
+def test_matrix_rank_spec_bad_input(rank, match):
+    from cpbench.matrix import parse_matrix
+
+    with pytest.raises(cpbench.MatrixError, match=match):
+        parse_matrix({"matrix": {"model": ["charnet"], "decomposer": ["cp-nls"], "rank": [rank]}},
+                     registries=cpbench.get_plugins().registries)
