@@ -168,6 +168,12 @@ class CPDecomposer:
                     seconds=time.perf_counter() - start, degeneracy=degeneracy(named, weight))
         return Factorization(named, err, info)
 
+    def random_factorization(self, weight_shape, rank, *, seed: int = 0, **options) -> Factorization:
+        """Factors in the layout of :meth:`decompose` (same groups, group_mode, form) with random values:
+        a block to time, not to use (a dense kernel's speed does not depend on its values)."""
+        layout = {k: v for k, v in options.items() if k in ("groups", "group_mode", "form")}
+        return _RandomCP().decompose(torch.zeros(weight_shape), rank, seed=seed, **layout)
+
     def _fit_checked(self, tensor, rank, seed, options):
         try:  # an option fit() does not take: say which ones it does, before anything runs
             inspect.signature(self.fit).bind(tensor, rank, seed=seed, **options)
@@ -210,3 +216,13 @@ def degeneracy(factors: dict[str, torch.Tensor], weight: torch.Tensor) -> float:
             n2 = factors[key].double().pow(2).sum(1)  # (G, R)
             norms = n2 if norms is None else norms * n2
     return float(norms.sum() / weight.double().pow(2).sum().clamp_min(1e-300))
+
+
+class _RandomCP(CPDecomposer):
+    """Random factors for :meth:`CPDecomposer.random_factorization`."""
+
+    name = "random-cp"
+
+    def fit(self, tensor, rank, *, seed, **options):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(d, rank, generator=g, dtype=torch.float64) for d in tensor.shape], {}

@@ -6,11 +6,14 @@ entries, cancels within each:
 
 * a candidate's **layer speedup**: the original layer against the candidate, each prepared by the
   backend (its fastest exact form), on the layer's input shape;
-* a layer's **share** of the baseline network: the prepared network against the prepared original layer
-  on its input; ``share = network / layer`` inverted. ``1 − Σ share`` is the part never replaced.
+* the baseline network against **variants** of itself: with one layer stubbed out (a module that returns
+  a tensor of the layer's output shape at no cost), whose ratio gives the layer's share of the network
+  in place (``share = 1 − variant / network``), and with every tunable layer stubbed out: the rest, the
+  part never replaced, timed once. Two whole networks timed against each other, not a network against
+  one small layer: on a loaded machine the second kind of pair was off by tens of percent.
 
 A plan's predicted cost, as a fraction of the baseline network's latency, is
-``1 − Σ share_l + Σ share_l / speedup_l`` (:func:`predicted_cost`).
+``rest + Σ share_l / speedup_l`` (:func:`predicted_cost`).
 
 Entries are keyed by the machine (CPU, cores, torch), the backend, threads, the input shape (batch
 included), the layer's geometry and the candidate (method, rank, options) — not by weights, which do
@@ -141,24 +144,21 @@ class LatencyTable:
 
         return self._get(key, measure)
 
-    def layer_share(self, network_key: Any, layer: str, network: nn.Module, conv: nn.Conv2d,
-                    network_input_shape: tuple[int, ...], layer_input_shape: tuple[int, ...],
-                    timer: PairTimer | None = None) -> float:
-        """Fraction of the baseline network's latency its layer ``layer`` takes (timed alone; ``timer``
-        overrides the table's, e.g. for a longer budget: every plan's prediction rests on it)."""
-        key = key_of("share", self.context, network_key, layer, list(network_input_shape), list(layer_input_shape))
+    def network_ratio(self, network_key: Any, variant: str, network: nn.Module, build: Callable[[], nn.Module],
+                      input_shape: tuple[int, ...], timer: PairTimer | None = None) -> Timed:
+        """The baseline ``network`` against a variant of it, ``build()`` (e.g. with layers stubbed out), on
+        a random input of ``input_shape``; ``timer`` overrides the table's (a longer budget: every plan's
+        prediction rests on these)."""
+        key = key_of("network", self.context, network_key, variant, list(input_shape))
 
         def measure() -> Timed:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(*network_input_shape, generator=g)
-            xl = torch.randn(*layer_input_shape, generator=g)
-            return (timer or self.timer)(network, conv, x, xl)
+            x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+            return (timer or self.timer)(network, build(), x, x)
 
-        return 1.0 / self._get(key, measure).speedup
+        return self._get(key, measure)
 
 
-def predicted_cost(shares: dict[str, float], speedups: dict[str, float]) -> float:
-    """Predicted latency of a plan as a fraction of the baseline network's (layers absent from
-    ``speedups`` are left as they are)."""
-    rest = 1.0 - sum(shares.values())
+def predicted_cost(rest: float, shares: dict[str, float], speedups: dict[str, float]) -> float:
+    """Predicted latency of a plan as a fraction of the baseline network's: the part never replaced
+    plus each layer's share over its speedup (layers absent from ``speedups`` are left as they are)."""
     return rest + sum(s / speedups.get(n, 1.0) for n, s in shares.items())

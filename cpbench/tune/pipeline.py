@@ -6,8 +6,9 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
    models, plus "leave it as it is";
 2. **latency table** (:mod:`.latency`): each candidate timed alone on its layer's real input on the
    backend, threads and batch asked for; each layer's share of the baseline network timed once.
-   A CP candidate is timed with random factors of its shapes (a dense kernel's speed does not depend
-   on its values, and a CP fit costs seconds to minutes); others with their real decomposition.
+   A candidate is timed with random factors of its shapes where its decomposer offers them
+   (``random_factorization``: a dense kernel's speed does not depend on its values, and a CP or HOOI
+   fit costs seconds to minutes), else with its real decomposition.
    A candidate slower than the layer it replaces is dropped here: "leave it" is faster and loses nothing;
 3. **sensitivity**: the validation accuracy lost with only that layer replaced, before fine-tuning
    (the fidelity — top-1 agreement with the baseline on random inputs — for models without a data
@@ -115,17 +116,20 @@ def select_layers(model: nn.Module, layers: Any) -> list[str]:
     return out
 
 
-class _RandomCP(CPDecomposer):
-    """Random factors in the layout of any CP decomposer: a block to time, never to use."""
-
-    name = "random-cp"
-
-    def fit(self, tensor, rank, *, seed, **options):
-        g = torch.Generator().manual_seed(seed)
-        return [torch.randn(d, rank, generator=g, dtype=torch.float64) for d in tensor.shape], {}
 
 
-_CP_LAYOUT_OPTIONS = ("groups", "group_mode", "form")
+class _Stub(nn.Module):
+    """Stands in for a layer at no cost: returns a zero tensor of the layer's output shape, in the memory
+    format of its input (a channels-last network stays channels-last)."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.register_buffer("out", torch.zeros(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return self.out.contiguous(memory_format=torch.channels_last)
+        return self.out
 
 
 @dataclass
@@ -133,6 +137,7 @@ class Prepared:
     """What the stages before the search leave: options per layer, shares, and their records."""
 
     layers: list[str]
+    rest: float  # fraction of the baseline network's latency outside the tunable layers
     shares: dict[str, float]
     options: dict[str, list[Option]]
     timed: dict[str, Timed]  # candidate key -> layer speedup
@@ -195,6 +200,21 @@ class Tuner:
     def conv(self, name: str) -> nn.Conv2d:
         return self.base().get_submodule(name)
 
+    def _stubbed(self, names: list[str], batch: int) -> nn.Module:
+        """The base network with the layers ``names`` replaced by :class:`_Stub` of their output shapes."""
+        from ..surgery import replace_layers
+
+        outs: dict[str, tuple] = {}
+        hooks = [self.conv(n).register_forward_hook(lambda m, a, o, n=n: outs.setdefault(n, tuple(o.shape)))
+                 for n in names]
+        try:
+            with torch.no_grad():
+                self.base()(torch.zeros(self.input_shape(batch)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return replace_layers(self.base(), {n: _Stub(outs[n]) for n in names}).eval()
+
     def _network_key(self) -> str:
         from ..runner import _weights_key
 
@@ -223,9 +243,9 @@ class Tuner:
     def timing_module(self, cand: Candidate, in_hw) -> nn.Module:
         dec = self.decomposer(cand.method)
         conv = self.conv(cand.layer)
-        if self._builds_cp_block(cand.method):
+        if hasattr(dec, "random_factorization"):  # no fit: a CP or HOOI fit costs seconds to minutes
             opts = {"groups": conv.groups} if conv.groups > 1 else {}
-            fact = _RandomCP().decompose(conv.weight.detach(), cand.rank, seed=0, **opts)
+            fact = dec.random_factorization(tuple(conv.weight.shape), cand.rank, seed=0, **opts)
             return dec.build(conv, fact).eval()
         return self.module(cand, in_hw)
 
@@ -265,10 +285,15 @@ class Tuner:
         configure_malloc()  # as a cell does, before any timing: both arms alike
         shares, timed, kept, dropped = {}, {}, {}, {}
         net_key = key_of(self._arch_key(), "arch")
+        x_shape = self.input_shape(batch)
+        self.step("timing the network without the tunable layers (the rest, timed once)")
+        rest = 1.0 / table.network_ratio(net_key, "without " + ",".join(self.layers), base,
+                                         lambda: self._stubbed(self.layers, batch), x_shape, self.network_timer).speedup
         for n in self.layers:
-            self.step(f"timing {n}: the layer's share of the network")
-            shares[n] = table.layer_share(net_key, n, base, self.conv(n), self.input_shape(batch), shapes[n],
-                                          timer=self.network_timer)
+            self.step(f"timing {n}: the layer's share of the network, in place")
+            ratio = table.network_ratio(net_key, f"without {n}", base, lambda n=n: self._stubbed([n], batch),
+                                        x_shape, self.network_timer)
+            shares[n] = max(0.0, 1.0 - 1.0 / ratio.speedup)
             kept[n], dropped[n] = [], []
             for c in cands[n]:
                 if not c.is_keep:
@@ -287,7 +312,7 @@ class Tuner:
         seconds["sensitivity"] = time.perf_counter() - t0
         options = {n: [Option(c, shares[n] / timed[_cand_key(c)].speedup, losses[_cand_key(c)]) for c in kept[n]]
                    for n in self.layers}
-        return Prepared(list(self.layers), shares, options, timed, dropped, seconds)
+        return Prepared(list(self.layers), rest, shares, options, timed, dropped, seconds)
 
     def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple]) -> dict[str, float]:
         """Points lost with only each candidate's layer replaced (0 for "leave it"), cached."""
@@ -359,8 +384,7 @@ class Tuner:
 
     def plan(self, prepared: Prepared, target: float, batch: int | None = None) -> TuneOutcome:
         batch = batch or self.request.batch
-        rest = max(0.0, 1.0 - sum(prepared.shares.values()))
-        return tighten_loop(lambda budget: search(prepared.options, rest, budget),
+        return tighten_loop(lambda budget: search(prepared.options, prepared.rest, budget),
                             lambda sel: self.measure(sel, batch), target, max_rounds=self.request.max_rounds)
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
@@ -395,7 +419,7 @@ class Tuner:
             "predicted_speedup": sel.predicted_speedup, "predicted_loss": sel.loss,
             "layer_theoretical_speedup": {n: sel.choice[n].candidate.theoretical_speedup for n in replaced},
             "tune_rounds": len(outcome.rounds), "tune_met": outcome.met, "tune_stopped": outcome.stopped,
-            "tune": {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares,
+            "tune": {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares, "rest": prepared.rest,
                      "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop,
                      "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
                      "dropped_slower_than_layer": prepared.dropped, "stage_seconds": prepared.seconds},
@@ -484,4 +508,4 @@ def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
     for n in prepared.layers:
         label = labels.get(n, KEEP)
         speedups[n] = 1.0 if label == KEEP else prepared.timed[f"{n}/{label}"].speedup
-    return 1.0 / predicted_cost(prepared.shares, speedups)
+    return 1.0 / predicted_cost(prepared.rest, prepared.shares, speedups)

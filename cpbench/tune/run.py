@@ -65,9 +65,8 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     if uniform is not None:
         tuner.plugins.decomposers.get(uniform)
     prepared = tuner.prepare()
-    rest = max(0.0, 1.0 - sum(prepared.shares.values()))
     for target in request.targets:  # every target checked before anything is verified or fine-tuned
-        search(prepared.options, rest, 1.0 / target)
+        search(prepared.options, prepared.rest, 1.0 / target)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE

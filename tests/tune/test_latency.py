@@ -75,15 +75,18 @@ def test_keep_is_never_timed(tmp_path):
     assert got.speedup == 1.0 and t.calls == 0
 
 
-def test_share_cached_and_inverted(tmp_path):
+def test_network_ratio_cached(tmp_path):
     net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
+    smaller = lambda: nn.Sequential(nn.Identity(), nn.Conv2d(16, 16, 3))
     t = CountingTimer()
-    share = _table(tmp_path, t).layer_share("net", "0", net, net[0], (1, 8, 10, 10), (1, 8, 10, 10))
-    n_net, n_layer = sum(p.numel() for p in net.parameters()), sum(p.numel() for p in net[0].parameters())
-    assert share == pytest.approx(n_layer / n_net)
+    got = _table(tmp_path, t).network_ratio("net", "without 0", net, smaller, (1, 8, 10, 10))
+    assert got.speedup == pytest.approx(sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in smaller().parameters()))
     t2 = CountingTimer()
-    assert _table(tmp_path, t2).layer_share("net", "0", net, net[0], (1, 8, 10, 10), (1, 8, 10, 10)) == share
+    assert _table(tmp_path, t2).network_ratio("net", "without 0", net, smaller, (1, 8, 10, 10)) == got
     assert t2.calls == 0
+    _table(tmp_path, t2).network_ratio("net", "without 1", net, smaller, (1, 8, 10, 10))
+    _table(tmp_path, t2).network_ratio("net", "without 0", net, smaller, (32, 8, 10, 10))
+    assert t2.calls == 2
 
 
 def test_without_a_cache_root_nothing_is_written(tmp_path):
@@ -94,9 +97,9 @@ def test_without_a_cache_root_nothing_is_written(tmp_path):
 
 
 def test_predicted_cost():
-    shares = {"a": 0.6, "b": 0.3}  # rest 0.1
-    assert predicted_cost(shares, {}) == pytest.approx(1.0)
-    assert predicted_cost(shares, {"a": 6.0, "b": 3.0}) == pytest.approx(0.1 + 0.1 + 0.1)
+    shares = {"a": 0.6, "b": 0.3}
+    assert predicted_cost(0.1, shares, {}) == pytest.approx(1.0)
+    assert predicted_cost(0.1, shares, {"a": 6.0, "b": 3.0}) == pytest.approx(0.1 + 0.1 + 0.1)
 
 
 def test_real_timer_runs_on_a_tiny_layer(tmp_path):

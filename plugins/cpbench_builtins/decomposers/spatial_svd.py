@@ -50,6 +50,15 @@ class SpatialSVD:
                 "singular_values_kept": float((s[:, :rank] ** 2).sum() / (s ** 2).sum())}
         return Factorization(f, err, info)
 
+    def random_factorization(self, weight_shape, rank, *, seed=0, groups=1, group_mode="per-group", **_):
+        """Factors in the layout of :meth:`decompose` with random values: a block to time, not to use."""
+        t, sg, kh, kw = weight_shape
+        G = groups if group_mode == "per-group" else 1
+        tg, s = (t // groups, sg) if group_mode == "per-group" else (t, sg * groups)
+        g = torch.Generator().manual_seed(seed)
+        f = {"v": torch.randn(G, rank, s, kh, generator=g), "h": torch.randn(G, tg, rank, kw, generator=g)}
+        return Factorization(f, float("nan"), {"rank": rank, "groups": groups, "group_mode": group_mode, "random": True})
+
     def build(self, conv, factorization):
         geo = build_geometry(conv, factorization)
         f = factorization.factors

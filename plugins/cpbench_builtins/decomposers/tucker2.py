@@ -70,6 +70,18 @@ class Tucker2:
                 "seconds": time.perf_counter() - start, "iterations": n_iter_max, "converged": True}
         return Factorization(f, err, info)
 
+    def random_factorization(self, weight_shape, rank, *, seed=0, groups=1, group_mode="per-group", **_):
+        """Factors in the layout of :meth:`decompose` with random values: a block to time, not to use."""
+        t, sg, kh, kw = weight_shape
+        G = groups if group_mode == "per-group" else 1
+        tg, s = (t // groups, sg) if group_mode == "per-group" else (t, sg * groups)
+        ro, ri = _pair(rank)
+        g = torch.Generator().manual_seed(seed)
+        f = {"out": torch.randn(G, tg, ro, generator=g), "in": torch.randn(G, s, ri, generator=g),
+             "core": torch.randn(G, ro, ri, kh, kw, generator=g)}
+        return Factorization(f, float("nan"), {"rank": [ro, ri], "groups": groups, "group_mode": group_mode,
+                                               "random": True})
+
     def build(self, conv, factorization):
         geo = build_geometry(conv, factorization)
         f = factorization.factors
