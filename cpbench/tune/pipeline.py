@@ -205,8 +205,13 @@ class Tuner:
         from ..surgery import replace_layers
 
         outs: dict[str, tuple] = {}
-        hooks = [self.conv(n).register_forward_hook(lambda m, a, o, n=n: outs.setdefault(n, tuple(o.shape)))
-                 for n in names]
+
+        def record(name):
+            def hook(module, args, out):
+                outs.setdefault(name, tuple(out.shape))  # returns None: the output is left as it is
+            return hook
+
+        hooks = [self.conv(n).register_forward_hook(record(n)) for n in names]
         try:
             with torch.no_grad():
                 self.base()(torch.zeros(self.input_shape(batch)))
