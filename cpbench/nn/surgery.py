@@ -36,7 +36,7 @@ def normalize_plan(plan) -> dict[str, LayerPlan]:
     """Accept ``{layer: LayerPlan | (method, rank) | {"method": m, "rank": r, **options}}``, a plan file
     written by ``cpbench tune`` (a path) or its :class:`cpbench.tune.Plan`."""
     if isinstance(plan, (str, Path)):
-        from .tune.plan import read_plan
+        from ..tune.plan import read_plan
 
         plan = read_plan(plan)
     if hasattr(plan, "compress_plan"):

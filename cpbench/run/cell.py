@@ -101,6 +101,10 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
     result = axes_result(cell)
     result.status, result.host, result.started_at = "ok", socket.gethostname(), started
     try:
+        from ..tune.cell import is_target_spec, run_tuned_cell
+
+        if is_target_spec(cell.rank):  # {target_speedup = X}: the tune chooses method and rank per layer
+            return run_tuned_cell(cell, ctx, plugins, step, started)
         decomposer = plugins.decomposers.get(cell.decomposer["name"])
         backend = plugins.backends.get(cell.backend)
         done["base"] = base = stages.build_base(cell, ctx, plugins, step)

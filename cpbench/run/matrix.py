@@ -189,7 +189,7 @@ def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, lis
             raise MatrixError(f"{source}: matrix axis 'layers': {v!r} is not allowed; allowed: \"auto\" or a list of layer names")
     from ..decomposition.ranks import parse_rank
 
-    from .tune.cell import check_target_spec, is_target_spec
+    from ..tune.cell import check_target_spec, is_target_spec
 
     for v in axes["rank"]:
         if is_target_spec(v):  # a tuned plan: {target_speedup = 8}

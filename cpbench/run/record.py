@@ -96,6 +96,17 @@ class CellResult:
     layer_speedup: dict | None = _key("timing")
     layer_speedup_ci: dict | None = _key("timing")
     layer_noisy: dict | None = _key("timing")
+    # -- a tuned plan (``cpbench tune``, rank spec {target_speedup = X}); absent from other rows ------
+    layer_decomposer: dict | None = _key("tune")   # the method chosen per tunable layer ("keep": left as is)
+    tune_layers: list | None = _key("tune")        # the layers the tune could replace
+    predicted_speedup: float | None = _key("tune")  # whole network, from the latency table
+    predicted_loss: float | None = _key("tune")    # summed sensitivities of the plan (points)
+    tune_rounds: int | None = _key("tune")         # verify rounds (whole network timed) until met or stopped
+    tune_met: bool | None = _key("tune")
+    tune_stopped: str | None = _key("tune")        # "met", "max-rounds" or "unreachable"
+    meets_max_drop: bool | None = _key("tune")
+    fidelity_loss: float | None = _key("tune")     # models without labels: the fidelity measure (points)
+    tune: dict | None = _key("tune")               # rounds, shares, rest, stage times, candidates
     # -- keys of a row this version does not know (written by another version), kept as they are
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -139,7 +150,7 @@ class CellResult:
 _FIELDS = {f.name for f in dataclasses.fields(CellResult)} - {"extra"}
 
 OPTIONAL_KEYS = frozenset({"traceback", "model_label", "weights_from", "finetune_cached", "layer_speedup", "layer_speedup_ci",
-                           "layer_noisy"})
+                           "layer_noisy", "fidelity_loss"})
 
 # Which keys each stage of a cell writes: a stage's keys appear in a row once any of them has a value (the
 # cell's own keys always), so an error row holds the keys of the stages that finished.

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
-from ..flops import conv_macs
-from ..layers import ConvGeometry
-from ..ranks import _candidates, _largest
+from ..nn.flops import conv_macs
+from ..nn.layers import ConvGeometry
+from ..decomposition.ranks import _candidates, _largest
 
 __all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates"]
 

@@ -50,8 +50,8 @@ def check_target_spec(spec: dict, decomposers=None) -> None:
         raise RankError(f"rank {spec}: max_drop {drop!r} is not allowed; allowed: accuracy points ≥ 0")
 
 
-def run_tuned_cell(cell, ctx, plugins, row: dict, step) -> None:
-    """Fill ``row`` (a cell's row with its axes) with the tuned plan's results."""
+def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
+    """The row of a cell whose rank spec is ``{target_speedup = X}``: the tuned plan's, with the cell's axes."""
     from .pipeline import TuneRequest, Tuner
 
     spec = cell.rank
@@ -68,11 +68,5 @@ def run_tuned_cell(cell, ctx, plugins, row: dict, step) -> None:
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step)
     prepared = tuner.prepare()
     outcome = tuner.plan(prepared, target)
-    result, _ = tuner.finish(prepared, target, outcome, started=row.get("started_at"))
-    keep = {k: row[k] for k in ("cell_key", "axes", "decomposer", "decomposer_options", "rank_spec", "host",
-                                "started_at") if k in row}
-    row.update(result)
-    row.update(keep)
-    row["decomposer_options"] = {**row.get("decomposer_options", {}), "tuned_from": list(decomposers)}
-
-
+    row, _ = tuner.finish(prepared, target, outcome, started=started, cell=cell)
+    return row

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import key_of
-from ..layers import geometry
+from ..run.cache import key_of
+from ..nn.layers import geometry
 from .candidates import Candidate
 from .store import JsonStore
 
@@ -56,13 +56,14 @@ class Timed:
         return cls(float(d["speedup"]), tuple(d["speedup_ci"]), float(d["reference_ms"]), float(d["candidate_ms"]))
 
 
-# (reference module, candidate module, reference input, candidate input) -> Timed
+# (reference module, candidate module, reference input, candidate input) -> Timed; the inputs are
+# one tensor of one shape in the default timer, two arguments so a fake can tell the arms apart
 PairTimer = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], Timed]
 
 
 def machine_key() -> dict:
     """What identifies a machine for cached latencies: CPU, cores, torch build."""
-    from ..machine import static_machine_info
+    from ..measure.machine import static_machine_info
 
     m = static_machine_info()
     return {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
@@ -70,31 +71,13 @@ def machine_key() -> dict:
 
 def backend_timer(backend: Any, threads: int, budget: Any) -> PairTimer:
     """The default timer: both modules prepared by ``backend`` and timed as a cell times its networks."""
-    from ..runner import _time_models
+    from ..run.stages import time_models
 
     def timer(ref: nn.Module, cand: nn.Module, x_ref: torch.Tensor, x_cand: torch.Tensor) -> Timed:
-        if x_ref.shape == x_cand.shape:
-            t, _ = _time_models(backend, ref.eval(), cand.eval(), x_ref, threads, budget)
-        else:  # a network against one of its layers: each prepared on its own input
-            t = _time_two_inputs(backend, ref.eval(), cand.eval(), x_ref, x_cand, threads, budget)
+        t, _ = time_models(backend, ref.eval(), cand.eval(), x_ref, threads, budget)
         return Timed(t.speedup, tuple(t.speedup_ci), t.baseline.median_ms, t.compressed.median_ms)
 
     return timer
-
-
-def _time_two_inputs(backend, a, b, xa, xb, threads, budget):
-    from ..timing import time_pair
-
-    pa = backend.prepare(a, xa, threads=threads)
-    try:
-        pb = backend.prepare(b, xb, threads=threads)
-        try:
-            ia, ib = pa.convert_input(xa), pb.convert_input(xb)
-            return time_pair(lambda: pa(ia), lambda: pb(ib), budget)
-        finally:
-            pb.close()
-    finally:
-        pa.close()
 
 
 def _geometry_key(conv: nn.Conv2d) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cache import key_of
-from ..decomposer import CPDecomposer
+from ..run.cache import key_of
+from ..decomposition.decomposer import CPDecomposer
 from ..errors import UsageError
-from ..layers import geometry
-from ..timing import TimingBudget
+from ..nn.layers import geometry
+from ..measure.timing import TimingBudget
 from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, layer_candidates, speedup_grid
 from .latency import LatencyTable, Timed, backend_timer, predicted_cost
 from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
@@ -155,8 +156,8 @@ class Tuner:
 
     def __init__(self, request: TuneRequest, *, ctx=None, plugins=None, step: StepFn | None = None,
                  timer=None):
-        from ..pluginmanager import get_plugins
-        from ..runner import RunContext
+        from ..plugin.manager import get_plugins
+        from ..run.cell import RunContext
 
         self.request = request
         self.plugins = plugins or get_plugins()
@@ -177,7 +178,7 @@ class Tuner:
 
     # -- stage 0: the base network and its layers -------------------------------------------------
     def base(self) -> nn.Module:
-        from ..runner import base_model
+        from ..run.cell import base_model
 
         if not hasattr(self, "_base"):
             self._base = base_model(self.request.model, self.ctx, plugins=self.plugins, step=self.step)
@@ -187,7 +188,7 @@ class Tuner:
         return (batch, *self.model_plugin.input_shape(**self.params))
 
     def layer_shapes(self, batch: int) -> dict[str, tuple]:
-        from ..surgery import layer_input_shapes
+        from ..nn.surgery import layer_input_shapes
 
         return layer_input_shapes(self.base(), torch.zeros(self.input_shape(batch)), self.layers)
 
@@ -202,7 +203,7 @@ class Tuner:
 
     def _stubbed(self, names: list[str], batch: int) -> nn.Module:
         """The base network with the layers ``names`` replaced by :class:`_Stub` of their output shapes."""
-        from ..surgery import replace_layers
+        from ..nn.surgery import replace_layers
 
         outs: dict[str, tuple] = {}
 
@@ -220,11 +221,6 @@ class Tuner:
                 h.remove()
         return replace_layers(self.base(), {n: _Stub(outs[n]) for n in names}).eval()
 
-    def _network_key(self) -> str:
-        from ..runner import _weights_key
-
-        return key_of(self.request.model, _weights_key(self.base()))
-
     def _arch_key(self) -> Any:
         return {"model": self.request.model}
 
@@ -232,18 +228,12 @@ class Tuner:
     def decomposer(self, method: str):
         return self.plugins.decomposers.get(method)
 
-    def factorization(self, cand: Candidate, in_hw):
-        from ..runner import _decompose_cached
+    def factorization(self, cand: Candidate, in_hw=None):
+        return self.decomposed(cand).factorizations[cand.layer]
 
-        conv = self.conv(cand.layer)
-        fact, rank, _, _ = _decompose_cached(conv, self.decomposer(cand.method), cand.rank, {}, self.request.seed,
-                                             cand.layer, in_hw, self.ctx)
-        return fact
-
-    def module(self, cand: Candidate, in_hw) -> nn.Module:
+    def module(self, cand: Candidate, in_hw=None) -> nn.Module:
         """The real replacement of ``cand``'s layer (its decomposition, cached)."""
-        conv = self.conv(cand.layer)
-        return self.decomposer(cand.method).build(conv, self.factorization(cand, in_hw)).eval()
+        return self.decomposed(cand).replacements[cand.layer].eval()
 
     def timing_module(self, cand: Candidate, in_hw) -> nn.Module:
         dec = self.decomposer(cand.method)
@@ -285,7 +275,7 @@ class Tuner:
         seconds["candidates"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        from ..execution import configure_malloc
+        from ..kernels.forms import configure_malloc
 
         configure_malloc()  # as a cell does, before any timing: both arms alike
         shares, timed, kept, dropped = {}, {}, {}, {}
@@ -321,12 +311,12 @@ class Tuner:
 
     def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple]) -> dict[str, float]:
         """Points lost with only each candidate's layer replaced (0 for "leave it"), cached."""
-        from ..runner import _weights_key
-        from ..surgery import replace_layers
+        from ..nn.surgery import replace_layers
+        from ..run.stages import weights_key
 
         mode = self.sensitivity_mode
         store = JsonStore(self.ctx.cache().root / "sensitivity" / "sensitivity.json" if self.ctx.use_cache else None)
-        context = key_of(mode, _weights_key(self.base()), self.request.val_samples, self.request.seed)
+        context = key_of(mode, weights_key(self.base()), self.request.val_samples, self.request.seed)
         score = self._scorer(mode)
         out: dict[str, float] = {}
         for n, cs in cands.items():
@@ -350,7 +340,7 @@ class Tuner:
 
     def _scorer(self, mode: str) -> Callable[[nn.Module], float]:
         """``loss(model)`` in points against the base network: validation accuracy or fidelity."""
-        from ..training import evaluate
+        from ..nn.training import evaluate
 
         base = self.base()
         if mode == "accuracy":
@@ -373,7 +363,7 @@ class Tuner:
 
     # -- stage 4: search and verify one target ---------------------------------------------------
     def compressed(self, selection: Selection) -> nn.Module:
-        from ..surgery import replace_layers
+        from ..nn.surgery import replace_layers
 
         shapes1 = self.layer_shapes(1)
         repl = {n: self.module(o.candidate, shapes1[n][-2:]) for n, o in selection.choice.items()
@@ -394,98 +384,67 @@ class Tuner:
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
-               *, started: float | None = None) -> tuple[dict, Plan]:
-        from ..matrix import Cell
-        from ..runner import _accuracy, _finetune, _machine, _timing_fields, _versions, _weights_key
-        from ..threads import thread_limits
+               *, started: float | None = None, cell=None) -> tuple[dict, Plan]:
+        """The verified plan through a cell's stages — evaluate, fine-tune, FLOPs, measure — and its
+        row (a cell's, plus the tune's keys) and plan. ``cell``: the matrix cell this tune runs for."""
+        from ..nn.surgery import layer_input_shapes, replace_layers
+        from ..run import stages
+        from ..run.cell import _machine, axes_result, record, versions
+        from ..run.matrix import Cell
 
         req = self.request
         batch = batch or req.batch
         started = started or time.time()
         sel = outcome.selection
         replaced = [n for n, o in sel.choice.items() if not o.candidate.is_keep]
-        cell = Cell(model=dict(req.model), layers=replaced, decomposer={"name": "tuned"},
-                    rank={"target_speedup": target}, backend=req.backend, threads=req.threads, batch=batch,
-                    finetune_epochs=req.finetune_epochs, seed=req.seed)
-        base = self.base()
-        compressed = self.compressed(sel)
-        shapes1 = self.layer_shapes(1)
-        facts = {n: self.factorization(sel.choice[n].candidate, shapes1[n][-2:]) for n in replaced}
-        row: dict[str, Any] = {
-            "status": "ok", "error": None, "cell_key": cell.key, "model": req.model["name"], "model_params": self.params,
-            "layers": replaced, "tune_layers": list(self.layers), "decomposer": "tuned",
-            "layer_decomposer": {n: o.candidate.method for n, o in sel.choice.items()},
-            "decomposer_options": {}, "rank_spec": {"target_speedup": target},
-            "rank": {n: sel.choice[n].candidate.rank for n in replaced},
-            "backend": req.backend, "threads": req.threads, "batch": batch, "finetune_epochs": req.finetune_epochs,
-            "seed": req.seed, "axes": cell.axes(), "started_at": started,
-            "rel_error": {n: facts[n].rel_error for n in replaced},
-            "degeneracy": {n: facts[n].info.get("degeneracy") for n in replaced},
-            "predicted_speedup": sel.predicted_speedup, "predicted_loss": sel.loss,
-            "layer_theoretical_speedup": {n: sel.choice[n].candidate.theoretical_speedup for n in replaced},
-            "tune_rounds": len(outcome.rounds), "tune_met": outcome.met, "tune_stopped": outcome.stopped,
-            "tune": {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares, "rest": prepared.rest,
-                     "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop,
-                     "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
-                     "dropped_slower_than_layer": prepared.dropped, "stage_seconds": prepared.seconds},
-        }
-        from ..flops import count_flops
-
-        x1 = torch.zeros(self.input_shape(1))
-        bf, cf = count_flops(base, x1), count_flops(compressed, x1)
-        row.update(baseline_flops=bf, compressed_flops=cf, theoretical_speedup=bf / max(cf, 1))
-
-        row.update(accuracy_base=None, accuracy_decomposed=None, accuracy_finetuned=None,
-                   accuracy_base_finetuned=None, accuracy_drop=None, finetune_seconds=0.0)
-        if self.dataset:
-            self.step("evaluating on the test split")
-            with thread_limits(self.ctx.train_threads):
-                row["accuracy_base"] = _accuracy(base, self.plugins, self.dataset, self.ctx,
-                                                 memo_key=key_of("acc", req.model, self.ctx.dataset_size))
-                wkey = _weights_key(compressed)
-                row["accuracy_decomposed"] = _accuracy(compressed, self.plugins, self.dataset, self.ctx,
-                                                       memo_key=key_of("acc", wkey, self.ctx.dataset_size))
-                final = row["accuracy_decomposed"]
-                if req.finetune_epochs > 0:
-                    ctx = replace(self.ctx, finetune_samples=req.finetune_samples or self.ctx.finetune_samples)
-                    tkey = key_of("tuned", wkey, req.finetune_epochs, req.seed, ctx.dataset_size, ctx.finetune_samples)
-                    compressed, secs, final, hit = _finetune(compressed, self.plugins, self.dataset, cell, ctx,
-                                                             self.step, tkey)
-                    row.update(accuracy_finetuned=final, finetune_seconds=secs, finetune_cached=hit)
-                    if req.finetune_control:
-                        bkey = key_of("tuned-base", _weights_key(base), req.finetune_epochs, req.seed,
-                                      ctx.dataset_size, ctx.finetune_samples)
-                        _, _, row["accuracy_base_finetuned"], _ = _finetune(base, self.plugins, self.dataset, cell,
-                                                                            ctx, self.step, bkey)
-                reference = max(row["accuracy_base"], row["accuracy_base_finetuned"] or 0.0)
-                row["accuracy_drop"] = 100.0 * (reference - final)
-        else:
-            loss = self._scorer("fidelity")(compressed)
-            row["fidelity_loss"] = loss
-            row["accuracy_drop"] = loss
-        row["meets_max_drop"] = row["accuracy_drop"] is not None and row["accuracy_drop"] <= req.max_drop
-        compressed.eval()
-
+        cell = cell or Cell(model=dict(req.model), layers=list(self.layers), decomposer={"name": "tuned"},
+                            rank={"target_speedup": target}, backend=req.backend, threads=req.threads, batch=batch,
+                            finetune_epochs=req.finetune_epochs, seed=req.seed)
+        base_net = self.base()
+        x1 = torch.randn(1, *self.input_shape(1)[1:], generator=torch.Generator().manual_seed(req.seed))
+        base = stages.Base(spec=dict(req.model), model=base_net, plugin=self.model_plugin, layers=replaced,
+                           convs={n: self.conv(n) for n in replaced}, input_shape=self.input_shape(1)[1:], example=x1,
+                           layer_shapes=layer_input_shapes(base_net, x1, replaced),
+                           label=self.model_plugin.label(**self.params) if hasattr(self.model_plugin, "label") else None,
+                           dataset=self.dataset)
+        parts = {n: self.decomposed(sel.choice[n].candidate) for n in replaced}
+        facts = {n: p.factorizations[n] for n, p in parts.items()}
+        repl = {n: p.replacements[n] for n, p in parts.items()}
+        compressed = stages.Compressed(replace_layers(base_net, repl).eval(), repl, facts,
+                                       {n: p.ranks[n] for n, p in parts.items()},
+                                       {n: p.decompose_seconds[n] for n, p in parts.items()},
+                                       {n: p.cached[n] for n, p in parts.items()})
+        ctx = replace(self.ctx, finetune_samples=req.finetune_samples or self.ctx.finetune_samples,
+                      finetune_control=req.finetune_control, per_layer_timing=True,
+                      timing=dataclasses.asdict(req.network_budget))
+        evaluation = stages.evaluate(base, compressed, ctx, self.plugins, self.step)
+        fine = stages.fine_tune(base, compressed, cell, ctx, self.plugins, self.step)
+        flops = stages.count_flops_of(base, compressed, fine.model)
         # the whole network and each replaced layer timed afresh, as a cell times them
         self.step("timing the fine-tuned network against the baseline")
-        x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(req.seed))
-        from ..runner import _time_models
+        measurement = stages.measure(base, compressed, fine.model, cell, self.backend, ctx, self.step)
 
-        with thread_limits(req.threads) as threads_set:
-            timing, info = _time_models(self.backend, base, compressed, x, req.threads, req.network_budget)
-            row.update(_timing_fields(timing), backend_info=info, thread_state=threads_set)
-            shapes = self.layer_shapes(batch)
-            ls, lci, lms = {}, {}, {}
-            for n in replaced:
-                xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(req.seed))
-                lt, _ = _time_models(self.backend, self.conv(n), compressed.get_submodule(n).eval(), xin,
-                                     req.threads, req.layer_budget)
-                ls[n], lci[n], lms[n] = lt.speedup, list(lt.speedup_ci), lt.compressed.median_ms
-            row.update(layer_speedup=ls, layer_speedup_ci=lci, layer_ms=lms)
-        row["predicted_cost_error"] = (1 / row["predicted_speedup"] - 1 / row["speedup"]) / (1 / row["speedup"])
-        row["wall_seconds"] = time.time() - started
-        row["versions"] = _versions(self.plugins)
-        row["machine"] = _machine()
+        result = axes_result(cell)
+        result.status, result.host, result.started_at = "ok", __import__("socket").gethostname(), started
+        record(result, base=base, compressed=compressed, evaluation=evaluation, tuned=fine, flops=flops,
+               measurement=measurement)
+        result.layers = replaced
+        result.layer_decomposer = {n: o.candidate.method for n, o in sel.choice.items()}
+        result.tune_layers = list(self.layers)
+        result.predicted_speedup, result.predicted_loss = sel.predicted_speedup, sel.loss
+        result.tune_rounds, result.tune_met, result.tune_stopped = len(outcome.rounds), outcome.met, outcome.stopped
+        result.tune = {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares, "rest": prepared.rest,
+                       "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop, "target_speedup": target,
+                       "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
+                       "dropped_slower_than_layer": prepared.dropped, "stage_seconds": prepared.seconds}
+        drop = result.accuracy_drop()
+        if not self.dataset:
+            result.fidelity_loss = drop = self._scorer("fidelity")(fine.model)
+        result.extra["accuracy_drop"] = drop  # a row key; CellResult.accuracy_drop() computes it for cells
+        result.meets_max_drop = drop is not None and drop <= req.max_drop
+        result.wall_seconds = time.time() - started
+        result.versions, result.machine = versions(self.plugins), _machine()
+        row = result.to_row()
 
         layers = {}
         for n in self.layers:
@@ -494,8 +453,9 @@ class Tuner:
             rec = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
             if not o.candidate.is_keep:
                 rec.update(theoretical_speedup=o.candidate.theoretical_speedup, predicted_layer_speedup=tm.speedup,
-                           predicted_layer_speedup_ci=list(tm.speedup_ci), predicted_ms=tm.candidate_ms,
-                           layer_speedup=ls[n], layer_speedup_ci=lci[n], measured_ms=lms[n],
+                           predicted_layer_speedup_ci=list(tm.speedup_ci),
+                           layer_speedup=(row.get("layer_speedup") or {}).get(n),
+                           layer_speedup_ci=(row.get("layer_speedup_ci") or {}).get(n),
                            rel_error=facts[n].rel_error)
             layers[n] = LayerChoice(o.candidate.method, o.candidate.rank, {}, rec)
         meta = {k: row.get(k) for k in ("model", "model_params", "backend", "threads", "batch", "finetune_epochs",
@@ -505,6 +465,22 @@ class Tuner:
         meta["target_speedup"] = target
         meta["model_params"] = meta["model_params"] or None
         return row, Plan(layers, meta)
+
+    def decomposed(self, cand: Candidate):
+        """``cand``'s layer decomposed by the cell's compress stage (the same cache as cells)."""
+        from ..nn.surgery import layer_input_shapes
+        from ..run import stages
+        from ..run.matrix import Cell
+
+        base_net = self.base()
+        x1 = torch.zeros(self.input_shape(1))
+        one = stages.Base(spec=dict(self.request.model), model=base_net, plugin=self.model_plugin, layers=[cand.layer],
+                          convs={cand.layer: self.conv(cand.layer)}, input_shape=self.input_shape(1)[1:], example=x1,
+                          layer_shapes=layer_input_shapes(base_net, x1, [cand.layer]), dataset=self.dataset)
+        cell = Cell(model=dict(self.request.model), layers=[cand.layer], decomposer={"name": cand.method},
+                    rank=cand.rank, backend=self.request.backend, threads=self.request.threads, batch=1,
+                    finetune_epochs=0, seed=self.request.seed)
+        return stages.compress(one, self.decomposer(cand.method), cell, self.ctx)
 
 
 def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:

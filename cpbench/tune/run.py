@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..results import RESULTS_FILE, ResultSink, jsonable, read_results
+from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
 from .pipeline import StepFn, TuneRequest, Tuner
 from .plan import write_plan
 from .search import search
@@ -42,7 +42,7 @@ def _is_this_tune(row: dict, request: TuneRequest, targets: set[float]) -> bool:
 
 def uniform_matrix(request: TuneRequest, layers: list[str], method: str, speedups: list[float], source: str):
     """The uniform-rank plans to compare with: ``method`` at ``"speedup:X"`` on every tuned layer."""
-    from ..matrix import Matrix
+    from ..run.matrix import Matrix
 
     block = {"model": [dict(request.model)], "layers": [list(layers)], "decomposer": [{"name": method}],
              "rank": [f"speedup:{x:g}" for x in speedups], "backend": [request.backend],
@@ -86,7 +86,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
             run.written.append(write_plan(out_dir / plan_name(target), plan))
     run.latency_timed = tuner.latency_table.timed
     if uniform is not None:
-        from ..orchestrate import run_matrix
+        from ..run.session import run_matrix
 
         speeds = uniform_speedups or sorted({t * f for t in request.targets for f in (1.0, 2.0)})
         matrix = uniform_matrix(request, prepared.layers, uniform, speeds, str(out_dir / "uniform.toml"))

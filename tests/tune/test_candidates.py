@@ -3,7 +3,7 @@ import pytest
 from torch import nn
 
 import cpbench
-from cpbench.layers import geometry
+from cpbench.nn.layers import geometry
 from cpbench.tune.candidates import layer_candidates, rank_grid, speedup_grid
 
 

@@ -104,8 +104,8 @@ def test_predicted_cost():
 
 def test_real_timer_runs_on_a_tiny_layer(tmp_path):
     # the default timer through a real backend: a positive speedup with an interval around it
-    from cpbench.pluginmanager import get_plugins
-    from cpbench.timing import TimingBudget
+    from cpbench.plugin.manager import get_plugins
+    from cpbench.measure.timing import TimingBudget
     from cpbench.tune.latency import backend_timer
 
     timer = backend_timer(get_plugins().backends.get("torch-cpu"), 1,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import cpbench
-from cpbench.runner import RunContext
-from cpbench.timing import TimingBudget
+from cpbench.run.cell import RunContext
+from cpbench.measure.timing import TimingBudget
 from cpbench.tune.latency import Timed
 from cpbench.tune.pipeline import TuneRequest
 from cpbench.tune.run import run_tune
@@ -112,8 +112,8 @@ def test_cli_help_lists_the_options(capsys):
 
 
 def test_matrix_rank_spec_runs_a_tuned_cell(tmp_path):
-    from cpbench.matrix import parse_matrix
-    from cpbench.runner import run_cell
+    from cpbench.run.matrix import parse_matrix
+    from cpbench.run.cell import run_cell
 
     plugins = cpbench.get_plugins()
     # a layer whose low-rank forms are many times cheaper: timed for real, the win is never in doubt
@@ -137,7 +137,7 @@ def test_matrix_rank_spec_runs_a_tuned_cell(tmp_path):
     ({"target_speedup": 4, "layers": 3}, "unknown key"),
 ])
 def test_matrix_rank_spec_bad_input(rank, match):
-    from cpbench.matrix import parse_matrix
+    from cpbench.run.matrix import parse_matrix
 
     with pytest.raises(cpbench.MatrixError, match=match):
         parse_matrix({"matrix": {"model": ["charnet"], "decomposer": ["cp-nls"], "rank": [rank]}},

@@ -2,10 +2,10 @@
 whole-network speedup targets, beside uniform-rank plans; the same search at batch 32; AlexNet's conv
 layers with fidelity.
 
-    python benchmarks/tune_charnet.py --out bench-runs/tune --cache-dir /tmp/tune-cache          # fresh
-    python benchmarks/tune_charnet.py --out bench-runs/tune --cache-dir /tmp/tune-cache          # repeated
-    python benchmarks/tune_charnet.py --part batch32 --out bench-runs/tune --cache-dir /tmp/tune-cache
-    python benchmarks/tune_charnet.py --part alexnet --out bench-runs/tune --cache-dir /tmp/tune-cache
+    python benchmarks/scripts/tune_charnet.py --out bench-runs/tune --cache-dir /tmp/tune-cache          # fresh
+    python benchmarks/scripts/tune_charnet.py --out bench-runs/tune --cache-dir /tmp/tune-cache          # repeated
+    python benchmarks/scripts/tune_charnet.py --part batch32 --out bench-runs/tune --cache-dir /tmp/tune-cache
+    python benchmarks/scripts/tune_charnet.py --part alexnet --out bench-runs/tune --cache-dir /tmp/tune-cache
 
 Parts: ``charnet`` (default: conv1-conv3 allowed, one thread, batch 1, the mkl backend, fine-tuned
 with a control; then the uniform plans of one method at ``speedup:X`` per layer), ``batch32`` (the
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 for p in (_ROOT / "plugins", _ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     if args.cache_dir:
         os.environ["CPBENCH_CACHE_DIR"] = args.cache_dir
 
-    from cpbench.results import read_results
-    from cpbench.runner import RunContext
+    from cpbench.run.results import read_results
+    from cpbench.run.cell import RunContext
     from cpbench.tune.pipeline import TuneRequest
     from cpbench.tune.report import write_tune_report
     from cpbench.tune.run import run_tune, uniform_matrix
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     uniform = []
     if args.part == "charnet" and args.uniform:
         t1 = time.perf_counter()
-        from cpbench.orchestrate import run_matrix
+        from cpbench.run.session import run_matrix
 
         matrix = uniform_matrix(req, list(run.rows[0]["tune_layers"]), args.uniform,
                                 list(_targets(args.uniform_speedups)), str(out / "uniform.toml"))

@@ -34,9 +34,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
-    from .candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
-    from .loop import DEFAULT_ROUNDS
-    from .pipeline import DEFAULT_DECOMPOSERS, SENSITIVITY_MODES
+    from ..tune.candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
+    from ..tune.loop import DEFAULT_ROUNDS
+    from ..tune.pipeline import DEFAULT_DECOMPOSERS, SENSITIVITY_MODES
 
     p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,9 +79,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
 def request_from_args(args):
     from dataclasses import replace
 
-    from ..cli import _options
-    from ..timing import TimingBudget
-    from .pipeline import TuneRequest
+    from .commands import _options
+    from ..measure.timing import TimingBudget
+    from ..tune.pipeline import TuneRequest
 
     layers = "auto" if args.layers == "auto" else list(_names(args.layers))
     if layers != "auto" and not layers:
@@ -101,12 +101,12 @@ def request_from_args(args):
 def cmd_tune(args) -> int:
     from rich.console import Console
 
-    from ..cli import _console
-    from ..pluginmanager import get_plugins
-    from ..runner import RunContext
-    from .plan import read_plan
-    from .report import layers_table, targets_table
-    from .run import plan_name, run_tune
+    from .commands import _console
+    from ..plugin.manager import get_plugins
+    from ..run.cell import RunContext
+    from ..tune.plan import read_plan
+    from ..tune.report import layers_table, targets_table
+    from ..tune.run import plan_name, run_tune
 
     plugins = get_plugins()
     plugins.warn_failures()
