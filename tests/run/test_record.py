@@ -17,7 +17,7 @@ OLD_ROW = {"cell_key": "abc", "status": "ok", "model": "charnet", "decomposer": 
 def test_every_field_is_one_key_of_one_stage():
     names = [f.name for f in dataclasses.fields(CellResult) if f.name != "extra"]
     assert sorted(names) == sorted(k for keys in STAGE_KEYS.values() for k in keys)
-    assert list(STAGE_KEYS) == ["cell", "compress", "evaluate", "flops", "timing"]
+    assert list(STAGE_KEYS) == ["cell", "compress", "evaluate", "flops", "timing", "tune"]
     assert OPTIONAL_KEYS <= set(names)
 
 
@@ -28,6 +28,7 @@ def test_an_old_row_reads_back_and_keeps_what_this_version_does_not_know():
     row = c.to_row()
     assert {k: row[k] for k in OLD_ROW} == OLD_ROW  # nothing lost or changed
     assert "finetune_cached" not in row and "layer_speedup" not in row  # optional keys left out while None
+    assert "predicted_speedup" not in row and "tune_rounds" not in row  # a tuned plan's keys only on its rows
 
 
 def test_report_and_compare_read_old_rows():
