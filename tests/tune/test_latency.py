@@ -17,7 +17,8 @@ class CountingTimer:
 
     def __call__(self, ref, cand, x_ref, x_cand):
         self.calls += 1
-        n = lambda m: sum(p.numel() for p in m.parameters())
+        def n(m):
+            return sum(p.numel() for p in m.parameters())
         return Timed(n(ref) / n(cand), (0.9 * n(ref) / n(cand), 1.1 * n(ref) / n(cand)), float(n(ref)), float(n(cand)))
 
 
@@ -77,7 +78,8 @@ def test_keep_is_never_timed(tmp_path):
 
 def test_network_ratio_cached(tmp_path):
     net = nn.Sequential(nn.Conv2d(8, 16, 3), nn.Conv2d(16, 16, 3))
-    smaller = lambda: nn.Sequential(nn.Identity(), nn.Conv2d(16, 16, 3))
+    def smaller():
+        return nn.Sequential(nn.Identity(), nn.Conv2d(16, 16, 3))
     t = CountingTimer()
     got = _table(tmp_path, t).network_ratio("net", "without 0", net, smaller, (1, 8, 10, 10))
     assert got.speedup == pytest.approx(sum(p.numel() for p in net.parameters()) / sum(p.numel() for p in smaller().parameters()))

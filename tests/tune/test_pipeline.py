@@ -24,7 +24,8 @@ class ParamTimer:
 
     def __call__(self, ref, cand, x_ref, x_cand):
         self.calls += 1
-        n = lambda m: 100 + sum(p.numel() for p in m.parameters())
+        def n(m):
+            return 100 + sum(p.numel() for p in m.parameters())
         s = n(ref) / n(cand)
         return Timed(s, (0.98 * s, 1.02 * s), float(n(ref)), float(n(cand)))
 
