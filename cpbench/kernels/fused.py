@@ -94,6 +94,26 @@ def load_kernel():
     return _KERNEL
 
 
+def loaded_kernel_path() -> str | None:
+    """The shared library of the kernel this process has loaded (None if it has not)."""
+    return getattr(_KERNEL, "__file__", None)
+
+
+def adopt_kernel(path: str) -> None:
+    """Load the kernel from a library another process already built (a timing worker takes the
+    harness's): ``load_kernel`` would run ninja again, and since the build directory is keyed by the
+    source's content, not its path, a checkout elsewhere with the same source rewrites the build rules
+    and every such call recompiles (minutes on a busy machine)."""
+    global _KERNEL
+    if _KERNEL is None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(_build_name(), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _KERNEL = module
+
+
 def kernel_available() -> bool:
     """True if the kernel is (or can be) built here."""
     try:
@@ -114,6 +134,11 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
     padded = w.new_zeros(g, k, count * panel)
     padded[..., :n] = w
     return padded.reshape(g, k, count, panel).permute(0, 2, 1, 3).contiguous()
+
+
+def _repack_after_load(module: "CPFusedBlock", _keys) -> None:
+    """A module-level hook (a lambda would keep the block from pickling into a timing worker)."""
+    module._repack()
 
 
 class CPFusedBlock(nn.Module):
@@ -153,7 +178,7 @@ class CPFusedBlock(nn.Module):
         self.register_buffer("w_in_packed", None, persistent=False)
         self.register_buffer("w_out_packed", None, persistent=False)
         self._repack()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._repack())
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     def _repack(self) -> None:
         self._calls.clear()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..measure.intervals import flag_labels
 from ..run.record import CellResult
 from ..run.results import RESULTS_FILE, read_results
 from .tables import row_summary, summary_columns
@@ -109,7 +110,7 @@ def pareto_plots(rows: list[dict]) -> list[Plot]:
 
     cap = ("Measured whole-network speedup (95% CI as error bars) against the accuracy drop after fine-tuning "
            "(base − fine-tuned, or − decomposed without fine-tuning), one marker and colour per decomposer; "
-           "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: noisy timings.")
+           "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: flagged timings (busy, disagree or wide).")
     title = "Speedup against accuracy drop"
     pts = P.pareto_points(rows)
     if not _any_ok(rows):
@@ -133,7 +134,7 @@ def efficiency_plot(rows: list[dict]) -> Plot:
     from . import plots as P
 
     cap = ("Per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP ratio); "
-           "colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
+           "colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: flagged timings (busy, disagree or wide).")
     pts = P.efficiency_points(rows)
     if pts:
         return Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts)))
@@ -222,8 +223,13 @@ def _groups(rows: list[dict], field: str, drop=()) -> list[tuple[list[str], dict
 def _counts(rows) -> str:
     cells = [CellResult.from_row(r) for r in rows]
     ok = sum(c.ok for c in cells)
-    noisy = sum(bool(c.noisy) for c in cells if c.ok)
-    return f"{len(rows)} cells: {ok} ok, {len(rows) - ok} failed, {noisy} with noisy timings"
+    flagged: dict[str, int] = {}
+    for c in cells:
+        if c.ok:
+            for f in flag_labels(c):
+                flagged[f] = flagged.get(f, 0) + 1
+    what = ", ".join(f"{n} {f}" for f, n in flagged.items()) or "none"
+    return f"{len(rows)} cells: {ok} ok, {len(rows) - ok} failed; timing flags: {what}"
 
 
 def _matrix_text(run_dir: Path) -> str | None:
@@ -243,7 +249,7 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bo
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr.error td{background:#fdecea}tr.noisy td.sp{background:#fff6d6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.error td{background:#fdecea}tr.flagged td.sp{background:#fff6d6}
 .scroll{overflow-x:auto}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em;max-width:60em}.note{color:#8a5a00;background:#fff6d6;padding:.4em .7em;
 display:inline-block}pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:.85em}
@@ -291,7 +297,7 @@ def _html_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         s = row_summary(r)
-        cls = "error" if s["status"] != "ok" else "noisy" if s["noisy"] else ""
+        cls = "error" if s["status"] != "ok" else "flagged" if s["flags"] else ""
         tds = []
         for c in cols:
             v = s[c]
@@ -324,7 +330,9 @@ def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: s
         f"<h1>cpbench report — {_e(run_dir.name)}</h1>",
         f"<p class=\"meta\">{_e(_counts(rows))}. Run directory <code>{_e(run_dir)}</code>; generated {now}.</p>",
         "<h2 id=\"summary-table\">Summary</h2><p class=\"meta\">Click a column header to sort. Accuracies in %, "
-        "acc_drop in percentage points; speedup_lo/hi are the 95% CI; red rows failed, yellow speedups are noisy.</p>",
+        "acc_drop in percentage points; speedup_lo/hi are the 95% interval over the cell's fresh timing processes; red rows failed, yellow speedups "
+        "are flagged (busy: the machine was busy while timing; disagree: a process measured outside the interval; "
+        "wide: half-width above 5%); machine_noise is the probe's verdict.</p>",
         _html_table(rows), "<h2 id=\"plots\">Plots</h2>",
     ]
     for p in plots:

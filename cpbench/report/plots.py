@@ -16,8 +16,9 @@ Conventions
   product, the size of the Tucker-2 core's channel plane) and labelled ``r_outxr_in``.
 * A row's rank for the accuracy plot (which is per cell, not per layer) is the rank shared by all its
   layers, or the mean of the layers' rank numbers when a rank table gives them different ranks.
-* A cell is "noisy" when its timing was flagged noisy (``row["noisy"]``); for per-layer points a
-  ``row["layer_noisy"][layer]`` flag is used when the row has one.
+* A cell is "flagged" when any timing flag is set (:func:`cpbench.measure.intervals.flag_labels`: busy, disagree,
+  wide; ``noisy`` in rows of old runs); per-layer points use ``layer_timing_flags[layer]`` (old
+  rows: ``layer_noisy[layer]``) when the row has one.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ..measure.intervals import flag_labels
 from ..run.record import CellResult
 from .tables import accuracy_drop  # noqa: F401  (one definition for tables, plots and exports)
 
@@ -115,7 +117,7 @@ class ParetoPoint:
     speedup: float       # whole-network measured speedup (y)
     speedup_lo: float
     speedup_hi: float
-    noisy: bool
+    flagged: bool        # a timing flag is set (busy, disagree, wide; noisy in rows of old runs)
     cell_key: str | None
     model_name: str = ""  # the model plugin's name (``row["model"]``), e.g. "charnet"
 
@@ -134,7 +136,7 @@ def pareto_points(rows: list[dict]) -> list[ParetoPoint]:
             backend=str(c.backend), threads=c.threads, batch=c.batch,
             finetune_epochs=c.finetune_epochs, drop=drop, speedup=sp,
             speedup_lo=sp if lo is None else lo, speedup_hi=sp if hi is None else hi,
-            noisy=bool(c.noisy), cell_key=c.cell_key, model_name=str(c.model)))
+            flagged=bool(flag_labels(c)), cell_key=c.cell_key, model_name=str(c.model)))
     return out
 
 
@@ -164,7 +166,7 @@ class EfficiencyPoint:
     measured: float      # y: measured layer speedup
     measured_lo: float
     measured_hi: float
-    noisy: bool
+    flagged: bool        # a timing flag is set (busy, disagree, wide; noisy in rows of old runs)
     cell_key: str | None
 
 
@@ -174,7 +176,8 @@ def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
     for c in _ok(rows):
         meas, theo = c.layer_speedup or {}, c.layer_theoretical_speedup or {}
         cis, ranks = c.layer_speedup_ci or {}, c.rank if isinstance(c.rank, dict) else {}
-        layer_noisy = c.layer_noisy if isinstance(c.layer_noisy, dict) else {}
+        layer_flags = c.layer_timing_flags if isinstance(c.layer_timing_flags, dict) else {}
+        layer_noisy = c.layer_noisy if isinstance(c.layer_noisy, dict) else {}  # rows of old runs
         for layer, m in meas.items():
             m, t = _num(m), _num(theo.get(layer))
             if m is None or t is None:
@@ -185,7 +188,8 @@ def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
                 model=_model_label(c), layer=str(layer), backend=str(c.backend),
                 decomposer=str(c.decomposer), rank=rank_label(ranks.get(layer, c.rank_spec)),
                 theoretical=t, measured=m, measured_lo=m if lo is None else lo, measured_hi=m if hi is None else hi,
-                noisy=bool(layer_noisy.get(layer, c.noisy)), cell_key=c.cell_key))
+                flagged=(any(layer_flags[layer].values()) if layer in layer_flags
+                         else bool(layer_noisy.get(layer, c.noisy))), cell_key=c.cell_key))
     return out
 
 
@@ -263,9 +267,9 @@ def _figure(w=9.0, h=4.8) -> Figure:
     return fig
 
 
-def _noisy_handle():
+def _flagged_handle():
     return Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
-                  label="noisy timing (hollow)")
+                  label="flagged timing (hollow)")
 
 
 def _legend(ax, handles):
@@ -288,13 +292,13 @@ def draw_pareto(points: list[ParetoPoint], *, title: str = "", paper: bool = Fal
     styles = style_map(p.decomposer for p in points)
     for name, (colour, marker) in styles.items():
         labelled = False
-        for noisy in (False, True):
-            pts = [p for p in points if p.decomposer == name and p.noisy == noisy]
+        for flagged in (False, True):
+            pts = [p for p in points if p.decomposer == name and p.flagged == flagged]
             if not pts:
                 continue
             ax.errorbar([p.drop for p in pts], [p.speedup for p in pts],
                         yerr=[[p.speedup - p.speedup_lo for p in pts], [p.speedup_hi - p.speedup for p in pts]],
-                        fmt=marker, color=colour, markerfacecolor="none" if noisy else colour, markersize=7,
+                        fmt=marker, color=colour, markerfacecolor="none" if flagged else colour, markersize=7,
                         capsize=3, linewidth=1, label=None if labelled else name)
             labelled = True
     if len(points) <= 30:
@@ -314,7 +318,7 @@ def draw_pareto(points: list[ParetoPoint], *, title: str = "", paper: bool = Fal
     ax.set_title(title or "speedup against accuracy drop")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
-    _legend(ax, handles + ([_noisy_handle()] if any(p.noisy for p in points) else []))
+    _legend(ax, handles + ([_flagged_handle()] if any(p.flagged for p in points) else []))
     return fig
 
 
@@ -326,13 +330,13 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
     markers = {n: m for n, (_, m) in style_map(p.decomposer for p in points).items()}
     for (backend, dec) in sorted({(p.backend, p.decomposer) for p in points}):
         colour, marker = colours[backend], markers[dec]
-        for noisy in (False, True):
-            pts = [p for p in points if (p.backend, p.decomposer) == (backend, dec) and p.noisy == noisy]
+        for flagged in (False, True):
+            pts = [p for p in points if (p.backend, p.decomposer) == (backend, dec) and p.flagged == flagged]
             if not pts:
                 continue
             ax.errorbar([p.theoretical for p in pts], [p.measured for p in pts],
                         yerr=[[p.measured - p.measured_lo for p in pts], [p.measured_hi - p.measured for p in pts]],
-                        fmt=marker, color=colour, markerfacecolor="none" if noisy else colour, markersize=7,
+                        fmt=marker, color=colour, markerfacecolor="none" if flagged else colour, markersize=7,
                         capsize=3, linewidth=1)
     if len(points) <= 30:
         for p in points:
@@ -346,8 +350,8 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
     handles += ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1, label="y = x (ideal)")
     _log_if_wide(ax, [lo, hi], "x")
     _log_if_wide(ax, [lo, hi], "y")
-    if any(p.noisy for p in points):
-        handles.append(_noisy_handle())
+    if any(p.flagged for p in points):
+        handles.append(_flagged_handle())
     ax.set_xlabel("theoretical layer speedup (FLOP ratio, ×)")
     ax.set_ylabel("measured layer speedup (×, 95% CI)")
     ax.set_title(title or "per-layer efficiency: measured against theoretical speedup")
