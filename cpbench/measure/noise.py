@@ -26,8 +26,9 @@ __all__ = ["BUSY_OTHER_RUNNABLE", "BUSY_STEAL", "SLOW_FREQ", "snapshot", "NoiseS
 #: Mean number of *other* runnable threads (beyond the timed process's own) at or above which the
 #: machine counts as busy while a cell was timed. Half a thread means another job was runnable half
 #: the time: on a 2-core machine with the timed work on one core, a second process busy on the other
-#: core already shares the L3 cache and memory bandwidth with it; see benchmarks/scripts/interval_coverage.py
-#: for the measurement behind this threshold.
+#: core already shares the L3 cache and memory bandwidth with it (the under-load check of issue 17).
+#: Not yet calibrated on a quiet machine: every cell measured so far saw 13 to 27 other runnable
+#: threads, and processes of one cell then disagreed by up to 10x.
 BUSY_OTHER_RUNNABLE = 0.5
 #: Fraction of CPU time stolen by the hypervisor at or above which the machine counts as busy.
 BUSY_STEAL = 0.05
