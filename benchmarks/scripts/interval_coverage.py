@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from cpbench.measure.intervals import flag_labels, row_flags
-from cpbench.results import read_results
+from cpbench.run.results import read_results
 
 TARGET_COVERAGE = 0.90
 TARGET_HALF_WIDTH = 0.05
