@@ -116,7 +116,7 @@ def _worker(payload: bytes, cores: list[int] | None, kernel: str | None = None) 
     spec = torch.load(io.BytesIO(payload), weights_only=False)
     start = time.perf_counter()
     pairs = _time_pairs(spec["backend"], spec["pairs"], spec["threads"])
-    return {"pid": os.getpid(), "pairs": pairs, "cores": sorted(os.sched_getaffinity(0)),
+    return {"pid": os.getpid(), "pairs": pairs, "cores": sorted(os.sched_getaffinity(0)) if cores else None,
             "seconds": time.perf_counter() - start}
 
 
@@ -285,9 +285,12 @@ def time_in_processes(
         with sampler(own_threads=threads) as s:
             t0 = time.perf_counter()
             if why_not is None:
-                res = _server().run(payload, cores)
-                mode = "process"
-            else:
+                try:
+                    res = _server().run(payload, cores)
+                    mode = "process"
+                except RuntimeError as exc:  # e.g. a model class the worker cannot import: time it here
+                    why_not = str(exc).splitlines()[0]
+            if why_not is not None:
                 res = {"pid": os.getpid(), "pairs": _time_pairs(backend, per, threads), "cores": None}
                 mode = "in-process"
             secs = time.perf_counter() - t0
