@@ -71,8 +71,10 @@ from cpbench.nn.layers import CPBlock, geometry
 from cpbench.measure.machine import machine_info
 from cpbench.plugin.manager import Plugins
 from cpbench.measure.threads import thread_limits
-from cpbench.measure.stats import speedup_across_passes
-from cpbench.measure.timing import TimingBudget, time_pair
+from cpbench.measure.intervals import WIDE_REL
+from cpbench.measure.stats import arm_stats, speedup_across_passes, speedup_ci
+from cpbench.measure.timing import PairedTiming, TimingBudget, time_pair
+from cpbench.measure.workers import PairSpec, time_in_processes
 
 
 @dataclass(frozen=True)
@@ -164,16 +166,24 @@ def contenders(medians: dict[str, float], band: float = CONTEND, most: int = CON
     return [n for _, n in near[:most]]
 
 
-def final_pass(cell: dict, base: dict, comp: tuple, budget: TimingBudget) -> None:
-    """Time every baseline contender (``base``: name -> prepared) against the compressed winner, paired,
-    and record the pass against the fastest of them (the lowest speedup: conservative)."""
-    pc, xc, _ = comp
-    timed = {}
-    for name in cell["baseline_contenders"]:
-        pb, xb, _ = base[name]
-        timed[name] = time_pair(lambda: pb(xb), lambda: pc(xc), budget)
+def final_pass(cell: dict, conv: nn.Module, block: nn.Module, x: torch.Tensor, backends_by_name: dict,
+               budget: TimingBudget) -> None:
+    """In one fresh worker process (:mod:`cpbench.measure.workers`; both arms prepared afresh there), time every
+    baseline contender against the compressed winner, paired, and record the pass against the fastest
+    of them (the lowest speedup: conservative), with whether the machine was busy meanwhile."""
+    comp = backends_by_name[cell["best_compressed"]]
+    specs = [PairSpec(n, conv, block, x, budget, baseline_backend=backends_by_name[n], compressed_backend=comp)
+             for n in cell["baseline_contenders"]]
+    (run,) = time_in_processes(None, specs, threads=cell["threads"], processes=1)
+    timed = {n: _paired(run.pairs[n]) for n in cell["baseline_contenders"]}
     fastest = min(timed, key=lambda n: (timed[n].speedup, cell["baseline_contenders"].index(n)))
-    add_pass(cell, timed[fastest], fastest, {n: t.speedup for n, t in timed.items()})
+    add_pass(cell, timed[fastest], fastest, {n: t.speedup for n, t in timed.items()}, busy=bool(run.noise["busy"]))
+
+
+def _paired(samples: dict) -> PairedTiming:
+    a, b = samples["baseline_ms"], samples["compressed_ms"]
+    point, ci = speedup_ci(a, b)
+    return PairedTiming(arm_stats(a), arm_stats(b), point, ci, tuple(samples["calls_per_round"]), a, b)
 
 
 def prepare_all(backends, model, x, threads, errors, tag):
@@ -234,12 +244,13 @@ def run_cell(layer, rank, batch, threads, backends, base_preps, final_budget, x)
         "compressed_form": per_backend[best_c]["cp_forms"],
         "backends": per_backend, "errors": errors, "status": "ok", "passes": [],
     }
-    final_pass(cell, base_preps, comp[best_c], final_budget)
     close_all(comp)
+    final_pass(cell, conv, block, x, {b.name: b for b in backends}, final_budget)
     return cell
 
 
-def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | None = None) -> None:
+def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | None = None,
+             busy: bool = False) -> None:
     """Record one final pass and recompute the cell's figures from all its passes so far.
 
     speedup = geometric mean of the passes' ratios of medians; ci / ci99 = t-intervals over the passes
@@ -250,7 +261,7 @@ def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | No
         "speedup": final.speedup, "within_ci": list(final.speedup_ci),
         "baseline_ms": final.baseline.median_ms, "compressed_ms": final.compressed.median_ms,
         "noisy": final.noisy, "rounds": final.baseline.rounds,
-        "baseline": baseline or cell.get("best_baseline"), "speedup_by_baseline": speedups,
+        "baseline": baseline or cell.get("best_baseline"), "speedup_by_baseline": speedups, "busy": busy,
     })
     ps = cell["passes"]
     if len(ps) == 1:
@@ -263,6 +274,11 @@ def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | No
     cell["compressed_ms"] = statistics.median(q["compressed_ms"] for q in ps)
     cell["efficiency"] = cell["speedup"] / cell["theo"]
     cell["noisy"] = any(q["noisy"] for q in ps)
+    # the flags of cpbench.measure.intervals, over passes instead of processes
+    lo, hi = cell["ci"]
+    cell["flags"] = {"busy": any(q.get("busy") for q in ps),
+                     "wide": (hi - lo) / 2 / cell["speedup"] > WIDE_REL,
+                     "disagree": len(ps) > 1 and any(q["within_ci"][1] < lo or q["within_ci"][0] > hi for q in ps)}
     cell["rounds"] = sum(q["rounds"] for q in ps)
     # the baseline reported: the one fastest in most passes (earliest contender on a tie)
     order = cell.get("baseline_contenders") or [q["baseline"] for q in ps if q["baseline"]]
@@ -272,25 +288,15 @@ def add_pass(cell: dict, final, baseline: str | None = None, speedups: dict | No
 
 
 def repass(cell: dict, layer: Layer, backends_by_name: dict, final_budget: TimingBudget) -> None:
-    """One more final pass of a finished cell: its baseline contenders and compressed winner prepared
-    afresh, timed again."""
+    """One more final pass of a finished cell, in a fresh process: its baseline contenders and compressed
+    winner prepared afresh there, timed again."""
     conv, block = build(layer, cell["rank"])
     x = _input(layer, cell["batch"])
-    with thread_limits(cell["threads"]):
-        errors: dict[str, str] = {}
-        base = prepare_all([backends_by_name[n] for n in cell["baseline_contenders"]], conv, x, cell["threads"],
-                           errors, "baseline")
-        comp = prepare_all([backends_by_name[cell["best_compressed"]]], block, x, cell["threads"], errors,
-                           "compressed")
-        try:
-            if errors:
-                cell["errors"].update({f"pass {len(cell['passes']) + 1}: {k}": v for k, v in errors.items()})
-                return
-            final_pass(cell, base, comp[cell["best_compressed"]], final_budget)
-        finally:
-            close_all(base)
-            close_all(comp)
-            gc.collect()
+    try:
+        final_pass(cell, conv, block, x, backends_by_name, final_budget)
+    except RuntimeError as exc:  # a worker that failed: the pass is missing, the suite goes on
+        cell["errors"][f"pass {len(cell['passes']) + 1}"] = str(exc)
+    gc.collect()
 
 
 def _input(layer: Layer, batch: int) -> torch.Tensor:
@@ -354,7 +360,7 @@ def format_row(c: dict) -> str:
     return (f"{c['layer']:<20} {c['rank']:>4} {c['batch']:>3} {c['threads']:>2} {c['theo']:>6.2f} "
             f"{c['baseline_ms']:>9.3f} {c['compressed_ms']:>9.3f} {c['speedup']:>7.2f} {ci:>15} "
             f"{c['efficiency']:>5.2f}  {c['best_baseline']:<14} {c['best_compressed']} ({forms})"
-            + ("  noisy" if c["noisy"] else ""))
+            + "".join(f"  {k}" for k, v in (c.get("flags") or {}).items() if v))
 
 
 def _key(c):
@@ -393,6 +399,11 @@ def summarize(runs: list[list[dict]]) -> dict:
             summary[f"repeat{tag}_run2_in_run1_ci"] = len(b_in_a)
             summary[f"repeat{tag}_inside_other_ci"] = len(inside)
             summary[f"repeat{tag}_fraction"] = len(inside) / len(common) if common else 0.0
+            quiet = [k for k in common if not (a[k].get("flags") or {}).get("busy")
+                     and not (b[k].get("flags") or {}).get("busy")]
+            summary[f"repeat{tag}_not_busy_cells"] = len(quiet)
+            summary[f"repeat{tag}_not_busy_fraction"] = (sum(k in inside for k in quiet) / len(quiet)
+                                                         if quiet else None)
             summary[f"repeat{tag}_outside"] = [
                 list(k) + [round(a[k]["speedup"], 3), [round(v, 3) for v in b[k][field]],
                            round(b[k]["speedup"], 3), [round(v, 3) for v in a[k][field]]]
@@ -456,6 +467,9 @@ def print_summary(summary: dict, out=sys.stdout) -> None:
                   f"{' judged here' if judged else ''}; one way: run 1 in run 2's CI "
                   f"{summary[f'repeat{tag}_run1_in_run2_ci']}, run 2 in run 1's {summary[f'repeat{tag}_run2_in_run1_ci']})",
                   file=out)
+            if summary.get(f"repeat{tag}_not_busy_fraction") is not None:
+                print(f"       flagged busy in neither run: {summary[f'repeat{tag}_not_busy_fraction']:.0%} of "
+                      f"{summary[f'repeat{tag}_not_busy_cells']} cells", file=out)
             for row in summary[f"repeat{tag}_outside"]:
                 print(f"    outside: {row}", file=out)
     else:
@@ -506,7 +520,7 @@ def main(argv=None) -> int:
           f"malloc {malloc}; OMP_WAIT_POLICY at torch load: {WAIT_POLICY_AT_LOAD}; "
           f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'default')}", flush=True)
     runs = []
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     for i in range(args.repeat):
         print(f"\n== run {i + 1}/{args.repeat}", flush=True)
         print(HEADER, flush=True)
@@ -525,6 +539,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"summary": summary, "runs": runs, "machine": machine_info(), "malloc": malloc,
+                       "started_at": started_at, "seconds": summary["wall_seconds"],
                        "omp_wait_policy": WAIT_POLICY_AT_LOAD,
                        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "default"),
                        "layers": [l.__dict__ for l in LAYERS]}, fh, indent=1, default=str)

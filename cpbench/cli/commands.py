@@ -207,7 +207,8 @@ def cmd_run(args) -> int:
     matrix = load_matrix(path, registries=plugins.registries)
     from ..run.validate import validate_matrix
 
-    ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    ctx = RunContext.from_matrix(matrix, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                 processes=args.processes, require_quiet_s=args.require_quiet)
     warnings = validate_matrix(matrix, plugins=plugins, ctx=ctx)
     extra = parse_columns(args.columns)
     out = Path(args.out) if args.out else Path("cpbench-runs") / path.stem
@@ -437,6 +438,35 @@ def _run_options(p) -> None:
                    help=f"more table columns: {', '.join(n for n in COLUMNS if n not in DEFAULT_COLUMNS)}, "
                         "or all (the table always has " + ", ".join(DEFAULT_COLUMNS) + "; every field: "
                         "cpbench report DIR --format csv)")
+    p.add_argument("--processes", type=_count, metavar="N",
+                   help="fresh timing processes per cell (default: [timing] processes, else 5; 0: in this process)")
+    p.add_argument("--require-quiet", type=_seconds, nargs="?", const=60.0, metavar="SECONDS",
+                   help="before timing each cell wait up to SECONDS (default 60) for a quiet machine; "
+                        "a cell still timed on a busy one is flagged busy")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number >= 0 is needed, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"seconds >= 0 are needed, not {text!r}")
+    return v
+
+
+def cmd_machine(args) -> int:
+    from ..measure.noise import format_machine_report, machine_report
+
+    report = machine_report(window_s=args.seconds)
+    print(json.dumps(report, indent=2) if args.json else format_machine_report(report))
+    return 0
 
 
 def _decompose_epilog() -> str:
@@ -476,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     _run_options(p)
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("machine", help="how busy this machine is now: noise probe, verdict, advice")
+    p.add_argument("--seconds", type=_seconds, default=3.0, help="how long to watch (default 3)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_machine)
 
     p = sub.add_parser("decompose", help="decompose one kernel file", epilog=_decompose_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,

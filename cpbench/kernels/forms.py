@@ -498,6 +498,7 @@ def optimize_cp_blocks(
     forms: Iterable[str] | None = None,
     clock: Callable[[], float] | None = None,
     convs: bool = True,
+    chosen: dict[str, str] | None = None,
 ) -> tuple[nn.Module, list[BlockChoice]]:
     """A copy of ``model`` (eval, in ``layout``) with each CPBlock — and each plain conv that is one
     matrix product — in its fastest exact form.
@@ -513,6 +514,10 @@ def optimize_cp_blocks(
     forms : the CP-block candidates (default :data:`DEFAULT_FORMS`, those of them that apply).
     convs : also consider :class:`ConvGemm` for plain ``nn.Conv2d`` layers outside CP blocks (default
         True): a backend gives the baseline network the same treatment as the compressed one.
+    chosen : replay earlier choices instead of timing: ``{name: form}`` as in the ``choices`` of an
+        earlier call (see :func:`replayed_choices`). A worker process timing the same pair builds
+        exactly the forms the parent chose, so the processes measure one prepared model, not each its
+        own pick from a short and noisy comparison.
 
     Returns
     -------
@@ -534,6 +539,13 @@ def optimize_cp_blocks(
     def choose(name: str, module: nn.Module, built: str, cands: list[tuple[str, Callable[[], nn.Module]]],
                skipped: dict[str, str] | None = None):
         xin = inputs[name]
+        if chosen is not None:
+            form = chosen.get(name or "<model>", built)
+            make = dict(cands).get(form)
+            pick = module if make is None else as_layout(make(), layout)
+            choices.append(BlockChoice(name or "<model>", tuple(xin.shape), form if make else built, 1.0,
+                                       {"replayed": True}))
+            return pick
         ref = module(xin)
         best_form, best = built, module
         speed_vs_built = 1.0
@@ -582,6 +594,17 @@ def optimize_cp_blocks(
     if err > MATCH_RTOL * 10:
         raise AssertionError(f"optimized model differs from the original by {err:.2e} (relative)")
     return work, choices
+
+
+def replayed_choices(info: dict) -> dict[str, str] | None:
+    """``{name: form}`` from a backend's ``info["cp_forms"]`` (None when it made no choices)."""
+    forms = info.get("cp_forms")
+    if forms is None:
+        return None
+    return {c["name"]: c["form"] for c in forms}
+
+
+__all__.append("replayed_choices")
 
 
 def apply_forms(model: nn.Module, form: str, *, layout: str = "contiguous") -> nn.Module:

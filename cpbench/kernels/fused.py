@@ -227,6 +227,12 @@ def build_kernel(march: str = NATIVE, *, verbose: bool = False) -> KernelBuild:
     return KernelBuild(_register(march, key, path, module), False, time.perf_counter() - t0, inputs)
 
 
+def loaded_marches() -> list[str]:
+    """The builds this process has loaded (a timing worker loads the same ones before unpickling models
+    that call the operator; loading never compiles, so a worker pays no build)."""
+    return list(_LOADED)
+
+
 def kernel_available(march: str = NATIVE) -> bool:
     """True if the kernel is built for this machine and loads (never compiles)."""
     return kernel_status(march) is None
@@ -262,6 +268,11 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
     padded = w.new_zeros(g, k, count * panel)
     padded[..., :n] = w
     return padded.reshape(g, k, count, panel).permute(0, 2, 1, 3).contiguous()
+
+
+def _repack_after_load(module: "CPFusedBlock", _keys) -> None:
+    """A module-level hook (a lambda would keep the block from pickling into a timing worker)."""
+    module._repack()
 
 
 class CPFusedBlock(nn.Module):
@@ -303,7 +314,7 @@ class CPFusedBlock(nn.Module):
         self.register_buffer("w_in_packed", None, persistent=False)
         self.register_buffer("w_out_packed", None, persistent=False)
         self._repack()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._repack())
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     def _repack(self) -> None:
         self._kept = None

@@ -6,8 +6,9 @@ rank_spec, backend, threads, batch, finetune_epochs, seed). For each matched pai
 B = after):
 
 speedup
-    a regression when B is slower by more than ``threshold`` (relative) AND the two 95 % confidence
-    intervals do not overlap (a row without a CI is judged on the threshold alone).
+    a regression when B is slower by more than ``threshold`` (relative) AND the two 95 % intervals
+    separate; rows timed in fresh processes carry between-process intervals, so a rerun alone does not
+    separate them. A row without an interval is not judged; a row timed on a busy machine is named.
 accuracy
     fine-tuned accuracy, else the decomposed one; a regression when it drops by more than
     ``accuracy_threshold`` percentage points.
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..measure.intervals import row_flags
 from ..run.record import AXIS_KEYS, CellResult
 from ..run.results import RESULTS_FILE, latest_rows, read_results
 
@@ -170,6 +172,11 @@ def _ci(v) -> tuple[float, float] | None:
 
 
 def _speedup(a: CellResult, b: CellResult, threshold: float) -> MetricChange | None:
+    """A speedup regression needs both: a change beyond ``threshold`` and intervals that separate.
+
+    The intervals of rows timed in several fresh processes cover the variation between processes (and
+    so between runs); a change whose intervals still overlap is within what a rerun alone gives, and a
+    row without an interval cannot be judged."""
     sa, sb = _num(a.speedup), _num(b.speedup)
     if sa is None or sb is None or sa <= 0:
         return None
@@ -178,15 +185,17 @@ def _speedup(a: CellResult, b: CellResult, threshold: float) -> MetricChange | N
     m = MetricChange("speedup", sa, sb, change, ca, cb)
     overlap = None if ca is None or cb is None else not (cb[1] < ca[0] or cb[0] > ca[1])
     big = abs(change) > threshold
-    if big and overlap is not True:
+    busy = [run for run, r in (("A", a), ("B", b)) if row_flags(r).get("busy")]
+    note = f"; run {' and '.join(busy)} timed on a busy machine" if busy else ""
+    if big and overlap is False:
         if change < 0:
             m.regression = True
-            m.reason = f"speedup {sa:.3g} → {sb:.3g} ({100 * change:+.1f} %)" + (
-                ", CIs disjoint" if overlap is False else ", no CI")
+            m.reason = f"speedup {sa:.3g} → {sb:.3g} ({100 * change:+.1f} %), intervals separate" + note
         else:
             m.improvement = True
+            m.reason = note.lstrip("; ")
     elif big:
-        m.reason = "change within noise (CIs overlap)"
+        m.reason = ("change within noise (intervals overlap)" if overlap else "no interval to judge the change by") + note
     return m
 
 

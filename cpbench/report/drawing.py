@@ -35,9 +35,9 @@ def _figure(w=9.0, h=4.8) -> Figure:
     return fig
 
 
-def _noisy_handle():
+def _flagged_handle():
     return Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="0.3",
-                  label="noisy timing (hollow)")
+                  label="flagged timing (hollow)")
 
 
 def _legend(ax, handles):
@@ -70,13 +70,13 @@ def draw_pareto(points: list[ParetoPoint], *, title: str = "", references: Seque
     styles = style_map(p.decomposer for p in points)
     for name, (colour, marker) in styles.items():
         labelled = False
-        for noisy in (False, True):
-            pts = [p for p in points if p.decomposer == name and p.noisy == noisy]
+        for flagged in (False, True):
+            pts = [p for p in points if p.decomposer == name and p.flagged == flagged]
             if not pts:
                 continue
             ax.errorbar([p.drop for p in pts], [p.speedup for p in pts],
                         yerr=[[p.speedup - p.speedup_lo for p in pts], [p.speedup_hi - p.speedup for p in pts]],
-                        fmt=marker, color=colour, markerfacecolor="none" if noisy else colour, markersize=7,
+                        fmt=marker, color=colour, markerfacecolor="none" if flagged else colour, markersize=7,
                         capsize=3, linewidth=1, label=None if labelled else name)
             labelled = True
     from .plots import _short_rank, pareto_front  # here: plots.py re-exports this module's functions
@@ -104,7 +104,7 @@ def draw_pareto(points: list[ParetoPoint], *, title: str = "", references: Seque
     ax.set_title(title or "speedup against accuracy drop")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
-    _legend(ax, handles + ([_noisy_handle()] if any(p.noisy for p in points) else []))
+    _legend(ax, handles + ([_flagged_handle()] if any(p.flagged for p in points) else []))
     return fig
 
 
@@ -123,13 +123,13 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
         ax = fig.add_subplot(nr, nc, k + 1)
         mine = [p for p in points if (p.model, p.layer) == (model, layer)]
         for (backend, dec) in sorted({(p.backend, p.decomposer) for p in mine}):
-            for noisy in (False, True):
-                pts = [p for p in mine if (p.backend, p.decomposer) == (backend, dec) and p.noisy == noisy]
+            for flagged in (False, True):
+                pts = [p for p in mine if (p.backend, p.decomposer) == (backend, dec) and p.flagged == flagged]
                 if not pts:
                     continue
                 ax.errorbar([p.theoretical for p in pts], [p.measured for p in pts],
                             yerr=[[p.measured - p.measured_lo for p in pts], [p.measured_hi - p.measured for p in pts]],
-                            fmt=markers[dec], color=colours[backend], markerfacecolor="none" if noisy else colours[backend],
+                            fmt=markers[dec], color=colours[backend], markerfacecolor="none" if flagged else colours[backend],
                             markersize=7, capsize=3, linewidth=1)
         ax.plot([lo, hi], [lo, hi], color="0.4", linestyle="--", linewidth=1)
         ax.axhline(1.0, color="0.6", linewidth=0.8)
@@ -148,8 +148,8 @@ def draw_efficiency(points: list[EfficiencyPoint], *, title: str = "") -> Figure
     handles = [Line2D([], [], linestyle="none", marker="s", color=c, label=f"backend {n}") for n, c in colours.items()]
     handles += [Line2D([], [], linestyle="none", marker=m, color="0.3", label=n) for n, m in markers.items()]
     handles.append(Line2D([], [], color="0.4", linestyle="--", linewidth=1, label="y = x (ideal)"))
-    if any(p.noisy for p in points):
-        handles.append(_noisy_handle())
+    if any(p.flagged for p in points):
+        handles.append(_flagged_handle())
     fig.legend(handles=handles, fontsize=8, loc="outside right upper")
     fig.suptitle(title or "per-layer efficiency: measured against theoretical speedup")
     return fig

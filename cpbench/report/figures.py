@@ -49,7 +49,7 @@ def pareto_plots(rows: list[dict]) -> list[Plot]:
 
     cap = ("Measured whole-network speedup (95% CI as error bars) against the accuracy drop after fine-tuning "
            "(base − fine-tuned, or − decomposed without fine-tuning), one marker and colour per decomposer; "
-           "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: noisy timings.")
+           "the dashed step is the Pareto front (max speedup, min drop). Hollow markers: flagged timings (busy, disagree or wide).")
     title = "Speedup against accuracy drop"
     pts = P.pareto_points(rows)
     if not _any_ok(rows):
@@ -73,7 +73,7 @@ def efficiency_plot(rows: list[dict]) -> Plot:
     from . import plots as P
 
     cap = ("One panel per replaced layer: measured layer speedup (95% CI) against its theoretical speedup (FLOP "
-           "ratio); colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: noisy timings.")
+           "ratio); colour = backend, marker = decomposer; the dashed line is y = x. Hollow markers: flagged timings (busy, disagree or wide).")
     pts = P.efficiency_points(rows)
     if pts:
         return Plot("efficiency", "Efficiency per layer", cap, png=_png(P.draw_efficiency(pts)))

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import UsageError
+from ..measure.intervals import flag_labels
 from ..run.record import CellResult
 from ..run.results import RESULTS_FILE, latest_rows, read_results
 from .figures import Plot, build_plots
@@ -145,11 +146,15 @@ def _merge(values: list[dict]) -> dict:
 
 
 def _counts(rows) -> str:
-    from .verdict import row_flags
-
-    ok = [r for r in rows if CellResult.from_row(r).ok]
-    flagged = sum(bool(row_flags(r)) for r in ok)
-    return f"{len(rows)} cells: {len(ok)} ok, {len(rows) - len(ok)} failed, {flagged} flagged"
+    cells = [CellResult.from_row(r) for r in rows]
+    ok = sum(c.ok for c in cells)
+    flagged: dict[str, int] = {}
+    for c in cells:
+        if c.ok:
+            for f in flag_labels(c):
+                flagged[f] = flagged.get(f, 0) + 1
+    what = ", ".join(f"{n} {f}" for f, n in flagged.items()) or "none"
+    return f"{len(rows)} cells: {ok} ok, {len(rows) - ok} failed; timing flags: {what}"
 
 
 def _matrix_text(run_dir: Path) -> str | None:
@@ -169,7 +174,7 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bo
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f3f3f3;position:sticky;top:0}table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr.error td{background:#fdecea}tr.noisy td.sp{background:#fff6d6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.error td{background:#fdecea}tr.flagged td.sp{background:#fff6d6}
 .scroll{overflow-x:auto}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em;max-width:60em}.note{color:#8a5a00;background:#fff6d6;padding:.4em .7em;
 display:inline-block}pre{background:#f6f8fa;padding:.7em;overflow-x:auto;font-size:.85em}
@@ -235,7 +240,7 @@ def _html_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         s = row_summary(r)
-        cls = "error" if s["status"] != "ok" else "noisy" if s["noisy"] else ""
+        cls = "error" if s["status"] != "ok" else "flagged" if s["flags"] else ""
         tds = []
         for c in cols:
             v = s[c]
@@ -315,7 +320,9 @@ def render_html(rows: list[dict], plots: list[Plot], *, run_dir: Path, matrix: s
         _html_verdict(rows, max_drop, notes or []),
         *([_html_plot(headline)] if headline is not None else []),
         "<h2 id=\"summary-table\">Summary</h2><p class=\"meta\">Click a column header to sort. Accuracies in %, "
-        "acc_drop in percentage points; speedup_lo/hi are the 95% CI; red rows failed, yellow speedups are noisy; "
+        "acc_drop in percentage points; speedup_lo/hi are the 95% interval over the cell's fresh timing processes; red rows failed, yellow speedups "
+        "are flagged (busy: the machine was busy while timing; disagree: a process measured outside the interval; "
+        "wide: half-width above 5%); machine_noise is the probe's verdict; "
         "columns empty in every row are left out (every field: <code>cpbench report DIR --format csv</code>).</p>",
         _html_table(rows), "<h2 id=\"plots\">Plots</h2>",
     ]

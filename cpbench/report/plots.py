@@ -18,8 +18,9 @@ Conventions
   written before cpbench recorded it are plotted at the rank (a pair at r_out · r_in).
 * A row's rank for the accuracy plot (which is per cell, not per layer) is the rank shared by all its
   layers, or the mean of the layers' rank numbers when a rank table gives them different ranks.
-* A cell is "noisy" when its timing was flagged noisy (``row["noisy"]``); for per-layer points a
-  ``row["layer_noisy"][layer]`` flag is used when the row has one.
+* A cell is "flagged" when any timing flag is set (:func:`cpbench.measure.intervals.flag_labels`: busy, disagree,
+  wide; ``noisy`` in rows of old runs); per-layer points use ``layer_timing_flags[layer]`` (old
+  rows: ``layer_noisy[layer]``) when the row has one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
+from ..measure.intervals import flag_labels
 from ..run.record import CellResult
 from .tables import accuracy_drop  # noqa: F401  (one definition for tables, plots and exports)
 
@@ -139,7 +141,7 @@ class ParetoPoint:
     speedup: float       # whole-network measured speedup (y)
     speedup_lo: float
     speedup_hi: float
-    noisy: bool
+    flagged: bool        # a timing flag is set (busy, disagree, wide; noisy in rows of old runs)
     cell_key: str | None
     model_name: str = ""  # the model plugin's name (``row["model"]``), e.g. "charnet"
 
@@ -158,7 +160,7 @@ def pareto_points(rows: list[dict]) -> list[ParetoPoint]:
             backend=str(c.backend), threads=c.threads, batch=c.batch,
             finetune_epochs=c.finetune_epochs, drop=drop, speedup=sp,
             speedup_lo=sp if lo is None else lo, speedup_hi=sp if hi is None else hi,
-            noisy=bool(c.noisy), cell_key=c.cell_key, model_name=str(c.model)))
+            flagged=bool(flag_labels(c)), cell_key=c.cell_key, model_name=str(c.model)))
     return out
 
 
@@ -188,7 +190,7 @@ class EfficiencyPoint:
     measured: float      # y: measured layer speedup
     measured_lo: float
     measured_hi: float
-    noisy: bool
+    flagged: bool        # a timing flag is set (busy, disagree, wide; noisy in rows of old runs)
     cell_key: str | None
 
 
@@ -198,7 +200,8 @@ def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
     for c in _ok(rows):
         meas, theo = c.layer_speedup or {}, c.layer_theoretical_speedup or {}
         cis, ranks = c.layer_speedup_ci or {}, c.rank if isinstance(c.rank, dict) else {}
-        layer_noisy = c.layer_noisy if isinstance(c.layer_noisy, dict) else {}
+        layer_flags = c.layer_timing_flags if isinstance(c.layer_timing_flags, dict) else {}
+        layer_noisy = c.layer_noisy if isinstance(c.layer_noisy, dict) else {}  # rows of old runs
         for layer, m in meas.items():
             m, t = _num(m), _num(theo.get(layer))
             if m is None or t is None:
@@ -209,7 +212,8 @@ def efficiency_points(rows: list[dict]) -> list[EfficiencyPoint]:
                 model=_model_label(c), layer=str(layer), backend=str(c.backend),
                 decomposer=str(c.decomposer), rank=rank_label(ranks.get(layer, c.rank_spec)),
                 theoretical=t, measured=m, measured_lo=m if lo is None else lo, measured_hi=m if hi is None else hi,
-                noisy=bool(layer_noisy.get(layer, c.noisy)), cell_key=c.cell_key))
+                flagged=(any(layer_flags[layer].values()) if layer in layer_flags
+                         else bool(layer_noisy.get(layer, c.noisy))), cell_key=c.cell_key))
     return out
 
 

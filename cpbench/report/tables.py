@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..measure.intervals import flag_labels
 from ..run.record import CellResult
 
 __all__ = ["summary_columns", "row_summary"]
@@ -57,7 +58,8 @@ def row_summary(r: dict) -> dict:
         "acc_decomposed": _acc(c.accuracy_decomposed),
         "acc_finetuned": _acc(c.accuracy_finetuned), "acc_drop": None if drop is None else round(drop, 2),
         "theoretical_speedup": c.theoretical_speedup, "speedup": c.speedup,
-        "speedup_lo": ci[0], "speedup_hi": ci[1], "noisy": bool(c.noisy),
+        "speedup_lo": ci[0], "speedup_hi": ci[1], "flags": " ".join(flag_labels(c)),
+        "machine_noise": (c.noise or {}).get("verdict"),
         "baseline_ms": c.baseline_ms, "compressed_ms": c.compressed_ms,
         "error": c.error,
     }
@@ -92,7 +94,7 @@ def paper_rows(rows: list[dict]) -> list[dict]:
             "accuracy_base": c.accuracy_base, "accuracy_base_finetuned": c.accuracy_base_finetuned,
             "accuracy_decomposed": c.accuracy_decomposed, "accuracy_finetuned": c.accuracy_finetuned,
             "accuracy_drop": c.accuracy_drop(), "theoretical_speedup": c.theoretical_speedup,
-            "speedup": {b: (x.speedup, x.speedup_ci, x.noisy) for b, x in by_batch},
+            "speedup": {b: (x.speedup, x.speedup_ci, " ".join(flag_labels(x))) for b, x in by_batch},
             "compressed_ms": {b: x.compressed_ms for b, x in by_batch},
             "layer_speedup": {b: x.layer_speedup for b, x in by_batch},
             "layer_theoretical_speedup": c.layer_theoretical_speedup,
@@ -148,8 +150,8 @@ def paper_table(rows: list[dict], *, title: str) -> Table:
     for p in prow:
         cells = []
         for b in batches:
-            sp, ci, noisy = p["speedup"].get(b, (None, None, None))
-            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (" noisy" if noisy else ""))
+            sp, ci, flags = p["speedup"].get(b, (None, None, None))
+            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (f" {flags}" if flags else ""))
         if len(backends) > 1:
             cells += [_fmt(vs_fastest_baseline(p, b, best), "{:.2f}") for b in batches]
         t.add_row(p["decomposer"], _per_layer(p["rank"]), *([p["backend"]] if len(backends) > 1 else []),
@@ -173,14 +175,16 @@ def paper_verdict(rows: list[dict], *, target_speedup: float = 8.5, max_drop: fl
         for p in prow:
             if p["decomposer"] != dec or p["accuracy_drop"] is None or p["accuracy_drop"] > max_drop:
                 continue
-            for b, (sp, ci, _) in p["speedup"].items():
+            for b, (sp, ci, flags) in p["speedup"].items():
                 if sp is not None and (best is None or sp > best[0]):
-                    best = (sp, ci, b, p)
+                    best = (sp, ci, b, p, flags)
         if best is None:
             lines.append(f"{dec}: no row within a {max_drop:g}-point accuracy drop")
             continue
-        sp, ci, b, p = best
-        mark = "meets" if sp >= target_speedup else "below"
+        sp, ci, b, p, flags = best
+        # the interval decides: "meets" only when even its lower end does
+        lo, hi = (ci or (sp, sp))[0], (ci or (sp, sp))[1]
+        mark = "meets" if lo >= target_speedup else "below" if hi < target_speedup else "cannot tell (interval spans)"
         line = (f"{dec}: best within {max_drop:g} pt drop: {sp:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}] at batch {b} on "
                 f"{p['backend']}, ranks {_per_layer(p['rank'])}, drop {p['accuracy_drop']:.2f} pt — {mark} the "
                 f"paper's {target_speedup}×")
@@ -188,5 +192,7 @@ def paper_verdict(rows: list[dict], *, target_speedup: float = 8.5, max_drop: fl
         vs = vs_fastest_baseline(p, b, fastest)
         if vs is not None and ref is not None and ref[1] != p["backend"]:
             line += f"; {vs:.2f}× against the fastest original network in the run ({ref[1]}, {ref[0]:.3g} ms)"
+        if flags:
+            line += f" [timing flagged: {flags}]"
         lines.append(line)
     return lines

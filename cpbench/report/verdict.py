@@ -20,18 +20,20 @@ DEFAULT_MAX_DROP = 1.0
 
 
 def row_flags(row: dict) -> list[str]:
-    """Every flag on a result row, by name: ``noisy`` (whole network or a layer's timing), plus the
-    entries of any list-valued field whose name ends in ``flags`` (e.g. timing flags added later)."""
-    flags = []
-    if row.get("noisy"):
-        flags.append("noisy")
-    if isinstance(row.get("layer_noisy"), dict) and any(row["layer_noisy"].values()) and "noisy" not in flags:
+    """Every flag on a result row, by name: the whole network's timing flags
+    (:func:`cpbench.measure.intervals.flag_labels`: busy, disagree, wide; ``noisy`` in rows of old runs),
+    then ``"<flag> layer timing"`` for a flag set on any replaced layer's own timing."""
+    from ..measure.intervals import flag_labels
+
+    flags = flag_labels(row)
+    layers = row.get("layer_timing_flags")
+    if isinstance(layers, dict):
+        for per_layer in layers.values():
+            for name in flag_labels({"timing_flags": per_layer}) if isinstance(per_layer, dict) else ():
+                if f"{name} layer timing" not in flags:
+                    flags.append(f"{name} layer timing")
+    elif isinstance(row.get("layer_noisy"), dict) and any(row["layer_noisy"].values()) and "noisy" not in flags:
         flags.append("noisy layer timing")
-    for key, value in row.items():
-        if key.endswith("flags") and isinstance(value, (list, tuple)):
-            flags += [str(v) for v in value if str(v) not in flags]
-        elif key.endswith("flags") and isinstance(value, dict):
-            flags += [str(k) for k, v in value.items() if v and str(k) not in flags]
     return flags
 
 

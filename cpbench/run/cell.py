@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CpbenchError
+from ..measure.cell_timing import layer_row_fields, split_timing, timing_row_fields
 from ..measure.timing import TimingBudget
 from . import memo, stages
 from .cache import Cache
@@ -49,6 +50,8 @@ class RunContext:
     train_threads: int | None = None  # threads for training/fine-tuning (None: leave as is)
     train: dict = field(default_factory=dict)  # the matrix's [train] table: Recipe fields for base training
     spec_dir: str | None = None  # where the matrix file is: relative paths in its specs start there
+    processes: int | None = None  # fresh timing processes per cell (None: [timing] processes, or the default)
+    require_quiet_s: float | None = None  # wait up to this long for a quiet machine before timing a cell
 
     @classmethod
     def from_matrix(cls, matrix, **overrides) -> "RunContext":
@@ -61,7 +64,12 @@ class RunContext:
                       "spec_dir": _spec_dir(matrix), **overrides})
 
     def budget(self) -> TimingBudget:
-        return TimingBudget(**self.timing)
+        return self.timing_settings()[0]
+
+    def timing_settings(self) -> tuple[TimingBudget, int, bool]:
+        """(per-pair budget, processes, pin) from [timing], with ``processes`` overridden if set."""
+        budget, processes, pin = split_timing(self.timing)
+        return budget, processes if self.processes is None else self.processes, pin
 
     def cache(self) -> Cache:
         return Cache(self.cache_dir, enabled=self.use_cache)
@@ -95,6 +103,10 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
     from ..plugin.manager import get_plugins
 
     started = time.time()
+    if ctx.timing_settings()[1] > 0:
+        from ..measure.workers import start_fork_server
+
+        start_fork_server()  # imports torch in the background while the cell builds, decomposes, fine-tunes
     plugins = plugins or get_plugins()
     step = step or (lambda s: None)
     done: dict = {}
@@ -163,16 +175,14 @@ def record(result: CellResult, *, base: Base | None = None, compressed: Compress
         result.layer_theoretical_speedup = flops.layer_theoretical_speedup
         result.params_kept, result.layer_params_kept = flops.params_kept, flops.layer_params_kept
     if measurement is not None:
-        t = measurement.timing
-        result.allocator = measurement.allocator
-        result.baseline_ms, result.compressed_ms = t.baseline.median_ms, t.compressed.median_ms
-        result.baseline_p90_ms, result.compressed_p90_ms = t.baseline.p90_ms, t.compressed.p90_ms
-        result.baseline_iqr_ms, result.compressed_iqr_ms = t.baseline.iqr_ms, t.compressed.iqr_ms
-        result.speedup, result.speedup_ci, result.noisy = t.speedup, list(t.speedup_ci), t.noisy
-        result.timing_rounds, result.calls_per_round = t.baseline.rounds, list(t.calls_per_round)
-        result.backend_info, result.thread_state = measurement.backend_info, measurement.thread_state
-        result.layer_speedup, result.layer_speedup_ci = measurement.layer_speedup, measurement.layer_speedup_ci
-        result.layer_noisy = measurement.layer_noisy
+        m = measurement
+        result.allocator, result.backend_info, result.thread_state = m.allocator, m.backend_info, m.thread_state
+        result.noise, result.quiet_wait = m.noise, m.quiet_wait
+        fields = timing_row_fields(m.intervals[stages.MODEL], m.runs)
+        if m.layers:
+            fields.update(layer_row_fields(m.intervals, m.runs, m.layers))
+        for k, v in fields.items():
+            setattr(result, k, v)
     return result
 
 

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, list] = {
 }
 REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run", "train")
-TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel")
+TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel", "processes", "pin")
 RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
             "cell_timeout_s")
 
@@ -130,6 +130,12 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
     bad = sorted(set(timing) - set(TIMING_KEYS))
     if bad:
         raise MatrixError(f"{source}: unknown [timing] key(s) {bad}; allowed: {', '.join(TIMING_KEYS)}")
+    if "processes" in timing and (isinstance(timing["processes"], bool) or not isinstance(timing["processes"], int)
+                                  or timing["processes"] < 0):
+        raise MatrixError(f"{source}: [timing] processes must be a whole number >= 0 (0: time in the harness "
+                          f"process), not {timing['processes']!r}")
+    if "pin" in timing and not isinstance(timing["pin"], bool):
+        raise MatrixError(f"{source}: [timing] pin must be true or false, not {timing['pin']!r}")
     run = data.get("run", {})
     bad = sorted(set(run) - set(RUN_KEYS))
     if bad:

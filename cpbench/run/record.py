@@ -87,15 +87,24 @@ class CellResult:
     baseline_iqr_ms: float | None = _key("timing")
     compressed_iqr_ms: float | None = _key("timing")
     speedup: float | None = _key("timing")
-    speedup_ci: list | None = _key("timing")
-    noisy: bool | None = _key("timing")
+    speedup_ci: list | None = _key("timing")  # 95% two-level interval over the timing processes
+    speedup_half_width: float | None = _key("timing")
+    timing_flags: dict | None = _key("timing")  # {"wide", "busy", "disagree"} (cpbench.measure.intervals)
+    timing_processes: list | None = _key("timing")  # per fresh process: pid, speedup, medians, own interval...
+    timing_mode: str | None = _key("timing")  # "process", or "in-process" (processes = 0)
+    timing_pinned: list | None = _key("timing")
+    noise: dict | None = _key("timing")  # the machine before and during the timing, with a verdict
+    quiet_wait: dict | None = _key("timing")  # --require-quiet: how long the cell waited, quiet or not
+    noisy: bool | None = _key("timing")  # rows of older runs (IQR/median above 10% on either arm)
     timing_rounds: int | None = _key("timing")
     calls_per_round: list | None = _key("timing")
     backend_info: dict | None = _key("timing")
     thread_state: dict | None = _key("timing")
     layer_speedup: dict | None = _key("timing")
     layer_speedup_ci: dict | None = _key("timing")
-    layer_noisy: dict | None = _key("timing")
+    layer_timing_flags: dict | None = _key("timing")
+    layer_process_speedups: dict | None = _key("timing")
+    layer_noisy: dict | None = _key("timing")  # rows of older runs
     # -- a tuned plan (``cpbench tune``, rank spec {target_speedup = X}); absent from other rows ------
     layer_decomposer: dict | None = _key("tune")   # the method chosen per tunable layer ("keep": left as is)
     tune_layers: list | None = _key("tune")        # the layers the tune could replace
@@ -150,7 +159,8 @@ class CellResult:
 _FIELDS = {f.name for f in dataclasses.fields(CellResult)} - {"extra"}
 
 OPTIONAL_KEYS = frozenset({"traceback", "model_label", "weights_from", "finetune_cached", "layer_speedup", "layer_speedup_ci",
-                           "layer_noisy", "fidelity_loss"})
+                           "layer_noisy", "noisy", "quiet_wait", "layer_timing_flags", "layer_process_speedups",
+                           "timing_pinned", "fidelity_loss"})
 
 # Which keys each stage of a cell writes: a stage's keys appear in a row once any of them has a value (the
 # cell's own keys always), so an error row holds the keys of the stages that finished.

@@ -20,7 +20,9 @@ from torch import nn
 from ..decomposition.factorization import Factorization
 from ..errors import UsageError
 from ..measure.threads import thread_limits
-from ..measure.timing import PairedTiming, TimingBudget, time_pair
+from ..measure.cell_timing import MODEL, measure_pairs
+from ..measure.intervals import Interval
+from ..measure.workers import ProcessRun
 from ..nn.flops import count_flops
 from ..nn.surgery import conv_layers, decompose_layer, layer_input_shapes, replace_layers
 from .cache import key_of
@@ -309,32 +311,18 @@ def _n_params(module: nn.Module) -> int:
 
 @dataclass
 class Measurement:
-    """Paired timings of baseline and compressed on the cell's backend, threads and batch."""
+    """Baseline against compressed on the cell's backend, threads and batch, timed in fresh processes:
+    the interval of each pair (the whole network, :data:`MODEL`, and each replaced layer in ``layers``),
+    what every process measured, and the machine's noise meanwhile."""
 
     allocator: dict
-    timing: PairedTiming
+    intervals: dict[str, Interval]
+    runs: list[ProcessRun]
     backend_info: dict
     thread_state: dict
-    layer_speedup: dict[str, float] | None = None
-    layer_speedup_ci: dict[str, list[float]] | None = None
-    layer_noisy: dict[str, bool] | None = None
-
-
-def time_models(backend: Any, base: nn.Module, compressed: nn.Module, x: torch.Tensor, threads: int,
-                budget: TimingBudget) -> tuple[PairedTiming, dict]:
-    """Prepare both networks on ``backend`` and time them side by side; the timing and both preparations' info."""
-    pa = backend.prepare(base, x, threads=threads)
-    try:
-        pb = backend.prepare(compressed, x, threads=threads)
-        try:
-            xa, xb = pa.convert_input(x), pb.convert_input(x)
-            timing = time_pair(lambda: pa(xa), lambda: pb(xb), budget)
-            info = {"baseline": pa.info, "compressed": pb.info}
-        finally:
-            pb.close()
-    finally:
-        pa.close()
-    return timing, info
+    noise: dict
+    quiet_wait: dict | None = None
+    layers: list[str] | None = None  # the layers timed alone (None without per-layer timing)
 
 
 def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, backend: Any, ctx: "RunContext",
@@ -344,21 +332,20 @@ def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, ba
 
     step(f"timing on {backend.name}")
     allocator = configure_malloc()  # once per process, before any timing: both arms alike
-    budget = ctx.budget()
+    budget, processes, pin = ctx.timing_settings()
     x = torch.randn(cell.batch, *base.input_shape, generator=torch.Generator().manual_seed(cell.seed))
     with thread_limits(cell.threads) as threads_set:
-        timing, info = time_models(backend, base.model, model, x, cell.threads, budget)
-        out = Measurement(allocator, timing, info, threads_set)
+        pairs = [(MODEL, base.model, model, x, budget)]
         if ctx.per_layer_timing:
             shapes = layer_input_shapes(base.model, x, base.layers)
-            out.layer_speedup, out.layer_speedup_ci, out.layer_noisy = {}, {}, {}
+            layer_budget = dataclasses.replace(budget, budget_s=budget.budget_s / 2)
             for n in base.layers:
                 xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(cell.seed))
-                lt, _ = time_models(backend, base.convs[n], compressed.replacements[n].eval(), xin, cell.threads,
-                                    dataclasses.replace(budget, budget_s=budget.budget_s / 2))
-                out.layer_speedup[n], out.layer_speedup_ci[n], out.layer_noisy[n] = (
-                    lt.speedup, list(lt.speedup_ci), lt.noisy)
-    return out
+                pairs.append((n, base.convs[n], compressed.replacements[n].eval(), xin, layer_budget))
+        intervals, runs, extra = measure_pairs(backend, pairs, threads=cell.threads, processes=processes, pin=pin,
+                                               require_quiet_s=ctx.require_quiet_s)
+    return Measurement(allocator, intervals, runs, extra["backend_info"], threads_set, extra["noise"],
+                       extra.get("quiet_wait"), list(base.layers) if ctx.per_layer_timing else None)
 
 
 def weights_key(model: nn.Module) -> str:

@@ -99,13 +99,24 @@ def test_baseline_contenders_are_the_two_fastest_within_ten_percent():
 def test_each_final_pass_counts_against_the_fastest_baseline_contender(monkeypatch):
     # the fake pairs: a baseline's speedup over the compressed arm, per pass (onnxruntime is the faster
     # baseline in passes 1 and 3, channels-last in pass 2)
+    from types import SimpleNamespace
+
     speedups = iter([30.0, 33.0, 36.0, 35.0, 31.0, 34.0])
-    monkeypatch.setattr(layer_suite, "time_pair", lambda base, comp, budget: _pass(next(speedups)))
-    prep = (lambda x: x, None, None)
-    cell = {"theo": 40.0, "passes": [], "best_baseline": "channels-last",
+    seen = []
+
+    def fake_processes(backend, specs, *, threads, processes):  # one fresh process per pass
+        seen.append((processes, [s.label for s in specs]))
+        return [SimpleNamespace(pairs={s.label: {} for s in specs}, noise={"busy": len(seen) == 2})]
+
+    monkeypatch.setattr(layer_suite, "time_in_processes", fake_processes)
+    monkeypatch.setattr(layer_suite, "_paired", lambda samples: _pass(next(speedups)))
+    cell = {"theo": 40.0, "passes": [], "best_baseline": "channels-last", "best_compressed": "mkl", "threads": 1,
             "baseline_contenders": ["onnxruntime", "channels-last"]}
+    names = {"onnxruntime": None, "channels-last": None, "mkl": None}
     for _ in range(3):
-        layer_suite.final_pass(cell, {"onnxruntime": prep, "channels-last": prep}, prep, None)
+        layer_suite.final_pass(cell, None, None, None, names, None)
+    assert seen == [(1, ["onnxruntime", "channels-last"])] * 3
+    assert cell["flags"]["busy"] and [p["busy"] for p in cell["passes"]] == [False, True, False]
     assert [p["speedup"] for p in cell["passes"]] == [30.0, 35.0, 31.0]  # the lower speedup of each pass
     assert [p["baseline"] for p in cell["passes"]] == ["onnxruntime", "channels-last", "onnxruntime"]
     assert cell["passes"][1]["speedup_by_baseline"] == {"onnxruntime": 36.0, "channels-last": 35.0}

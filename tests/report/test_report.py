@@ -43,7 +43,7 @@ def test_pareto_points_equal_rows(rows):
         assert (p.speedup_lo, p.speedup_hi) == tuple(r["speedup_ci"])
         assert p.drop == pytest.approx(100 * (r["accuracy_base"] - r["accuracy_finetuned"]))
         assert p.drop == pytest.approx(row_summary(r)["acc_drop"], abs=0.01)  # same number as the table
-        assert p.noisy == r["noisy"] and p.model_name == "charnet"
+        assert p.flagged == r["noisy"] and p.model_name == "charnet"
     assert [p.rank for p in pts] == ["8", "16", "8x4", "16x8"]
 
 
@@ -83,15 +83,15 @@ def test_efficiency_points_equal_rows(rows):
         for layer in ("conv2", "conv3"):
             expected.add((r["decomposer"], layer, r["backend"], r["layer_theoretical_speedup"][layer],
                           r["layer_speedup"][layer], *r["layer_speedup_ci"][layer], r["noisy"]))
-    got = {(p.decomposer, p.layer, p.backend, p.theoretical, p.measured, p.measured_lo, p.measured_hi, p.noisy)
+    got = {(p.decomposer, p.layer, p.backend, p.theoretical, p.measured, p.measured_lo, p.measured_hi, p.flagged)
            for p in pts}
     assert got == expected and len(pts) == 8
-    assert sum(p.noisy for p in pts) == 2  # the noisy cell's two layers
+    assert sum(p.flagged for p in pts) == 2  # the noisy cell's two layers
 
 
 def test_efficiency_uses_layer_noisy_when_present(rows):
     r = dict(rows[0], noisy=False, layer_noisy={"conv2": True, "conv3": False})
-    assert {p.layer: p.noisy for p in P.efficiency_points([r])} == {"conv2": True, "conv3": False}
+    assert {p.layer: p.flagged for p in P.efficiency_points([r])} == {"conv2": True, "conv3": False}
 
 
 def test_error_rank_points_equal_rows_and_dedupe(rows):
@@ -167,7 +167,7 @@ def test_report_html_md_pngs(run_dir, rows):
     assert "acc_base_finetuned" not in headers and "acc_base_finetuned" in summary_columns()  # empty here
     assert headers[-2:] == ["status", "error"]
     assert len(re.findall(r"<tr class=", table)) == len(rows)
-    assert table.count('<tr class="error">') == 1 and table.count('<tr class="noisy">') == 1
+    assert table.count('<tr class="error">') == 1 and table.count('<tr class="flagged">') == 1
     # four plots embedded as data URIs, byte-identical to the PNG files
     imgs = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', html)
     assert len(imgs) == 4

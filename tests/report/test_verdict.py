@@ -57,5 +57,7 @@ def test_several_models_are_judged_apart():
 def test_flags_are_any_flag():
     assert row_flags({"noisy": True}) == ["noisy"]
     assert row_flags({"layer_noisy": {"conv2": True}}) == ["noisy layer timing"]
-    assert row_flags({"timing_flags": ["drift", "clock"]}) == ["drift", "clock"]
+    assert row_flags({"timing_flags": {"wide": False, "busy": True, "disagree": True}}) == ["busy", "disagree"]
+    assert row_flags({"timing_flags": {"busy": False}, "layer_timing_flags": {"conv2": {"wide": True}}}) == [
+        "wide layer timing"]
     assert row_flags({"noisy": False, "flags": []}) == []

@@ -21,7 +21,9 @@ from cpbench.run.results import read_results
 from cpbench.run.cell import RunContext
 
 CONV = {"name": "conv", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "input_size": 8, "padding": 1}
-TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1}
+# These tests are about faults, not timing: cells are timed in the harness (processes = 0), so that one
+# fits the 3-second cell timeout below without starting a fork server and five workers.
+TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1, "processes": 0}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_state")  # tests/conftest.py

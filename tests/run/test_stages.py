@@ -107,8 +107,9 @@ def test_measure_times_the_networks_then_each_layer_and_closes_every_preparation
     shapes = [p[1] for p in backend.prepared]
     assert shapes == [(3, 6, 8, 8)] * 4 and backend.closed == 4  # 2 networks, then the layer and its block
     assert m.backend_info == {"baseline": {"n": 1}, "compressed": {"n": 2}}
-    assert m.timing.baseline.rounds >= 3 and m.timing.speedup > 0
-    assert set(m.layer_speedup) == {"conv"} and len(m.layer_speedup_ci["conv"]) == 2
+    whole = m.intervals[stages.MODEL]
+    assert all(p.rounds >= 3 for p in whole.processes) and whole.speedup > 0
+    assert m.layers == ["conv"] and set(m.intervals) == {stages.MODEL, "conv"} and len(m.intervals["conv"].ci) == 2
 
 
 # -- the cell: the row, its keys, and the plugins it uses ------------------------------------------
@@ -120,9 +121,9 @@ ROW_KEYS = {
     "decomposer_info", "accuracy_base", "accuracy_decomposed", "accuracy_finetuned", "finetune_seconds",
     "accuracy_base_finetuned", "baseline_flops", "compressed_flops", "theoretical_speedup",
     "layer_theoretical_speedup", "params_kept", "layer_params_kept", "allocator", "baseline_ms", "compressed_ms", "baseline_p90_ms",
-    "compressed_p90_ms", "baseline_iqr_ms", "compressed_iqr_ms", "speedup", "speedup_ci", "noisy",
-    "timing_rounds", "calls_per_round", "backend_info", "thread_state", "layer_speedup", "layer_speedup_ci",
-    "layer_noisy",
+    "compressed_p90_ms", "baseline_iqr_ms", "compressed_iqr_ms", "speedup", "speedup_ci", "speedup_half_width",
+    "timing_flags", "timing_processes", "timing_mode", "noise", "timing_rounds", "calls_per_round", "backend_info",
+    "thread_state", "layer_speedup", "layer_speedup_ci", "layer_timing_flags", "layer_process_speedups",
 }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from cpbench import hookimpl
 from cpbench.plugin.contracts import Prepared
-from cpbench.kernels.forms import apply_forms, optimize_cp_blocks
+from cpbench.kernels.forms import apply_forms, optimize_cp_blocks, replayed_choices
 
 
 class ChannelsLast:
@@ -25,9 +25,17 @@ class ChannelsLast:
         self.fuse = fuse
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
+        return self._prepare(model, example_input, threads, None)
+
+    def prepare_as(self, model: nn.Module, example_input: torch.Tensor, *, threads: int, info: dict) -> Prepared:
+        """As ``prepare``, with the forms an earlier ``prepare`` chose (its ``info``) built, not re-timed."""
+        return self._prepare(model, example_input, threads, replayed_choices(info))
+
+    def _prepare(self, model, example_input, threads, chosen) -> Prepared:
         info: dict = {"threads": threads, "layout": "channels_last", "fuse": self.fuse}
         if self.fuse == "auto":
-            model, choices = optimize_cp_blocks(model, example_input, layout="channels_last", threads=threads)
+            model, choices = optimize_cp_blocks(model, example_input, layout="channels_last", threads=threads,
+                                                    chosen=chosen)
             info["cp_forms"] = [c.as_dict() for c in choices]
         elif self.fuse == "none":
             model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from torch import nn
 from cpbench import hookimpl
 from cpbench.plugin.contracts import Prepared
 from cpbench.errors import BackendError
-from cpbench.kernels.forms import apply_forms, configure_malloc, optimize_cp_blocks
+from cpbench.kernels.forms import apply_forms, configure_malloc, optimize_cp_blocks, replayed_choices
 
 
 class MKL:
@@ -31,6 +31,13 @@ class MKL:
         self.malloc = malloc
 
     def prepare(self, model: nn.Module, example_input: torch.Tensor, *, threads: int) -> Prepared:
+        return self._prepare(model, example_input, threads, None)
+
+    def prepare_as(self, model: nn.Module, example_input: torch.Tensor, *, threads: int, info: dict) -> Prepared:
+        """As ``prepare``, with the forms an earlier ``prepare`` chose (its ``info``) built, not re-timed."""
+        return self._prepare(model, example_input, threads, replayed_choices(info))
+
+    def _prepare(self, model, example_input, threads, chosen) -> Prepared:
         if not torch.backends.mkldnn.is_available():
             raise BackendError("torch was built without oneDNN (mkldnn)")
         before_torch = torch.get_num_threads()
@@ -67,7 +74,8 @@ class MKL:
                 "malloc": configure_malloc() if self.malloc else None,
             }
             if self.fuse == "auto":
-                model, choices = optimize_cp_blocks(model, example_input, layout="contiguous", threads=threads)
+                model, choices = optimize_cp_blocks(model, example_input, layout="contiguous", threads=threads,
+                                                    chosen=chosen)
                 info["cp_forms"] = [c.as_dict() for c in choices]
             elif self.fuse == "none":
                 model = copy.deepcopy(model).eval()
