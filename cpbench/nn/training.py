@@ -5,6 +5,10 @@ print, never touch the global RNG state seen by the caller (all randomness -- sh
 runs under ``torch.random.fork_rng`` seeded from ``recipe.seed``) and never change the thread count
 (the caller sets ``torch.set_num_threads``). The same model, data and recipe give the same weights.
 
+A network with several outputs (a tuple, list or dict of tensors) is trained and evaluated on its
+classifier output (:func:`cpbench.outputs.classifier_output`: the first ``(N, classes)`` tensor); the
+other outputs get no loss. A network without one cannot be trained on labels (:class:`UsageError`).
+
 Data may be a ``TensorDataset`` of ``(images, labels)`` or a plain ``(images, labels)`` tuple.
 Batches are drawn by indexing the tensors with a seeded ``torch.randperm`` per epoch (same effect
 as a ``DataLoader(shuffle=True, generator=...)``, without its per-sample overhead).
@@ -162,6 +166,17 @@ def _optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
 
 
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from ..errors import UsageError
+    from .outputs import classifier_output
+
+    out = classifier_output(model(x))
+    if out is None or out.dim() != 2:
+        raise UsageError("training and accuracy need a classifier output (N, classes); this network "
+                         "returns none (give it no data set: timing, FLOPs and fidelity only)")
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any, batch_size: int = 1024) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on ``data`` (eval mode; training mode restored)."""
@@ -173,7 +188,7 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024) -> float:
     correct = 0
     try:
         for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size])
+            out = _logits(model, x[i : i + batch_size])
             correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
     finally:
         model.train(was_training)
@@ -247,7 +262,7 @@ def train(
                     for grp, lr0 in zip(opt.param_groups, base_lrs):
                         grp["lr"] = lr0 * f
                     idx = perm[b * bs : (b + 1) * bs]
-                    out = model(x[idx])
+                    out = _logits(model, x[idx])
                     loss = F.cross_entropy(out, y[idx], label_smoothing=recipe.label_smoothing)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):

@@ -29,7 +29,10 @@ def default_cache_dir() -> Path:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
+    """SHA-256 of dtype, shape and values: the same for any memory layout of the same tensor."""
+    # reshape(-1) as well: a tensor can count as contiguous with any stride on a size-1 last axis
+    # (a kh×1 kernel transposed from 1×kh), and viewing its bytes needs stride 1 there
+    t = t.detach().cpu().contiguous()
     h = hashlib.sha256()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     # flattened: a 0-d tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes

@@ -26,7 +26,7 @@ from . import memo, stages
 from .cache import Cache
 from .matrix import Cell
 from .record import CellResult
-from .stages import Base, Compressed, Evaluation, FineTuned, Flops, Measurement, StepFn, split_named
+from .stages import Base, Compressed, Evaluation, FineTuned, Flops, Measurement, OutputFidelity, StepFn, split_named
 
 if TYPE_CHECKING:
     from ..plugin.manager import Plugins
@@ -52,6 +52,7 @@ class RunContext:
     spec_dir: str | None = None  # where the matrix file is: relative paths in its specs start there
     processes: int | None = None  # fresh timing processes per cell (None: [timing] processes, or the default)
     require_quiet_s: float | None = None  # wait up to this long for a quiet machine before timing a cell
+    fold_bn: bool = True  # fold each BatchNorm2d that directly follows a conv, in both arms (cpbench.nn.bnfold)
 
     @classmethod
     def from_matrix(cls, matrix, **overrides) -> "RunContext":
@@ -61,7 +62,8 @@ class RunContext:
                       "per_layer_timing": run.get("per_layer_timing", True),
                       "finetune_samples": run.get("finetune_samples"),
                       "finetune_control": run.get("finetune_control", False), "train": dict(matrix.train),
-                      "spec_dir": _spec_dir(matrix), **overrides})
+                      "spec_dir": _spec_dir(matrix),
+                      "fold_bn": run.get("fold_bn", True), **overrides})
 
     def budget(self) -> TimingBudget:
         return self.timing_settings()[0]
@@ -123,6 +125,7 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
         done["compressed"] = compressed = stages.compress(base, decomposer, cell, ctx, step)
         done["evaluation"] = stages.evaluate(base, compressed, ctx, plugins, step)
         done["tuned"] = tuned = stages.fine_tune(base, compressed, cell, ctx, plugins, step)
+        done["fidelity"] = stages.measure_fidelity(base, compressed, tuned, cell, ctx, plugins, step)
         done["flops"] = stages.count_flops_of(base, compressed, tuned.model)
         done["measurement"] = stages.measure(base, compressed, tuned.model, cell, backend, ctx, step)
     except Exception as exc:  # recorded, the run goes on
@@ -149,10 +152,13 @@ def axes_result(cell: Cell) -> CellResult:
 
 def record(result: CellResult, *, base: Base | None = None, compressed: Compressed | None = None,
            evaluation: Evaluation | None = None, tuned: FineTuned | None = None, flops: Flops | None = None,
-           measurement: Measurement | None = None) -> CellResult:
+           measurement: Measurement | None = None, fidelity: OutputFidelity | None = None) -> CellResult:
     """Stage 6: write what the stages that finished found into ``result`` (the others stay unset)."""
     if base is not None:
         result.layers, result.model_label, result.weights_from = base.layers, base.label, base.weights_from
+        result.layer_info, result.layers_skipped, result.bn_folded = base.layer_info, base.layers_skipped, base.bn_folded
+    if fidelity is not None:
+        result.fidelity = fidelity.fields()
     if compressed is not None:
         facts = compressed.factorizations
         result.rank = compressed.ranks

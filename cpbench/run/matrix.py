@@ -47,7 +47,7 @@ REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run", "train")
 TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel", "processes", "pin")
 RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
-            "cell_timeout_s")
+            "cell_timeout_s", "fold_bn")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
     bad = sorted(set(run) - set(RUN_KEYS))
     if bad:
         raise MatrixError(f"{source}: unknown [run] key(s) {bad}; allowed: {', '.join(RUN_KEYS)}")
-    for key in ("finetune_control", "per_layer_timing"):
+    for key in ("finetune_control", "per_layer_timing", "fold_bn"):
         if key in run and not isinstance(run[key], bool):
             raise MatrixError(f"{source}: [run] {key} must be true or false, not {run[key]!r}")
     return Matrix(blocks, dict(timing), dict(run), source, _parse_train(data.get("train", {}), source))
@@ -190,9 +190,13 @@ def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, lis
     _positive_ints(axes["batch"], "batch", 1)
     _positive_ints(axes["finetune_epochs"], "finetune_epochs", 0)
     _positive_ints(axes["seed"], "seed", 0)
+    from ..nn.selection import check_layer_spec
+
     for v in axes["layers"]:
-        if v != "auto" and not (isinstance(v, list) and v and all(isinstance(s, str) for s in v)):
-            raise MatrixError(f"{source}: matrix axis 'layers': {v!r} is not allowed; allowed: \"auto\" or a list of layer names")
+        try:
+            check_layer_spec(v, "matrix axis 'layers'")
+        except Exception as exc:
+            raise MatrixError(f"{source}: {exc}") from None
     from ..decomposition.ranks import parse_rank
 
     from ..tune.cell import check_target_spec, is_target_spec

@@ -57,6 +57,10 @@ class CellResult:
     # where the base network's weights came from: "weights file", "plugin", "trained", "cache", "shipped"
     # or "init" (random initialisation); absent when the cell failed before its base was built
     weights_from: str | None = _key("cell")
+    # -- base: which layers, and what was folded (cpbench.nn.selection, cpbench.nn.bnfold) ----
+    layer_info: dict | None = _key("base")       # chosen layer -> channels, kernel, stride, input shape, FLOP share
+    layers_skipped: dict | None = _key("base")   # conv left as it is -> why
+    bn_folded: dict | None = _key("base")        # BatchNorm folded -> the conv it was folded into
     # -- compress: one entry per replaced layer -----------------------------------------------
     rel_error: dict | None = _key("compress")
     decompose_seconds: float | None = _key("compress")
@@ -71,6 +75,8 @@ class CellResult:
     finetune_seconds: float | None = _key("evaluate")
     accuracy_base_finetuned: float | None = _key("evaluate")   # the control arm ([run] finetune_control)
     finetune_cached: bool | None = _key("evaluate")
+    # -- fidelity: compressed against base outputs, before and after fine-tuning ----------------
+    fidelity: dict | None = _key("fidelity")
     # -- measure: FLOPs -----------------------------------------------------------------------
     baseline_flops: int | None = _key("flops")
     compressed_flops: int | None = _key("flops")

@@ -24,6 +24,10 @@ from ..measure.cell_timing import MODEL, measure_pairs
 from ..measure.intervals import Interval
 from ..measure.workers import ProcessRun
 from ..nn.flops import count_flops
+from ..measure.fidelity import Fidelity, evaluation_inputs, fidelity, fidelity_fields
+from ..nn.bnfold import fold_batchnorm
+from ..nn.selection import Selection
+from ..nn.selection import select_layers as _select_layers
 from ..nn.surgery import conv_layers, decompose_layer, layer_input_shapes, replace_layers
 from .cache import key_of
 from .inputs import Network, build_network, open_dataset, split_model_spec
@@ -36,9 +40,9 @@ if TYPE_CHECKING:
     from ..plugin.manager import Plugins
     from .cell import RunContext
 
-__all__ = ["Base", "Compressed", "Evaluation", "FineTuned", "Flops", "Measurement", "StepFn",
-           "split_named", "select_layers", "layer_ranks", "base_model", "build_base", "compress", "evaluate", "fine_tune", "count_flops_of",
-           "measure"]
+__all__ = ["Base", "Compressed", "Evaluation", "FineTuned", "Flops", "Measurement", "OutputFidelity", "StepFn",
+           "split_named", "select_layers", "layer_ranks", "base_model", "build_base", "compress", "evaluate",
+           "fine_tune", "measure_fidelity", "count_flops_of", "measure"]
 
 StepFn = Callable[[str], None]
 
@@ -80,6 +84,9 @@ class Base:
     label: str | None = None                # the model plugin's label, when it has one
     dataset: Any = None                     # the data-set name or inline spec it is trained and evaluated on
     weights_from: str | None = None         # see cpbench.run.inputs.Network
+    layer_info: dict[str, dict] = field(default_factory=dict)  # chosen layer -> shapes, FLOPs, FLOP share
+    layers_skipped: dict[str, str] = field(default_factory=dict)  # conv left as it is -> why
+    bn_folded: dict[str, str] = field(default_factory=dict)  # BatchNorm folded -> its conv
 
     @functools.cached_property
     def weights_key(self) -> str:
@@ -113,13 +120,15 @@ def base_model(model_spec: dict, ctx: "RunContext", *, plugins: "Plugins", step:
     return network(model_spec, ctx, plugins=plugins, step=step).module
 
 
-def select_layers(layers_axis: Any, model_plugin: Any, model: nn.Module) -> list[str]:
-    """The layers a cell decomposes: the names it lists, or for ``"auto"`` the model plugin's
-    ``default_layers`` (every Conv2d when it has none). Also what the matrix is validated against
-    before a run (:mod:`cpbench.run.validate`)."""
-    if layers_axis == "auto":
-        return list(getattr(model_plugin, "default_layers", None) or conv_layers(model))
-    return list(layers_axis)
+def select_layers(layers_axis: Any, model_plugin: Any, model: nn.Module, example: torch.Tensor, *,
+                  decomposer: Any = None, rank: Any = None, options: dict | None = None) -> Selection:
+    """The layers a cell decomposes (:func:`cpbench.nn.selection.select_layers`), "auto" being the model
+    plugin's ``default_layers`` when it declares them (charnet: the paper's conv2 and conv3). Also what
+    the matrix is validated against before a run (:mod:`cpbench.run.validate`)."""
+    spec = layers_axis
+    if spec == "auto" and getattr(model_plugin, "default_layers", None):
+        spec = list(model_plugin.default_layers)
+    return _select_layers(model, example, spec, decomposer=decomposer, rank=rank, options=options)
 
 
 def build_base(cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn = _quiet) -> Base:
@@ -128,13 +137,20 @@ def build_base(cell: Cell, ctx: "RunContext", plugins: "Plugins", step: StepFn =
     plugin = plugins.models.get(name)
     net = network(cell.model, ctx, plugins=plugins, step=step)
     model = net.module
-    layers = select_layers(cell.layers, plugin, model)
-    convs = conv_layers(model, layers)
+    bn_folded: dict[str, str] = {}
+    if ctx.fold_bn:  # both arms start from the folded network: its baseline runs no BatchNorm either
+        model, bn_folded = fold_batchnorm(model)
     x1 = torch.randn(1, *net.input_shape, generator=torch.Generator().manual_seed(cell.seed))
+    _, options = split_named(cell.decomposer)
+    selection = select_layers(cell.layers, plugin, model, x1, decomposer=plugins.decomposers.get(cell.decomposer["name"]),
+                              rank=cell.rank, options=options)
+    layers = selection.layers
+    convs = conv_layers(model, layers)
     return Base(spec=cell.model, model=model, plugin=plugin, layers=layers, convs=convs, input_shape=net.input_shape,
                 example=x1, layer_shapes=layer_input_shapes(model, x1, layers),
                 label=plugin.label(**params) if hasattr(plugin, "label") else None,
-                dataset=net.data_spec if net.data is not None else None, weights_from=net.weights_from)
+                dataset=net.data_spec if net.data is not None else None, weights_from=net.weights_from,
+                layer_info=selection.info, layers_skipped=selection.skipped, bn_folded=bn_folded)
 
 
 # -- compress ---------------------------------------------------------------------------------
@@ -154,11 +170,12 @@ class Compressed:
         return weights_key(self.model)
 
 
-def layer_ranks(rank_spec: Any, layers: list[str]) -> dict[str, Any]:
-    """The rank spec of each layer: one spec for all, or a table naming exactly the layers."""
+def layer_ranks(rank_spec: Any, layers: list[str], skipped: dict | None = None) -> dict[str, Any]:
+    """The rank spec of each layer: one spec for all, or a table naming exactly the layers (and
+    perhaps layers left alone, ``skipped``)."""
     if isinstance(rank_spec, dict):
         missing = [n for n in layers if n not in rank_spec]
-        extra = [n for n in rank_spec if n not in layers]
+        extra = [n for n in rank_spec if n not in layers and n not in (skipped or {})]
         if missing or extra:
             raise UsageError(f"rank table {rank_spec} must name exactly the layers {layers}")
         return dict(rank_spec)
@@ -167,7 +184,9 @@ def layer_ranks(rank_spec: Any, layers: list[str]) -> dict[str, Any]:
 
 def compress(base: Base, decomposer: Any, cell: Cell, ctx: "RunContext", step: StepFn = _quiet) -> Compressed:
     """Stage 2: decompose each selected layer (cached, content-addressed) and replace it."""
-    ranks = layer_ranks(cell.rank, base.layers)
+    if not base.layers:  # refused before any decomposing, with every reason
+        raise UsageError("no layer to decompose: " + "; ".join(f"{n}: {why}" for n, why in base.layers_skipped.items()))
+    ranks = layer_ranks(cell.rank, base.layers, base.layers_skipped)
     _, options = split_named(cell.decomposer)
     facts, chosen, seconds, cached = {}, {}, {}, {}
     for n in base.layers:
@@ -274,6 +293,39 @@ def _finetuned(start: nn.Module, base: Base, data: str, cell: Cell, ctx: "RunCon
         return model.eval(), hit[1]["seconds"], hit[1]["accuracy"], True
 
     return FINETUNED.get(f"{key}-{recipe_hash(recipe)}", train, caches=[ctx.cache()], decode=load)
+
+
+# -- fidelity ---------------------------------------------------------------------------------
+@dataclass
+class OutputFidelity:
+    """Compressed against base outputs on the evaluation sample (:mod:`cpbench.measure.fidelity`)."""
+
+    decomposed: Fidelity
+    finetuned: Fidelity | None = None
+
+    def fields(self) -> dict:
+        return fidelity_fields(self.decomposed, self.finetuned)
+
+
+FIDELITY: Computation[Fidelity] = Computation("fidelities", 64)
+
+
+def measure_fidelity(base: Base, compressed: Compressed, tuned: FineTuned, cell: Cell, ctx: "RunContext",
+                     plugins: "Plugins", step: StepFn = _quiet) -> OutputFidelity:
+    """Stage 4b: fidelity of the decomposed and of the fine-tuned network, on the test split (or seeded
+    inputs of the model's shape without a data set)."""
+    step("measuring fidelity")
+    test = dataset(plugins, base.dataset, "test", ctx) if base.dataset else None
+    inputs = evaluation_inputs(test, base.input_shape, seed=cell.seed)
+
+    def of(model: nn.Module) -> Fidelity:
+        # cells that differ only in backend, threads or batch compare the same two networks
+        key = key_of("fidelity", base.weights_key, weights_key(model), inputs)
+        with thread_limits(ctx.train_threads):
+            return FIDELITY.get(key, lambda: fidelity(base.model, model, inputs))
+
+    after = of(tuned.model) if tuned.model is not compressed.model else None
+    return OutputFidelity(of(compressed.model), after)
 
 
 # -- measure ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ one, e.g. whether a ``"speedup:X"`` spec is reachable on a layer.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +172,7 @@ CELL_CHECKS: list[CellCheck] = [check_options, check_ranks]
 @dataclass
 class _ModelInfo:
     plugin: Any
-    layers_of: Callable[[Any], list[str]]
+    layers_of: Callable[..., tuple[list[str], dict[str, str]]]
     views: dict[str, LayerView]
     has_data: bool
 
@@ -192,13 +193,22 @@ def _model_info(spec: dict, plugins, ctx) -> _ModelInfo:
     views = {n: LayerView(n, tuple(c.weight.shape), geometry(c), tuple(shapes[n][-2:]))
              for n, c in convs.items() if n in shapes}
 
-    def layers_of(axis) -> list[str]:
-        names = select_layers(axis, plugin, model)
+    selections: dict[str, Any] = {}
+
+    def layers_of(cell: Cell, decomposer, options: dict):
+        key = json.dumps([cell.layers, cell.decomposer, cell.rank], sort_keys=True, default=str)
+        if key not in selections:  # a layer the rank cannot reach is left out, as the cell will leave it
+            selections[key] = select_layers(cell.layers, plugin, model, x, decomposer=decomposer, rank=cell.rank,
+                                            options=options)
+        sel = selections[key]
+        names = sel.layers
+        if not names:
+            raise UsageError("no layer to decompose: " + "; ".join(f"{n}: {why}" for n, why in sel.skipped.items()))
         conv_layers(model, names)  # one line for a missing or non-conv name
         unused = [n for n in names if n not in views]
         if unused:
             raise UsageError(f"layer(s) {', '.join(unused)} of model {name!r} do not run on its input")
-        return names
+        return names, sel.skipped
 
     return _ModelInfo(plugin, layers_of, views, net.data_spec is not None)
 
@@ -235,9 +245,9 @@ def validate_matrix(matrix: Matrix, *, plugins=None, ctx=None, checks: Sequence[
             info = models[mkey]
             decomposer = plugins.decomposers.get(cell.decomposer["name"])
             options = {k: v for k, v in cell.decomposer.items() if k != "name"}
-            names = info.layers_of(cell.layers)
+            names, skipped = info.layers_of(cell, decomposer, options)
             view = CellView(cell, info.plugin, decomposer, options, {n: info.views[n] for n in names},
-                            layer_ranks(cell.rank, names))
+                            layer_ranks(cell.rank, names, skipped))
             for check in checks:
                 check(view)
             okey = json.dumps(cell.decomposer, sort_keys=True, default=str)

@@ -6,6 +6,8 @@ runs with ``intra_op_num_threads = threads``, ``inter_op_num_threads = 1``, sequ
 all graph optimisations. ``prepare`` checks the session's output against eager PyTorch on the example
 input and raises :class:`BackendError` if it differs by more than ``1e-4`` relative (max abs error over
 max abs reference). ``run`` takes a torch tensor, feeds numpy (zero-copy), returns a torch tensor.
+A network that returns a tuple, list or dict of tensors is exported with one ONNX output per tensor
+(:mod:`cpbench.outputs` order) and ``run`` rebuilds the same structure.
 ``fuse`` sets the CP block form exported: "auto" (default) exports both the CP4 and the fused CP3 form and
 keeps the one ONNX Runtime runs faster (timed side by side on the example input, recorded in
 ``info["cp_form_timing"]``); "cp3" forces the fused form; "none" exports the model as built.
@@ -25,19 +27,32 @@ from cpbench.plugin.contracts import Prepared
 from cpbench.errors import BackendError
 from cpbench.kernels.forms import QUICK_BUDGET, apply_forms, rel_error
 from cpbench.nn.layers import CPBlock
+from cpbench.nn.outputs import flatten_output, unflatten_output
 from cpbench.measure.timing import time_pair
 
 RTOL = 1e-4
 
 
-def _export(model: nn.Module, x: torch.Tensor) -> bytes:
+class _Flat(nn.Module):
+    """The model with its output flattened to a tuple of tensors: ONNX outputs are a flat list."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(flatten_output(self.model(x))[0])
+
+
+def _export(model: nn.Module, x: torch.Tensor, n_outputs: int) -> bytes:
     errors = []
+    names = ["output"] if n_outputs == 1 else [f"output{i}" for i in range(n_outputs)]
     for dynamo in (False, True):
         buf = io.BytesIO()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(model, (x,), buf, input_names=["input"], output_names=["output"],
+                torch.onnx.export(_Flat(model), (x,), buf, input_names=["input"], output_names=names,
                                   opset_version=17, dynamo=dynamo)
             return buf.getvalue()
         except Exception as exc:
@@ -60,8 +75,8 @@ def _make_session(onnx_bytes: bytes, threads: int):
     return ort.InferenceSession(onnx_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _session_for(model: nn.Module, x: torch.Tensor, threads: int):
-    onnx_bytes = _export(model, x)
+def _session_for(model: nn.Module, x: torch.Tensor, threads: int, n_outputs: int):
+    onnx_bytes = _export(model, x, n_outputs)
     try:
         return _make_session(onnx_bytes, threads), onnx_bytes
     except Exception as exc:
@@ -76,20 +91,29 @@ def _has_cp4(model: nn.Module) -> bool:
     return any(isinstance(m, CPBlock) and m.form == "cp4" for m in model.modules())
 
 
-def _runner(sess, in_name: str, out_name: str, in_shape: tuple, out_shape: tuple):
-    """``run(t)``: input bound zero-copy from the torch tensor, output written by ORT straight into a
-    fresh torch tensor (I/O binding), so no extra copy of a large activation is made per call."""
+def _runner(sess, in_shape: tuple, ref):
+    """``run(t)``: input bound zero-copy from the torch tensor, each output written by ORT straight into
+    a fresh torch tensor (I/O binding), so no extra copy of a large activation is made per call; the
+    outputs are returned in the structure the PyTorch model returns (``ref``'s)."""
     float_t = np.float32
-    io = sess.io_binding()  # reused; both buffers are re-bound on every call
+    in_name = sess.get_inputs()[0].name
+    out_names = [o.name for o in sess.get_outputs()]
+    ref_tensors, spec = flatten_output(ref)
+    out_shapes = [tuple(t.shape) for t in ref_tensors]
+    if len(out_names) != len(out_shapes):
+        raise BackendError(f"the exported graph has {len(out_names)} outputs, the model {len(out_shapes)}")
+    io = sess.io_binding()  # reused; every buffer is re-bound on every call
 
-    def run(t: torch.Tensor) -> torch.Tensor:
+    def run(t: torch.Tensor):
         if tuple(t.shape) != in_shape or t.dtype != torch.float32 or not t.is_contiguous():
-            return torch.from_numpy(sess.run([out_name], {in_name: t.contiguous().numpy()})[0])
-        out = torch.empty(out_shape, dtype=torch.float32)
+            outs = [torch.from_numpy(a) for a in sess.run(out_names, {in_name: t.contiguous().numpy()})]
+            return unflatten_output(outs, spec)
+        outs = [torch.empty(shape, dtype=torch.float32) for shape in out_shapes]
         io.bind_input(in_name, "cpu", 0, float_t, in_shape, t.data_ptr())
-        io.bind_output(out_name, "cpu", 0, float_t, out_shape, out.data_ptr())
+        for name, shape, out in zip(out_names, out_shapes, outs):
+            io.bind_output(name, "cpu", 0, float_t, shape, out.data_ptr())
         sess.run_with_iobinding(io)
-        return out
+        return unflatten_output(outs, spec)
 
     return run
 
@@ -123,13 +147,17 @@ class OnnxRuntime:
         x = example_input.contiguous()
         with torch.inference_mode():
             ref = model(x)
+        try:
+            n_out = len(flatten_output(ref)[0])
+        except TypeError as exc:
+            raise BackendError(f"onnxruntime: {exc}") from None
         if self.fuse == "auto" and _has_cp4(model):
             # Choose the form by timing it in ONNX Runtime itself (its kernels, not torch's, decide).
             fused = apply_forms(model, "cp3", layout="contiguous")
-            sess_a, bytes_a = _session_for(model, x, threads)
-            sess_b, bytes_b = _session_for(fused, x, threads)
-            ra = _runner(sess_a, sess_a.get_inputs()[0].name, sess_a.get_outputs()[0].name, tuple(x.shape), tuple(ref.shape))
-            rb = _runner(sess_b, sess_b.get_inputs()[0].name, sess_b.get_outputs()[0].name, tuple(x.shape), tuple(ref.shape))
+            sess_a, bytes_a = _session_for(model, x, threads, n_out)
+            sess_b, bytes_b = _session_for(fused, x, threads, n_out)
+            ra = _runner(sess_a, tuple(x.shape), ref)
+            rb = _runner(sess_b, tuple(x.shape), ref)
             pt = time_pair(lambda: ra(x), lambda: rb(x), QUICK_BUDGET)
             info["cp_form_timing"] = {"cp3_vs_cp4_speedup": pt.speedup, "ci": list(pt.speedup_ci)}
             if pt.speedup > 1.0:
@@ -138,17 +166,18 @@ class OnnxRuntime:
                 sess, onnx_bytes, form = sess_a, bytes_a, "cp4"
             info["cp_forms"] = [{"form": form}]
         else:
-            sess, onnx_bytes = _session_for(model, x, threads)
+            sess, onnx_bytes = _session_for(model, x, threads, n_out)
             if self.fuse != "none":
                 info["cp_forms"] = [{"form": self.fuse}] if _has_cp(model) else []
-        in_name = sess.get_inputs()[0].name
-        out_name = sess.get_outputs()[0].name
         info["onnx_bytes"] = len(onnx_bytes)
+        info["outputs"] = n_out
 
-        run = _runner(sess, in_name, out_name, tuple(x.shape), tuple(ref.shape))
+        run = _runner(sess, tuple(x.shape), ref)
         got = run(x)
-        if tuple(got.shape) != tuple(ref.shape):
-            raise BackendError(f"onnxruntime output shape {tuple(got.shape)} != PyTorch {tuple(ref.shape)}")
+        got_shapes = [tuple(t.shape) for t in flatten_output(got)[0]]
+        ref_shapes = [tuple(t.shape) for t in flatten_output(ref)[0]]
+        if got_shapes != ref_shapes:
+            raise BackendError(f"onnxruntime output shapes {got_shapes} != PyTorch {ref_shapes}")
         err = rel_error(got, ref)
         info["rel_error_vs_torch"] = err
         if not np.isfinite(err) or err > RTOL:
