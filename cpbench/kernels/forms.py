@@ -115,7 +115,7 @@ def configure_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 
 
 def rel_error(out, ref) -> float:
     """max |out - ref| / max |ref|, the largest over the output tensors (a network may return a tuple,
-    list or dict of them, :mod:`cpbench.outputs`: a small head is held to the same bound as a large
+    list or dict of them, :mod:`cpbench.nn.outputs`: a small head is held to the same bound as a large
     one); 0 when both are zero."""
     from ..nn.outputs import output_tensors
 

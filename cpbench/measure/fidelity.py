@@ -5,9 +5,9 @@ test split, or, without a data set, :data:`SEEDED_SAMPLES` seeded normal inputs 
 shape — both networks run in eval mode and we record
 
 * ``rel_error``: ‖y_c − y_b‖ / ‖y_b‖ over every output tensor of every sample together
-  (:func:`cpbench.outputs.output_rel_error`'s norm, accumulated batch by batch);
+  (:func:`cpbench.nn.outputs.output_rel_error`'s norm, accumulated batch by batch);
 * ``top1_agreement``: the fraction of samples whose arg-max class agrees, on the classifier output
-  (:func:`cpbench.outputs.classifier_output`), or None when the network has none.
+  (:func:`cpbench.nn.outputs.classifier_output`), or None when the network has none.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ runs under ``torch.random.fork_rng`` seeded from ``recipe.seed``) and never chan
 (the caller sets ``torch.set_num_threads``). The same model, data and recipe give the same weights.
 
 A network with several outputs (a tuple, list or dict of tensors) is trained and evaluated on its
-classifier output (:func:`cpbench.outputs.classifier_output`: the first ``(N, classes)`` tensor); the
+classifier output (:func:`cpbench.nn.outputs.classifier_output`: the first ``(N, classes)`` tensor); the
 other outputs get no loss. A network without one cannot be trained on labels (:class:`UsageError`).
 
 Data may be a ``TensorDataset`` of ``(images, labels)`` or a plain ``(images, labels)`` tuple.

@@ -10,8 +10,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _nets import multihead, randomize_bn  # noqa: E402
 
-from cpbench.bnfold import conv_bn_pairs, fold_batchnorm  # noqa: E402
-from cpbench.outputs import output_rel_error  # noqa: E402
+from cpbench.nn.bnfold import conv_bn_pairs, fold_batchnorm  # noqa: E402
+from cpbench.nn.outputs import output_rel_error  # noqa: E402
 
 
 def test_folded_network_equals_the_original_to_1e5_and_the_input_is_untouched():

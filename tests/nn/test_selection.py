@@ -10,7 +10,7 @@ from _nets import multihead  # noqa: E402
 
 import cpbench  # noqa: E402
 from cpbench.errors import UsageError  # noqa: E402
-from cpbench.selection import check_layer_spec, select_layers  # noqa: E402
+from cpbench.nn.selection import check_layer_spec, select_layers  # noqa: E402
 
 X = torch.randn(1, 3, 16, 16)
 CONVS_3X3 = ["layer1.conv1", "layer1.conv2", "down", "layer2.conv1", "layer2.conv2", "fuse"]

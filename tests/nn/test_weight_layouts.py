@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import cpbench
-from cpbench.cache import Cache, key_of, tensor_digest
+from cpbench.run.cache import Cache, key_of, tensor_digest
 
 
 def _layouts():

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _nets import multihead  # noqa: E402
 
 import cpbench  # noqa: E402
-from cpbench.flops import count_flops  # noqa: E402
-from cpbench.outputs import output_rel_error  # noqa: E402
+from cpbench.nn.flops import count_flops  # noqa: E402
+from cpbench.nn.outputs import output_rel_error  # noqa: E402
 
 BACKENDS = ["torch-cpu", "mkl", "channels-last", "torch-compile", "onnxruntime"]
 PLAN = {"layer1.conv1": ("cp-nls", 6), "layer2.conv2": ("cp-als", 8), "down": ("tucker2", [8, 8]),
@@ -24,10 +24,10 @@ PLAN = {"layer1.conv1": ("cp-nls", 6), "layer2.conv2": ("cp-als", 8), "down": ("
 def _short_form_timing(monkeypatch):
     """The backends time exact forms against each other; what is tested here is that they run, so a
     few short rounds are enough."""
-    from cpbench.timing import TimingBudget
+    from cpbench.measure.timing import TimingBudget
 
     quick = TimingBudget(warmup=0, min_rounds=2, max_rounds=2, budget_s=0.01, min_round_s=0.0)
-    import cpbench.execution as execution
+    import cpbench.kernels.forms as execution
     from cpbench_builtins.backends import onnxruntime, torch_compile
 
     for mod in (execution, onnxruntime, torch_compile):
@@ -36,7 +36,7 @@ def _short_form_timing(monkeypatch):
 
 @pytest.fixture(scope="module")
 def nets():
-    from cpbench.bnfold import fold_batchnorm
+    from cpbench.nn.bnfold import fold_batchnorm
 
     out = {}
     for kind in ("tuple", "dict"):

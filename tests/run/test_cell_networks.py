@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from _nets import multihead  # noqa: E402
 
 from cpbench import hookimpl  # noqa: E402
-from cpbench.matrix import parse_matrix  # noqa: E402
-from cpbench.runner import RunContext, run_cell  # noqa: E402
-from cpbench.training import Recipe  # noqa: E402
+from cpbench.run.matrix import parse_matrix  # noqa: E402
+from cpbench.run.cell import RunContext, run_cell  # noqa: E402
+from cpbench.nn.training import Recipe  # noqa: E402
 
 
 class MultiHeadPlugin:
@@ -64,7 +64,7 @@ def cpbench_register_datasets(registry):
 
 @pytest.fixture
 def nets_plugins(fresh_state):
-    from cpbench.pluginmanager import Plugins, reset_plugins
+    from cpbench.plugin.manager import Plugins, reset_plugins
 
     reset_plugins(Plugins(extra={"test-nets": sys.modules[__name__]}))
     yield

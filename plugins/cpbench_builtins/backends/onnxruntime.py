@@ -7,7 +7,7 @@ all graph optimisations. ``prepare`` checks the session's output against eager P
 input and raises :class:`BackendError` if it differs by more than ``1e-4`` relative (max abs error over
 max abs reference). ``run`` takes a torch tensor, feeds numpy (zero-copy), returns a torch tensor.
 A network that returns a tuple, list or dict of tensors is exported with one ONNX output per tensor
-(:mod:`cpbench.outputs` order) and ``run`` rebuilds the same structure.
+(:mod:`cpbench.nn.outputs` order) and ``run`` rebuilds the same structure.
 ``fuse`` sets the CP block form exported: "auto" (default) exports both the CP4 and the fused CP3 form and
 keeps the one ONNX Runtime runs faster (timed side by side on the example input, recorded in
 ``info["cp_form_timing"]``); "cp3" forces the fused form; "none" exports the model as built.

@@ -9,8 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from _nets import multihead  # noqa: E402
 
-from cpbench.fidelity import SEEDED_SAMPLES, evaluation_inputs, fidelity, fidelity_fields  # noqa: E402
-from cpbench.outputs import classifier_output, output_rel_error, output_tensors  # noqa: E402
+from cpbench.measure.fidelity import SEEDED_SAMPLES, evaluation_inputs, fidelity, fidelity_fields  # noqa: E402
+from cpbench.nn.outputs import classifier_output, output_rel_error, output_tensors  # noqa: E402
 
 
 def test_identical_networks_have_zero_error_and_full_agreement():
