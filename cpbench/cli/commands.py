@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import tomllib
@@ -18,7 +19,7 @@ from ..report.verdict import DEFAULT_MAX_DROP
 
 __all__ = ["main", "build_parser"]
 
-BUILTIN_MATRICES = ("default", "lebedev2015", "lebedev2015-alexnet", "layer_suite", "smoke")
+BUILTIN_MATRICES = ("default", "lebedev2015", "lebedev2015-alexnet", "layer_suite", "smoke", "resnet20")
 
 
 def _matrix_path(name_or_file: str | None) -> Path:
@@ -336,7 +337,26 @@ def cmd_build_kernel(args) -> int:
 EXPERIMENTS = {
     "lebedev2015": "the paper's character network: conv2+conv3 by four decomposers, fine-tuned, timed",
     "lebedev2015-alexnet": "the paper's AlexNet conv2 (grouped 5×5, block-diagonal) at ranks 100–300, timed",
+    "resnet20": "ResNet-20 on an image folder: 18 convs by four decomposers at 2× and 3×, fine-tuned, timed",
 }
+# the data set resnet20 is trained on, written on first use (sampledata gratings, train/ and test/)
+RESNET20_DATA = {"classes": 10, "per_class": 300, "test_per_class": 60, "size": (32, 32), "seed": 0}
+
+
+def _resnet20_matrix(out: Path) -> Path:
+    """``out/resnet20.toml`` beside ``out/data/gratings``: the shipped matrix, its data written once."""
+    from ..sampledata import write_image_folder
+
+    data = out / "data" / "gratings"
+    if not (data / "test").is_dir():
+        tmp = data.with_name(data.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_image_folder(tmp, splits=True, **RESNET20_DATA)
+        tmp.replace(data)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "resnet20.toml"
+    path.write_text(_matrix_path("resnet20").read_text())
+    return path
 
 
 def cmd_reproduce(args) -> int:
@@ -344,13 +364,16 @@ def cmd_reproduce(args) -> int:
         raise UsageError(f"unknown experiment {args.experiment!r}; available: {', '.join(EXPERIMENTS)}")
     args.matrix = args.experiment
     args.out = args.out or f"cpbench-runs/{args.experiment}"
+    if args.experiment == "resnet20":
+        args.matrix = str(_resnet20_matrix(Path(args.out)))
     code = cmd_run(args)
     from ..run.results import read_results
-    from ..report.tables import paper_table, paper_verdict
+    from ..report.tables import network_table, paper_table, paper_verdict
 
     rows = read_results(args.out)
     console = _wide_console()
-    console.print(paper_table(rows, title=f"{args.experiment}: {EXPERIMENTS[args.experiment]}"))
+    table = network_table if args.experiment == "resnet20" else paper_table
+    console.print(table(rows, title=f"{args.experiment}: {EXPERIMENTS[args.experiment]}"))
     if args.experiment == "lebedev2015":
         for line in paper_verdict(rows):
             console.print(line)

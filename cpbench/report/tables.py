@@ -98,6 +98,7 @@ def paper_rows(rows: list[dict]) -> list[dict]:
             "compressed_ms": {b: x.compressed_ms for b, x in by_batch},
             "layer_speedup": {b: x.layer_speedup for b, x in by_batch},
             "layer_theoretical_speedup": c.layer_theoretical_speedup,
+            "rank_spec": c.rank_spec, "fidelity": c.fidelity,
         })
     return sorted(out, key=lambda x: (x["decomposer"], -(x["theoretical_speedup"] or 0)))
 
@@ -162,6 +163,37 @@ def paper_table(rows: list[dict], *, title: str) -> Table:
                   _fmt(p["theoretical_speedup"], "{:.2f}"), *cells,
                   *([_per_layer(p["layer_theoretical_speedup"], "{:.2f}")]
                     + [_per_layer(p["layer_speedup"].get(b), "{:.2f}") for b in batches] if per_layer else []))
+    return t
+
+
+def network_table(rows: list[dict], *, title: str) -> Table:
+    """One row per decomposition of a whole network (batch sizes side by side): many layers, so the
+    per-layer ranks and errors are summarised (layer count, mean kernel rel_error) and the fidelity of
+    the network's outputs is shown instead."""
+    prow = paper_rows(rows)
+    batches = sorted({b for p in prow for b in p["speedup"]})
+    t = Table(title=title)
+    cols = ["decomposer", "rank spec", "backend", "layers", "kernel err", "acc base %", "before FT %",
+            "after FT %", "out err → FT", "top-1 agree % → FT", "theo ×"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("decomposer", "rank spec", "backend") else "right")
+    for b in batches:
+        t.add_column(f"measured × b{b} [95% CI]", justify="right")
+    for p in prow:
+        errs = list((p["rel_error"] or {}).values()) if isinstance(p["rel_error"], dict) else []
+        fid = p.get("fidelity") or {}
+        agree = (f"{_acc(fid.get('top1_agreement'))} → {_acc(fid.get('top1_agreement_finetuned'))}"
+                 if fid.get("top1_agreement") is not None else "–")
+        out_err = (f"{fid['rel_error']:.3f} → {_fmt(fid.get('rel_error_finetuned'), '{:.3f}')}"
+                   if fid.get("rel_error") is not None else "–")
+        cells = []
+        for b in batches:
+            sp, ci, noisy = p["speedup"].get(b, (None, None, None))
+            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (" noisy" if noisy else ""))
+        t.add_row(p["decomposer"], str(p.get("rank_spec")), p["backend"], str(len(errs)),
+                  f"{sum(errs) / len(errs):.3f}" if errs else "–", _acc(p["accuracy_base"]),
+                  _acc(p["accuracy_decomposed"]), _acc(p["accuracy_finetuned"]), out_err, agree,
+                  _fmt(p["theoretical_speedup"], "{:.2f}"), *cells)
     return t
 
 
