@@ -113,7 +113,7 @@ def test_unreachable_rank_on_one_layer_leaves_it_and_the_cell_runs(nets_plugins,
     only, ctx = _cell(tmp_path, layers=[["head"]], rank=["speedup:3"])
     row = run_cell(only, ctx)
     assert row["status"] == "error" and row["error"].startswith("no layer to decompose: head:")
-    assert "decompose_seconds" not in row  # refused before any decomposing
+    assert "decompose_seconds" not in row and row["layers_skipped"]["head"]  # refused before any decomposing
 
 
 @pytest.mark.parametrize("outputs", ["tuple", "dict"])

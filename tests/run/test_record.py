@@ -17,7 +17,7 @@ OLD_ROW = {"cell_key": "abc", "status": "ok", "model": "charnet", "decomposer": 
 def test_every_field_is_one_key_of_one_stage():
     names = [f.name for f in dataclasses.fields(CellResult) if f.name != "extra"]
     assert sorted(names) == sorted(k for keys in STAGE_KEYS.values() for k in keys)
-    assert list(STAGE_KEYS) == ["cell", "compress", "evaluate", "flops", "timing", "tune"]
+    assert list(STAGE_KEYS) == ["cell", "base", "compress", "evaluate", "fidelity", "flops", "timing", "tune"]
     assert OPTIONAL_KEYS <= set(names)
 
 

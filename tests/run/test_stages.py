@@ -123,7 +123,7 @@ ROW_KEYS = {
     "layer_theoretical_speedup", "params_kept", "layer_params_kept", "allocator", "baseline_ms", "compressed_ms", "baseline_p90_ms",
     "compressed_p90_ms", "baseline_iqr_ms", "compressed_iqr_ms", "speedup", "speedup_ci", "speedup_half_width",
     "timing_flags", "timing_processes", "timing_mode", "noise", "timing_rounds", "calls_per_round", "backend_info",
-    "thread_state", "layer_speedup", "layer_speedup_ci", "layer_timing_flags", "layer_process_speedups",
+    "thread_state", "layer_speedup", "layer_speedup_ci", "layer_timing_flags", "layer_process_speedups", "layer_info", "layers_skipped", "bn_folded", "fidelity",
 }
 
 
@@ -142,7 +142,9 @@ def test_an_ok_row_has_every_key_and_reads_back_unchanged(ctx):
 def test_an_error_row_holds_the_stages_that_finished(ctx):
     row = run_cell(_cell(rank=999), ctx)  # beyond what a 6→8 3×3 kernel allows
     assert row["status"] == "error" and "rank" in row["error"]
-    assert row["layers"] == ["conv"] and row["model_label"].startswith("conv")  # the base was built
+    # the base was built; the one layer cannot take the rank, so it is left alone and nothing decomposed
+    assert row["layers"] == [] and "out of range" in row["layers_skipped"]["conv"]
+    assert row["model_label"].startswith("conv") and row["error"].startswith("no layer to decompose: conv:")
     assert "speedup" not in row and "rel_error" not in row and "traceback" not in row
 
 
