@@ -345,7 +345,7 @@ RESNET20_DATA = {"classes": 10, "per_class": 300, "test_per_class": 60, "size": 
 
 def _resnet20_matrix(out: Path) -> Path:
     """``out/resnet20.toml`` beside ``out/data/gratings``: the shipped matrix, its data written once."""
-    from ..sampledata import write_image_folder
+    from ..testing.sampledata import write_image_folder
 
     data = out / "data" / "gratings"
     if not (data / "test").is_dir():
