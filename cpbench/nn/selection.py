@@ -117,12 +117,9 @@ def rank_outcome(conv: nn.Conv2d, decomposer, rank: Any, in_hw, options: dict, n
     else:
         r, _ = resolve_rank(rs, decomposer, weight, geo, tuple(in_hw), options=options, layer=name)
     if rs.kind == "fixed" and hasattr(decomposer, "max_rank"):
-        top = max_rank_for(decomposer, tuple(weight.shape), geo.groups, options)
-        want = r if isinstance(r, tuple) else (r, r) if isinstance(top, tuple) else r
-        tops = top if isinstance(top, tuple) else (top,)
-        wants = want if isinstance(want, tuple) else (want,)
-        if len(tops) != len(wants) or any(w > m for w, m in zip(wants, tops)):
-            raise RankError(f"rank {rank} is out of range on layer {name!r}; allowed: up to {top}")
+        from ..run.validate import _within  # the one wording of an out-of-range rank
+
+        _within(r, max_rank_for(decomposer, tuple(weight.shape), geo.groups, options), decomposer.name, name)
     if not hasattr(decomposer, "macs"):
         return r, None
     kw = {"form": options["form"]} if options.get("form") else {}

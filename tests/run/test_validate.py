@@ -29,7 +29,7 @@ def _matrix(plugins, **axes):
     ({"rank": "[[4, 2]]"}, "a pair [r_out, r_in] is for Tucker-2; 'cp-als' takes an integer 1..72"),
     ({"rank": '[{conv = 2000}]'}, "rank 2000 of 'cp-als' for layer 'conv' is out of range"),
     ({"rank": '[{conv2 = 4}]'}, "rank table {'conv2': 4} must name exactly the layers ['conv']"),
-    ({"rank": '["vbmf"]'}, 'rank "vbmf" is for tucker2 only'),
+    ({"rank": '["vbmf"]'}, 'rank "vbmf" gives a rank pair [r_out, r_in]'),
     # layer names against the model
     ({"layers": '[["conv", "fc9"]]'}, "layer 'fc9' does not exist; Conv2d layers: conv"),
     # decomposer options: names and values, as the decomposer itself says
@@ -41,6 +41,7 @@ def _matrix(plugins, **axes):
     ({"model": '[{name = "conv", in_channels = 8}]'}, "model 'conv'"),
 ])
 def test_mistakes_are_found_before_any_work(plugins, axes, message):
+    # a rank the one layer cannot take leaves no layer to decompose (cpbench.nn.selection): refused here
     with pytest.raises(MatrixError) as e:
         validate_matrix(_matrix(plugins, **axes), plugins=plugins)
     text = str(e.value)
