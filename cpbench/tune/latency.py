@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,13 +70,18 @@ def machine_key() -> dict:
     return {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
 
 
-def backend_timer(backend: Any, threads: int, budget: Any) -> PairTimer:
-    """The default timer: both modules prepared by ``backend`` and timed as a cell times its networks."""
-    from ..run.stages import time_models
+def backend_timer(backend: Any, threads: int, budget: Any, *, processes: int = 0) -> PairTimer:
+    """The default timer: both modules prepared by ``backend`` and timed as a cell times its networks
+    (:func:`cpbench.measure.cell_timing.measure_pairs`), in ``processes`` fresh workers (0: here)."""
+    from ..measure.cell_timing import MODEL, measure_pairs
 
     def timer(ref: nn.Module, cand: nn.Module, x_ref: torch.Tensor, x_cand: torch.Tensor) -> Timed:
-        t, _ = time_models(backend, ref.eval(), cand.eval(), x_ref, threads, budget)
-        return Timed(t.speedup, tuple(t.speedup_ci), t.baseline.median_ms, t.compressed.median_ms)
+        intervals, runs, _ = measure_pairs(backend, [(MODEL, ref.eval(), cand.eval(), x_ref, budget)],
+                                           threads=threads, processes=processes)
+        iv = intervals[MODEL]
+        base_ms = float(np.median([p.baseline_ms for p in iv.processes])) if iv.processes else float("nan")
+        comp_ms = float(np.median([p.compressed_ms for p in iv.processes])) if iv.processes else float("nan")
+        return Timed(iv.speedup, tuple(iv.ci), base_ms, comp_ms)
 
     return timer
 

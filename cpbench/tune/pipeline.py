@@ -38,6 +38,7 @@ from ..errors import UsageError
 from ..nn.layers import geometry
 from ..measure.timing import TimingBudget
 from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, layer_candidates, speedup_grid
+from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, predicted_cost
 from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
 from .plan import LayerChoice, Plan
@@ -169,7 +170,9 @@ class Tuner:
         self.decomposers = [self.plugins.decomposers.get(d) for d in request.decomposers]
         self.params = {k: v for k, v in request.model.items() if k != "name"}
         self.timer = timer or backend_timer(self.backend, request.threads, request.layer_budget)
-        self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget)
+        # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
+        self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
+                                                    processes=DEFAULT_PROCESSES)
         self.dataset = getattr(self.model_plugin, "dataset", None)
         mode = request.sensitivity
         self.sensitivity_mode = ("accuracy" if self.dataset else "fidelity") if mode == "auto" else mode
