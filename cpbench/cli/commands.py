@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
-import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +14,9 @@ from .. import __version__
 from ..errors import CpbenchError, UsageError
 from ..report.columns import COLUMNS, DEFAULT_COLUMNS, parse_columns, print_run_end, table_width
 from ..report.verdict import DEFAULT_MAX_DROP
+from .console import _console, _wide_console
+from .decompose import cmd_decompose
+from .system import cmd_build_kernel, cmd_machine, cmd_plugins
 
 __all__ = ["main", "build_parser"]
 
@@ -39,146 +40,6 @@ def _matrix_path(name_or_file: str | None) -> Path:
 
 
 # -- commands ---------------------------------------------------------------------------------
-def cmd_plugins(args) -> int:
-    from ..plugin.manager import get_plugins
-    from ..plugin.registry import description_of
-
-    plugins = get_plugins()
-    data = {
-        "plugins": [
-            {"name": i.name, "distribution": i.distribution, "version": i.version, "builtin": i.builtin,
-             "provides": i.provides, "error": i.error}
-            for i in plugins.info.values()
-        ],
-        "registered": {kind: {n: reg.plugin_of(n) for n in reg.names()} for kind, reg in plugins.registries.items()},
-        "descriptions": {kind: {n: description_of(reg.get(n)) for n in reg.names()}
-                         for kind, reg in plugins.registries.items()},
-    }
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = _console()
-    t = Table(title="cpbench plugins (cpbench plugins --json for everything)", box=box.SIMPLE_HEAD,
-              show_edge=False, pad_edge=False, title_justify="left")
-    t.add_column("kind", no_wrap=True)
-    t.add_column("name", no_wrap=True)
-    t.add_column("what it is (from which package, unless built in)")
-    for kind, names in data["registered"].items():
-        for n, plugin in names.items():
-            info = plugins.info.get(plugin)
-            where = "" if info is not None and info.builtin else (
-                f" — {info.distribution} {info.version}" if info and info.distribution else f" — plugin {plugin}")
-            t.add_row(kind, n, escape(data["descriptions"][kind][n] + where))
-    console.print(t)
-    sys.stdout.flush()
-    for f in plugins.failures():
-        Console(stderr=True).print(f"[red]not loaded[/red] {f.name}: {f.error}")
-    return 0
-
-
-def _parse_value(text: str):
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _options(pairs: list[str]) -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise UsageError(f"option {p!r} must be KEY=VALUE")
-        k, v = p.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
-    return out
-
-
-def load_kernel(path: str, tensor: str | None = None):
-    """A 4-D kernel from .npy, .pt (weights_only) or .safetensors; one-line errors."""
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"kernel file not found: {p}")
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".npy":
-            import numpy as np
-
-            w = torch.from_numpy(np.load(p, allow_pickle=False))
-        elif suffix in (".pt", ".pth"):
-            obj = torch.load(p, weights_only=True, map_location="cpu")
-            w = _pick(obj, tensor, p)
-        elif suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            w = _pick(load_file(str(p)), tensor, p)
-        else:
-            raise UsageError(f"kernel file {p} has suffix {suffix!r}; allowed: .npy, .pt, .safetensors")
-    except CpbenchError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"cannot read kernel file {p}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    return w
-
-
-def _pick(obj, name, path):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if name is not None:
-            if name not in tensors:
-                raise UsageError(f"{path} has no tensor {name!r}; tensors: {', '.join(tensors)}")
-            return tensors[name]
-        four = {k: v for k, v in tensors.items() if v.dim() == 4}
-        if len(four) == 1:
-            return next(iter(four.values()))
-        raise UsageError(f"{path} holds {len(four)} 4-D tensors; choose one with --tensor: {', '.join(four)}")
-    raise UsageError(f"{path} holds a {type(obj).__name__}, not a tensor")
-
-
-def cmd_decompose(args) -> int:
-    import cpbench
-    from ..decomposition.ranks import parse_rank
-
-    w = load_kernel(args.kernel, args.tensor)
-    dec = cpbench.get_decomposer(args.method)
-    rank = _parse_value(args.rank) if isinstance(args.rank, str) else args.rank
-    spec = parse_rank(rank)
-    if spec.kind != "fixed":
-        raise UsageError(f"decompose takes an integer rank (or a Tucker-2 pair), got {args.rank!r}")
-    opts = _options(args.option)
-    if args.groups > 1:
-        opts["groups"] = args.groups
-    start = time.perf_counter()
-    fact = dec.decompose(w, spec.value, seed=args.seed, **opts)
-    seconds = time.perf_counter() - start
-    from ..run.results import jsonable
-
-    out = {"method": dec.name, "rank": spec.value, "shape": list(w.shape), "rel_error": fact.rel_error,
-           "seconds": seconds, "info": jsonable({k: v for k, v in fact.info.items() if k != "per_group"})}
-    if args.save:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in fact.factors.items()}, args.save,
-                  metadata={"rel_error": str(fact.rel_error), "method": dec.name})
-        out["saved"] = args.save
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(f"{dec.name} rank {spec.value} on {tuple(w.shape)}: rel_error {fact.rel_error:.6g} in {seconds:.3f} s")
-        for k, v in out["info"].items():
-            print(f"  {k}: {v}")
-    return 0
-
-
 def _executor_cli_options(plugins, args) -> dict:
     """The ``--scheduler``/``--workers`` values given, checked against what the executor declares it takes
     (its ``cli_options``): the CLI knows the flags, the executor plugin says whether they are its own."""
@@ -313,27 +174,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_build_kernel(args) -> int:
-    from ..errors import BackendError
-    from ..kernels import fused
-
-    try:
-        build = fused.build_kernel(args.march, verbose=args.verbose)
-    except BackendError as exc:
-        print(f"cpbench: {exc}", file=sys.stderr)
-        print("cpbench: cpbench works without it: backends do not offer the cp4-fused form and pick among "
-              "the other CP-block forms", file=sys.stderr)
-        return 1
-    k, compiler = build.kernel, build.inputs["compiler"]
-    state = "already built" if build.cached else f"built in {build.seconds:.0f} s"
-    print(f"fused CP kernel ({k.march}): {state}; build key {k.key}; operator torch.ops.{k.module.op_namespace}"
-          f".cp_fused; AVX-512 micro-kernel {'yes' if k.panel else 'no'}")
-    print(f"  {k.path}")
-    print(f"  compiler {compiler['path']} ({compiler['version']}); torch {build.inputs['torch']}; "
-          f"flags {' '.join(build.inputs['cflags'])}")
-    return 0
-
-
 EXPERIMENTS = {
     "lebedev2015": "the paper's character network: conv2+conv3 by four decomposers, fine-tuned, timed",
     "lebedev2015-alexnet": "the paper's AlexNet conv2 (grouped 5×5, block-diagonal) at ranks 100–300, timed",
@@ -378,20 +218,6 @@ def cmd_reproduce(args) -> int:
         for line in paper_verdict(rows):
             console.print(line)
     return code
-
-
-def _console() -> Console:
-    """The terminal's console; when stdout is a file or pipe, one as wide as ``$COLUMNS`` (120 when
-    unset)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=table_width(console))
-
-
-def _wide_console() -> Console:
-    """For the comparison and paper tables, which have many columns: the terminal's console, or a wide
-    one when stdout is a file or pipe (rich would squeeze them into 80 columns there)."""
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, 240))
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -482,14 +308,6 @@ def _seconds(text: str) -> float:
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"seconds >= 0 are needed, not {text!r}")
     return v
-
-
-def cmd_machine(args) -> int:
-    from ..measure.noise import format_machine_report, machine_report
-
-    report = machine_report(window_s=args.seconds)
-    print(json.dumps(report, indent=2) if args.json else format_machine_report(report))
-    return 0
 
 
 def _decompose_epilog() -> str:
