@@ -79,7 +79,7 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
 def request_from_args(args):
     from dataclasses import replace
 
-    from .commands import _options
+    from .decompose import _options
     from ..measure.timing import TimingBudget
     from ..tune.pipeline import TuneRequest
 
@@ -101,7 +101,7 @@ def request_from_args(args):
 def cmd_tune(args) -> int:
     from rich.console import Console
 
-    from .commands import _console
+    from .console import _console
     from ..plugin.manager import get_plugins
     from ..run.cell import RunContext
     from ..tune.plan import read_plan
