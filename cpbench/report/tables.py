@@ -188,8 +188,8 @@ def network_table(rows: list[dict], *, title: str) -> Table:
                    if fid.get("rel_error") is not None else "–")
         cells = []
         for b in batches:
-            sp, ci, noisy = p["speedup"].get(b, (None, None, None))
-            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (" noisy" if noisy else ""))
+            sp, ci, flags = p["speedup"].get(b, (None, None, None))
+            cells.append("–" if sp is None else f"{sp:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" + (f" {flags}" if flags else ""))
         t.add_row(p["decomposer"], str(p.get("rank_spec")), p["backend"], str(len(errs)),
                   f"{sum(errs) / len(errs):.3f}" if errs else "–", _acc(p["accuracy_base"]),
                   _acc(p["accuracy_decomposed"]), _acc(p["accuracy_finetuned"]), out_err, agree,
