@@ -681,11 +681,8 @@ def cp_nls(
     phase_tol = tol if conditioned_tol is None or not use_penalty or not polish else float(conditioned_tol)
     stop = "max_iter"
     while run.iterations < iters:
-        if run.out_of_time():
-            stop = "time_budget"
-            break
-        if run.converged_by_gradient():
-            stop = "tol_grad"
+        if (reason := _stop_before_step(run)) is not None:
+            stop = reason
             break
         accepted, decrease, f_before, tiny = run.step()
         if accepted:
@@ -711,11 +708,8 @@ def cp_nls(
         stop = "max_iter"
         start_it = run.iterations
         while run.iterations < iters:
-            if run.out_of_time():
-                stop = "time_budget"
-                break
-            if run.converged_by_gradient():
-                stop = "tol_grad"
+            if (reason := _stop_before_step(run)) is not None:
+                stop = reason
                 break
             accepted, decrease, f_before, tiny = run.step()
             if accepted and run.degeneracy > cap:
@@ -754,3 +748,12 @@ def cp_nls(
     }
     return CPResult(factors=[f.to(tensor.dtype) for f in factors], info=info)
 
+
+
+def _stop_before_step(run) -> str | None:
+    """Why both phases stop before taking another step: the time budget is spent, or the gradient is small."""
+    if run.out_of_time():
+        return "time_budget"
+    if run.converged_by_gradient():
+        return "tol_grad"
+    return None
