@@ -14,6 +14,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     if "CPBENCH_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("CPBENCH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cpbench-cache"))
     yield
+    from cpbench.kernels.forms import use_choice_store
+
+    use_choice_store(None)  # a run's remembered form choices do not follow into the next test
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float) -> dict:
                          for n, m in r["layer_decomposer"].items())
         drop = r.get("accuracy_drop")
         lines.append(f"  target {t:g}x: {plan}; predicted {r['predicted_speedup']:.2f}x, measured {r['speedup']:.2f}x "
-                     f"[{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}], noisy={r['noisy']}, "
+                     f"[{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}], flags={','.join(k for k, v in (r.get('timing_flags') or {}).items() if v) or 'none'}, "
                      f"prediction error {100 * _predicted_error(r):.1f}%, accuracy {_acc(r)}, drop "
                      f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']})")
         better = [u for u in uniform if u["speedup"] >= r["speedup"]]

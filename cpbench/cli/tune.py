@@ -29,6 +29,42 @@ def parse_targets(text: str) -> tuple[float, ...]:
     return values
 
 
+MODEL_FILE_TABLES = ("model", "train")
+
+
+def model_from_file(path: str) -> tuple[dict, dict, str]:
+    """A model spec file: ``[model]`` (an inline model spec as a matrix's ``model`` axis takes it:
+    ``name = "python"``, ``target = "mynet.py:MyNet"``, ``dataset = {...}``, ...) and an optional
+    ``[train]`` (the base training recipe). Returns (model spec, train table, the file's folder, where
+    its relative paths start). One-line :class:`UsageError` on anything else."""
+    import tomllib
+
+    from ..run.matrix import MatrixError, _parse_train
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"model spec file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{p}: not a TOML file ({e})") from None
+    bad = sorted(set(data) - set(MODEL_FILE_TABLES))
+    if bad:
+        raise UsageError(f"{p}: unknown table(s) {bad}; allowed: [model] and [train]")
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise UsageError(f'{p}: needs a [model] table with a name (e.g. name = "python", target = "mynet.py:MyNet")')
+    try:
+        train = _parse_train(data.get("train", {}), str(p))
+    except MatrixError as e:
+        raise UsageError(str(e)) from None
+    return dict(model), train, str(p.resolve().parent)
+
+
+def _is_model_file(model: str) -> bool:
+    return model.endswith(".toml")
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -40,7 +76,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="a model plugin name (cpbench plugins lists them)")
+    p.add_argument("model", metavar="MODEL",
+                   help="a model plugin name (cpbench plugins lists them), or a model spec file (.toml) with a "
+                        "[model] table as a matrix's model entry (your network, its data set) and an optional [train]")
     p.add_argument("--model-param", "-p", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
     p.add_argument("--target-speedup", default="8", metavar="X[,Y...]",
                    help="whole-network speedup target(s), > 1 (default 8)")
@@ -88,7 +126,8 @@ def request_from_args(args):
         raise UsageError("--layers is empty; allowed: auto or layer names / patterns")
     if args.budget_s <= 0:
         raise UsageError(f"--budget-s {args.budget_s} is not allowed; allowed: seconds > 0")
-    req = TuneRequest(model={"name": args.model, **_options(args.model_param)}, targets=parse_targets(args.target_speedup),
+    model = model_from_file(args.model)[0] if _is_model_file(args.model) else {"name": args.model}
+    req = TuneRequest(model={**model, **_options(args.model_param)}, targets=parse_targets(args.target_speedup),
                       max_drop=args.max_drop, backend=args.backend, threads=args.threads, batch=args.batch,
                       decomposers=_names(args.decomposers), layers=layers, finetune_epochs=args.finetune_epochs,
                       finetune_samples=args.finetune_samples, finetune_control=not args.no_control,
@@ -115,8 +154,9 @@ def cmd_tune(args) -> int:
     uniform_speedups = list(parse_targets(args.uniform_speedups)) if args.uniform_speedups else None
     if args.uniform:
         plugins.decomposers.get(args.uniform)
-    out = Path(args.out) if args.out else Path("cpbench-runs") / f"tune-{args.model}"
-    ctx = RunContext(cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    out = Path(args.out) if args.out else Path("cpbench-runs") / f"tune-{Path(args.model).stem}"
+    train, spec_dir = model_from_file(args.model)[1:] if _is_model_file(args.model) else ({}, None)
+    ctx = RunContext(cache_dir=args.cache_dir, use_cache=not args.no_cache, train=train, spec_dir=spec_dir)
     console = _console()
     err = Console(stderr=True)
     start = time.perf_counter()

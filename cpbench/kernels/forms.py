@@ -43,6 +43,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -501,6 +502,38 @@ def _plain_convs(model: nn.Module) -> list[str]:
     return out
 
 
+# -- the choices, remembered per machine -------------------------------------------------------
+# A backend's choice of form is a short timed comparison; made again in every cell and every run, it
+# can flip between two forms within a few percent of each other, and each run then times a different
+# program (a between-run difference no interval covers), and it cost ~5 s per cell of the default
+# matrix. Like FFTW's wisdom, the choice is therefore kept per machine, layout, threads, block
+# structure (its modules without their weights) and input shape; a remembered form is still checked
+# for exactness on the real weights before use. `cpbench run --no-cache` chooses afresh.
+_CHOICES_VERSION = 1
+_CHOICE_STORE: Any = None
+
+
+def use_choice_store(store: Any) -> None:
+    """Remember form choices in ``store`` (``get(key)``/``put(key, value)``, e.g. a
+    :class:`cpbench.tune.store.JsonStore` in the cache; None: choose afresh every time)."""
+    global _CHOICE_STORE
+    _CHOICE_STORE = store
+
+
+def _choice_key(module: nn.Module, shape: tuple, layout: str, threads: int | None, built: str,
+                forms: list[str]) -> str:
+    from ..measure.machine import static_machine_info
+    from ..run.cache import key_of
+
+    m = static_machine_info()
+    machine = {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
+    return key_of("form-choice", _CHOICES_VERSION, machine, repr(module), list(shape), layout, threads, built,
+                  sorted(forms), torch.get_num_threads() if threads is None else threads)
+
+
+__all__.append("use_choice_store")
+
+
 def optimize_cp_blocks(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -560,6 +593,21 @@ def optimize_cp_blocks(
                                        {"replayed": True}))
             return pick
         ref = module(xin)
+        store = _CHOICE_STORE
+        key = _choice_key(module, tuple(xin.shape), layout, threads, built, [f for f, _ in cands]) if store is not None else None
+        hit = store.get(key) if store is not None else None
+        if hit is not None:
+            form = hit["form"]
+            make = dict(cands).get(form)
+            try:
+                pick = module if make is None else as_layout(make(), layout)
+                ok = make is None or rel_error(pick(xin), ref) <= MATCH_RTOL
+            except Exception:  # noqa: BLE001 - a remembered form that cannot run here is chosen afresh
+                ok = False
+            if ok:
+                choices.append(BlockChoice(name or "<model>", tuple(xin.shape), form, float(hit["speed_vs_built"]),
+                                           {**hit["tried"], "remembered": True}))
+                return pick
         best_form, best = built, module
         speed_vs_built = 1.0
         tried: dict = {form: {"error": reason} for form, reason in (skipped or {}).items()}
@@ -581,6 +629,8 @@ def optimize_cp_blocks(
                 best_form, best = form, cand
                 speed_vs_built *= pt.speedup
         choices.append(BlockChoice(name or "<model>", tuple(xin.shape), best_form, speed_vs_built, tried))
+        if store is not None:
+            store.put(key, {"form": best_form, "speed_vs_built": speed_vs_built, "tried": jsonable_tried(tried)})
         return best
 
     with thread_limits(threads), torch.inference_mode():
@@ -607,6 +657,13 @@ def optimize_cp_blocks(
     if err > MATCH_RTOL * 10:
         raise AssertionError(f"optimized model differs from the original by {err:.2e} (relative)")
     return work, choices
+
+
+def jsonable_tried(tried: dict) -> dict:
+    """What the choice measured, as JSON (tuples and tensors are not)."""
+    import json
+
+    return json.loads(json.dumps(tried, default=repr))
 
 
 def replayed_choices(info: dict) -> dict[str, str] | None:

@@ -18,14 +18,20 @@ from .noise import busy_reasons, snapshot, static_noise_facts, verdict, wait_for
 from .timing import TimingBudget
 from .workers import PairSpec, ProcessRun, pair_samples, time_in_processes
 
-__all__ = ["MODEL", "DEFAULT_PROCESSES", "DEFAULT_PIN", "measure_pairs", "timing_row_fields", "layer_row_fields",
-           "split_timing"]
+__all__ = ["MODEL", "DEFAULT_PROCESSES", "DEFAULT_PIN", "DEFAULT_PASSES", "measure_pairs", "timing_row_fields",
+           "layer_row_fields", "split_timing", "pass_sizes", "merged_intervals", "aggregate_noise"]
 
 MODEL = "<model>"  # the label of the whole-network pair
 #: Fresh processes per cell by default, and whether to pin them (chosen by measurement: see README
 #: "How timing works" and benchmarks/scripts/interval_coverage.py).
 DEFAULT_PROCESSES = 5
 DEFAULT_PIN = False
+#: A run times each cell's processes in this many passes over the matrix: the first when the cell runs
+#: (its row is written then), the others after every cell has had its first, each appending the cell's
+#: row again with the processes so far. The machine drifts over minutes (on this VM, both arms of every
+#: cell 10-20% slower for five minutes of one run, with no load, steal or clock change to show for it),
+#: and only processes minutes apart put that drift inside the interval (README "How timing works").
+DEFAULT_PASSES = 2
 
 
 def _parent_info(backend, base, compressed, x, threads) -> dict:
@@ -59,6 +65,23 @@ def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudge
     extra["noise"] = {"before": before, "during": agg, "verdict": verdict(agg)}
     extra["backend_info"] = specs[0].info if specs else {}
     return intervals, runs, extra
+
+
+def pass_sizes(processes: int, passes: int) -> list[int]:
+    """Processes per pass, as even as possible, the first passes taking the remainder (5 in 2: [3, 2]);
+    a single pass when there are fewer than two processes."""
+    k = max(1, min(passes, processes)) if processes >= 2 else 1
+    return [processes // k + (1 if i < processes % k else 0) for i in range(k)]
+
+
+def merged_intervals(runs: Sequence[ProcessRun], labels: Sequence[str]) -> dict[str, Interval]:
+    """The interval of each pair over all ``runs`` (the processes of every pass so far)."""
+    return {label: two_level_interval(pair_samples(runs, label)) for label in labels}
+
+
+def aggregate_noise(per: list[dict]) -> dict:
+    """Over all processes: the worst of each measure, busy if any process was busy."""
+    return _aggregate_noise(per)
 
 
 def _aggregate_noise(per: list[dict]) -> dict:
@@ -120,6 +143,7 @@ def split_timing(timing: dict) -> tuple[TimingBudget, int, bool]:
     t = dict(timing)
     processes = t.pop("processes", DEFAULT_PROCESSES)
     pin = t.pop("pin", DEFAULT_PIN)
+    t.pop("passes", None)
     return TimingBudget(**t), processes, pin
 
 

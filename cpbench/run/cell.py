@@ -10,6 +10,8 @@ networks) are memoised in the process and cached on disk, content-addressed
 """
 from __future__ import annotations
 
+import dataclasses
+
 import socket
 import time
 import traceback
@@ -73,6 +75,13 @@ class RunContext:
         budget, processes, pin = split_timing(self.timing)
         return budget, processes if self.processes is None else self.processes, pin
 
+    def timing_passes(self) -> list[int]:
+        """Processes per timing pass (:func:`cpbench.measure.cell_timing.pass_sizes`); one pass when
+        timing in the harness process."""
+        from ..measure.cell_timing import DEFAULT_PASSES, pass_sizes
+
+        return pass_sizes(self.timing_settings()[1], int(self.timing.get("passes", DEFAULT_PASSES)))
+
     def cache(self) -> Cache:
         return Cache(self.cache_dir, enabled=self.use_cache)
 
@@ -112,6 +121,7 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
     plugins = plugins or get_plugins()
     step = step or (lambda s: None)
     done: dict = {}
+    sizes = [1]
     result = axes_result(cell)
     result.status, result.host, result.started_at = "ok", socket.gethostname(), started
     try:
@@ -127,7 +137,9 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
         done["tuned"] = tuned = stages.fine_tune(base, compressed, cell, ctx, plugins, step)
         done["fidelity"] = stages.measure_fidelity(base, compressed, tuned, cell, ctx, plugins, step)
         done["flops"] = stages.count_flops_of(base, compressed, tuned.model)
-        done["measurement"] = stages.measure(base, compressed, tuned.model, cell, backend, ctx, step)
+        sizes = ctx.timing_passes()
+        done["measurement"] = stages.measure(base, compressed, tuned.model, cell, backend, ctx, step,
+                                             processes=sizes[0])
     except Exception as exc:  # recorded, the run goes on
         result.status = "error"
         result.error = str(exc) if isinstance(exc, CpbenchError) else f"{type(exc).__name__}: {exc}"
@@ -137,7 +149,50 @@ def run_cell(cell: Cell, ctx: RunContext = RunContext(), *, step: StepFn | None 
     result.wall_seconds = time.time() - started
     result.versions = versions(plugins)
     result.machine = _machine()
-    return result.to_row()
+    m = done.get("measurement")
+    later = result.status == "ok" and m is not None and len(sizes) > 1
+    if later:
+        result.timing_pass, result.timing_passes = 1, len(sizes)
+    row = result.to_row()
+    if later and m is not None:
+        # the processes so far, for the later passes to add to (never written: results.ResultSink drops
+        # keys that start with "_")
+        row["_timing_runs"] = [dataclasses.asdict(r) for r in m.runs]
+    return row
+
+
+def retime_cell(cell: Cell, row: dict, ctx: RunContext, *, plugins: "Plugins | None" = None,
+                step: StepFn | None = None) -> dict:
+    """The next timing pass of a cell whose ``row`` a pass before wrote: the networks rebuilt from the
+    cache (decomposition and fine-tuning are not repeated), timed in that pass's share of the processes,
+    and the row returned with the intervals over every process so far and ``timing_pass`` + 1."""
+    from ..measure.cell_timing import MODEL, aggregate_noise, merged_intervals
+    from ..measure.noise import verdict
+    from ..measure.workers import ProcessRun
+    from ..plugin.manager import get_plugins
+
+    plugins = plugins or get_plugins()
+    step = step or (lambda s: None)
+    k = int(row["timing_pass"])  # the passes done; this one is k + 1
+    sizes = ctx.timing_passes()
+    before = [ProcessRun(**d) for d in row["_timing_runs"]]
+    base = stages.build_base(cell, ctx, plugins, step)
+    compressed = stages.compress(base, plugins.decomposers.get(cell.decomposer["name"]), cell, ctx, step)
+    tuned = stages.fine_tune(base, compressed, cell, ctx, plugins, step)
+    m = stages.measure(base, compressed, tuned.model, cell, plugins.backends.get(cell.backend), ctx, step,
+                       processes=sizes[k] if k < len(sizes) else sizes[-1])
+    runs = before + list(m.runs)
+    intervals = merged_intervals(runs, list(m.intervals))
+    fields = timing_row_fields(intervals[MODEL], runs)
+    if m.layers:
+        fields.update(layer_row_fields(intervals, runs, m.layers))
+    during = aggregate_noise([r.noise for r in runs])
+    noise = {**(row.get("noise") or {}), "during": during, "verdict": verdict(during),
+             "passes": [*(row.get("noise") or {}).get("passes", [(row.get("noise") or {}).get("during")]),
+                        m.noise["during"]]}
+    # wall_seconds stays the cell's own (started_at + wall_seconds is when its first pass ended)
+    return {**row, **fields, "noise": noise, "timing_pass": k + 1,
+            "_timing_runs": [dataclasses.asdict(r) for r in runs]}
 
 
 def axes_result(cell: Cell) -> CellResult:

@@ -45,7 +45,8 @@ DEFAULTS: dict[str, list] = {
 }
 REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run", "train")
-TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel", "processes", "pin")
+TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel", "processes", "pin",
+               "passes")
 RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
             "cell_timeout_s", "fold_bn")
 
@@ -134,6 +135,10 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
                                   or timing["processes"] < 0):
         raise MatrixError(f"{source}: [timing] processes must be a whole number >= 0 (0: time in the harness "
                           f"process), not {timing['processes']!r}")
+    if "passes" in timing and (isinstance(timing["passes"], bool) or not isinstance(timing["passes"], int)
+                               or timing["passes"] < 1):
+        raise MatrixError(f"{source}: [timing] passes must be a whole number >= 1 (1: every process of a cell "
+                          f"when it runs), not {timing['passes']!r}")
     if "pin" in timing and not isinstance(timing["pin"], bool):
         raise MatrixError(f"{source}: [timing] pin must be true or false, not {timing['pin']!r}")
     run = data.get("run", {})

@@ -99,6 +99,9 @@ class CellResult:
     timing_processes: list | None = _key("timing")  # per fresh process: pid, speedup, medians, own interval...
     timing_mode: str | None = _key("timing")  # "process", or "in-process" (processes = 0)
     timing_pinned: list | None = _key("timing")
+    # which timing pass wrote this row, of how many ([timing] passes): a later pass's row supersedes it
+    timing_pass: int | None = _key("timing")
+    timing_passes: int | None = _key("timing")
     noise: dict | None = _key("timing")  # the machine before and during the timing, with a verdict
     quiet_wait: dict | None = _key("timing")  # --require-quiet: how long the cell waited, quiet or not
     noisy: bool | None = _key("timing")  # rows of older runs (IQR/median above 10% on either arm)
@@ -166,7 +169,7 @@ _FIELDS = {f.name for f in dataclasses.fields(CellResult)} - {"extra"}
 
 OPTIONAL_KEYS = frozenset({"traceback", "model_label", "weights_from", "finetune_cached", "layer_speedup", "layer_speedup_ci",
                            "layer_noisy", "noisy", "quiet_wait", "layer_timing_flags", "layer_process_speedups",
-                           "timing_pinned", "fidelity_loss"})
+                           "timing_pinned", "fidelity_loss", "timing_pass", "timing_passes"})
 
 # Which keys each stage of a cell writes: a stage's keys appear in a row once any of them has a value (the
 # cell's own keys always), so an error row holds the keys of the stages that finished.

@@ -65,14 +65,35 @@ def _scan(path: Path) -> tuple[list[dict], int, bool]:
     return rows, tail_start, tail_start < len(data)
 
 
-def read_results(path: str | Path) -> list[dict]:
-    """Every complete row of a results file (or of ``DIR/results.jsonl``); a torn tail is dropped."""
+def read_results(path: str | Path, *, superseded: bool = False) -> list[dict]:
+    """Every complete row of a results file (or of ``DIR/results.jsonl``); a torn tail is dropped. A row
+    that a later timing pass of its cell superseded (``timing_pass``, see README "How timing works") is
+    left out unless ``superseded``; the later row takes its place."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
         raise UsageError(f"no results file at {path}")
-    return _scan(path)[0]
+    rows = _scan(path)[0]
+    return rows if superseded else _drop_superseded(rows)
+
+
+def _drop_superseded(rows: list[dict]) -> list[dict]:
+    """Rows without those a later pass of the same cell replaced, each later pass where its first was."""
+    last: dict[str, int] = {}
+    for i, r in enumerate(rows):
+        if r.get("timing_pass") and r.get("cell_key") and r.get("status") == "ok":
+            last[r["cell_key"]] = i
+    out, placed = [], {}
+    for i, r in enumerate(rows):
+        k = r.get("cell_key")
+        if k in last and r.get("timing_pass") and r.get("status") == "ok":
+            if k not in placed:
+                placed[k] = len(out)
+                out.append(rows[last[k]])
+            continue
+        out.append(r)
+    return out
 
 
 def finished_keys(path: str | Path, *, errors_count: bool = False) -> set[str]:
@@ -107,14 +128,15 @@ class Duplicates:
 
 def latest_rows(rows: list[dict]) -> tuple[list[dict], Duplicates]:
     """One row per cell: its last ok row, else its last row (an error that a resume ran again is
-    superseded by the new attempt), in the order cells first appear; and the duplicated ok rows."""
+    superseded by the new attempt; a cell's first timing pass by its later ones, ``timing_pass``), in
+    the order cells first appear; and the duplicated ok rows."""
     by_key: dict[str, dict] = {}
     ok_count: dict[str, int] = {}
     example = None
     for i, r in enumerate(rows):
         k = r.get("cell_key") or f"#{i}"
         ok = r.get("status") == "ok"
-        if ok:
+        if ok and (r.get("timing_pass") or 1) == 1:  # a later timing pass supersedes its cell's row
             ok_count[k] = ok_count.get(k, 0) + 1
             if ok_count[k] == 2 and example is None:
                 example = r
@@ -141,7 +163,8 @@ class ResultSink:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(jsonable(row), sort_keys=True) + "\n")
+        public = {k: v for k, v in row.items() if not k.startswith("_")}  # in-memory only (cell.run_cell)
+        self._f.write(json.dumps(jsonable(public), sort_keys=True) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 

@@ -49,7 +49,13 @@ StepFn = Callable[[str], None]
 # Shared between the cells of a process (sizes: a few networks, many decompositions and evaluations).
 BASES: Computation[Network] = Computation("base networks", 4)
 DATA: Computation[Any] = Computation("data sets", 4)
-ACCURACY: Computation[float] = Computation("accuracies", 64)
+# Accuracies and fidelities are also kept on disk, keyed by the weights and the evaluation data's content:
+# a cached run re-evaluated every network on the whole test split (charnet: ~9 s per decomposition
+# of the default matrix, a fifth of its cached run)
+ACCURACY: Computation[float] = Computation(
+    "accuracies", 64, namespace="accuracy",
+    encode=lambda v: ({"value": torch.tensor([v], dtype=torch.float64)}, {}),
+    decode=lambda s: float(s[0]["value"][0]))
 FACTORIZATIONS: Computation[tuple] = Computation(
     "factorizations", 64, namespace="factorizations",
     encode=lambda v: (v[0].factors, {"rel_error": v[0].rel_error, "info": jsonable(v[0].info), "rank": jsonable(v[1])}),
@@ -216,12 +222,29 @@ class Evaluation:
 
 
 def accuracy(model: nn.Module, plugins: "Plugins", data: str, ctx: "RunContext", memo_key: str | None = None) -> float:
-    from ..nn.training import evaluate as _evaluate
+    """Test accuracy of ``model``; with ``memo_key`` memoised in the process and cached on disk under
+    the weights' and the test split's content (a renamed or edited data folder is evaluated afresh)."""
+    from ..nn.training import as_tensors, evaluate as _evaluate
 
     test = dataset(plugins, data, "test", ctx)
     if memo_key is None:
         return _evaluate(model, test)
-    return ACCURACY.get(memo_key, lambda: _evaluate(model, test))
+    x, y = as_tensors(test)
+    key = key_of("accuracy", weights_key(model), _content(x), _content(y))
+    return ACCURACY.get(memo_key, lambda: ACCURACY.get(key, lambda: _evaluate(model, test), caches=[ctx.cache()]))
+
+
+_DIGESTS: dict[tuple[int, tuple], str] = {}
+
+
+def _content(t: torch.Tensor) -> str:
+    """The content hash of an evaluation tensor, computed once per tensor object in the process."""
+    from .cache import tensor_digest
+
+    k = (id(t), tuple(t.shape))
+    if k not in _DIGESTS:
+        _DIGESTS[k] = tensor_digest(t)
+    return _DIGESTS[k]
 
 
 def evaluate(base: Base, compressed: Compressed, ctx: "RunContext", plugins: "Plugins",
@@ -307,7 +330,11 @@ class OutputFidelity:
         return fidelity_fields(self.decomposed, self.finetuned)
 
 
-FIDELITY: Computation[Fidelity] = Computation("fidelities", 64)
+FIDELITY: Computation[Fidelity] = Computation(
+    "fidelities", 64, namespace="fidelity",
+    encode=lambda f: ({"rel_error": torch.tensor([f.rel_error], dtype=torch.float64)},
+                      {"top1_agreement": f.top1_agreement, "samples": f.samples}),
+    decode=lambda s: Fidelity(float(s[0]["rel_error"][0]), s[1]["top1_agreement"], int(s[1]["samples"])))
 
 
 def measure_fidelity(base: Base, compressed: Compressed, tuned: FineTuned, cell: Cell, ctx: "RunContext",
@@ -320,9 +347,9 @@ def measure_fidelity(base: Base, compressed: Compressed, tuned: FineTuned, cell:
 
     def of(model: nn.Module) -> Fidelity:
         # cells that differ only in backend, threads or batch compare the same two networks
-        key = key_of("fidelity", base.weights_key, weights_key(model), inputs)
+        key = key_of("fidelity", base.weights_key, weights_key(model), _content(inputs))
         with thread_limits(ctx.train_threads):
-            return FIDELITY.get(key, lambda: fidelity(base.model, model, inputs))
+            return FIDELITY.get(key, lambda: fidelity(base.model, model, inputs), caches=[ctx.cache()])
 
     after = of(tuned.model) if tuned.model is not compressed.model else None
     return OutputFidelity(of(compressed.model), after)
@@ -378,13 +405,16 @@ class Measurement:
 
 
 def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, backend: Any, ctx: "RunContext",
-            step: StepFn = _quiet) -> Measurement:
-    """Stage 5b: time the whole networks, then (``per_layer_timing``) each replaced layer on its real input."""
+            step: StepFn = _quiet, *, processes: int | None = None) -> Measurement:
+    """Stage 5b: time the whole networks, then (``per_layer_timing``) each replaced layer on its real input,
+    in ``processes`` fresh workers (default: the context's)."""
     from ..kernels.forms import configure_malloc
 
     step(f"timing on {backend.name}")
     allocator = configure_malloc()  # once per process, before any timing: both arms alike
-    budget, processes, pin = ctx.timing_settings()
+    remember_form_choices(ctx)
+    budget, all_processes, pin = ctx.timing_settings()
+    processes = all_processes if processes is None else processes
     x = torch.randn(cell.batch, *base.input_shape, generator=torch.Generator().manual_seed(cell.seed))
     with thread_limits(cell.threads) as threads_set:
         pairs = [(MODEL, base.model, model, x, budget)]
@@ -398,6 +428,23 @@ def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, ba
                                                require_quiet_s=ctx.require_quiet_s)
     return Measurement(allocator, intervals, runs, extra["backend_info"], threads_set, extra["noise"],
                        extra.get("quiet_wait"), list(base.layers) if ctx.per_layer_timing else None)
+
+
+_FORM_STORES: dict = {}  # the cache's form-choice file, one store per path in the process
+
+
+def remember_form_choices(ctx: "RunContext") -> None:
+    """Backends' form choices kept in the cache (``forms/choices.json``); none with caching off."""
+    from ..kernels.forms import use_choice_store
+    from ..tune.store import JsonStore
+
+    if not ctx.use_cache:
+        use_choice_store(None)
+        return
+    path = ctx.cache().root / "forms" / "choices.json"
+    if path not in _FORM_STORES:
+        _FORM_STORES[path] = JsonStore(path)
+    use_choice_store(_FORM_STORES[path])
 
 
 def weights_key(model: nn.Module) -> str:

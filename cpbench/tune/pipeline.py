@@ -42,7 +42,7 @@ from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, predicted_cost
 from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
 from .plan import LayerChoice, Plan
-from .search import Option, Selection, search
+from .search import Option, Selection, infeasible, search
 from .store import JsonStore
 
 __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
@@ -50,6 +50,7 @@ __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
 DEFAULT_DECOMPOSERS = ("cp-nls", "cp-als", "tucker2", "spatial-svd")
 SENSITIVITY_MODES = ("auto", "accuracy", "fidelity", "error")
 FIDELITY_SAMPLES = 64
+VAL_FROM_TRAIN = 0.1  # the share of the training split sensitivities use when a data set has no val split
 
 StepFn = Callable[[str], None]
 
@@ -144,6 +145,8 @@ class Prepared:
     options: dict[str, list[Option]]
     timed: dict[str, Timed]  # candidate key -> layer speedup
     dropped: dict[str, list[str]] = field(default_factory=dict)  # layer -> candidates slower than the layer
+    # layer -> candidates no plan within the loosest budget can hold (their sensitivity never computed)
+    out_of_reach: dict[str, list[str]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -168,27 +171,43 @@ class Tuner:
         self.model_plugin = self.plugins.models.get(request.model["name"])
         self.backend = self.plugins.backends.get(request.backend)
         self.decomposers = [self.plugins.decomposers.get(d) for d in request.decomposers]
-        self.params = {k: v for k, v in request.model.items() if k != "name"}
+        from ..run.inputs import split_model_spec
+
+        self.params = split_model_spec(request.model)[1]  # the plugin's own (not weights, dataset, ...)
         self.timer = timer or backend_timer(self.backend, request.threads, request.layer_budget)
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
                                                     processes=DEFAULT_PROCESSES)
-        self.dataset = getattr(self.model_plugin, "dataset", None)
-        mode = request.sensitivity
-        self.sensitivity_mode = ("accuracy" if self.dataset else "fidelity") if mode == "auto" else mode
-        if self.sensitivity_mode == "accuracy" and not self.dataset:
-            raise UsageError(f"model {request.model['name']!r} has no data set; use sensitivity fidelity or error")
 
-    # -- stage 0: the base network and its layers -------------------------------------------------
+    # -- stage 0: the base network, its data set and its layers ----------------------------------
+    @property
+    def network(self):
+        """The base network as a cell builds it (:func:`cpbench.run.stages.network`): a plugin's model or
+        your own (a Python file, ONNX, ResNet/VGG on your data), weights loaded or trained once (cached)."""
+        from ..run import stages
+
+        if not hasattr(self, "_network"):
+            self._network = stages.network(self.request.model, self.ctx, plugins=self.plugins, step=self.step)
+        return self._network
+
     def base(self) -> nn.Module:
-        from ..run.cell import base_model
+        return self.network.module
 
-        if not hasattr(self, "_base"):
-            self._base = base_model(self.request.model, self.ctx, plugins=self.plugins, step=self.step)
-        return self._base
+    @property
+    def dataset(self) -> Any:
+        """The data-set name or inline spec the network is evaluated and fine-tuned on (None: none)."""
+        return self.network.data_spec if self.network.data is not None else None
+
+    @property
+    def sensitivity_mode(self) -> str:
+        mode = self.request.sensitivity
+        mode = ("accuracy" if self.dataset else "fidelity") if mode == "auto" else mode
+        if mode == "accuracy" and not self.dataset:
+            raise UsageError(f"model {self.request.model['name']!r} has no data set; use sensitivity fidelity or error")
+        return mode
 
     def input_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.model_plugin.input_shape(**self.params))
+        return (batch, *self.network.input_shape)
 
     def layer_shapes(self, batch: int) -> dict[str, tuple]:
         from ..nn.surgery import layer_input_shapes
@@ -257,11 +276,14 @@ class Tuner:
         return "cp-block" if self._builds_cp_block(cand.method) else None
 
     # -- stages 1-3 -------------------------------------------------------------------------------
-    def prepare(self, batch: int | None = None) -> Prepared:
-        """Candidates, latency table and sensitivities for ``batch`` (default the request's)."""
+    def prepare(self, batch: int | None = None, budget: float | None = None) -> Prepared:
+        """Candidates, latency table and sensitivities for ``batch`` (default the request's). ``budget``:
+        the loosest latency budget that will be searched (``1 / lowest target``); candidates no plan
+        within it can hold are left out before their sensitivities are computed (:func:`infeasible`)."""
         req = self.request
         batch = batch or req.batch
         base = self.base()
+        self.sensitivity_mode  # noqa: B018 - a bad sensitivity mode fails before anything is timed
         shapes = self.layer_shapes(batch)
         grid = speedup_grid(req.min_speedup, req.max_speedup, req.grid_points)
         table = LatencyTable.for_run(self.ctx.cache().root if self.ctx.use_cache else None,
@@ -280,7 +302,10 @@ class Tuner:
         t0 = time.perf_counter()
         from ..kernels.forms import configure_malloc
 
+        from ..run.stages import remember_form_choices
+
         configure_malloc()  # as a cell does, before any timing: both arms alike
+        remember_form_choices(self.ctx)
         shares, timed, kept, dropped = {}, {}, {}, {}
         net_key = key_of(self._arch_key(), "arch")
         x_shape = self.input_shape(batch)
@@ -305,12 +330,19 @@ class Tuner:
                     dropped[n].append(c.label)
         seconds["latency"] = time.perf_counter() - t0
 
+        out_of_reach: dict[str, list[str]] = {}
+        if budget is not None:
+            far = infeasible({n: [shares[n] / timed[_cand_key(c)].speedup for c in kept[n]] for n in self.layers},
+                             rest, budget)
+            for n, idx in far.items():
+                out_of_reach[n] = [kept[n][i].label for i in idx]
+                kept[n] = [c for i, c in enumerate(kept[n]) if i not in set(idx)]
         t0 = time.perf_counter()
         losses = self.sensitivities(kept, self.layer_shapes(1))
         seconds["sensitivity"] = time.perf_counter() - t0
         options = {n: [Option(c, shares[n] / timed[_cand_key(c)].speedup, losses[_cand_key(c)]) for c in kept[n]]
                    for n in self.layers}
-        return Prepared(list(self.layers), rest, shares, options, timed, dropped, seconds)
+        return Prepared(list(self.layers), rest, shares, options, timed, dropped, seconds, out_of_reach)
 
     def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple]) -> dict[str, float]:
         """Points lost with only each candidate's layer replaced (0 for "leave it"), cached."""
@@ -347,7 +379,7 @@ class Tuner:
 
         base = self.base()
         if mode == "accuracy":
-            val = self.plugins.datasets.get(self.dataset).load("val", seed=0, size=self.request.val_samples)
+            val = self.validation()
             with torch.no_grad():
                 base_acc = evaluate(base, val)
             return lambda m: 100.0 * (base_acc - evaluate(m, val))
@@ -363,6 +395,24 @@ class Tuner:
             return 100.0 * float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
         return fidelity
+
+    def validation(self):
+        """The split sensitivities are measured on: the data set's ``val`` split; for one with only
+        train and test (your own image folder, IDX, NPZ), the last ``VAL_FROM_TRAIN`` of the training
+        split in its fixed order (never the test split: it measures the chosen plan, and choosing on it
+        would flatter the result). ``val_samples`` caps either."""
+        from ..run import stages
+
+        size = self.request.val_samples
+        try:
+            return stages.dataset(self.plugins, self.dataset, "val", replace(self.ctx, dataset_size={"val": size}))
+        except UsageError as e:
+            if "split" not in str(e):
+                raise
+        x, y = stages.dataset(self.plugins, self.dataset, "train", self.ctx).tensors
+        n = len(y)
+        k = min(size or max(1, int(n * VAL_FROM_TRAIN)), n)
+        return torch.utils.data.TensorDataset(x[n - k:], y[n - k:])
 
     # -- stage 4: search and verify one target ---------------------------------------------------
     def compressed(self, selection: Selection) -> nn.Module:
@@ -439,7 +489,8 @@ class Tuner:
         result.tune = {"rounds": [r.as_dict() for r in outcome.rounds], "shares": prepared.shares, "rest": prepared.rest,
                        "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop, "target_speedup": target,
                        "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
-                       "dropped_slower_than_layer": prepared.dropped, "stage_seconds": prepared.seconds}
+                       "dropped_slower_than_layer": prepared.dropped,
+                       "dropped_out_of_reach": prepared.out_of_reach, "stage_seconds": prepared.seconds}
         drop = result.accuracy_drop()
         if not self.dataset:
             result.fidelity_loss = drop = self._scorer("fidelity")(fine.model)

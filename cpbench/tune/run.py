@@ -64,7 +64,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step, timer=timer)
     if uniform is not None:
         tuner.plugins.decomposers.get(uniform)
-    prepared = tuner.prepare()
+    prepared = tuner.prepare(budget=1.0 / min(request.targets))
     for target in request.targets:  # every target checked before anything is verified or fine-tuned
         search(prepared.options, prepared.rest, 1.0 / target)
 

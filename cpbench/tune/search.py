@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from .candidates import Candidate
 
-__all__ = ["Option", "Selection", "TargetUnreachable", "search", "brute_force", "fastest"]
+__all__ = ["Option", "Selection", "TargetUnreachable", "search", "brute_force", "fastest", "infeasible"]
 
 DEFAULT_BINS = 4000
 
@@ -67,6 +67,20 @@ def fastest(options: dict[str, list[Option]], rest: float) -> Selection:
     """The lowest-cost plan (ties: the lower loss)."""
     choice = {n: min(opts, key=lambda o: (o.cost, o.loss)) for n, opts in options.items()}
     return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
+
+
+def infeasible(costs: dict[str, list[float]], rest: float, budget: float) -> dict[str, list[int]]:
+    """Per layer, the indices of the costs that no plan within ``budget`` can contain: even with every
+    other layer at its cheapest option, ``rest + cost + Σ cheapest > budget``. Exact: dropping them
+    changes no optimal plan of this budget or of any tighter one, whatever the losses turn out to be,
+    so a tune skips their sensitivities (each a decomposition, the costliest part of a fresh tune).
+    Nothing is dropped when no plan fits at all: the search then says what the fastest plan reaches."""
+    cheapest = {n: min(cs) for n, cs in costs.items() if cs}
+    floor = rest + sum(cheapest.values())
+    if floor > budget:
+        return {}
+    return {n: [i for i, c in enumerate(cs) if floor - cheapest[n] + c > budget * (1 + 1e-12)]
+            for n, cs in costs.items() if cs}
 
 
 def _unreachable(options, rest, budget) -> TargetUnreachable:

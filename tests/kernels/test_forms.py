@@ -192,3 +192,34 @@ def test_configure_malloc_is_idempotent():
     first = configure_malloc()
     assert configure_malloc() == first
     assert first["process_wide"] is True
+
+
+def test_a_remembered_form_choice_is_replayed_without_timing_and_checked_for_exactness(tmp_path):
+    # the first call times the candidates and remembers the winner; the second, on a block of the same
+    # structure with other weights, builds that form without timing anything (a clock that raises)
+    from cpbench.kernels.forms import optimize_cp_blocks, use_choice_store
+    from cpbench.tune.store import JsonStore
+
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+
+    def block(seed):
+        g = torch.Generator().manual_seed(seed)
+        return CPBlock(geometry(conv), torch.randn(1, 24, 8, generator=g), torch.randn(1, 16, 8, generator=g),
+                       h=torch.randn(1, 3, 8, generator=g), w=torch.randn(1, 3, 8, generator=g),
+                       bias=torch.randn(24, generator=g)).eval()
+
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(9))
+    use_choice_store(JsonStore(tmp_path / "choices.json"))
+    try:
+        _, first = optimize_cp_blocks(block(0), x, threads=1, convs=False)
+        other = block(1)
+
+        def no_clock():
+            raise AssertionError("a remembered choice must not be timed again")
+
+        model, again = optimize_cp_blocks(other, x, threads=1, convs=False, clock=no_clock)
+        assert [c.form for c in again] == [c.form for c in first] and again[0].tried.get("remembered")
+        with torch.inference_mode():
+            assert torch.allclose(model(x), other(x), rtol=1e-4, atol=1e-4)
+    finally:
+        use_choice_store(None)

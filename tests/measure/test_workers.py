@@ -67,8 +67,15 @@ def test_a_cell_row_records_processes_flags_and_noise(tmp_path):
                       "timing": {"budget_s": 0.3, "min_rounds": 5, "warmup": 1, "processes": 3}})
     ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path), require_quiet_s=0.0)
     (cell,) = m.cells()
-    row = run_cell(cell, ctx)
-    assert row["status"] == "ok", row.get("error")
+    first = run_cell(cell, ctx)
+    assert first["status"] == "ok", first.get("error")
+    # [timing] passes defaults to 2: the cell's first pass times 2 of its 3 processes, the second the last
+    assert len(first["timing_processes"]) == 2 and (first["timing_pass"], first["timing_passes"]) == (1, 2)
+    from cpbench.run.cell import retime_cell
+
+    row = retime_cell(cell, first, ctx)
+    assert row["timing_pass"] == 2 and len(row["noise"]["passes"]) == 2
+    assert [p["pid"] for p in row["timing_processes"][:2]] == [p["pid"] for p in first["timing_processes"]]
     assert len(row["timing_processes"]) == 3 and row["timing_mode"] == "process"
     assert set(row["timing_flags"]) == {"wide", "busy", "disagree"} and "noisy" not in row
     assert row["speedup_ci"][0] <= row["speedup"] <= row["speedup_ci"][1]

@@ -130,7 +130,7 @@ ROW_KEYS = {
 def test_an_ok_row_has_every_key_and_reads_back_unchanged(ctx):
     row = run_cell(_cell(), ctx)
     assert row["status"] == "ok", row["error"]
-    assert set(row) == ROW_KEYS
+    assert {k for k in row if not k.startswith("_")} == ROW_KEYS | {"timing_pass", "timing_passes"}
     assert row["layers"] == ["conv"] and row["rank"] == {"conv": 2} and row["accuracy_base"] is None
     assert row["weights_from"] == "init"  # no weights, no data set: the random initialisation
     assert row["finetune_seconds"] == 0.0 and row["speedup_ci"][0] <= row["speedup"] <= row["speedup_ci"][1]
@@ -192,3 +192,23 @@ def test_run_matrix_hands_its_plugins_to_every_cell(tmp_path):
     summary = run_matrix(m, tmp_path / "run", plugins=mine,
                          ctx=RunContext(cache_dir=str(tmp_path / "cache"), timing=TINY))
     assert summary.ok == 1, summary.rows[0]["error"]
+
+
+def test_an_accuracy_is_cached_on_disk_by_weights_and_test_data(ctx, monkeypatch):
+    # a second run (a fresh process: the memo cleared) reads the accuracy back instead of evaluating;
+    # other weights, or another test split, are evaluated afresh
+    from cpbench.plugin.manager import get_plugins
+    from cpbench.nn import training
+
+    plugins = get_plugins()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 36))
+    first = stages.accuracy(net, plugins, "synthchars", ctx, memo_key="a")
+    clear_memo()
+    calls = []
+    real = training.evaluate
+    monkeypatch.setattr(training, "evaluate", lambda m, d, **kw: calls.append(1) or real(m, d, **kw))
+    assert stages.accuracy(net, plugins, "synthchars", ctx, memo_key="b") == first and calls == []
+    with torch.no_grad():
+        net[1].bias.add_(1.0)
+    stages.accuracy(net, plugins, "synthchars", ctx, memo_key="c")
+    assert calls == [1]

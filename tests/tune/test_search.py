@@ -73,3 +73,35 @@ def test_unreachable_names_the_fastest_plan():
         search(opts, 0.3, 0.5)
     assert info.value.best_speedup == pytest.approx(1 / 0.55)
     assert fastest(opts, 0.3).choice["x"].candidate.rank == 3
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pruning_out_of_reach_candidates_changes_no_plan_of_that_budget_or_a_tighter_one(seed):
+    # the tune drops what `infeasible` names before computing sensitivities: for the loosest budget
+    # and every tighter one, brute force over what is left finds the same least loss as over all
+    from cpbench.tune.search import infeasible
+
+    rng = random.Random(seed)
+    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5))
+    rest, loosest = 0.1, rng.uniform(0.3, 0.9)
+    far = infeasible({n: [o.cost for o in os] for n, os in opts.items()}, rest, loosest)
+    left = {n: [o for i, o in enumerate(os) if i not in far.get(n, [])] for n, os in opts.items()}
+    assert all(left.values())
+    for budget in (loosest, loosest * 0.8, loosest * 0.6):
+        try:
+            want = brute_force(opts, rest, budget)
+        except TargetUnreachable:
+            with pytest.raises(TargetUnreachable):
+                brute_force(left, rest, budget)
+            continue
+        assert brute_force(left, rest, budget).loss == pytest.approx(want.loss, abs=1e-12)
+
+
+def test_pruning_drops_what_cannot_fit_and_nothing_when_no_plan_fits():
+    from cpbench.tune.search import infeasible
+
+    costs = {"a": [0.5, 0.2, 0.05], "b": [0.3, 0.1]}
+    # rest 0.1: cheapest plan 0.25; a=0.5 needs 0.7 and b=0.3 needs 0.45, both above 0.4
+    assert infeasible(costs, 0.1, 0.4) == {"a": [0], "b": [0]}
+    assert infeasible(costs, 0.1, 1.0) == {"a": [], "b": []}
+    assert infeasible(costs, 0.1, 0.2) == {}  # nothing fits: the search reports what the fastest reaches

@@ -1,0 +1,101 @@
+"""The tune on your own network: a Python file on your images (a data set with only train and test),
+given as a model spec dict or a model spec file; a fake timer."""
+import textwrap
+
+import pytest
+
+from cpbench.cli import main
+from cpbench.run.cell import RunContext
+from cpbench.testing.sampledata import write_image_folder
+from cpbench.tune.pipeline import Tuner
+from cpbench.tune.run import run_tune
+
+from test_pipeline import ParamTimer, _request
+
+NET = textwrap.dedent("""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, num_classes=3):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+            self.fc = nn.Linear(16, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.conv2(F.relu(self.conv1(x))))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+""")
+
+
+@pytest.fixture
+def yours(tmp_path):
+    (tmp_path / "mynet.py").write_text(NET)
+    write_image_folder(tmp_path / "images", classes=3, per_class=30, size=(12, 12))
+    return {"name": "python", "target": "mynet.py:Net", "params": {"num_classes": 3},
+            "dataset": {"name": "imagefolder", "path": "images"}}
+
+
+def test_a_python_network_on_an_image_folder_is_tuned_on_accuracy_held_out_from_training(tmp_path, yours):
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), spec_dir=str(tmp_path), train={"epochs": 1, "batch_size": 16})
+    req = _request(model=yours, layers=["conv2"], targets=(1.5,))
+    tuner = Tuner(req, ctx=ctx, timer=ParamTimer())
+    assert tuner.sensitivity_mode == "accuracy"  # the spec's data set, not the plugin's (it has none)
+    val = tuner.validation()
+    train = tuner.network.data.load("train", seed=0)
+    n = len(train.tensors[1])
+    assert len(val.tensors[1]) == n // 10  # the end of the training split: the test split is never chosen on
+    assert (val.tensors[0] == train.tensors[0][n - n // 10:]).all()
+
+    run = run_tune(req, tmp_path / "out", ctx=ctx, timer=ParamTimer())
+    (row,) = run.rows
+    assert row["status"] == "ok" and row["tune"]["sensitivity"] == "accuracy"
+    assert row["accuracy_base"] is not None and row["accuracy_decomposed"] is not None
+
+
+def _spec_file(tmp_path, body: str):
+    p = tmp_path / "mynet-tune.toml"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+def test_the_cli_reads_a_model_spec_file_and_resolves_its_paths_from_its_folder(tmp_path, yours, monkeypatch):
+    spec = _spec_file(tmp_path, """
+        [model]
+        name = "python"
+        target = "mynet.py:Net"
+        params = {num_classes = 3}
+        dataset = {name = "imagefolder", path = "images"}
+
+        [train]
+        epochs = 1
+        batch_size = 16
+    """)
+    from cpbench.cli import tune as cli_tune
+
+    model, train, folder = cli_tune.model_from_file(str(spec))
+    assert model == yours and train == {"epochs": 1, "batch_size": 16} and folder == str(tmp_path.resolve())
+    monkeypatch.chdir(tmp_path.parent)  # relative paths start at the file's folder, not here
+    args = cli_tune.add_tune_parser(__import__("argparse").ArgumentParser().add_subparsers()).parse_args(
+        [str(spec), "--layers", "conv2"])
+    assert cli_tune.request_from_args(args).model == yours
+
+
+@pytest.mark.parametrize("body,match", [
+    ("[model]\ntarget = 'x.py:N'\n", "needs a [model] table with a name"),
+    ("[model]\nname = 'python'\n[matrix]\nx = 1\n", "unknown table(s) ['matrix']"),
+    ("[model]\nname = 'python'\n[train]\nepochz = 3\n", "unknown [train] key(s) ['epochz']"),
+    ("[model\n", "not a TOML file"),
+])
+def test_a_bad_model_spec_file_is_one_line_exit_2(tmp_path, capsys, body, match):
+    spec = _spec_file(tmp_path, body)
+    code = main(["tune", str(spec), "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and match in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_model_spec_file_is_one_line(tmp_path, capsys):
+    assert main(["tune", str(tmp_path / "nope.toml")]) == 2
+    assert "model spec file not found" in capsys.readouterr().err
