@@ -133,7 +133,13 @@ def main(argv=None) -> int:
         print(f"  [{now - t0:7.1f} s] {s}", flush=True)
         last[0] = now
 
-    run = run_tune(req, out, ctx=ctx, step=step)
+    from cpbench.errors import UsageError
+
+    try:
+        run = run_tune(req, out, ctx=ctx, step=step)
+    except UsageError as e:  # e.g. a target the candidates cannot reach: say what the fastest plan does
+        print(f"tune_charnet: {e}", file=sys.stderr)
+        return 2
     tune_s = time.perf_counter() - t0
     print(f"tune: {tune_s:.0f} s wall ({len(req.targets)} target(s)), {run.latency_timed} candidate timings measured; "
           f"after: {_uptime()}", flush=True)
