@@ -37,17 +37,11 @@ def model_from_file(path: str) -> tuple[dict, dict, str]:
     ``name = "python"``, ``target = "mynet.py:MyNet"``, ``dataset = {...}``, ...) and an optional
     ``[train]`` (the base training recipe). Returns (model spec, train table, the file's folder, where
     its relative paths start). One-line :class:`UsageError` on anything else."""
-    import tomllib
-
     from ..run.matrix import MatrixError, _parse_train
+    from ..run.paths import read_toml
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"model spec file not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{p}: not a TOML file ({e})") from None
+    data = read_toml(p, "model spec")
     bad = sorted(set(data) - set(MODEL_FILE_TABLES))
     if bad:
         raise UsageError(f"{p}: unknown table(s) {bad}; allowed: [model] and [train]")

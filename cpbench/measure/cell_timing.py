@@ -60,7 +60,7 @@ def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudge
     kwargs = {} if sampler is None else {"sampler": sampler}
     runs = time_in_processes(backend, specs, threads=threads, processes=processes, pin=pin, **kwargs)
     intervals = {s.label: two_level_interval(pair_samples(runs, s.label)) for s in specs}
-    agg = _aggregate_noise([r.noise for r in runs])
+    agg = aggregate_noise([r.noise for r in runs])
     before.pop("cpu_jiffies", None)
     extra["noise"] = {"before": before, "during": agg, "verdict": verdict(agg)}
     extra["backend_info"] = specs[0].info if specs else {}
@@ -80,11 +80,6 @@ def merged_intervals(runs: Sequence[ProcessRun], labels: Sequence[str]) -> dict[
 
 
 def aggregate_noise(per: list[dict]) -> dict:
-    """Over all processes: the worst of each measure, busy if any process was busy."""
-    return _aggregate_noise(per)
-
-
-def _aggregate_noise(per: list[dict]) -> dict:
     """Over all processes: the worst of each measure, busy if any process was busy."""
     def worst(key, f=max):
         vals = [n[key] for n in per if n.get(key) is not None]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,15 +231,9 @@ def _parse_block(m: dict, registries: dict | None, source: str) -> dict[str, lis
 
 
 def load_matrix(path: str | Path, *, registries: dict | None = None) -> Matrix:
-    path = Path(path)
-    if not path.is_file():
-        raise MatrixError(f"matrix file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise MatrixError(f"{path}: not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise MatrixError(f"{path}: not a text file") from None
+    from .paths import read_toml
+
+    data = read_toml(path, "matrix", MatrixError)
     return parse_matrix(data, registries=registries, source=str(path))
 
 

@@ -11,7 +11,7 @@ import contextvars
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["resolve_path", "spec_dir"]
+__all__ = ["resolve_path", "spec_dir", "read_toml"]
 
 _BASE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cpbench_spec_dir", default=None)
 
@@ -32,3 +32,22 @@ def spec_dir(directory: str | Path | None) -> Iterator[None]:
         yield
     finally:
         _BASE.reset(token)
+
+
+def read_toml(path: str | Path, what: str, error: type[Exception] | None = None) -> dict:
+    """The TOML document at ``path``; ``error`` (default :class:`cpbench.errors.UsageError`) with one line
+    naming the file when it is missing, not text or not TOML. ``what``: "matrix", "plan", "model spec"."""
+    import tomllib
+
+    from ..errors import UsageError
+
+    error = error or UsageError
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{p}: not a TOML {what} file: {exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{p}: not a text file") from None

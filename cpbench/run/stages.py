@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -234,17 +235,27 @@ def accuracy(model: nn.Module, plugins: "Plugins", data: str, ctx: "RunContext",
     return ACCURACY.get(memo_key, lambda: ACCURACY.get(key, lambda: _evaluate(model, test), caches=[ctx.cache()]))
 
 
-_DIGESTS: dict[tuple[int, tuple], str] = {}
+# by address, with a weak reference that must still be that tensor: a new tensor at a freed one's address is
+# hashed anew (a WeakKeyDictionary cannot hold tensors: it compares keys with ==, elementwise for a tensor)
+_DIGESTS: dict[int, tuple["weakref.ref[torch.Tensor]", str]] = {}
 
 
 def _content(t: torch.Tensor) -> str:
-    """The content hash of an evaluation tensor, computed once per tensor object in the process."""
+    """The content hash of an evaluation tensor, computed once per tensor object in the process (the
+    evaluation data is never modified in place)."""
     from .cache import tensor_digest
 
-    k = (id(t), tuple(t.shape))
-    if k not in _DIGESTS:
-        _DIGESTS[k] = tensor_digest(t)
-    return _DIGESTS[k]
+    hit = _DIGESTS.get(id(t))
+    if hit is not None and hit[0]() is t:
+        return hit[1]
+    digest = tensor_digest(t)
+    key = id(t)
+
+    def forget(_ref: "weakref.ref[torch.Tensor]") -> None:
+        _DIGESTS.pop(key, None)
+
+    _DIGESTS[key] = (weakref.ref(t, forget), digest)
+    return digest
 
 
 def evaluate(base: Base, compressed: Compressed, ctx: "RunContext", plugins: "Plugins",

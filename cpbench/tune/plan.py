@@ -28,7 +28,6 @@ an optional ``options`` table per layer).
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,13 +93,10 @@ def write_plan(path: str | Path, plan: Plan) -> Path:
 
 def read_plan(path: str | Path) -> Plan:
     """Read a plan file; one-line :class:`UsageError` for a missing file or a malformed plan."""
+    from ..run.paths import read_toml
+
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"plan file not found: {path}")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a TOML plan file: {exc}") from None
+    doc = read_toml(path, "plan")
     layers = doc.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise UsageError(f"{path}: no [layers.NAME] tables; a plan names each layer's method and rank")

@@ -67,7 +67,7 @@ def test_decompose_kernel_files(tmp_path, capsys, suffix):
     (["decompose", "{k}", "--rank", "3", "--method", "cp-nsl"], "unknown decomposer 'cp-nsl'; available:"),
     (["decompose", "{k}", "--rank", "abc"], "not allowed"),
     (["run", "--matrix", "nope.toml"], "matrix file not found"),
-    (["run", "--matrix", "{bad}"], "not valid TOML"),
+    (["run", "--matrix", "{bad}"], "not a TOML matrix file"),
     (["run", "--matrix", "no-such-shipped"], "shipped matrix"),
     (["compare"], "required"),
 ])

@@ -50,7 +50,7 @@ def test_load_matrix_file_errors(tmp_path):
         load_matrix(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[matrix\nmodel = ")
-    with pytest.raises(MatrixError, match="not valid TOML"):
+    with pytest.raises(MatrixError, match="not a TOML matrix file"):
         load_matrix(bad)
 
 

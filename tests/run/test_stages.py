@@ -212,3 +212,17 @@ def test_an_accuracy_is_cached_on_disk_by_weights_and_test_data(ctx, monkeypatch
         net[1].bias.add_(1.0)
     stages.accuracy(net, plugins, "synthchars", ctx, memo_key="c")
     assert calls == [1]
+
+
+def test_an_evaluation_digest_lives_only_as_long_as_its_tensor():
+    # keyed by the tensor itself (weakly), never by an address a later tensor can reuse
+    import gc
+
+    t = torch.arange(6.0)
+    d = stages._content(t)
+    assert stages._content(t) == d and stages._DIGESTS[id(t)][0]() is t
+    n = len(stages._DIGESTS)
+    del t
+    gc.collect()
+    assert len(stages._DIGESTS) == n - 1
+    assert stages._content(torch.arange(6.0) + 1) != d

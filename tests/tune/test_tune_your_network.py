@@ -86,7 +86,7 @@ def test_the_cli_reads_a_model_spec_file_and_resolves_its_paths_from_its_folder(
     ("[model]\ntarget = 'x.py:N'\n", "needs a [model] table with a name"),
     ("[model]\nname = 'python'\n[matrix]\nx = 1\n", "unknown table(s) ['matrix']"),
     ("[model]\nname = 'python'\n[train]\nepochz = 3\n", "unknown [train] key(s) ['epochz']"),
-    ("[model\n", "not a TOML file"),
+    ("[model\n", "not a TOML model spec file"),
 ])
 def test_a_bad_model_spec_file_is_one_line_exit_2(tmp_path, capsys, body, match):
     spec = _spec_file(tmp_path, body)
