@@ -19,6 +19,8 @@ does not always hit the same solver:
 * ``als@nls-init``: the same ALS from cp-nls's own initialisation (SVD + its ALS sweeps);
 * ``cp-nls``: :func:`cpbench.decomposition.solvers.cp_nls` at its defaults;
 * ``cp-epc``: cp-nls's fit, then :func:`cpbench.decomposition.solvers.cp_epc` (time: both);
+* ``cp-nls r=N``: cp-nls with ``restarts=N`` (``--restarts``, default 3; 0 leaves it out), the best of
+  its start and N random ones, on the small and synthetic classes only (each restart costs a run);
 * ``pyttb.cp_als`` and ``pyttb.gcp_opt`` (Gaussian, L-BFGS-B): Sandia's pyttb from its own
   defaults (random init, numpy RNG seeded per pair), if installed
   (``pip install --no-deps pyttb numpy_groupies``; benchmark-only).
@@ -53,6 +55,7 @@ from cpbench.decomposition.solvers._cp_common import tree_split  # noqa: E402
 from cpbench.decomposition.solvers.cp_als import _als_sweeps  # noqa: E402
 
 CLASSES = ("small", "mid", "large", "synthetic")
+RESTART_CLASSES = ("small", "synthetic")  # where cp-nls with restarts is run too
 
 # Solver time is the CPU time of this thread (every solver runs on it: torch and the BLAS/OpenMP pools
 # are limited to one thread), not wall time: it is what the solver costs, and unlike wall time it
@@ -111,7 +114,7 @@ def _pyttb_solvers():
     }
 
 
-def solvers(with_pyttb: bool) -> dict:
+def solvers(with_pyttb: bool, restarts: int = 0) -> dict:
     def timed(fn):
         def solve(w, rank):
             start = _clock()
@@ -128,6 +131,8 @@ def solvers(with_pyttb: bool) -> dict:
         "cp-nls": timed(lambda w, r: cp_nls(w, r).factors),
         "cp-epc": timed(epc),
     }
+    if restarts:
+        out[f"cp-nls r={restarts}"] = timed(lambda w, r: cp_nls(w, r, restarts=restarts).factors)
     if with_pyttb:
         out.update(_pyttb_solvers())
     return out
@@ -155,8 +160,8 @@ def summarise(recs: list[dict]) -> list[dict]:
         group = [r for r in recs if r["class"] == kind]
         if not group:
             continue
-        for sname in group[0]["solvers"]:
-            vals = [r["solvers"][sname] for r in group]
+        for sname in dict.fromkeys(s for r in group for s in r["solvers"]):  # every solver any pair ran
+            vals = [r["solvers"][sname] for r in group if sname in r["solvers"]]
             rows.append({
                 "class": kind, "solver": sname, "pairs": len(vals),
                 "median_error_ratio": statistics.median(v["error_ratio"] for v in vals),
@@ -172,17 +177,20 @@ def summarise(recs: list[dict]) -> list[dict]:
 
 def targets(recs: list[dict]) -> list[tuple[str, bool, str]]:
     out = []
+    nls = list(dict.fromkeys(s for r in recs for s in r["solvers"] if s.startswith("cp-nls")))  # and its restarts
     for kind in ("small", "mid", "large"):
-        group = [r["solvers"]["cp-nls"] | {"als_s": r["solvers"]["als"]["seconds"]} for r in recs if r["class"] == kind]
-        if not group:
-            continue
-        ok = sum(g["error_ratio"] <= 1.001 for g in group)
-        out.append((f"{kind}: cp-nls error <= 1.001 x best ALS on >= 95% of pairs", ok >= 0.95 * len(group),
-                    f"{ok}/{len(group)}"))
-        md = statistics.median(g["degeneracy"] for g in group)
-        out.append((f"{kind}: cp-nls median degeneracy <= 2", md <= 2, f"{md:.3g}"))
-        tn, ta = statistics.median(g["seconds"] for g in group), statistics.median(g["als_s"] for g in group)
-        out.append((f"{kind}: cp-nls median seconds <= als's", tn <= ta, f"{tn:.2f} s vs {ta:.2f} s"))
+        for sname in nls:
+            group = [r["solvers"][sname] | {"als_s": r["solvers"]["als"]["seconds"]} for r in recs
+                     if r["class"] == kind and sname in r["solvers"]]
+            if not group:
+                continue
+            ok = sum(g["error_ratio"] <= 1.001 for g in group)
+            out.append((f"{kind}: {sname} error <= 1.001 x best ALS on >= 95% of pairs", ok >= 0.95 * len(group),
+                        f"{ok}/{len(group)}"))
+            md = statistics.median(g["degeneracy"] for g in group)
+            out.append((f"{kind}: {sname} median degeneracy <= 2", md <= 2, f"{md:.3g}"))
+            tn, ta = statistics.median(g["seconds"] for g in group), statistics.median(g["als_s"] for g in group)
+            out.append((f"{kind}: {sname} median seconds <= als's", tn <= ta, f"{tn:.2f} s vs {ta:.2f} s"))
     exact = [r["solvers"]["cp-nls"]["rel_error"] for r in recs if r["kernel"].startswith("lowrank.")]
     if exact:
         out.append(("exactly rank-R: cp-nls rel_error < 1e-6", max(exact) < 1e-6, f"max {max(exact):.2g}"))
@@ -212,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated kernel names")
     ap.add_argument("--no-pyttb", action="store_true", help="leave pyttb out even if installed")
     ap.add_argument("--steps", type=int, default=300, help="training steps of the AlexNet/VGG-style nets")
-    ap.add_argument("--nets", default="charnet,alexnet,vgg", help="networks whose kernels are used")
+    ap.add_argument("--nets", default="charnet,alexnet,vgg,resnet20", help="networks whose kernels are used")
+    ap.add_argument("--restarts", type=int, default=3, help="restarts of the 'cp-nls r=N' row (small and synthetic classes; 0: none)")
     ap.add_argument("--wall", action="store_true", help="time solvers by wall clock instead of this thread's CPU time")
     ap.add_argument("--json", metavar="OUT", help="write every pair and the summary as JSON")
     ap.add_argument("--jsonl", metavar="OUT", help="append each pair's record to OUT as it finishes")
@@ -245,13 +254,13 @@ def main(argv=None) -> int:
         keep = set(args.only.split(","))
         pairs = [p for p in pairs if p[0] in keep]
     pairs.sort(key=lambda p: p[1].numel() * p[2])
-    table = solvers(not args.no_pyttb)
-    names = list(table)
+    tables = {kind: solvers(not args.no_pyttb, args.restarts if kind in RESTART_CLASSES else 0) for kind in CLASSES}
     recs = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     for i, (name, w, rank, kind) in enumerate(pairs):
+        names = list(tables[kind])
         order = names[i % len(names):] + names[: i % len(names)]
-        rec = run_pair(name, w, rank, kind, order, table)
+        rec = run_pair(name, w, rank, kind, order, tables[kind])
         recs.append(rec)
         if args.jsonl:
             with open(args.jsonl, "a") as fh:

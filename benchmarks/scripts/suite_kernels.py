@@ -88,11 +88,20 @@ class VGGStyle(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def _resnet20(n_classes: int = 36) -> nn.Module:
+    """The shipped ResNet-20 (the "your network" model ``resnet``), on synthchars' one channel."""
+    from cpbench_builtins.models.resnet import CifarResNet
+
+    return CifarResNet(20, n_classes, in_channels=1)
+
+
 KEEP = {
     "alexnet": ("conv2", "conv3", "conv4", "conv5"),
     "vgg": ("conv1_2", "conv2_1", "conv2_2", "conv3_2", "conv4_1", "conv4_2"),
+    # one 3x3 conv of each stage (16, 32, 64 channels)
+    "resnet20": ("layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1"),
 }
-NETS = {"alexnet": AlexNetStyle, "vgg": VGGStyle}
+NETS = {"alexnet": AlexNetStyle, "vgg": VGGStyle, "resnet20": _resnet20}
 
 
 def _train(name: str, steps: int, seed: int, log) -> tuple[dict[str, torch.Tensor], float]:
@@ -119,11 +128,11 @@ def _train(name: str, steps: int, seed: int, log) -> tuple[dict[str, torch.Tenso
             log(f"{name}: step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
     net.eval()
     acc = evaluate(net, test)
-    return {f"{name}.{k}": getattr(net, k).weight.detach().clone().contiguous() for k in KEEP[name]}, acc
+    return {f"{name}.{k}": net.get_submodule(k).weight.detach().clone().contiguous() for k in KEEP[name]}, acc
 
 
 def trained_kernels(steps: int = 300, seed: int = 0, log=print,
-                    nets: tuple[str, ...] = ("charnet", "alexnet", "vgg")) -> dict[str, torch.Tensor]:
+                    nets: tuple[str, ...] = ("charnet", "alexnet", "vgg", "resnet20")) -> dict[str, torch.Tensor]:
     """The trained kernels of ``nets`` by name (``net.layer``), trained once and cached."""
     from safetensors.torch import load_file, save_file
 

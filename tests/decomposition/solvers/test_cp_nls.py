@@ -494,3 +494,28 @@ def test_property_mttkrp_and_balance(shape, rank, seed):
     assert torch.allclose(reconstruct(bal), reconstruct(fs), rtol=1e-10, atol=1e-10)
     bn = torch.stack([torch.linalg.vector_norm(f, dim=0) for f in bal])
     assert torch.allclose(bn, bn[0:1].expand_as(bn), rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# restarts
+
+
+def test_restarts_return_the_lowest_error_of_their_starts_and_are_deterministic():
+    t = _kernel((8, 7, 3, 3), 3) + 0.3 * torch.randn((8, 7, 3, 3), generator=_gen(5), dtype=torch.float64)
+    one = cp_nls(t, 6)
+    many = cp_nls(t, 6, restarts=3)
+    assert len(many.info["starts"]) == 4
+    assert many.info["starts"][0] == pytest.approx(one.info["rel_error"], rel=1e-12)  # start 0 is init's run
+    assert many.info["rel_error"] == min(many.info["starts"]) <= one.info["rel_error"]
+    again = cp_nls(t, 6, restarts=3)
+    assert all(torch.equal(a, b) for a, b in zip(many.factors, again.factors))
+    # each start is a plain run: start k is the run from a random init with seed + k
+    k = many.info["best_start"]
+    solo = cp_nls(t, 6, seed=k, init="random") if k else one
+    assert solo.info["rel_error"] == pytest.approx(many.info["rel_error"], rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_restarts(bad):
+    with pytest.raises(SolverInputError, match=r"restarts must be an integer >= 0, got"):
+        cp_nls(_kernel((4, 3, 3), 0), 2, restarts=bad)
