@@ -68,6 +68,9 @@ _CAP_SLACK = 1.1
 
 # 1/_POLISH_SHARE of max_iter is kept for the polish when the conditioned phase does not converge
 _POLISH_SHARE = 5
+
+# a relative error at round-off: restarts stop there (nothing is left to improve)
+_EXACT_FIT = 1e-9
 _POLISH_STEP, _POLISH_STAGES = 0.1, 3
 
 
@@ -610,7 +613,8 @@ def cp_nls(
     restarts : int, default 0
         Further runs from ``init="random"`` (seeds ``seed + 1``, ...), each with every other option
         as given; the run of lowest ``rel_error`` is returned (``info["starts"]``: every run's
-        ``rel_error``, ``info["best_start"]``: its index, 0 being ``init``'s). Each restart costs
+        ``rel_error``, ``info["best_start"]``: its index, 0 being ``init``'s); they stop early at an
+        exact fit (``rel_error <= 1e-9``). Each restart costs
         about one more run. Small trained kernels have many local minima of nearly equal error
         at a bounded degeneracy, and ALS's SVD-based start is not always in the best (kernel
         suite, 10 trained kernels <= 1e5 entries: 3 above 1.001x ALS's error with ``restarts=0``
@@ -803,6 +807,8 @@ def _best_of_starts(tensor, rank, seed, init, restarts: int, time_budget_s, opti
             break
         results.append(cp_nls(tensor, rank, seed=int(seed) + k, init=init if k == 0 else "random",
                               time_budget_s=left, **options))
+        if results[-1].info["rel_error"] <= _EXACT_FIT:  # an exact fit: no start can do better
+            break
     best = min(range(len(results)), key=lambda i: results[i].info["rel_error"])
     info = dict(results[best].info)
     info.update(starts=[r.info["rel_error"] for r in results], best_start=best,

@@ -519,3 +519,9 @@ def test_restarts_return_the_lowest_error_of_their_starts_and_are_deterministic(
 def test_bad_restarts(bad):
     with pytest.raises(SolverInputError, match=r"restarts must be an integer >= 0, got"):
         cp_nls(_kernel((4, 3, 3), 0), 2, restarts=bad)
+
+
+def test_restarts_stop_at_an_exact_fit():
+    t, _ = _low_rank((6, 5, 3, 3), 3, 7)
+    res = cp_nls(t, 3, restarts=4)
+    assert res.info["rel_error"] < 1e-9 and res.info["starts"] == [res.info["rel_error"]]
