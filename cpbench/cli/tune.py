@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -55,6 +56,17 @@ def model_from_file(path: str) -> tuple[dict, dict, str]:
     return dict(model), train, str(p.resolve().parent)
 
 
+def progress(err, stack: contextlib.ExitStack, start: float):
+    """How the tune's steps are shown: a spinner on a terminal; in a log, one line per step with the
+    seconds since ``start`` (a tune takes minutes, and a log without its steps says nothing)."""
+    if err.is_terminal:
+        return stack.enter_context(err.status("tuning")).update
+
+    def step(s: str) -> None:
+        err.print(f"[{time.perf_counter() - start:7.1f} s] {s}", highlight=False, soft_wrap=True)
+    return step
+
+
 def _is_model_file(model: str) -> bool:
     return model.endswith(".toml")
 
@@ -91,7 +103,8 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
                    help="do not fine-tune the base network as a control (drops then count from the base network)")
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"verify rounds per target (default {DEFAULT_ROUNDS})")
     p.add_argument("--sensitivity", choices=SENSITIVITY_MODES, default="auto",
-                   help="auto: validation accuracy with a data set, else fidelity; error: reconstruction error")
+                   help="auto: kl (KL divergence from the original on the validation split) with a data set, else fidelity; "
+                        "accuracy: validation accuracy lost; error: reconstruction error")
     p.add_argument("--val-samples", type=int, help="validation images for the sensitivities (default all)")
     p.add_argument("--min-layer-speedup", type=float, default=MIN_SPEEDUP,
                    help=f"lowest theoretical layer speedup of the rank grid (default {MIN_SPEEDUP})")
@@ -154,8 +167,9 @@ def cmd_tune(args) -> int:
     console = _console()
     err = Console(stderr=True)
     start = time.perf_counter()
-    with err.status("tuning") as status:
-        run = run_tune(request, out, ctx=ctx, step=lambda s: status.update(s), plugins=plugins,
+    with contextlib.ExitStack() as stack:
+        step = progress(err, stack, start)
+        run = run_tune(request, out, ctx=ctx, step=step, plugins=plugins,
                        uniform=args.uniform, uniform_speedups=uniform_speedups)
     for r in run.rows:
         target = r["rank_spec"]["target_speedup"]

@@ -92,7 +92,7 @@ def targets_table(rows: list[dict], title: str = "cpbench tune") -> Table:
 
 
 LAYER_COLUMNS = ("layer", "method", "rank", "theoretical", "predicted layer speedup", "measured layer speedup",
-                 "share of network", "sensitivity (pts)")
+                 "share of network", "sensitivity")  # in the units of the tune's sensitivity mode (README)
 
 
 def _layer_cells(plan_layers: dict) -> list[list[str]]:

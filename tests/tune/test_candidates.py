@@ -7,11 +7,17 @@ from cpbench.nn.layers import geometry
 from cpbench.tune.candidates import layer_candidates, rank_grid, speedup_grid
 
 
-def test_speedup_grid_is_geometric_and_inclusive():
+def test_speedup_grid_is_geometric_and_inclusive_with_the_operating_points():
+    from cpbench.tune.candidates import OPERATING_POINTS
+
     g = speedup_grid(1.5, 96.0, 7)
-    assert g[0] == pytest.approx(1.5) and g[-1] == pytest.approx(96.0)
-    ratios = {round(b / a, 9) for a, b in zip(g, g[1:])}
-    assert len(ratios) == 1
+    assert g[0] == pytest.approx(1.5) and g[-1] == pytest.approx(96.0) and g == sorted(g)
+    geometric = [1.5 * 2.0 ** i for i in range(7)]  # 1.5 .. 96, a ratio of 2
+    assert all(any(x == pytest.approx(y) for x in g) for y in geometric) and len(g) == 9  # + 2 and 4
+    assert set(OPERATING_POINTS) <= set(g)  # what a uniform speedup:2 .. speedup:6 plan uses
+    assert speedup_grid(1.5, 3.5, 2) == [1.5, 2.0, 3.0, 3.5]  # only the points inside the span
+    near = speedup_grid(2.0, 8.0, 3)  # 2, 4, 8 already: no near-duplicates added, 3 and 6 are
+    assert near == [2.0, 3.0, 4.0, 6.0, 8.0]
 
 
 def test_rank_grid_is_the_speedup_rank_spec():

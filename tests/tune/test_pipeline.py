@@ -143,3 +143,50 @@ def test_matrix_rank_spec_bad_input(rank, match):
     with pytest.raises(cpbench.MatrixError, match=match):
         parse_matrix({"matrix": {"model": ["charnet"], "decomposer": ["cp-nls"], "rank": [rank]}},
                      registries=cpbench.get_plugins().registries)
+
+
+def test_the_steps_are_lines_in_a_log_and_a_spinner_on_a_terminal():
+    import contextlib
+    import io
+    import time
+
+    from rich.console import Console
+
+    from cpbench.cli.tune import progress
+
+    log = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        step = progress(Console(file=log, force_terminal=False), stack, time.perf_counter())
+        step("timing conv1 cp-nls:42")
+        step("evaluating")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("s] timing conv1 cp-nls:42") and lines[0].startswith("[")
+    from rich.status import Status
+
+    with contextlib.ExitStack() as stack:
+        step = progress(Console(file=io.StringIO(), force_terminal=True), stack, time.perf_counter())
+        assert isinstance(step.__self__, Status)  # a spinner updated in place
+
+
+def test_the_kl_sensitivity_is_zero_for_the_base_network_and_grows_with_the_damage():
+    import torch
+    from torch import nn
+
+    from cpbench.tune.pipeline import _kl_scorer
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
+    x = torch.randn(40, 3, 2, 2)
+    kl = _kl_scorer(base, x, batch=16)  # batches of 16: the same as all at once
+    assert kl(base) == pytest.approx(0.0, abs=1e-12)
+    scores = []
+    for eps in (0.01, 0.1, 1.0):
+        m = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            m[1].weight.add_(eps * torch.randn_like(m[1].weight))
+        scores.append(kl(m))
+    assert 0 < scores[0] < scores[1] < scores[2]
+    # not a classifier: the relative output error
+    feat = nn.Conv2d(3, 4, 1).eval()
+    assert _kl_scorer(feat, x)(feat) == pytest.approx(0.0, abs=1e-12)

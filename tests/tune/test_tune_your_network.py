@@ -37,11 +37,11 @@ def yours(tmp_path):
             "dataset": {"name": "imagefolder", "path": "images"}}
 
 
-def test_a_python_network_on_an_image_folder_is_tuned_on_accuracy_held_out_from_training(tmp_path, yours):
+def test_a_python_network_on_an_image_folder_is_tuned_on_images_held_out_from_training(tmp_path, yours):
     ctx = RunContext(cache_dir=str(tmp_path / "cache"), spec_dir=str(tmp_path), train={"epochs": 1, "batch_size": 16})
     req = _request(model=yours, layers=["conv2"], targets=(1.5,))
     tuner = Tuner(req, ctx=ctx, timer=ParamTimer())
-    assert tuner.sensitivity_mode == "accuracy"  # the spec's data set, not the plugin's (it has none)
+    assert tuner.sensitivity_mode == "kl"  # the spec's data set, not the plugin's (it has none)
     val = tuner.validation()
     train = tuner.network.data.load("train", seed=0)
     n = len(train.tensors[1])
@@ -50,7 +50,9 @@ def test_a_python_network_on_an_image_folder_is_tuned_on_accuracy_held_out_from_
 
     run = run_tune(req, tmp_path / "out", ctx=ctx, timer=ParamTimer())
     (row,) = run.rows
-    assert row["status"] == "ok" and row["tune"]["sensitivity"] == "accuracy"
+    assert row["status"] == "ok" and row["tune"]["sensitivity"] == "kl"
+    assert set(row["tune"]["stage_seconds"]) == {"candidates", "latency", "sensitivity"}
+    assert set(row["tune"]["dropped_out_of_reach"]) <= {"conv2"}  # per layer, not the stage times
     assert row["accuracy_base"] is not None and row["accuracy_decomposed"] is not None
 
 
