@@ -1,4 +1,4 @@
-"""The kernel suite's kernels: trained conv kernels of three networks, and synthetic low-rank ones.
+"""The kernel suite's kernels: trained conv kernels of four networks, and synthetic low-rank ones.
 
 Trained here (cached, so a second run reads them back):
 
@@ -7,6 +7,7 @@ Trained here (cached, so a second run reads them back):
 * ``alexnet.conv2..conv5``: an AlexNet-style stack (5x5 then 3x3 convs, 64-192-384-256-256
   channels) on synthchars, trained for ``steps`` Adam steps;
 * ``vgg.conv1_2..conv4_2``: a VGG-style stack of 3x3 convs (64-64, 128-128, 256-256, 512-512).
+* ``resnet20.layer{1,2,3}.1.conv1``: the shipped ResNet-20 (16, 32, 64 channels) on synthchars' one channel.
 
 Training is short on purpose (a few hundred steps): the point is kernels with the structure
 training gives (smooth spatial profiles, correlated channels, a decaying spectrum), not accurate
