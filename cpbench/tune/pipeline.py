@@ -48,6 +48,17 @@ from .store import JsonStore
 __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
 
 
+def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The rest and the layers' shares scaled to sum to 1: each is measured against its own timing of
+    the baseline, so a drift of the machine between them is a common error, and a plan that keeps every
+    layer must be predicted at exactly 1x. Measured on the character network: shares timed minutes apart
+    summed to 1.18 on one run (the 8x plan predicted 8.1x, measured 10.9x) and to 1.01 on another."""
+    total = rest + sum(shares.values())
+    if total <= 0:
+        return rest, shares
+    return rest / total, {n: v / total for n, v in shares.items()}
+
+
 def _kl_scorer(base: nn.Module, x: torch.Tensor, batch: int = 256) -> Callable[[nn.Module], float]:
     """100 x the mean KL divergence of a model's class distribution from the base network's on ``x``
     (the validation images; no labels needed), or 100 x the relative output error for outputs that are
@@ -359,6 +370,7 @@ class Tuner:
                 else:
                     dropped[n].append(c.label)
         seconds["latency"] = time.perf_counter() - t0
+        rest, shares = normalised_shares(rest, shares)
 
         out_of_reach: dict[str, list[str]] = {}
         if budget is not None:

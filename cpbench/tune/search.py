@@ -86,8 +86,8 @@ def infeasible(costs: dict[str, list[float]], rest: float, budget: float) -> dic
 def _unreachable(options, rest, budget) -> TargetUnreachable:
     best = fastest(options, rest)
     return TargetUnreachable(
-        f"no plan reaches a predicted speedup of {1 / budget:.3g}x; the fastest plan of these candidates "
-        f"reaches {best.predicted_speedup:.3g}x ({', '.join(f'{n} {l}' for n, l in best.labels().items())})",
+        f"no plan reaches a predicted speedup of {1 / budget:g}x; the fastest plan of these candidates "
+        f"reaches {best.predicted_speedup:.2f}x ({', '.join(f'{n} {l}' for n, l in best.labels().items())})",
         best.predicted_speedup)
 
 

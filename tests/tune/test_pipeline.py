@@ -190,3 +190,12 @@ def test_the_kl_sensitivity_is_zero_for_the_base_network_and_grows_with_the_dama
     # not a classifier: the relative output error
     feat = nn.Conv2d(3, 4, 1).eval()
     assert _kl_scorer(feat, x)(feat) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_shares_are_scaled_to_the_whole_network_so_keeping_every_layer_predicts_1x():
+    from cpbench.tune.pipeline import normalised_shares
+
+    rest, shares = normalised_shares(0.05, {"conv1": 0.12, "conv2": 0.68, "conv3": 0.33})  # measured: sum 1.18
+    assert rest + sum(shares.values()) == pytest.approx(1.0)
+    assert shares["conv2"] / shares["conv1"] == pytest.approx(0.68 / 0.12) and rest == pytest.approx(0.05 / 1.18)
+    assert normalised_shares(0.0, {"a": 0.0}) == (0.0, {"a": 0.0})  # nothing measured: left alone
