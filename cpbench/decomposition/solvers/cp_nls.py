@@ -614,14 +614,12 @@ def cp_nls(
         Further runs from ``init="random"`` (seeds ``seed + 1``, ...), each with every other option
         as given; the run of lowest ``rel_error`` is returned (``info["starts"]``: every run's
         ``rel_error``, ``info["best_start"]``: its index, 0 being ``init``'s); they stop early at an
-        exact fit (``rel_error <= 1e-9``). Each restart costs
-        about one more run. Small trained kernels have many local minima of nearly equal error
+        exact fit (``rel_error <= 1e-9``). Each restart costs about one more run. Small trained kernels have many local minima of nearly equal error
         at a bounded degeneracy, and ALS's SVD-based start is not always in the best (kernel
         suite, 10 trained kernels <= 1e5 entries: 3 above 1.001x ALS's error with ``restarts=0``
         and with 1, 1 with ``restarts=3``, at 3.4x the time; the one left, a 16x16x3x3 kernel at
         R=7, is where ALS buys its 0.13 % lower error with a degeneracy of 261, beyond the cap);
-        a random start alone is not the default because
-        it does not recover exactly low-rank kernels (rank 48 of 128x64x3x3: 1.6e-2 where
+        a random start alone is not the default because it does not recover exactly low-rank kernels (rank 48 of 128x64x3x3: 1.6e-2 where
         ``init="als"`` reaches 4e-12).
 
     Returns
@@ -714,7 +712,7 @@ def cp_nls(
     iters = int(max_iter)
     # the conditioned phase leaves the polish a share of the iterations: a conditioned phase that
     # ran to max_iter used to end the run unpolished, its error the penalty's (measured: VGG conv1_2
-    # at R=34 spent all 250 iterations there and stopped at 1.002x ALS's error; polished, 1.0009x)
+    # at R=34 spent all 250 iterations there and stopped at 1.0020x ALS's error; now 1.0007x)
     phase_iters = iters - iters // _POLISH_SHARE if use_penalty and polish else iters
 
     # ---- phase 1: conditioned (or plain least squares with conditioning="none")
@@ -746,7 +744,7 @@ def cp_nls(
         cap = max(float(degeneracy_cap), _CAP_SLACK * run.degeneracy)
         start_it = run.iterations
         stages = [run.mu * _POLISH_STEP ** k for k in range(1, _POLISH_STAGES)] + [0.0]
-        for stage, mu in enumerate(stages):
+        for mu in stages:
             run.set_mu(mu)
             stage_tol = tol if mu == 0.0 else phase_tol
             stop = "max_iter"
