@@ -717,25 +717,19 @@ def cp_nls(
 
     # ---- phase 1: conditioned (or plain least squares with conditioning="none")
     phase_tol = tol if conditioned_tol is None or not use_penalty or not polish else float(conditioned_tol)
-    stop = "max_iter"
-    while run.iterations < phase_iters:
-        if (reason := _stop_before_step(run)) is not None:
-            stop = reason
-            break
-        accepted, decrease, f_before, tiny = run.step()
-        if accepted:
-            schedule_done = weight <= weight_final
-            if use_penalty:
-                weight = max(weight * penalty_decay, weight_final)
-                if weight < 1e-12:  # a schedule that decays to 0 switches off for good
-                    weight = 0.0
-                run.set_mu(weight)
-            if schedule_done and decrease <= phase_tol * f_before:
-                stop = "tol"
-                break
-        if tiny:
-            stop = "tol_step"
-            break
+
+    def schedule() -> bool:
+        """Move ``mu`` one step down its schedule; True when it was already at its end."""
+        nonlocal weight
+        done = weight <= weight_final
+        if use_penalty:
+            weight = max(weight * penalty_decay, weight_final)
+            if weight < 1e-12:  # a schedule that decays to 0 switches off for good
+                weight = 0.0
+            run.set_mu(weight)
+        return done
+
+    stop = _descend(run, phase_iters, phase_tol, schedule=schedule)
     conditioned_rel_error, conditioned_degeneracy = run.rel_error, run.degeneracy
 
     # ---- phase 2: polish the plain least-squares fit while the degeneracy stays within the cap
@@ -747,22 +741,7 @@ def cp_nls(
         for mu in stages:
             run.set_mu(mu)
             stage_tol = tol if mu == 0.0 else phase_tol
-            stop = "max_iter"
-            while run.iterations < iters:
-                if (reason := _stop_before_step(run)) is not None:
-                    stop = reason
-                    break
-                accepted, decrease, f_before, tiny = run.step()
-                if accepted and run.degeneracy > cap:
-                    run.go_back()
-                    stop = "degeneracy_cap"
-                    break
-                if accepted and decrease <= stage_tol * f_before:
-                    stop = "tol"
-                    break
-                if tiny:
-                    stop = "tol_step"
-                    break
+            stop = _descend(run, iters, stage_tol, cap=cap)
             if stop not in ("tol", "tol_step"):
                 break
         if run.mu > 0:  # a stage ended the polish: the point is that stage's, scored without the penalty
@@ -812,6 +791,28 @@ def _best_of_starts(tensor, rank, seed, init, restarts: int, time_budget_s, opti
     info.update(starts=[r.info["rel_error"] for r in results], best_start=best,
                 seconds=time.perf_counter() - start)
     return CPResult(results[best].factors, info)
+
+
+def _descend(run: _LMRun, limit: int, tol: float, *, cap: float = math.inf, schedule=None) -> str:
+    """LM steps until ``run.iterations`` reaches ``limit``; returns why it stopped (both phases' loop).
+
+    An accepted step that takes the degeneracy above ``cap`` is undone (``"degeneracy_cap"``).
+    ``schedule``, called after every other accepted step, moves ``mu`` and says whether it was already
+    at its end: only then may a decrease below ``tol * f`` stop the loop (``"tol"``)."""
+    while run.iterations < limit:
+        if (reason := _stop_before_step(run)) is not None:
+            return reason
+        accepted, decrease, f_before, tiny = run.step()
+        if accepted:
+            if run.degeneracy > cap:
+                run.go_back()
+                return "degeneracy_cap"
+            settled = schedule() if schedule is not None else True
+            if settled and decrease <= tol * f_before:
+                return "tol"
+        if tiny:
+            return "tol_step"
+    return "max_iter"
 
 
 def _stop_before_step(run) -> str | None:
