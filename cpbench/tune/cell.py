@@ -66,7 +66,7 @@ def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
                           # each candidate alone as a cell times each replaced layer: half the budget
                           layer_budget=replace(ctx.budget(), budget_s=ctx.budget().budget_s / 2))
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step)
-    prepared = tuner.prepare(budget=1.0 / target)
+    prepared = tuner.prepare(budgets=[1.0 / target])
     outcome = tuner.plan(prepared, target)
     row, _ = tuner.finish(prepared, target, outcome, started=started, cell=cell)
     return row

@@ -25,7 +25,7 @@ import fnmatch
 import math
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -317,10 +317,13 @@ class Tuner:
         return "cp-block" if self._builds_cp_block(cand.method) else None
 
     # -- stages 1-3 -------------------------------------------------------------------------------
-    def prepare(self, batch: int | None = None, budget: float | None = None) -> Prepared:
-        """Candidates, latency table and sensitivities for ``batch`` (default the request's). ``budget``:
-        the loosest latency budget that will be searched (``1 / lowest target``); candidates no plan
-        within it can hold are left out before their sensitivities are computed (:func:`infeasible`)."""
+    def prepare(self, batch: int | None = None, budgets: Sequence[float] = ()) -> Prepared:
+        """Candidates, latency table and sensitivities for ``batch`` (default the request's).
+
+        ``budgets``: the latency budgets that will be searched (``1 / target`` each). Right after the
+        latency table, each is checked for reach (:class:`TargetUnreachable`, naming what the fastest
+        plan reaches), so an unreachable target costs no sensitivity; then candidates no plan within the
+        loosest can hold are left out before their sensitivities are computed (:func:`infeasible`)."""
         req = self.request
         batch = batch or req.batch
         base = self.base()
@@ -372,10 +375,13 @@ class Tuner:
         seconds["latency"] = time.perf_counter() - t0
         rest, shares = normalised_shares(rest, shares)
 
+        costs = {n: [shares[n] / timed[_cand_key(c)].speedup for c in kept[n]] for n in self.layers}
+        for b in sorted(budgets):  # the tightest first: the first to fail says the most
+            search({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
         out_of_reach: dict[str, list[str]] = {}
-        if budget is not None:
-            far = infeasible({n: [shares[n] / timed[_cand_key(c)].speedup for c in kept[n]] for n in self.layers},
-                             rest, budget)
+        if budgets:
+            budget = max(budgets)
+            far = infeasible(costs, rest, budget)
             for n, idx in far.items():
                 out_of_reach[n] = [kept[n][i].label for i in idx]
                 kept[n] = [c for i, c in enumerate(kept[n]) if i not in set(idx)]

@@ -15,7 +15,6 @@ from typing import Any
 from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
 from .pipeline import StepFn, TuneRequest, Tuner
 from .plan import write_plan
-from .search import search
 
 __all__ = ["TuneRun", "run_tune", "plan_name", "uniform_matrix"]
 
@@ -64,9 +63,9 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step, timer=timer)
     if uniform is not None:
         tuner.plugins.decomposers.get(uniform)
-    prepared = tuner.prepare(budget=1.0 / min(request.targets))
-    for target in request.targets:  # every target checked before anything is verified or fine-tuned
-        search(prepared.options, prepared.rest, 1.0 / target)
+    # every target is checked for reach right after the latency table: before any sensitivity is
+    # computed, and before anything is verified, fine-tuned or written
+    prepared = tuner.prepare(budgets=[1.0 / t for t in request.targets])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
