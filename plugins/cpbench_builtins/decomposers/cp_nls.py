@@ -18,7 +18,8 @@ class CPNLS(CPDecomposer):
     # 2: dimension-tree MTTKRPs and single-precision PCG steps (cg_precision), so different iterates.
     # 3: the polish without the penalty after the conditioned phase (exact on exactly low-rank kernels).
     # 4: max_iter 400, the polish keeps 1/5 of it, and lowers the penalty in stages.
-    version = "4"
+    # 5: at the cap, the polish bisects the penalty that holds it instead of ending at the first crossing.
+    version = "5"
 
     @property
     def accepted_options(self) -> frozenset[str]:

@@ -416,6 +416,23 @@ def test_conditioning_bounds_degeneracy_on_degenerate_problem():
     assert plain.info["penalty"] == 0 and plain.info["polish_iterations"] == 0
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_polish_holds_the_cap_rather_than_ending_at_its_first_crossing(monkeypatch, seed):
+    """On a random (degenerate) kernel the polish crosses the cap; bisecting the penalty that holds it
+    reaches a lower error than stopping there, and stays within the cap."""
+    import importlib
+
+    mod = importlib.import_module("cpbench.decomposition.solvers.cp_nls")
+    t = torch.randn((12, 10, 3, 3), generator=_gen(seed), dtype=torch.float64)
+    held = cp_nls(t, 8)
+    monkeypatch.setattr(mod, "_CAP_BISECT", 0)
+    ended = cp_nls(t, 8)
+    assert ended.info["stop_reason"] == "degeneracy_cap" and ended.info["degeneracy"] < 1.8
+    cap = max(2.0, 1.1 * held.info["conditioned_degeneracy"])
+    assert ended.info["degeneracy"] < held.info["degeneracy"] <= cap * (1 + 1e-9)
+    assert held.info["rel_error"] < ended.info["rel_error"] - 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
