@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from .candidates import Candidate
 
-__all__ = ["Option", "Selection", "TargetUnreachable", "search", "brute_force", "fastest", "infeasible"]
+__all__ = ["Option", "Selection", "TargetUnreachable", "search", "shaped_plans", "brute_force", "fastest", "infeasible"]
 
 DEFAULT_BINS = 4000
 
@@ -131,6 +131,31 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
         b = prev
     choice = {n: choice[n] for n in names}
     return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
+
+
+def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, exponents=(1.0,), *,
+                 bins: int = DEFAULT_BINS) -> list[tuple[float, Selection]]:
+    """:func:`search` with each loss ``l`` taken as ``sign(l) |l|^p``, for each ``p`` of ``exponents``:
+    the distinct plans, in the order of ``exponents``, as ``(p, plan)`` with the plan's real losses.
+
+    Summed per-layer losses are a first-order model: how losses compound over many replaced layers is
+    not in them. ``p > 1`` makes the search avoid the largest single losses, ``p < 1`` spreads the
+    compression over more layers; which is right for a network is a measurement, not a guess (the
+    tuner scores every plan with all its layers replaced at once)."""
+    out: list[tuple[float, Selection]] = []
+    seen: set[tuple] = set()
+    for p in exponents:
+        shaped = {n: [Option(o.candidate, o.cost, math.copysign(abs(o.loss) ** p, o.loss)) for o in opts]
+                  for n, opts in options.items()}
+        sel = search(shaped, rest, budget, bins=bins)
+        key = tuple(sorted(sel.labels().items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        by_label = {n: {o.candidate.label: o for o in opts} for n, opts in options.items()}
+        choice = {n: by_label[n][o.candidate.label] for n, o in sel.choice.items()}
+        out.append((p, Selection(choice, sel.cost, sum(o.loss for o in choice.values()))))
+    return out
 
 
 def brute_force(options: dict[str, list[Option]], rest: float, budget: float) -> Selection:

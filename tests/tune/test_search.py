@@ -105,3 +105,47 @@ def test_pruning_drops_what_cannot_fit_and_nothing_when_no_plan_fits():
     assert infeasible(costs, 0.1, 0.4) == {"a": [0], "b": [0]}
     assert infeasible(costs, 0.1, 1.0) == {"a": [], "b": []}
     assert infeasible(costs, 0.1, 0.2) == {}  # nothing fits: the search reports what the fastest reaches
+
+
+def _two_layer_case():
+    # at budget 0.5 a plan fits either one heavy cut (loss 4 on a) or two mild ones (loss 2.5 + 2.5 on a and b)
+    a, b = "a", "b"
+    return {
+        a: [Option(Candidate(a, "keep", None), 0.4, 0.0), Option(Candidate(a, "m", 1), 0.05, 4.0),
+            Option(Candidate(a, "m", 2), 0.2, 2.5)],
+        b: [Option(Candidate(b, "keep", None), 0.3, 0.0), Option(Candidate(b, "m", 1), 0.1, 2.5)],
+    }
+
+
+def test_shaped_plans_are_the_searches_under_each_loss_shape_with_real_losses():
+    from cpbench.tune.search import shaped_plans
+
+    opts = _two_layer_case()
+    plans = shaped_plans(opts, 0.1, 0.5, (0.5, 1.0, 2.0))
+    # p = 0.5: 2 < 1.58 + 1.58, so the one heavy cut; p = 2: 16 > 6.25 + 6.25, so the two mild ones
+    assert [p for p, _ in plans] == [0.5, 2.0]  # p = 1 repeats p = 0.5's plan (4 < 5): listed once
+    heavy, mild = plans[0][1], plans[1][1]
+    assert heavy.labels() == {"a": "m:1", "b": "keep"} and mild.labels() == {"a": "m:2", "b": "m:1"}
+    assert heavy.loss == 4.0 and mild.loss == 5.0  # the real summed losses, not the shaped ones
+    for _, sel in plans:
+        assert sel.cost <= 0.5 + 1e-12
+    assert shaped_plans(opts, 0.1, 0.5)[0][1].labels() == search(opts, 0.1, 0.5).labels()
+
+
+@pytest.mark.parametrize("joint,chosen", [({4.0: 1.0, 5.0: 3.0}, 4.0), ({4.0: 9.0, 5.0: 3.0}, 5.0)])
+def test_the_tuner_takes_the_plan_of_least_joint_loss(joint, chosen):
+    from types import SimpleNamespace
+
+    from cpbench.tune.pipeline import Prepared, Tuner
+
+    opts = _two_layer_case()
+    prepared = Prepared(["a", "b"], 0.1, {"a": 0.4, "b": 0.3}, opts, {})
+    fake = SimpleNamespace(sensitivity_mode="kl", _joint_scorer=lambda net: joint[net], joint_log=[],
+                           compressed=lambda sel: sel.loss, step=lambda s: None)
+    got = Tuner.joint_search(fake, prepared, 0.5)
+    assert got.loss == chosen
+    (log,) = fake.joint_log
+    assert [p["joint_loss"] for p in log["plans"]] == [joint[4.0], joint[5.0]]
+    assert log["chosen_exponent"] == (0.5 if chosen == 4.0 else 2.0)
+    fake.sensitivity_mode = "error"  # no data to score plans on: the plain search
+    assert Tuner.joint_search(fake, prepared, 0.5).labels() == search(opts, 0.1, 0.5).labels()
