@@ -42,7 +42,7 @@ from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, predicted_cost
 from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
 from .plan import LayerChoice, Plan
-from .search import Option, Selection, infeasible, search, shaped_plans
+from .search import Option, Selection, check_reach, infeasible, shaped_plans
 from .store import JsonStore
 
 __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
@@ -383,7 +383,7 @@ class Tuner:
 
         costs = {n: [shares[n] / timed[_cand_key(c)].speedup for c in kept[n]] for n in self.layers}
         for b in sorted(budgets):  # the tightest first: the first to fail says the most
-            search({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
+            check_reach({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
         out_of_reach: dict[str, list[str]] = {}
         if budgets:
             budget = max(budgets)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from .candidates import Candidate
 
-__all__ = ["Option", "Selection", "TargetUnreachable", "search", "shaped_plans", "brute_force", "fastest", "infeasible"]
+__all__ = ["Option", "Selection", "TargetUnreachable", "search", "check_reach", "shaped_plans", "brute_force", "fastest", "infeasible"]
 
 DEFAULT_BINS = 4000
 
@@ -91,15 +91,20 @@ def _unreachable(options, rest, budget) -> TargetUnreachable:
         best.predicted_speedup)
 
 
+def check_reach(options: dict[str, list[Option]], rest: float, budget: float) -> None:
+    """Raise :class:`TargetUnreachable` (naming what the fastest plan reaches) when no plan fits ``budget``."""
+    _check(options, rest, budget)
+    if budget < rest or fastest(options, rest).cost > budget:
+        raise _unreachable(options, rest, budget)
+
+
 def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins: int = DEFAULT_BINS) -> Selection:
     """The plan of least total loss with ``rest + Σ cost ≤ budget`` (ties: the lower cost).
 
     Raises :class:`TargetUnreachable` (naming what the fastest plan reaches) when no plan fits.
     """
-    _check(options, rest, budget)
+    check_reach(options, rest, budget)
     avail = budget - rest
-    if avail < 0 or fastest(options, rest).cost > budget:
-        raise _unreachable(options, rest, budget)
     step = avail / bins if avail > 0 else 1.0
     inf = (math.inf, math.inf)
     # best[b] = (loss, real cost) of the best partial plan whose rounded cost is exactly b bins
