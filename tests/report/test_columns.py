@@ -108,6 +108,7 @@ MATRIX = textwrap.dedent("""
     budget_s = 0.1
     min_rounds = 3
     warmup = 1
+    processes = 0  # about the table's layout: timed in the harness
     [run]
     per_layer_timing = false
 """)

@@ -15,7 +15,7 @@ DOC = {
 def test_charnet_cell_end_to_end_and_cached(tmp_path):
     m = parse_matrix(DOC)
     ctx = RunContext(cache_dir=str(tmp_path / "cache"), timing=m.timing, per_layer_timing=True,
-                     dataset_size={"train": 1500, "val": 100, "test": 400})
+                     dataset_size={"train": 400, "val": 100, "test": 200})
     (cell,) = m.cells()
     clear_memo()
     row = run_cell(cell, ctx)
@@ -39,7 +39,7 @@ def test_finetune_control_arm(tmp_path):
 
     m = parse_matrix({**DOC, "run": {"finetune_control": True}})
     ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path / "cache"),
-                                 dataset_size={"train": 1500, "val": 100, "test": 400})
+                                 dataset_size={"train": 400, "val": 100, "test": 200})
     assert ctx.finetune_control is True
     (cell,) = m.cells()
     clear_memo()

@@ -20,7 +20,8 @@ from cpbench.run.cell import RunContext, clear_memo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONV = {"name": "conv", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "input_size": 8, "padding": 1}
-TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1}
+# about executing cells, not timing them: timed in the cell's own process (processes = 0)
+TIMING = {"budget_s": 0.2, "min_rounds": 5, "warmup": 1, "processes": 0}
 
 
 def matrix(decomposers, ranks=(2, 4)):
