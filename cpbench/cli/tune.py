@@ -117,6 +117,8 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default cpbench-runs/tune-MODEL)")
     p.add_argument("--cache-dir", help="cache directory (default $CPBENCH_CACHE_DIR or ~/.cache/cpbench)")
     p.add_argument("--no-cache", action="store_true", help="measure and decompose everything afresh")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="predict from the layers timed alone, without the whole-network timing of the fastest plan")
     p.set_defaults(func=cmd_tune)
     return p
 
@@ -140,7 +142,7 @@ def request_from_args(args):
                       finetune_samples=args.finetune_samples, finetune_control=not args.no_control,
                       max_rounds=args.rounds, sensitivity=args.sensitivity, val_samples=args.val_samples,
                       min_speedup=args.min_layer_speedup, max_speedup=args.max_layer_speedup,
-                      grid_points=args.grid_points)
+                      grid_points=args.grid_points, calibrate=not args.no_calibrate)
     return replace(req, network_budget=TimingBudget(budget_s=args.budget_s))
 
 

@@ -13,7 +13,11 @@ entries, cancels within each:
   one small layer: on a loaded machine the second kind of pair was off by tens of percent.
 
 A plan's predicted cost, as a fraction of the baseline network's latency, is
-``rest + Σ share_l / speedup_l`` (:func:`predicted_cost`).
+``rest + Σ share_l / speedup_l`` (:func:`predicted_cost`). Layers timed alone are not layers in place
+(a replaced layer's output lands in another layout, the next layer finds other data in cache), so the
+saving ``share_l − share_l / speedup_l`` is scaled by one measured factor (:func:`savings_calibration`):
+the baseline against the whole network with every layer at its fastest candidate, timed once (a third
+kind of entry), so that the fastest plan's prediction is its measurement and the baseline's stays 1.
 
 Entries are keyed by the machine (CPU, cores, torch), the backend, threads, the input shape (batch
 included), the layer's geometry and the candidate (method, rank, options) — not by weights, which do
@@ -37,7 +41,8 @@ from ..nn.layers import geometry
 from .candidates import Candidate
 from .store import JsonStore
 
-__all__ = ["Timed", "PairTimer", "LatencyTable", "machine_key", "predicted_cost", "backend_timer"]
+__all__ = ["Timed", "PairTimer", "LatencyTable", "machine_key", "predicted_cost", "calibrated", "savings_calibration",
+           "backend_timer"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,30 @@ class LatencyTable:
         return self._get(key, measure)
 
 
-def predicted_cost(rest: float, shares: dict[str, float], speedups: dict[str, float]) -> float:
+def predicted_cost(rest: float, shares: dict[str, float], speedups: dict[str, float],
+                   calibration: float = 1.0) -> float:
     """Predicted latency of a plan as a fraction of the baseline network's: the part never replaced
-    plus each layer's share over its speedup (layers absent from ``speedups`` are left as they are)."""
-    return rest + sum(s / speedups.get(n, 1.0) for n, s in shares.items())
+    plus each layer's share over its speedup (layers absent from ``speedups`` are left as they are),
+    each layer's saving scaled by ``calibration`` (:func:`calibrated`)."""
+    return rest + sum(calibrated(s, s / speedups.get(n, 1.0), calibration) for n, s in shares.items())
+
+
+def calibrated(share: float, cost: float, calibration: float) -> float:
+    """A layer's predicted cost in place: its share less ``calibration`` times the saving its timing
+    alone predicts (``share − cost``); never below 0."""
+    return max(0.0, share - calibration * (share - cost))
+
+
+# the factor is kept within these bounds: outside them one whole-network timing is more likely to be a
+# bad timing than a network whose layers save 5x more (or less) in place than alone
+CALIBRATION_BOUNDS = (0.2, 5.0)
+
+
+def savings_calibration(predicted: float, measured: float) -> float:
+    """The factor on every layer's saving that makes a plan predicted at ``predicted`` (a fraction of the
+    baseline's latency) cost its ``measured`` one: ``(1 − measured) / (1 − predicted)``. 1 where the plan
+    saves nothing predicted (nothing to scale); clipped to :data:`CALIBRATION_BOUNDS`."""
+    if not predicted < 1.0:
+        return 1.0
+    k = (1.0 - measured) / (1.0 - predicted)
+    return min(max(k, CALIBRATION_BOUNDS[0]), CALIBRATION_BOUNDS[1])

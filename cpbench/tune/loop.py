@@ -1,11 +1,18 @@
-"""Verify a searched plan by timing the whole network; tighten the budget by the miss and search again.
+"""Verify a searched plan by timing the whole network; on a miss, correct the model (or tighten the
+budget) by the miss and search again.
 
 The search predicts a network's latency from layers timed alone; the whole network, timed against the
 baseline interleaved, is the truth. When its speedup misses the target beyond its interval (the upper
-end of the interval below the target), the budget is multiplied by ``measured / target`` and the search
-runs again, for at most ``max_rounds`` measured rounds. A search that returns a plan already measured
-is tightened again without timing it twice. Pure: the search and the measurement are passed in, so the
-loop runs in tests on a fake timer.
+end of the interval below the target), the loop searches again, for at most ``max_rounds`` measured
+rounds:
+
+* with ``recalibrate`` (the tune's): the prediction model is refitted to the plan just measured (its
+  predicted latency made its measured one) and the search runs again at the target's own budget, so
+  the next plan's predicted speedup is a prediction made by a model that has seen the last miss;
+* without it, or when that search returns a plan already measured: the budget is multiplied by
+  ``measured / target`` (a plan already measured is tightened again without timing it twice).
+
+Pure: the search, the measurement and the refit are passed in, so the loop runs in tests on a fake timer.
 """
 from __future__ import annotations
 
@@ -56,8 +63,9 @@ def misses(m: Measured, target: float) -> bool:
 
 
 def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Selection], Measured],
-                 target: float, *, max_rounds: int = DEFAULT_ROUNDS) -> TuneOutcome:
-    """Search at budget ``1 / target``, measure, and tighten on a miss (see the module docstring).
+                 target: float, *, max_rounds: int = DEFAULT_ROUNDS,
+                 recalibrate: Callable[[Selection, Measured], None] | None = None) -> TuneOutcome:
+    """Search at budget ``1 / target``, measure, and search again on a miss (see the module docstring).
 
     The first search's :class:`TargetUnreachable` propagates (the target is out of reach of the
     candidates); a later one ends the loop with the last measured plan, ``stopped = "unreachable"``.
@@ -78,6 +86,12 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
         if len(rounds) >= max_rounds:
             return TuneOutcome(*best, rounds, met=False, stopped="max-rounds")
         try:
+            if recalibrate is not None:
+                recalibrate(selection, m)
+                budget = 1.0 / target
+                selection = search(budget)
+                if tuple(sorted(selection.labels().items())) not in tried:
+                    continue
             for _ in range(_MAX_SILENT_TIGHTENINGS):
                 budget *= m.speedup / target
                 selection = search(budget)

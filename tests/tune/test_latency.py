@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from cpbench.tune.candidates import Candidate, keep
-from cpbench.tune.latency import LatencyTable, Timed, predicted_cost
+from cpbench.tune.latency import (CALIBRATION_BOUNDS, LatencyTable, Timed, calibrated, predicted_cost,
+                                  savings_calibration)
 
 MACHINE = {"cpu_model": "fake", "logical_cores": 2}
 
@@ -102,6 +103,26 @@ def test_predicted_cost():
     shares = {"a": 0.6, "b": 0.3}
     assert predicted_cost(0.1, shares, {}) == pytest.approx(1.0)
     assert predicted_cost(0.1, shares, {"a": 6.0, "b": 3.0}) == pytest.approx(0.1 + 0.1 + 0.1)
+
+
+def test_calibration_makes_the_fastest_plan_its_measurement_and_keeps_the_baseline():
+    rest, shares, fastest = 0.1, {"a": 0.6, "b": 0.3}, {"a": 6.0, "b": 3.0}
+    predicted = predicted_cost(rest, shares, fastest)  # 0.3
+    k = savings_calibration(predicted, 0.44)  # in place the layers save 0.56 of the 0.7 predicted
+    assert k == pytest.approx(0.8)
+    assert predicted_cost(rest, shares, fastest, k) == pytest.approx(0.44)
+    assert predicted_cost(rest, shares, {}, k) == pytest.approx(1.0)  # nothing replaced: the baseline
+    # a plan in between: each layer's saving scaled alike
+    assert predicted_cost(rest, shares, {"a": 2.0}, k) == pytest.approx(0.1 + (0.6 - 0.8 * 0.3) + 0.3)
+    assert calibrated(0.3, 0.1, 1.2) == pytest.approx(0.3 - 1.2 * 0.2)
+    assert calibrated(0.3, 0.05, 2.0) == 0.0  # never a negative cost
+
+
+def test_calibration_factor_bounds():
+    assert savings_calibration(1.0, 0.7) == 1.0  # nothing predicted saved: nothing to scale
+    assert savings_calibration(0.5, 0.5) == 1.0
+    assert savings_calibration(0.5, 1.2) == CALIBRATION_BOUNDS[0]  # slower than the baseline: a bad timing
+    assert savings_calibration(0.9, 0.0) == CALIBRATION_BOUNDS[1]
 
 
 def test_real_timer_runs_on_a_tiny_layer(tmp_path):

@@ -61,3 +61,33 @@ def test_unreachable_after_tightening_ends_the_loop():
 def test_unreachable_first_search_propagates():
     with pytest.raises(TargetUnreachable):
         tighten_loop(_search, FakeTimer(1.0), 50.0)
+
+
+def test_a_miss_refits_the_model_and_searches_at_the_targets_own_budget():
+    """With ``recalibrate``, a miss corrects the model (here: the costs of every option) and the next
+    search runs at 1/target again, so the next plan's prediction already holds the last miss."""
+    realised = 0.8
+    state = {"scale": 1.0}
+
+    def search_(budget):  # costs as the model currently believes them
+        opts = {"conv": [Option(o.candidate, o.cost * state["scale"], o.loss) for o in OPTIONS["conv"]]}
+        return search(opts, 0.1, budget)
+
+    def measure(sel):  # the truth: every layer cost is 1/realised of what the uncalibrated model says
+        cost = 0.1 + (sel.cost - 0.1) / state["scale"] / realised
+        s = 1 / cost
+        return Measured(s, (0.99 * s, 1.01 * s))
+
+    refits = []
+
+    def refit(sel, m):
+        raw = 0.1 + (sel.cost - 0.1) / state["scale"]
+        state["scale"] = (1 / m.speedup - 0.1) / (raw - 0.1)
+        refits.append(state["scale"])
+
+    out = tighten_loop(search_, measure, 4.0, recalibrate=refit)
+    assert out.met and len(out.rounds) == 2 and refits == [pytest.approx(1 / realised)]
+    first, second = out.rounds
+    assert first.budget == second.budget == pytest.approx(1 / 4.0)
+    assert second.predicted_speedup == pytest.approx(second.speedup)  # the refitted model is right
+    assert first.predicted_speedup > 1.1 * first.speedup

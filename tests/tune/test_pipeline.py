@@ -206,3 +206,51 @@ def test_shares_are_scaled_to_the_whole_network_so_keeping_every_layer_predicts_
     assert rest + sum(shares.values()) == pytest.approx(1.0)
     assert shares["conv2"] / shares["conv1"] == pytest.approx(0.68 / 0.12) and rest == pytest.approx(0.05 / 1.18)
     assert normalised_shares(0.0, {"a": 0.0}) == (0.0, {"a": 0.0})  # nothing measured: left alone
+
+
+class InPlaceTimer(ParamTimer):
+    """A layer alone costs one unit per parameter; a network 100 more, and a replaced layer inside it
+    ``slow`` times what it costs alone (a layout change, a cold cache): the layers timed alone
+    overpredict the whole network's saving."""
+
+    def __init__(self, slow: float):
+        super().__init__()
+        self.slow = slow
+
+    def __call__(self, ref, cand, x_ref, x_cand):
+        self.calls += 1
+
+        def n(m):
+            inner = getattr(m, "conv", None)
+            if inner is None:  # a layer alone
+                return sum(p.numel() for p in m.parameters())
+            own = sum(p.numel() for p in inner.parameters())
+            return 100 + (own if type(inner) is torch.nn.Conv2d else self.slow * own)
+        s = n(ref) / n(cand)
+        return Timed(s, (0.98 * s, 1.02 * s), float(n(ref)), float(n(cand)))
+
+
+def test_the_fastest_plan_timed_whole_calibrates_every_prediction(tmp_path):
+    """The search's costs are the layers' savings scaled by one factor, fitted so that the fastest plan's
+    prediction is its whole-network measurement; the verified plan's prediction is then nearer its
+    measurement than the layers timed alone put it."""
+    from cpbench.tune.pipeline import Tuner, predicted_speedup
+
+    def tune(calibrate):
+        ctx = RunContext(cache_dir=str(tmp_path / f"cache-{calibrate}"))
+        tuner = Tuner(_request(calibrate=calibrate), ctx=ctx, timer=InPlaceTimer(1.5))
+        prepared = tuner.prepare(budgets=[0.5])
+        return prepared, tuner.plan(prepared, 2.0)
+
+    prepared, outcome = tune(True)
+    cal = prepared.calibration
+    assert 0 < cal["factor"] < 1 and cal["speedup"] < cal["predicted_speedup_alone"]
+    assert predicted_speedup(prepared, cal["plan"]) == pytest.approx(cal["speedup"])
+    raw, raw_outcome = tune(False)
+    assert raw.calibration == {"factor": 1.0}
+
+    def miss(r):
+        return abs(r.predicted_speedup / r.speedup - 1)
+    assert miss(raw_outcome.rounds[0]) > 0.1
+    # each round's prediction made before it was measured; the last one by a model refitted to the miss
+    assert miss(outcome.rounds[-1]) < 0.5 * miss(raw_outcome.rounds[-1])
