@@ -254,3 +254,13 @@ def test_the_fastest_plan_timed_whole_calibrates_every_prediction(tmp_path):
     assert miss(raw_outcome.rounds[0]) > 0.1
     # each round's prediction made before it was measured; the last one by a model refitted to the miss
     assert miss(outcome.rounds[-1]) < 0.5 * miss(raw_outcome.rounds[-1])
+
+
+def test_cli_calibrates_unless_told_not_to():
+    import argparse
+
+    from cpbench.cli import tune as cli_tune
+
+    parser = cli_tune.add_tune_parser(argparse.ArgumentParser().add_subparsers())
+    assert cli_tune.request_from_args(parser.parse_args(["charnet"])).calibrate is True
+    assert cli_tune.request_from_args(parser.parse_args(["charnet", "--no-calibrate"])).calibrate is False
