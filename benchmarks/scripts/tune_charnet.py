@@ -9,7 +9,7 @@ layers with fidelity.
     python benchmarks/scripts/tune_charnet.py --part resnet20 --targets 2,2.5 --decomposers cp-nls,tucker2 \
         --grid-points 5 --uniform-speedups 2,3 --out bench-runs/tune --cache-dir /tmp/tune-cache
 
-Parts: ``charnet`` (default: conv1-conv3 allowed, one thread, batch 1, the mkl backend, fine-tuned
+Parts: ``charnet`` (default: conv1-conv3 allowed, one thread, batch 1, the mkl backend, fine-tuned 3 epochs as lebedev2015
 with a control; then the uniform plans of one method at ``speedup:X`` per layer), ``batch32`` (the
 same search at batch 32), ``alexnet`` (conv1-conv5, fidelity, no fine-tuning), ``resnet20`` (the
 ResNet-20 of ``cpbench reproduce resnet20`` on its image folder, written to ``OUT/resnet20/data``; its
@@ -65,6 +65,10 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                      f"[{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}], flags={','.join(k for k, v in (r.get('timing_flags') or {}).items() if v) or 'none'}, "
                      f"prediction error {100 * _predicted_error(r):.1f}%, accuracy {_acc(r)}, drop "
                      f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']})")
+        last = (r.get("tune") or {}).get("rounds", [])[-1:]
+        for rd in last:  # the verify round: the same network before fine-tuning, timed minutes earlier
+            lines.append(f"      verify round: predicted {rd['predicted_speedup']:.2f}x, measured {rd['speedup']:.2f}x "
+                         f"[{rd['speedup_ci'][0]:.2f}, {rd['speedup_ci'][1]:.2f}]")
         better = [u for u in uniform if u["speedup"] >= r["speedup"]]
         for u in sorted(better, key=lambda u: u["speedup"]):
             ok = (r.get("accuracy_finetuned") or 0) >= (u.get("accuracy_finetuned") or 0)
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default="8,12,16")
     ap.add_argument("--decomposers", default="cp-nls,tucker2,spatial-svd")
     ap.add_argument("--grid-points", type=int, default=6)
-    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=3, help="as lebedev2015 fine-tunes (default 3)")
     ap.add_argument("--finetune-samples", type=int, default=60000)
     ap.add_argument("--uniform", default="cp-nls", help="method of the uniform plans ('' for none)")
     ap.add_argument("--uniform-speedups", default="16,32,64")
