@@ -65,6 +65,10 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                      f"[{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}], flags={','.join(k for k, v in (r.get('timing_flags') or {}).items() if v) or 'none'}, "
                      f"prediction error {100 * _predicted_error(r):.1f}%, accuracy {_acc(r)}, drop "
                      f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']})")
+        for a in (r.get("tune") or {}).get("drop_rounds", []) if r.get("tune_drop_rounds") else []:
+            d = a["accuracy_drop"]
+            lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x, "
+                         f"drop {'-' if d is None else f'{d:.2f}'} pts{' (kept)' if a['kept'] else ''}")
         last = (r.get("tune") or {}).get("rounds", [])[-1:]
         for rd in last:  # the verify round: the same network before fine-tuning, timed minutes earlier
             lines.append(f"      verify round: predicted {rd['predicted_speedup']:.2f}x, measured {rd['speedup']:.2f}x "
@@ -110,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--uniform-speedups", default="16,32,64")
     ap.add_argument("--backend", default="mkl")
     ap.add_argument("--max-drop", type=float, default=1.0)
+    ap.add_argument("--drop-rounds", type=int, default=2, help="slower plans tried to hold --max-drop (cpbench tune's)")
     args = ap.parse_args(argv)
     if args.cache_dir:
         os.environ["CPBENCH_CACHE_DIR"] = args.cache_dir
@@ -136,17 +141,20 @@ def main(argv=None) -> int:
         ctx = RunContext(cache_dir=args.cache_dir, train=train, spec_dir=folder)
         req = TuneRequest(model=model, targets=_targets(args.targets), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["layer*"], finetune_epochs=args.finetune_epochs,
-                          finetune_control=True, grid_points=args.grid_points, max_drop=args.max_drop)
+                          finetune_control=True, grid_points=args.grid_points, max_drop=args.max_drop,
+                          drop_rounds=args.drop_rounds)
     elif args.part == "alexnet":
         req = TuneRequest(model={"name": "alexnet"}, targets=(2.0,), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["conv1", "conv2", "conv3", "conv4", "conv5"], finetune_epochs=0,
-                          sensitivity="fidelity", grid_points=args.grid_points, max_drop=args.max_drop)
+                          sensitivity="fidelity", grid_points=args.grid_points, max_drop=args.max_drop,
+                          drop_rounds=args.drop_rounds)
     else:
         req = TuneRequest(model={"name": "charnet"}, targets=_targets(args.targets), backend=args.backend, threads=1,
                           batch=32 if args.part == "batch32" else 1, decomposers=decs,
                           layers=["conv1", "conv2", "conv3"], finetune_epochs=args.finetune_epochs,
                           finetune_samples=args.finetune_samples, finetune_control=True,
-                          grid_points=args.grid_points, max_drop=args.max_drop)
+                          grid_points=args.grid_points, max_drop=args.max_drop,
+                          drop_rounds=args.drop_rounds)
     out = Path(args.out) / args.part
     print(f"{args.part}: {req}\nbefore: {_uptime()}", flush=True)
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_tune_parser(sub) -> argparse.ArgumentParser:
     from ..tune.candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
-    from ..tune.loop import DEFAULT_ROUNDS
+    from ..tune.loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS
     from ..tune.pipeline import DEFAULT_DECOMPOSERS, SENSITIVITY_MODES
 
     p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
@@ -89,7 +89,11 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", default="8", metavar="X[,Y...]",
                    help="whole-network speedup target(s), > 1 (default 8)")
     p.add_argument("--max-drop", type=float, default=1.0,
-                   help="accuracy points a plan may lose after fine-tuning; checked and reported (default 1.0)")
+                   help="accuracy points a plan may lose after fine-tuning (default 1.0); a plan that loses more is "
+                        "replaced by a slower one, see --drop-rounds")
+    p.add_argument("--drop-rounds", type=int, default=DEFAULT_DROP_ROUNDS, metavar="N",
+                   help="slower plans fine-tuned per target when a plan loses more than --max-drop, bisecting the "
+                        f"speedup; the fastest that holds the drop is kept (default {DEFAULT_DROP_ROUNDS}; 0: only report)")
     p.add_argument("--backend", default="mkl", help="execution backend (default mkl)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
@@ -140,7 +144,7 @@ def request_from_args(args):
                       max_drop=args.max_drop, backend=args.backend, threads=args.threads, batch=args.batch,
                       decomposers=_names(args.decomposers), layers=layers, finetune_epochs=args.finetune_epochs,
                       finetune_samples=args.finetune_samples, finetune_control=not args.no_control,
-                      max_rounds=args.rounds, sensitivity=args.sensitivity, val_samples=args.val_samples,
+                      max_rounds=args.rounds, drop_rounds=args.drop_rounds, sensitivity=args.sensitivity, val_samples=args.val_samples,
                       min_speedup=args.min_layer_speedup, max_speedup=args.max_layer_speedup,
                       grid_points=args.grid_points, calibrate=not args.no_calibrate)
     return replace(req, network_budget=TimingBudget(budget_s=args.budget_s))
@@ -184,5 +188,8 @@ def cmd_tune(args) -> int:
         why = [] if r.get("tune_met") else [f"measured {r['speedup']:.2f}x (interval up to {r['speedup_ci'][1]:.2f}x)"]
         if not r.get("meets_max_drop"):
             why.append(f"drop {r['accuracy_drop']:.2f} > --max-drop {request.max_drop:g}")
+        if r.get("tune_drop_rounds"):
+            why.append(f"{r['tune_drop_rounds']} slower plan(s) tried to hold --max-drop; kept the one searched at "
+                       f"{r['tune']['searched_target']:.2f}x")
         console.print(f"target {r['rank_spec']['target_speedup']:g}x not met: {'; '.join(why)}")
     return 1 if missed else 0

@@ -67,6 +67,5 @@ def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
                           layer_budget=replace(ctx.budget(), budget_s=ctx.budget().budget_s / 2))
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step)
     prepared = tuner.prepare(budgets=[1.0 / target])
-    outcome = tuner.plan(prepared, target)
-    row, _ = tuner.finish(prepared, target, outcome, started=started, cell=cell)
+    row, _, _ = tuner.tune_target(prepared, target, started=started, cell=cell)
     return row

@@ -12,19 +12,32 @@ rounds:
 * without it, or when that search returns a plan already measured: the budget is multiplied by
   ``measured / target`` (a plan already measured is tightened again without timing it twice).
 
+The accuracy side, :func:`hold_drop`: a verified plan is fine-tuned, and when it loses more than the
+allowed drop the tuner steps back to slower plans, bisecting the searched target in log-speed between
+the highest target whose plan held the drop (the base network, 1x, at first) and the lowest whose plan
+did not, for a bounded number of rounds; the plan of the highest measured speedup that holds the drop is
+kept. The bisection runs on the searched target, the knob the tuner turns, not on measured speedups,
+which scatter around it.
+
 Pure: the search, the measurement and the refit are passed in, so the loop runs in tests on a fake timer.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .search import Selection, TargetUnreachable
 
-__all__ = ["Measured", "Round", "TuneOutcome", "tighten_loop", "DEFAULT_ROUNDS"]
+__all__ = ["Measured", "Round", "TuneOutcome", "tighten_loop", "DEFAULT_ROUNDS", "Attempt", "hold_drop",
+           "DEFAULT_DROP_ROUNDS"]
 
 DEFAULT_ROUNDS = 3
+#: Fine-tuned plans a target may try after the first one lost more than ``--max-drop`` (each costs a
+#: fine-tuning); 2 bisection steps narrow the bracket from [1, s] to a quarter of it in log-speed.
+DEFAULT_DROP_ROUNDS = 2
+_MIN_BRACKET = 1.05  # stop stepping back when the bracket's ends are within 5% of each other
 _MAX_SILENT_TIGHTENINGS = 20  # re-searches per round that found an already measured plan
 
 
@@ -101,3 +114,44 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
                 return TuneOutcome(*best, rounds, met=False, stopped="unreachable")
         except TargetUnreachable:
             return TuneOutcome(*best, rounds, met=False, stopped="unreachable")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One fine-tuned plan: the target it was searched for, its measured speedup and accuracy drop."""
+
+    target: float
+    speedup: float
+    drop: float | None  # None: no accuracy to hold (then the first attempt is kept)
+    payload: Any = None  # what the caller keeps (the row, the plan)
+
+    def holds(self, max_drop: float) -> bool:
+        return self.drop is not None and self.drop <= max_drop + 1e-9
+
+
+def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: float, *, rounds: int = DEFAULT_DROP_ROUNDS,
+              known: Sequence[tuple[float, float]] = ()) -> tuple[Attempt, list[Attempt]]:
+    """Try ``target``; while the fine-tuned plan loses more than ``max_drop``, step back (see the module
+    docstring) at most ``rounds`` times. ``known``: ``(searched target, drop)`` of plans already
+    fine-tuned in the same tune (other targets), which narrow the bracket from the start.
+
+    Returns the kept attempt — the fastest that holds the drop, or, when none does, the one that lost
+    least — and every attempt in order."""
+    first = attempt(target)
+    tried = [first]
+    if first.drop is None or first.holds(max_drop):
+        return first, tried
+    lo = max((t for t, d in known if d <= max_drop + 1e-9 and t < target), default=1.0)
+    hi = min([target] + [t for t, d in known if d > max_drop + 1e-9 and t > lo])
+    for _ in range(rounds):
+        if hi / lo < _MIN_BRACKET:
+            break
+        a = attempt(math.sqrt(lo * hi))
+        tried.append(a)
+        if a.holds(max_drop):
+            lo = a.target
+        else:
+            hi = a.target
+    within = [a for a in tried if a.holds(max_drop)]
+    kept = max(within, key=lambda a: a.speedup) if within else min(tried, key=lambda a: math.inf if a.drop is None else a.drop)
+    return kept, tried

@@ -40,7 +40,7 @@ from ..measure.timing import TimingBudget
 from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, calibrated, predicted_cost, savings_calibration
-from .loop import DEFAULT_ROUNDS, Measured, TuneOutcome, tighten_loop
+from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS, Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
 from .plan import LayerChoice, Plan
 from .search import Option, Selection, check_reach, infeasible, shaped_plans
 from .store import JsonStore
@@ -125,6 +125,7 @@ class TuneRequest:
     layer_budget: TimingBudget = TimingBudget(warmup=2, min_rounds=10, max_rounds=200, budget_s=1.0)
     network_budget: TimingBudget = TimingBudget(budget_s=3.0)
     calibrate: bool = True  # scale the layers' savings by the fastest plan's whole-network timing
+    drop_rounds: int = DEFAULT_DROP_ROUNDS  # slower plans tried when a fine-tuned plan loses more than max_drop
 
     def check(self, plugins) -> None:
         for t in self.targets:
@@ -135,7 +136,8 @@ class TuneRequest:
         if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0 or not math.isfinite(self.max_drop):
             raise UsageError(f"--max-drop {self.max_drop!r} is not allowed; allowed: accuracy points ≥ 0")
         for name, v, lo in (("threads", self.threads, 1), ("batch", self.batch, 1),
-                            ("finetune epochs", self.finetune_epochs, 0), ("max rounds", self.max_rounds, 1)):
+                            ("finetune epochs", self.finetune_epochs, 0), ("max rounds", self.max_rounds, 1),
+                            ("drop rounds", self.drop_rounds, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"{name} {v!r} is not allowed; allowed: integers ≥ {lo}")
         if self.sensitivity not in SENSITIVITY_MODES:
@@ -558,6 +560,36 @@ class Tuner:
         return tighten_loop(lambda budget: self.joint_search(current[0], budget),
                             lambda sel: self.measure(sel, batch), target, max_rounds=self.request.max_rounds,
                             recalibrate=refit if self.request.calibrate else None)
+
+    def tune_target(self, prepared: Prepared, target: float, *, known: Sequence[tuple[float, float]] = (),
+                    started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+        """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
+        more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
+        ``request.drop_rounds``; a search that returns a plan already fine-tuned reuses it). Returns the
+        kept plan's row and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts
+        (``known`` for the next target)."""
+        finished: dict[tuple, Attempt] = {}
+
+        def attempt(t: float) -> Attempt:
+            if t != target:
+                self.step(f"target {target:g}x lost more than {self.request.max_drop:g} points: "
+                          f"trying a slower plan, searched at {t:.2f}x")
+            outcome = self.plan(prepared, t, batch)
+            key = tuple(sorted(outcome.selection.labels().items()))
+            if key in finished:
+                return replace(finished[key], target=t)
+            row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
+            row["tune"]["searched_target"] = plan.meta["searched_target"] = t
+            finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
+            return finished[key]
+
+        kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known)
+        row, plan = kept.payload
+        row["tune_drop_rounds"] = len(tried) - 1
+        row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["rounds"][-1]["plan"],
+                                       "speedup": a.speedup, "speedup_ci": a.payload[0].get("speedup_ci"),
+                                       "accuracy_drop": a.drop, "kept": a is kept} for a in tried]
+        return row, plan, tried
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,

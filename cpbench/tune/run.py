@@ -73,12 +73,13 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     kept = [r for r in read_results(path) if not _is_this_tune(r, request, targets)] if path.exists() else []
     path.write_text("".join(json.dumps(jsonable(r)) + "\n" for r in kept))
     run = TuneRun([])
+    known: list[tuple[float, float]] = []  # (searched target, drop) of every plan fine-tuned so far
     with ResultSink(path) as sink:
         for target in request.targets:
             started = time.time()
             step(f"target {target:g}x: search and verify")
-            outcome = tuner.plan(prepared, target)
-            row, plan = tuner.finish(prepared, target, outcome, started=started)
+            row, plan, tried = tuner.tune_target(prepared, target, known=known, started=started)
+            known += [(a.target, a.drop) for a in tried if a.drop is not None]
             row = jsonable(row)
             sink.write(row)
             run.rows.append(row)

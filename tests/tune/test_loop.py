@@ -2,7 +2,7 @@
 import pytest
 
 from cpbench.tune.candidates import Candidate
-from cpbench.tune.loop import Measured, tighten_loop
+from cpbench.tune.loop import Attempt, Measured, hold_drop, tighten_loop
 from cpbench.tune.search import Option, TargetUnreachable, search
 
 # one layer of share 0.9 (rest 0.1); option k has layer speedup k; loss falls with the speedup
@@ -91,3 +91,56 @@ def test_a_miss_refits_the_model_and_searches_at_the_targets_own_budget():
     assert first.budget == second.budget == pytest.approx(1 / 4.0)
     assert second.predicted_speedup == pytest.approx(second.speedup)  # the refitted model is right
     assert first.predicted_speedup > 1.1 * first.speedup
+
+
+# -- holding --max-drop: step back to slower plans ----------------------------------------------
+
+class FakeFineTune:
+    """A plan searched at target t measures t x and loses ``slope * (t - 1)`` points after fine-tuning."""
+
+    def __init__(self, slope, drop=True):
+        self.slope, self.drop, self.calls = slope, drop, []
+
+    def __call__(self, t):
+        self.calls.append(t)
+        return Attempt(t, t, self.slope * (t - 1) if self.drop else None)
+
+
+def test_a_plan_within_the_drop_is_kept_without_stepping_back():
+    ft = FakeFineTune(0.1)
+    kept, tried = hold_drop(ft, 8.0, 1.0)
+    assert kept.target == 8.0 and len(tried) == 1 and ft.calls == [8.0]
+
+
+def test_a_plan_over_the_drop_steps_back_by_log_bisection_and_keeps_the_fastest_within():
+    ft = FakeFineTune(0.5)  # holds 1 point up to 3x
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=2)
+    assert ft.calls[0] == 9.0 and ft.calls[1] == pytest.approx(3.0)  # sqrt(1 * 9)
+    assert ft.calls[2] == pytest.approx(3 ** 1.5)  # 3x held (drop 1.0): the bracket is [3, 9]
+    assert kept.target == pytest.approx(3.0) and kept.holds(1.0) and len(tried) == 3
+
+
+def test_when_nothing_holds_the_least_loss_is_kept_and_the_rounds_are_bounded():
+    ft = FakeFineTune(100.0)
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=3)
+    assert len(tried) == 4 and not kept.holds(1.0)
+    assert kept is min(tried, key=lambda a: a.drop)
+    assert hold_drop(FakeFineTune(100.0), 9.0, 1.0, rounds=0)[0].target == 9.0
+
+
+def test_known_plans_of_other_targets_narrow_the_bracket():
+    ft = FakeFineTune(0.5)
+    hold_drop(ft, 9.0, 1.0, rounds=1, known=[(2.5, 0.75), (6.0, 2.5)])
+    assert ft.calls[1] == pytest.approx((2.5 * 6.0) ** 0.5)  # between the fastest held and slowest failed
+
+
+def test_without_an_accuracy_to_hold_the_first_plan_is_kept():
+    ft = FakeFineTune(1.0, drop=False)
+    kept, tried = hold_drop(ft, 9.0, 0.0)
+    assert kept.target == 9.0 and len(tried) == 1
+
+
+def test_a_bracket_narrower_than_five_percent_stops_the_steps():
+    ft = FakeFineTune(0.5)
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[(8.8, 0.5)])
+    assert len(tried) == 1 and kept.target == 9.0  # nothing between 8.8x and 9x is worth a fine-tuning

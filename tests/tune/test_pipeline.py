@@ -32,7 +32,8 @@ class ParamTimer:
 
 def _request(**kw):
     base = dict(model=MODEL, targets=(2.0,), backend="torch-cpu", decomposers=("tucker2", "spatial-svd"),
-                finetune_epochs=0, grid_points=4, max_speedup=16.0, layer_budget=TINY, network_budget=TINY)
+                finetune_epochs=0, grid_points=4, max_speedup=16.0, layer_budget=TINY, network_budget=TINY,
+                max_drop=100.0)  # fidelity losses here are tens of points; holding the drop has its own test
     return TuneRequest(**{**base, **kw})
 
 
@@ -64,6 +65,23 @@ def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
     assert [r["rank"] for r in rows2] == [r["rank"] for r in rows]
 
 
+def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_loss(tmp_path, capsys):
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"))
+    run = run_tune(_request(targets=(3.0,), max_drop=0.0, drop_rounds=2), tmp_path / "out", ctx=ctx, timer=ParamTimer())
+    row = run.rows[0]
+    tried = row["tune"]["drop_rounds"]
+    assert [t["searched_target"] for t in tried][0] == 3.0 and len(tried) == 3 == row["tune_drop_rounds"] + 1
+    assert all(1.0 < t["searched_target"] < 3.0 for t in tried[1:])  # slower plans, searched below the target
+    assert sum(t["kept"] for t in tried) == 1 and not row["meets_max_drop"]  # fidelity loss > 0: nothing holds 0
+    assert row["accuracy_drop"] == min(t["accuracy_drop"] for t in tried)
+    assert row["rank_spec"] == {"target_speedup": 3.0}  # still the target's row, its plan file the kept plan's
+    plan = (tmp_path / "out" / "plan-3.toml").read_text()
+    assert f"searched_target = {row['tune']['searched_target']}" in plan
+    # held at once when the drop allows it: no step back
+    run = run_tune(_request(targets=(3.0,), max_drop=100.0), tmp_path / "out2", ctx=ctx, timer=ParamTimer())
+    assert run.rows[0]["tune_drop_rounds"] == 0 and run.rows[0]["meets_max_drop"]
+
+
 @pytest.mark.parametrize("targets", [(500.0,), (2.0, 500.0)])
 def test_unreachable_target_says_what_the_fastest_plan_reaches(tmp_path, monkeypatch, targets):
     from cpbench.tune.pipeline import Tuner
@@ -82,6 +100,7 @@ def test_unreachable_target_says_what_the_fastest_plan_reaches(tmp_path, monkeyp
     ({"targets": (0.5,)}, "target speedup 0.5"),
     ({"targets": (1.0,)}, "target speedup 1.0"),
     ({"max_drop": -1.0}, "max-drop"),
+    ({"drop_rounds": -1}, "drop rounds"),
     ({"decomposers": ("nope",)}, "unknown decomposer 'nope'"),
     ({"backend": "nope"}, "unknown backend 'nope'"),
     ({"layers": ["fc*"]}, "matches no Conv2d layer"),
@@ -96,6 +115,7 @@ def test_bad_requests(tmp_path, kw, match):
     (["--target-speedup", "0.5"], "target speedup 0.5"),
     (["--target-speedup", "eight"], "--target-speedup 'eight'"),
     (["--max-drop", "-1"], "--max-drop -1.0"),
+    (["--drop-rounds", "-1"], "drop rounds -1"),
     (["--decomposers", "cp-nls,foo"], "unknown decomposer 'foo'"),
     (["--backend", "nope"], "unknown backend 'nope'"),
     (["--layers", "fc*"], "matches no Conv2d layer"),
@@ -114,7 +134,7 @@ def test_cli_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--target-speedup", "--max-drop", "--backend", "--threads", "--batch", "--decomposers", "--layers",
+    for opt in ("--target-speedup", "--max-drop", "--drop-rounds", "--backend", "--threads", "--batch", "--decomposers", "--layers",
                 "--finetune-epochs", "--out"):
         assert opt in out
 
@@ -127,13 +147,13 @@ def test_matrix_rank_spec_runs_a_tuned_cell(tmp_path):
     # a layer whose low-rank forms are many times cheaper: timed for real, the win is never in doubt
     big = {"name": "conv", "in_channels": 32, "out_channels": 32, "kernel_size": 7, "input_size": 12, "padding": 3}
     m = parse_matrix({"matrix": {"model": [big], "decomposer": ["spatial-svd"],
-                                 "rank": [{"target_speedup": 1.5}, "speedup:2"], "backend": ["torch-cpu"]},
+                                 "rank": [{"target_speedup": 1.5, "max_drop": 100}, "speedup:2"], "backend": ["torch-cpu"]},
                       "timing": {"warmup": 1, "min_rounds": 3, "max_rounds": 5, "budget_s": 0.05, "min_round_s": 0.0002}},
                      registries=plugins.registries)
     ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path))
     tuned, fixed = [run_cell(c, ctx) for c in m.cells()]
     assert tuned["status"] == "ok", tuned.get("error")
-    assert tuned["rank_spec"] == {"target_speedup": 1.5} and tuned["decomposer"] == "spatial-svd"
+    assert tuned["rank_spec"] == {"target_speedup": 1.5, "max_drop": 100} and tuned["decomposer"] == "spatial-svd"
     assert tuned["cell_key"] == m.cells()[0].key and tuned["predicted_speedup"] >= 1.5
     assert tuned["layer_decomposer"]["conv"] == "spatial-svd" and "speedup_ci" in tuned
     assert fixed["status"] == "ok" and "predicted_speedup" not in fixed
