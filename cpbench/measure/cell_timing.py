@@ -89,11 +89,14 @@ def aggregate_noise(per: list[dict]) -> dict:
            "steal": worst("steal"), "freq_ratio_min": worst("freq_ratio_min", min),
            "freq_mhz": worst("freq_mhz", min), "governor": next((n.get("governor") for n in per), None),
            "load_average": per[-1].get("load_average") if per else None,
-           "seconds": sum(n.get("seconds") or 0.0 for n in per)}
+           "seconds": sum(n.get("seconds") or 0.0 for n in per),
+           "canary_ratio_max": worst("canary_ratio"),
+           "contended_set_aside": sum(len(n.get("contended_set_aside", [])) for n in per)}
     busy = [i for i, n in enumerate(per) if n.get("busy")]
     # the reasons of the worst process's numbers; busy if any process was measured on a busy machine
-    out.update(busy=bool(busy), reasons=busy_reasons(out) or sorted({r for n in per for r in n.get("reasons", [])}),
-               busy_processes=busy)
+    contention = [r for n in per for r in n.get("reasons", []) if r.startswith("host contention")][:1]
+    out.update(busy=bool(busy), reasons=(busy_reasons(out) + contention)
+               or sorted({r for n in per for r in n.get("reasons", [])}), busy_processes=busy)
     return out
 
 
@@ -108,7 +111,8 @@ def timing_row_fields(iv: Interval, runs: Sequence[ProcessRun], label: str = MOD
     q = np.percentile
     per = [{"pid": r.pid, **p.as_dict(), "cores": r.cores, "seconds": r.seconds, "mode": r.mode,
             "calls_per_round": r.pairs[label]["calls_per_round"], "busy": bool(r.noise.get("busy")),
-            "other_runnable_mean": r.noise.get("other_runnable_mean"), "steal": r.noise.get("steal")}
+            "other_runnable_mean": r.noise.get("other_runnable_mean"), "steal": r.noise.get("steal"),
+            "canary_ratio": r.noise.get("canary_ratio")}
            for r, p in zip(runs, iv.processes)]
     return {
         "baseline_ms": float(np.median([p.baseline_ms for p in iv.processes])),

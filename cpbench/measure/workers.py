@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .canary import CONTENDED_RATIO, CanaryReference, canary_ms, reference
 from .noise import NoiseSampler, allowed_cores, summarize
 from .threads import thread_limits
 from .timing import TimingBudget, time_pair
@@ -81,9 +82,14 @@ def prepare_like(backend, model, x, threads: int, info: dict | None):
     return backend.prepare(model, x, threads=threads)
 
 
-def _time_pairs(backend, pairs: Sequence[PairSpec], threads: int, clock=time.perf_counter) -> dict[str, dict]:
+def _time_pairs(backend, pairs: Sequence[PairSpec], threads: int, clock=time.perf_counter,
+                canary: list[float] | None = None) -> dict[str, dict]:
+    """Time each pair; with ``canary`` (a list), the reference GEMM's milliseconds right before the first
+    pair and right after the last are appended to it (:mod:`cpbench.measure.canary`)."""
     out = {}
     with thread_limits(threads):
+        if canary is not None:
+            canary.append(canary_ms())
         for p in pairs:
             pa = prepare_like(p.baseline_backend or backend, p.baseline, p.x, threads, p.info.get("baseline"))
             try:
@@ -97,6 +103,8 @@ def _time_pairs(backend, pairs: Sequence[PairSpec], threads: int, clock=time.per
                 pa.close()
             out[p.label] = {"baseline_ms": t.baseline_samples_ms, "compressed_ms": t.compressed_samples_ms,
                             "calls_per_round": list(t.calls_per_round)}
+        if canary is not None:
+            canary.append(canary_ms())
     return out
 
 
@@ -116,9 +124,10 @@ def _worker(payload: bytes, cores: list[int] | None, kernels: list[str] | None =
             load_kernel(march)
     spec = torch.load(io.BytesIO(payload), weights_only=False)
     start = time.perf_counter()
-    pairs = _time_pairs(spec["backend"], spec["pairs"], spec["threads"])
+    canary: list[float] = []
+    pairs = _time_pairs(spec["backend"], spec["pairs"], spec["threads"], canary=canary)
     return {"pid": os.getpid(), "pairs": pairs, "cores": sorted(os.sched_getaffinity(0)) if cores else None,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "canary_ms": canary}
 
 
 def _send(fh, obj) -> None:
@@ -233,6 +242,12 @@ def choose_cores(threads: int, *, sample_s: float = 0.1) -> list[int]:
     return sorted(cores[:threads])
 
 
+#: Workers set aside per call for running in a contention episode, and the wait before the next one.
+#: Episodes measured here lasted 2-30 s, a few a minute; four tries 2.5 s apart bound the cost at ~14 s
+#: a cell's pass (seldom reached) and see most episodes end.
+CONTENDED_RETRIES = 4
+CONTENDED_WAIT_S = 2.5
+
 #: Fewest rounds one process times: enough for its own block-bootstrap interval (blocks of 3), which
 #: the ``disagree`` flag compares with the cell's.
 MIN_ROUNDS_PER_PROCESS = 8
@@ -262,10 +277,15 @@ def time_in_processes(
     processes: int,
     pin: bool = False,
     sampler: Callable[..., NoiseSampler] = NoiseSampler,
+    canary_reference: CanaryReference | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[ProcessRun]:
     """Time ``pairs`` in ``processes`` fresh workers, one after another; each gets ``budget_s/processes``.
 
-    ``processes=0`` times in this process, once (the harness of old and of quick tests).
+    A worker whose canary says it ran in a host-contention episode (:mod:`cpbench.measure.canary`) is
+    set aside and another one timed after :data:`CONTENDED_WAIT_S`, at most :data:`CONTENDED_RETRIES`
+    times per call; a contended process kept after that is marked busy. ``processes=0`` times in this
+    process, once, without a canary (the harness of old and of quick tests).
     """
     if processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
@@ -281,7 +301,9 @@ def time_in_processes(
         except Exception as exc:  # a model or backend that does not pickle: time it here
             why_not = f"payload does not pickle ({type(exc).__name__}: {exc})"
     runs: list[ProcessRun] = []
-    for _ in range(n):
+    ref = canary_reference or (reference() if why_not is None else CanaryReference())
+    retries, set_aside = CONTENDED_RETRIES, []
+    while len(runs) < n:
         cores = choose_cores(threads) if pin else None
         with sampler(own_threads=threads) as s:
             t0 = time.perf_counter()
@@ -295,11 +317,37 @@ def time_in_processes(
                 res = {"pid": os.getpid(), "pairs": _time_pairs(backend, per, threads), "cores": None}
                 mode = "in-process"
             secs = time.perf_counter() - t0
-        runs.append(ProcessRun(res["pid"], res["pairs"], res.get("cores"), summarize(s.samples), secs, mode))
+        run = ProcessRun(res["pid"], res["pairs"], res.get("cores"), summarize(s.samples), secs, mode)
+        canary = res.get("canary_ms") or []
+        if canary:
+            ref.add(threads, canary)
+            run.noise["canary_ms"] = canary
+        if canary and retries and (ref.ratio(threads, max(canary)) or 0) > CONTENDED_RATIO:
+            retries -= 1  # timed in a contention episode: set aside, wait for it to pass, time another
+            set_aside.append(run)
+            sleep(CONTENDED_WAIT_S)
+            continue
+        runs.append(run)
+    for r in runs:  # against the reference as it stands after every process of this call
+        canary = r.noise.get("canary_ms")
+        if canary:
+            _mark_contention(r.noise, ref.ratio(threads, max(canary)))
+    if set_aside:
+        runs[-1].noise["contended_set_aside"] = [
+            {"pid": r.pid, "canary_ratio": ref.ratio(threads, max(r.noise["canary_ms"]))} for r in set_aside]
     if why_not is not None and processes:
         for r in runs:
             r.noise["why_in_process"] = why_not
     return runs
+
+
+def _mark_contention(noise: dict, ratio: float | None) -> None:
+    """Record the canary ratio; above :data:`CONTENDED_RATIO` the process counts as busy."""
+    noise["canary_ratio"] = ratio
+    if ratio is not None and ratio > CONTENDED_RATIO:
+        noise["busy"] = True
+        noise["reasons"] = list(noise.get("reasons", [])) + [
+            f"host contention: the reference GEMM ran {ratio:.2f}x its quiet time"]
 
 
 def pair_samples(runs: Sequence[ProcessRun], label: str) -> list[tuple[list[float], list[float]]]:
