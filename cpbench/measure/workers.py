@@ -243,10 +243,11 @@ def choose_cores(threads: int, *, sample_s: float = 0.1) -> list[int]:
 
 
 #: Workers set aside per call for running in a contention episode, and the wait before the next one.
-#: Episodes measured here lasted 2-30 s, a few a minute; four tries 2.5 s apart bound the cost at ~14 s
-#: a cell's pass (seldom reached) and see most episodes end.
-CONTENDED_RETRIES = 4
-CONTENDED_WAIT_S = 2.5
+#: Episodes measured here lasted 2-30 s, a few a minute. Four tries 2.5 s apart (the first setting) cost
+#: the default matrix 336 of its 813 s cached (70 processes set aside in 64 cell-passes) and still left 13
+#: of 32 rows busy; two tries 2 s apart bound the cost at ~8 s a cell's pass and keep the honest flag.
+CONTENDED_RETRIES = 2
+CONTENDED_WAIT_S = 2.0
 
 #: Fewest rounds one process times: enough for its own block-bootstrap interval (blocks of 3), which
 #: the ``disagree`` flag compares with the cell's.
