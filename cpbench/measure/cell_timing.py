@@ -91,7 +91,8 @@ def aggregate_noise(per: list[dict]) -> dict:
            "load_average": per[-1].get("load_average") if per else None,
            "seconds": sum(n.get("seconds") or 0.0 for n in per),
            "canary_ratio_max": worst("canary_ratio"),
-           "contended_set_aside": sum(len(n.get("contended_set_aside", [])) for n in per)}
+           "contended_set_aside": sum(len(n.get("contended_set_aside", [])) for n in per),
+           "contention_standing": any(n.get("contention_standing") for n in per)}
     busy = [i for i, n in enumerate(per) if n.get("busy")]
     # the reasons of the worst process's numbers; busy if any process was measured on a busy machine
     contention = [r for n in per for r in n.get("reasons", []) if r.startswith("host contention")][:1]

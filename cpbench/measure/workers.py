@@ -249,6 +249,12 @@ def choose_cores(threads: int, *, sample_s: float = 0.1) -> list[int]:
 CONTENDED_RETRIES = 2
 CONTENDED_WAIT_S = 2.0
 
+#: Thread counts at which contention outlasted the last call's retries: the host is in a standing busy
+#: state, not an episode, and waiting does not help (a contended run set aside 115 processes in 64
+#: cell-passes, 460 of its 852 s, and kept busy ones anyway). Their next call keeps every process and
+#: flags it; the first quiet process clears the state. Per harness process, never persisted.
+_STANDING: set[int] = set()
+
 #: Fewest rounds one process times: enough for its own block-bootstrap interval (blocks of 3), which
 #: the ``disagree`` flag compares with the cell's.
 MIN_ROUNDS_PER_PROCESS = 8
@@ -303,7 +309,8 @@ def time_in_processes(
             why_not = f"payload does not pickle ({type(exc).__name__}: {exc})"
     runs: list[ProcessRun] = []
     ref = canary_reference or (reference() if why_not is None else CanaryReference())
-    retries, set_aside = CONTENDED_RETRIES, []
+    standing = threads in _STANDING
+    retries, set_aside = (0 if standing else CONTENDED_RETRIES), []
     while len(runs) < n:
         cores = choose_cores(threads) if pin else None
         with sampler(own_threads=threads) as s:
@@ -333,6 +340,9 @@ def time_in_processes(
         canary = r.noise.get("canary_ms")
         if canary:
             _mark_contention(r.noise, ref.ratio(threads, max(canary)))
+            if standing and (r.noise["canary_ratio"] or 0) > CONTENDED_RATIO:
+                r.noise["contention_standing"] = True
+    _note_standing(threads, runs, exhausted=bool(set_aside) and not retries, standing=standing)
     if set_aside:
         runs[-1].noise["contended_set_aside"] = [
             {"pid": r.pid, "canary_ratio": ref.ratio(threads, max(r.noise["canary_ms"]))} for r in set_aside]
@@ -340,6 +350,15 @@ def time_in_processes(
         for r in runs:
             r.noise["why_in_process"] = why_not
     return runs
+
+
+def _note_standing(threads: int, runs: Sequence[ProcessRun], *, exhausted: bool, standing: bool) -> None:
+    """Enter the standing state when the retries ran out with no quiet process; leave it on a quiet one."""
+    timed = [r.noise["canary_ratio"] for r in runs if r.noise.get("canary_ratio") is not None]
+    if any(ratio <= CONTENDED_RATIO for ratio in timed):
+        _STANDING.discard(threads)
+    elif timed and (exhausted or standing):
+        _STANDING.add(threads)
 
 
 def _mark_contention(noise: dict, ratio: float | None) -> None:

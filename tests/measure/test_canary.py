@@ -90,3 +90,23 @@ def test_real_workers_report_their_canary():
     runs = time_in_processes(get_plugins().backends.get("torch-cpu"), [PairSpec("m", conv, conv, torch.randn(1, 4, 6, 6), TINY)],
                              threads=1, processes=1, canary_reference=CanaryReference())
     assert len(runs[0].noise["canary_ms"]) == 2 and runs[0].noise["canary_ratio"] is not None
+
+
+@pytest.fixture(autouse=True)
+def _no_standing_contention():
+    workers._STANDING.clear()
+    yield
+    workers._STANDING.clear()
+
+
+def test_standing_contention_stops_the_retries_until_a_quiet_process(monkeypatch, tmp_path):
+    _, sleeps, _ = _time(monkeypatch, tmp_path, [1.5])  # retries run out: a standing state, not an episode
+    assert len(sleeps) == CONTENDED_RETRIES and 1 in workers._STANDING
+    runs, sleeps, server = _time(monkeypatch, tmp_path, [1.5])  # the next cell keeps its processes at once
+    assert sleeps == [] and server.calls == 3
+    assert all(r.noise["busy"] and r.noise["contention_standing"] for r in runs)
+    runs, sleeps, _ = _time(monkeypatch, tmp_path, [1.5, 1.0, 1.0])  # a quiet process ends the state
+    assert sleeps == [] and 1 not in workers._STANDING
+    assert [bool(r.noise.get("busy")) for r in runs] == [True, False, False]
+    _, sleeps, _ = _time(monkeypatch, tmp_path, [1.5, 1.0, 1.0, 1.0])  # and episodes are set aside again
+    assert sleeps == [CONTENDED_WAIT_S]
