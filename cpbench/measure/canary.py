@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CONTENDED_RATIO", "canary_ms", "CanaryReference", "reference"]
+__all__ = ["CONTENDED_RATIO", "canary_ms", "CanaryReference", "reference", "contention_now", "contention_reason"]
 
 #: The canary's slowdown against the machine's reference above which a process counts as contended.
 #: Between episodes the canary's medians scattered within ±3% of each other; in episodes they were
@@ -86,6 +86,10 @@ class CanaryReference:
         w = sorted(self._load().get(str(threads), []))
         return w[int(REFERENCE_QUANTILE * (len(w) - 1))] if w else None
 
+    def size(self, threads: int) -> int:
+        """How many canaries the window holds at ``threads``."""
+        return len(self._load().get(str(threads), []))
+
     def ratio(self, threads: int, value: float | None) -> float | None:
         lvl = self.level(threads)
         return None if value is None or lvl is None else value / lvl
@@ -124,3 +128,28 @@ def reference() -> CanaryReference:
         key = "|".join(str(m.get(k)) for k in ("hostname", "cpu_model", "logical_cores", "torch"))
         _REFERENCE = CanaryReference(default_cache_dir() / "machine" / "canary.json", key)
     return _REFERENCE
+
+
+def contention_now(threads: int = 1, *, ref: CanaryReference | None = None, samples: int = 3) -> dict:
+    """The canary timed now, in this process at ``threads``, against the machine's reference (the median
+    of ``samples`` canaries, ~15 ms each): ``{"threads", "canary_ms", "reference_ms", "window",
+    "canary_ratio"}``, ratio None while the window is empty. The canaries join the window, as the
+    workers' do."""
+    ref = ref or reference()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ms = statistics.median(canary_ms() for _ in range(samples))
+    finally:
+        torch.set_num_threads(before)
+    out = {"threads": threads, "canary_ms": ms, "reference_ms": ref.level(threads), "window": ref.size(threads)}
+    out["canary_ratio"] = ref.ratio(threads, ms)
+    ref.add(threads, [ms])
+    return out
+
+
+def contention_reason(ratio: float | None) -> str | None:
+    """The busy reason for a canary ratio above :data:`CONTENDED_RATIO` (None: not contended)."""
+    if ratio is None or ratio <= CONTENDED_RATIO:
+        return None
+    return f"host contention: the reference GEMM ran {ratio:.2f}x its quiet time"

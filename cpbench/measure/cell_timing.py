@@ -53,7 +53,10 @@ def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudge
     and the noise fields (``noise``, ``quiet_wait``) for the row."""
     extra: dict[str, Any] = {}
     if require_quiet_s is not None:
-        extra["quiet_wait"] = wait_for_quiet(require_quiet_s, own_threads=0)
+        from .canary import contention_now
+
+        extra["quiet_wait"] = wait_for_quiet(require_quiet_s, own_threads=0,
+                                             canary=lambda: contention_now(threads)["canary_ratio"])
     before = {**static_noise_facts(), **snapshot(names=True)}
     specs = [PairSpec(label, a, b, x, budget, _parent_info(backend, a, b, x, threads))
              for label, a, b, x, budget in pairs]

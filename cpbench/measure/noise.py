@@ -7,6 +7,8 @@ frequency and the frequency governor, the cgroup CPU quota, and the SMT siblings
 run on. :class:`NoiseSampler` takes snapshots in a background thread of the *parent* while a worker
 process times, so the worker's timing loop is never interrupted by the probe; :func:`summarize` turns
 the samples into the fields a result row records, and :func:`verdict` into "quiet" or "busy: ...".
+None of this sees the host's other tenants; :mod:`.canary` does, and :func:`machine_report` and
+:func:`wait_for_quiet` ask it too.
 
 Why not psutil alone: psutil's per-process status is the main thread's state, so a multi-threaded job
 with busy worker threads looks "sleeping"; ``procs_running`` counts every runnable thread. psutil still
@@ -230,8 +232,11 @@ def verdict(summary: dict) -> str:
 
 def wait_for_quiet(max_seconds: float, *, own_threads: int = 0, window_s: float = 2.0,
                    probe: Callable[..., dict] = snapshot, sleep: Callable[[float], None] = time.sleep,
-                   clock: Callable[[], float] = time.monotonic) -> dict:
-    """Wait, at most ``max_seconds``, for a ``window_s`` stretch that :func:`summarize` calls quiet.
+                   clock: Callable[[], float] = time.monotonic,
+                   canary: Callable[[], float | None] | None = None) -> dict:
+    """Wait, at most ``max_seconds``, for a ``window_s`` stretch that :func:`summarize` calls quiet
+    and, with ``canary`` (the reference GEMM's ratio to its quiet level, :mod:`.canary`), whose canary
+    at its end is not contended: the guest can look idle while the host's other tenants slow it.
 
     Returns ``{"waited_s", "quiet", "last"}`` (``last``: the summary of the last window). It never
     raises for a busy machine: the caller records the cell as measured on a busy one.
@@ -244,19 +249,40 @@ def wait_for_quiet(max_seconds: float, *, own_threads: int = 0, window_s: float 
             sleep(min(0.25, window_s))
             samples.append(probe(own_threads=own_threads))
         last = summarize(samples)
+        if canary is not None and not last["busy"]:
+            _add_contention(last, canary())
         if not last["busy"] or clock() - start >= max_seconds:
             return {"waited_s": clock() - start, "quiet": not last["busy"], "last": last}
 
 
-def machine_report(window_s: float = 3.0) -> dict:
-    """What ``cpbench machine`` prints: facts, a ``window_s`` summary, the verdict and advice."""
+def _add_contention(summary: dict, ratio: float | None) -> None:
+    """Record a canary ratio in a summary; a contended one makes it busy, with its reason."""
+    from .canary import contention_reason
+
+    summary["canary_ratio"] = ratio
+    reason = contention_reason(ratio)
+    if reason:
+        summary.update(busy=True, reasons=[*summary.get("reasons", []), reason])
+
+
+def machine_report(window_s: float = 3.0, *, host: Callable[[], dict] | None = None) -> dict:
+    """What ``cpbench machine`` prints: facts, a ``window_s`` summary, the host's contention (``host``:
+    the canary probe, :func:`.canary.contention_now` at one thread), the verdict and advice."""
+    if host is None:
+        from .canary import contention_now as host
     samples = []
     with NoiseSampler(interval_s=0.25) as s:
         time.sleep(window_s)
     samples = s.samples
     summary = summarize(samples)
+    canary = host()
+    _add_contention(summary, canary.get("canary_ratio"))
     facts = static_noise_facts()
     advice = []
+    if canary.get("canary_ratio") is not None and summary["reasons"] and summary["reasons"][-1].startswith("host contention"):
+        advice.append("the host's other tenants are slowing this VM though nothing in it shows: cells timed now "
+                      "set contended processes aside and are flagged busy; wait for a quiet spell "
+                      "(--require-quiet SECONDS waits for one) or time on a dedicated host")
     if summary.get("other_runnable_mean") and summary["other_runnable_mean"] >= BUSY_OTHER_RUNNABLE:
         advice.append("other jobs are running: wait for them, or pass --require-quiet SECONDS to `cpbench run` "
                       "(it waits for a quiet machine and flags cells measured on a busy one)")
@@ -274,7 +300,7 @@ def machine_report(window_s: float = 3.0) -> dict:
     if any(facts["smt_siblings"].values()):
         advice.append("cores share SMT siblings: a neighbour on a sibling slows the timed core; time at "
                       "threads <= physical cores")
-    return {"facts": facts, "summary": summary, "verdict": verdict(summary),
+    return {"facts": facts, "summary": summary, "verdict": verdict(summary), "host": canary,
             "other_processes": other_running_processes(), "advice": advice}
 
 
@@ -296,6 +322,12 @@ def format_machine_report(report: dict) -> str:
              f"{s.get('governor') or 'not exposed (VM)'}",
              f"  cgroup CPU quota {num(f['cgroup_cpu_quota'], '{:.2g} CPUs') if f['cgroup_cpu_quota'] else 'none'}; "
              f"SMT siblings {f['smt_siblings'] if any(f['smt_siblings'].values()) else 'none'}"]
+    h = report.get("host") or {}
+    if h.get("canary_ms") is not None:
+        lines.append(f"  host: reference GEMM {h['canary_ms']:.3f} ms at {h['threads']} thread(s), "
+                     + (f"{h['canary_ratio']:.2f}x its quiet level ({h['reference_ms']:.3f} ms, "
+                        f"from {h['window']} past canaries)" if h.get("canary_ratio") is not None
+                        else "no quiet level learned yet (the timing workers' canaries teach it)"))
     if report.get("other_processes"):
         lines.append("  running now: " + ", ".join(report["other_processes"][:8]))
     lines += [f"  advice: {a}" for a in report["advice"]] or ["  advice: none; timings here should be steady"]

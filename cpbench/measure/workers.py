@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .canary import CONTENDED_RATIO, CanaryReference, canary_ms, reference
+from .canary import CONTENDED_RATIO, CanaryReference, canary_ms, contention_reason, reference
 from .noise import NoiseSampler, allowed_cores, summarize
 from .threads import thread_limits
 from .timing import TimingBudget, time_pair
@@ -364,10 +364,10 @@ def _note_standing(threads: int, runs: Sequence[ProcessRun], *, exhausted: bool,
 def _mark_contention(noise: dict, ratio: float | None) -> None:
     """Record the canary ratio; above :data:`CONTENDED_RATIO` the process counts as busy."""
     noise["canary_ratio"] = ratio
-    if ratio is not None and ratio > CONTENDED_RATIO:
+    reason = contention_reason(ratio)
+    if reason:
         noise["busy"] = True
-        noise["reasons"] = list(noise.get("reasons", [])) + [
-            f"host contention: the reference GEMM ran {ratio:.2f}x its quiet time"]
+        noise["reasons"] = list(noise.get("reasons", [])) + [reason]
 
 
 def pair_samples(runs: Sequence[ProcessRun], label: str) -> list[tuple[list[float], list[float]]]:

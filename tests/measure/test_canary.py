@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cpbench.measure import workers
-from cpbench.measure.canary import CONTENDED_RATIO, CanaryReference, canary_ms
+from cpbench.measure.canary import CONTENDED_RATIO, CanaryReference, canary_ms, contention_now
 from cpbench.measure.timing import TimingBudget
 from cpbench.measure.workers import CONTENDED_RETRIES, CONTENDED_WAIT_S, PairSpec, time_in_processes
 from cpbench.plugin.manager import get_plugins
@@ -110,3 +110,12 @@ def test_standing_contention_stops_the_retries_until_a_quiet_process(monkeypatch
     assert [bool(r.noise.get("busy")) for r in runs] == [True, False, False]
     _, sleeps, _ = _time(monkeypatch, tmp_path, [1.5, 1.0, 1.0, 1.0])  # and episodes are set aside again
     assert sleeps == [CONTENDED_WAIT_S]
+
+
+def test_contention_now_times_at_the_asked_threads_and_joins_the_window():
+    ref, before = CanaryReference(), torch.get_num_threads()
+    first = contention_now(1, ref=ref, samples=1)
+    assert first["canary_ratio"] is None and first["window"] == 0 and first["canary_ms"] > 0
+    second = contention_now(1, ref=ref, samples=1)
+    assert second["window"] == 1 and second["canary_ratio"] == pytest.approx(second["canary_ms"] / first["canary_ms"])
+    assert torch.get_num_threads() == before

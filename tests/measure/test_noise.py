@@ -7,6 +7,7 @@ from cpbench.measure.noise import (
     BUSY_OTHER_RUNNABLE,
     BUSY_STEAL,
     NoiseSampler,
+    format_machine_report,
     machine_report,
     snapshot,
     summarize,
@@ -87,3 +88,29 @@ def test_the_real_probe_reads_this_machine():
     report = machine_report(window_s=0.3)
     assert report["verdict"] == "quiet" or report["verdict"].startswith("busy: ")
     assert report["facts"]["cores_allowed"]
+
+
+def test_host_contention_makes_a_quiet_guest_busy():
+    host = lambda: {"threads": 1, "canary_ms": 0.40, "reference_ms": 0.30, "window": 200, "canary_ratio": 4 / 3}  # noqa: E731
+    report = machine_report(window_s=0.1, host=host)
+    assert report["verdict"].endswith("host contention: the reference GEMM ran 1.33x its quiet time")
+    assert any("other tenants" in a for a in report["advice"])
+    assert "1.33x its quiet level (0.300 ms, from 200 past canaries)" in format_machine_report(report)
+
+
+def test_no_quiet_level_yet_says_so_and_stays_quiet():
+    host = lambda: {"threads": 1, "canary_ms": 0.31, "reference_ms": None, "window": 0, "canary_ratio": None}  # noqa: E731
+    report = machine_report(window_s=0.1, host=host)
+    assert "host contention" not in report["verdict"]
+    assert "no quiet level learned yet" in format_machine_report(report)
+
+
+def test_wait_for_quiet_waits_out_host_contention():
+    ft = FakeTime()
+    probe = lambda own_threads=0: snap(ft.now, 0)  # noqa: E731  an idle guest ...
+    ratios = iter([1.4, 1.3, 1.0])  # ... on a host whose contention ends at the third window
+    out = wait_for_quiet(60, probe=probe, sleep=ft.sleep, clock=ft.clock, window_s=2.0, canary=lambda: next(ratios))
+    assert out["quiet"] and 4 <= out["waited_s"] <= 7 and out["last"]["canary_ratio"] == 1.0
+    ft = FakeTime()
+    out = wait_for_quiet(3, probe=probe, sleep=ft.sleep, clock=ft.clock, window_s=2.0, canary=lambda: 1.4)
+    assert not out["quiet"] and out["last"]["reasons"] == ["host contention: the reference GEMM ran 1.40x its quiet time"]
