@@ -48,7 +48,7 @@ def _parent_info(backend, base, compressed, x, threads) -> dict:
 
 def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudget]], *, threads: int,
                   processes: int, pin: bool = False, require_quiet_s: float | None = None,
-                  sampler=None) -> tuple[dict[str, Interval], list[ProcessRun], dict]:
+                  sampler=None, contended_retries: int | None = None) -> tuple[dict[str, Interval], list[ProcessRun], dict]:
     """Time ``(label, baseline, compressed, x, budget)`` pairs; return intervals by label, the runs,
     and the noise fields (``noise``, ``quiet_wait``) for the row."""
     extra: dict[str, Any] = {}
@@ -60,7 +60,9 @@ def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudge
     before = {**static_noise_facts(), **snapshot(names=True)}
     specs = [PairSpec(label, a, b, x, budget, _parent_info(backend, a, b, x, threads))
              for label, a, b, x, budget in pairs]
-    kwargs = {} if sampler is None else {"sampler": sampler}
+    kwargs: dict[str, Any] = {} if sampler is None else {"sampler": sampler}
+    if contended_retries is not None:
+        kwargs["contended_retries"] = contended_retries
     runs = time_in_processes(backend, specs, threads=threads, processes=processes, pin=pin, **kwargs)
     intervals = {s.label: two_level_interval(pair_samples(runs, s.label)) for s in specs}
     agg = aggregate_noise([r.noise for r in runs])
@@ -147,6 +149,7 @@ def split_timing(timing: dict) -> tuple[TimingBudget, int, bool]:
     processes = t.pop("processes", DEFAULT_PROCESSES)
     pin = t.pop("pin", DEFAULT_PIN)
     t.pop("passes", None)
+    t.pop("contended_retries", None)  # read by the timing stage itself
     return TimingBudget(**t), processes, pin
 
 

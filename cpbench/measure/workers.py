@@ -242,11 +242,16 @@ def choose_cores(threads: int, *, sample_s: float = 0.1) -> list[int]:
     return sorted(cores[:threads])
 
 
-#: Workers set aside per call for running in a contention episode, and the wait before the next one.
-#: Episodes measured here lasted 2-30 s, a few a minute. Four tries 2.5 s apart (the first setting) cost
-#: the default matrix 336 of its 813 s cached (70 processes set aside in 64 cell-passes) and still left 13
-#: of 32 rows busy; two tries 2 s apart bound the cost at ~8 s a cell's pass and keep the honest flag.
-CONTENDED_RETRIES = 2
+#: Workers set aside per call for running in a contention episode, and the wait before the next one
+#: (``[timing] contended_retries`` sets the first per matrix). Episodes measured here lasted 2-30 s, a few a
+#: minute. Four tries 2.5 s apart (the first setting) cost the default matrix 336 of its 813 s cached;
+#: two tries 2 s apart (the second) still set aside 49-115 processes a run, ~40% of its 574-852 s. And
+#: they bought nothing measurable: over four cached runs of the default matrix, the cells' speedups from
+#: their quiet processes alone (canary <= CONTENDED_RATIO) agreed between two runs no more often than
+#: those from their contended ones (7/12 against 20/26, 5/8 against 11/22, 4/9 against 11/26), and a
+#: process's speedup hardly follows its canary (median correlation -0.2 to -0.3 within a cell). So by
+#: default a contended process is kept at once and flags the row busy: the flag is the canary's value.
+CONTENDED_RETRIES = 0
 CONTENDED_WAIT_S = 2.0
 
 #: Thread counts at which contention outlasted the last call's retries: the host is in a standing busy
@@ -286,12 +291,13 @@ def time_in_processes(
     sampler: Callable[..., NoiseSampler] = NoiseSampler,
     canary_reference: CanaryReference | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    contended_retries: int | None = None,
 ) -> list[ProcessRun]:
     """Time ``pairs`` in ``processes`` fresh workers, one after another; each gets ``budget_s/processes``.
 
     A worker whose canary says it ran in a host-contention episode (:mod:`cpbench.measure.canary`) is
-    set aside and another one timed after :data:`CONTENDED_WAIT_S`, at most :data:`CONTENDED_RETRIES`
-    times per call; a contended process kept after that is marked busy. ``processes=0`` times in this
+    set aside and another one timed after :data:`CONTENDED_WAIT_S`, at most ``contended_retries``
+    (default :data:`CONTENDED_RETRIES`) times per call; a contended process kept is marked busy. ``processes=0`` times in this
     process, once, without a canary (the harness of old and of quick tests).
     """
     if processes < 0:
@@ -310,7 +316,8 @@ def time_in_processes(
     runs: list[ProcessRun] = []
     ref = canary_reference or (reference() if why_not is None else CanaryReference())
     standing = threads in _STANDING
-    retries, set_aside = (0 if standing else CONTENDED_RETRIES), []
+    allowed = CONTENDED_RETRIES if contended_retries is None else contended_retries
+    retries, set_aside = (0 if standing else allowed), []
     while len(runs) < n:
         cores = choose_cores(threads) if pin else None
         with sampler(own_threads=threads) as s:

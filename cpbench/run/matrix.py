@@ -45,7 +45,7 @@ DEFAULTS: dict[str, list] = {
 REQUIRED = ("model", "decomposer", "rank")
 SECTIONS = ("matrix", "timing", "run", "train")
 TIMING_KEYS = ("warmup", "min_rounds", "max_rounds", "budget_s", "min_round_s", "target_ci_rel", "processes", "pin",
-               "passes")
+               "passes", "contended_retries")
 RUN_KEYS = ("description", "dataset_size", "finetune_samples", "finetune_control", "per_layer_timing",
             "cell_timeout_s", "fold_bn")
 
@@ -138,6 +138,11 @@ def parse_matrix(data: dict, *, registries: dict | None = None, source: str = "<
                                or timing["passes"] < 1):
         raise MatrixError(f"{source}: [timing] passes must be a whole number >= 1 (1: every process of a cell "
                           f"when it runs), not {timing['passes']!r}")
+    if "contended_retries" in timing and (isinstance(timing["contended_retries"], bool)
+                                          or not isinstance(timing["contended_retries"], int)
+                                          or timing["contended_retries"] < 0):
+        raise MatrixError(f"{source}: [timing] contended_retries must be a whole number >= 0 (0: keep a contended "
+                          f"process and flag the row busy), not {timing['contended_retries']!r}")
     if "pin" in timing and not isinstance(timing["pin"], bool):
         raise MatrixError(f"{source}: [timing] pin must be true or false, not {timing['pin']!r}")
     run = data.get("run", {})

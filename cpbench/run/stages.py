@@ -436,7 +436,8 @@ def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, ba
                 xin = torch.randn(*shapes[n], generator=torch.Generator().manual_seed(cell.seed))
                 pairs.append((n, base.convs[n], compressed.replacements[n].eval(), xin, layer_budget))
         intervals, runs, extra = measure_pairs(backend, pairs, threads=cell.threads, processes=processes, pin=pin,
-                                               require_quiet_s=ctx.require_quiet_s)
+                                               require_quiet_s=ctx.require_quiet_s,
+                                               contended_retries=ctx.timing.get("contended_retries"))
     return Measurement(allocator, intervals, runs, extra["backend_info"], threads_set, extra["noise"],
                        extra.get("quiet_wait"), list(base.layers) if ctx.per_layer_timing else None)
 

@@ -7,7 +7,7 @@ import torch
 from cpbench.measure import workers
 from cpbench.measure.canary import CONTENDED_RATIO, CanaryReference, canary_ms, contention_now
 from cpbench.measure.timing import TimingBudget
-from cpbench.measure.workers import CONTENDED_RETRIES, CONTENDED_WAIT_S, PairSpec, time_in_processes
+from cpbench.measure.workers import CONTENDED_WAIT_S, PairSpec, time_in_processes
 from cpbench.plugin.manager import get_plugins
 
 TINY = TimingBudget(warmup=1, min_rounds=5, max_rounds=20, budget_s=0.2, min_round_s=0.0005)
@@ -58,7 +58,7 @@ class QuietSampler:
         return None
 
 
-def _time(monkeypatch, tmp_path, canaries, processes=3):
+def _time(monkeypatch, tmp_path, canaries, processes=3, retries=2):
     server = FakeServer(canaries)
     monkeypatch.setattr(workers, "_server", lambda: server)
     ref = CanaryReference(tmp_path / "c.json", "k")
@@ -66,7 +66,8 @@ def _time(monkeypatch, tmp_path, canaries, processes=3):
     sleeps = []
     conv = torch.nn.Conv2d(4, 4, 3).eval()
     runs = time_in_processes(get_plugins().backends.get("torch-cpu"), [PairSpec("m", conv, conv, torch.randn(1, 4, 6, 6), TINY)],
-                             threads=1, processes=processes, sampler=QuietSampler, canary_reference=ref, sleep=sleeps.append)
+                             threads=1, processes=processes, sampler=QuietSampler, canary_reference=ref, sleep=sleeps.append,
+                             contended_retries=retries)
     return runs, sleeps, server
 
 
@@ -80,7 +81,7 @@ def test_a_worker_timed_in_a_contention_episode_is_set_aside_and_another_timed(m
 
 def test_contention_that_outlasts_the_retries_is_kept_and_marked_busy(monkeypatch, tmp_path):
     runs, sleeps, server = _time(monkeypatch, tmp_path, [1.5])
-    assert len(sleeps) == CONTENDED_RETRIES and len(runs) == 3
+    assert len(sleeps) == 2 and len(runs) == 3
     assert all(r.noise["busy"] and r.noise["canary_ratio"] > CONTENDED_RATIO for r in runs)
     assert any("host contention" in reason for reason in runs[0].noise["reasons"])
 
@@ -101,7 +102,7 @@ def _no_standing_contention():
 
 def test_standing_contention_stops_the_retries_until_a_quiet_process(monkeypatch, tmp_path):
     _, sleeps, _ = _time(monkeypatch, tmp_path, [1.5])  # retries run out: a standing state, not an episode
-    assert len(sleeps) == CONTENDED_RETRIES and 1 in workers._STANDING
+    assert len(sleeps) == 2 and 1 in workers._STANDING
     runs, sleeps, server = _time(monkeypatch, tmp_path, [1.5])  # the next cell keeps its processes at once
     assert sleeps == [] and server.calls == 3
     assert all(r.noise["busy"] and r.noise["contention_standing"] for r in runs)
@@ -119,3 +120,28 @@ def test_contention_now_times_at_the_asked_threads_and_joins_the_window():
     second = contention_now(1, ref=ref, samples=1)
     assert second["window"] == 1 and second["canary_ratio"] == pytest.approx(second["canary_ms"] / first["canary_ms"])
     assert torch.get_num_threads() == before
+
+
+def test_by_default_a_contended_process_is_kept_at_once_and_flags_the_row(monkeypatch, tmp_path):
+    runs, sleeps, server = _time(monkeypatch, tmp_path, [1.0, 1.5, 1.0], retries=None)
+    assert workers.CONTENDED_RETRIES == 0 and sleeps == [] and server.calls == 3
+    assert [bool(r.noise.get("busy")) for r in runs] == [False, True, False]
+    assert "contended_set_aside" not in runs[-1].noise
+
+
+def test_the_matrix_sets_the_retries_and_rejects_bad_ones(monkeypatch, tmp_path):
+    from cpbench.errors import CpbenchError
+    from cpbench.measure import cell_timing
+    from cpbench.run.matrix import parse_matrix
+
+    seen = {}
+    monkeypatch.setattr(cell_timing, "time_in_processes", lambda *a, **kw: seen.update(kw) or [])
+    cell_timing.measure_pairs(get_plugins().backends.get("torch-cpu"), [], threads=1, processes=3, contended_retries=2)
+    assert seen["contended_retries"] == 2
+    def matrix(retries):
+        return {"matrix": {"model": ["charnet"], "decomposer": ["cp-nls"], "rank": [4]}, "timing": {"contended_retries": retries}}
+
+    assert parse_matrix(matrix(3)).timing["contended_retries"] == 3
+    for bad in (-1, 1.5, True):
+        with pytest.raises(CpbenchError, match="contended_retries must be a whole number >= 0"):
+            parse_matrix(matrix(bad))
