@@ -569,18 +569,24 @@ class Tuner:
         kept plan's row and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts
         (``known`` for the next target)."""
         finished: dict[tuple, Attempt] = {}
+        last: list[Attempt] = []
 
         def attempt(t: float) -> Attempt:
-            if t != target:
-                self.step(f"target {target:g}x lost more than {self.request.max_drop:g} points: "
-                          f"trying a slower plan, searched at {t:.2f}x")
+            if last:  # say why this round runs: the bisection goes down after a loss, up after a hold
+                held = last[-1].drop is not None and last[-1].drop <= self.request.max_drop
+                self.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
+                          + (f"held {self.request.max_drop:g} points; trying a faster one" if held else
+                             f"lost more than {self.request.max_drop:g} points; trying a slower one")
+                          + f", searched at {t:.2f}x")
             outcome = self.plan(prepared, t, batch)
             key = tuple(sorted(outcome.selection.labels().items()))
             if key in finished:
-                return replace(finished[key], target=t)
+                last.append(replace(finished[key], target=t))
+                return last[-1]
             row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
             finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
+            last.append(finished[key])
             return finished[key]
 
         kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known)
