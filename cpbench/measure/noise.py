@@ -279,10 +279,12 @@ def machine_report(window_s: float = 3.0, *, host: Callable[[], dict] | None = N
     _add_contention(summary, canary.get("canary_ratio"))
     facts = static_noise_facts()
     advice = []
-    if canary.get("canary_ratio") is not None and summary["reasons"] and summary["reasons"][-1].startswith("host contention"):
+    from .canary import contention_reason
+
+    if contention_reason(canary.get("canary_ratio")):
         advice.append("the host's other tenants are slowing this VM though nothing in it shows: cells timed now "
-                      "set contended processes aside and are flagged busy; wait for a quiet spell "
-                      "(--require-quiet SECONDS waits for one) or time on a dedicated host")
+                      "are flagged busy; wait for a quiet spell (--require-quiet SECONDS waits for one) or time "
+                      "on a dedicated host")
     if summary.get("other_runnable_mean") and summary["other_runnable_mean"] >= BUSY_OTHER_RUNNABLE:
         advice.append("other jobs are running: wait for them, or pass --require-quiet SECONDS to `cpbench run` "
                       "(it waits for a quiet machine and flags cells measured on a busy one)")

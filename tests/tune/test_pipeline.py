@@ -67,8 +67,12 @@ def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
 
 def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_loss(tmp_path, capsys):
     ctx = RunContext(cache_dir=str(tmp_path / "cache"))
-    run = run_tune(_request(targets=(3.0,), max_drop=0.0, drop_rounds=2), tmp_path / "out", ctx=ctx, timer=ParamTimer())
+    steps: list[str] = []
+    run = run_tune(_request(targets=(3.0,), max_drop=0.0, drop_rounds=2), tmp_path / "out", ctx=ctx, timer=ParamTimer(),
+                   step=steps.append)
     row = run.rows[0]
+    why = [s for s in steps if s.startswith("target 3x: the plan searched at")]
+    assert len(why) == 2 and all("lost more than 0 points; trying a slower one" in s for s in why)  # nothing held 0
     tried = row["tune"]["drop_rounds"]
     assert [t["searched_target"] for t in tried][0] == 3.0 and len(tried) == 3 == row["tune_drop_rounds"] + 1
     assert all(1.0 < t["searched_target"] < 3.0 for t in tried[1:])  # slower plans, searched below the target
