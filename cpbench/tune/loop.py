@@ -12,6 +12,14 @@ rounds:
 * without it, or when that search returns a plan already measured: the budget is multiplied by
   ``measured / target`` (a plan already measured is tightened again without timing it twice).
 
+The other way too, with ``recalibrate``: a plan measured more than :data:`OVERSHOOT` above the target,
+its whole interval above it, overshoots it, which costs accuracy the target did not ask for (measured on the
+character network at batch 1: plans searched for 8x and 10x measured 9.8x and 12.0x, the model
+pessimistic by 18%). The model is refitted to it and the search runs again at the target's budget; a
+new plan is measured, within the same ``max_rounds``. Of the measured plans that meet the target the
+one of least predicted loss (the search's own objective) is kept, so loosening never returns a plan
+that misses when one that meets was measured.
+
 The accuracy side, :func:`hold_drop`: a verified plan is fine-tuned, and when it loses more than the
 allowed drop the tuner steps back to slower plans, bisecting the searched target in log-speed between
 the highest target whose plan held the drop (the base network, 1x, at first) and the lowest whose plan
@@ -31,7 +39,7 @@ from typing import Any
 from .search import Selection, TargetUnreachable
 
 __all__ = ["Measured", "Round", "TuneOutcome", "tighten_loop", "DEFAULT_ROUNDS", "Attempt", "hold_drop",
-           "DEFAULT_DROP_ROUNDS"]
+           "DEFAULT_DROP_ROUNDS", "OVERSHOOT"]
 
 DEFAULT_ROUNDS = 3
 #: Fine-tuned plans a target may try after the first one lost more than ``--max-drop`` (each costs a
@@ -39,6 +47,12 @@ DEFAULT_ROUNDS = 3
 DEFAULT_DROP_ROUNDS = 2
 _MIN_BRACKET = 1.05  # stop stepping back when the bracket's ends are within 5% of each other
 _MAX_SILENT_TIGHTENINGS = 20  # re-searches per round that found an already measured plan
+#: A plan measured more than ``OVERSHOOT x target``, with its whole interval above the target,
+#: overshoots it: the model was pessimistic by more than the 10% a prediction is held to (issue #23),
+#: so a refitted search is likely to find a slower plan of less loss that still meets it. The point,
+#: not the interval's lower end, is held to the 10%: the whole-network intervals here are +-10-15%
+#: wide on a contended host, and a lower end 10% above the target would almost never be seen.
+OVERSHOOT = 1.10
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,15 @@ def misses(m: Measured, target: float) -> bool:
     return m.speedup_ci[1] < target
 
 
+def overshoots(m: Measured, target: float) -> bool:
+    """The measured speedup is above the target by more than :data:`OVERSHOOT`, its interval wholly above."""
+    return m.speedup > OVERSHOOT * target and m.speedup_ci[0] > target
+
+
+def _key(selection: Selection) -> tuple:
+    return tuple(sorted(selection.labels().items()))
+
+
 def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Selection], Measured],
                  target: float, *, max_rounds: int = DEFAULT_ROUNDS,
                  recalibrate: Callable[[Selection, Measured], None] | None = None) -> TuneOutcome:
@@ -88,32 +111,52 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
     tried: dict[tuple, Measured] = {}
     rounds: list[Round] = []
     best: tuple[Selection, Measured] | None = None
+    met: list[tuple[Selection, Measured]] = []  # the measured plans that meet the target
+
+    def outcome(stopped: str) -> TuneOutcome:
+        if met:  # the least predicted loss among those that meet; of equal loss the faster
+            sel, mm = min(met, key=lambda t: (t[0].loss, -t[1].speedup))
+            return TuneOutcome(sel, mm, rounds, met=True, stopped="met")
+        assert best is not None
+        return TuneOutcome(*best, rounds, met=False, stopped=stopped)
+
     while True:
         m = measure(selection)
-        tried[tuple(sorted(selection.labels().items()))] = m
+        tried[_key(selection)] = m
         rounds.append(Round(budget, selection.labels(), selection.predicted_speedup, m.speedup, m.speedup_ci))
         if best is None or m.speedup > best[1].speedup:
             best = (selection, m)
         if not misses(m, target):
-            return TuneOutcome(selection, m, rounds, met=True, stopped="met")
+            met.append((selection, m))
+            if recalibrate is None or not overshoots(m, target) or len(rounds) >= max_rounds:
+                return outcome("met")
+            recalibrate(selection, m)  # overshot: the refitted model looks for a slower plan of less loss
+            budget = 1.0 / target
+            try:
+                selection = search(budget)
+            except TargetUnreachable:
+                return outcome("met")
+            if _key(selection) in tried:
+                return outcome("met")
+            continue
         if len(rounds) >= max_rounds:
-            return TuneOutcome(*best, rounds, met=False, stopped="max-rounds")
+            return outcome("max-rounds")
         try:
             if recalibrate is not None:
                 recalibrate(selection, m)
                 budget = 1.0 / target
                 selection = search(budget)
-                if tuple(sorted(selection.labels().items())) not in tried:
+                if _key(selection) not in tried:
                     continue
             for _ in range(_MAX_SILENT_TIGHTENINGS):
                 budget *= m.speedup / target
                 selection = search(budget)
-                if tuple(sorted(selection.labels().items())) not in tried:
+                if _key(selection) not in tried:
                     break
             else:
-                return TuneOutcome(*best, rounds, met=False, stopped="unreachable")
+                return outcome("unreachable")
         except TargetUnreachable:
-            return TuneOutcome(*best, rounds, met=False, stopped="unreachable")
+            return outcome("unreachable")
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,69 @@ def test_a_bracket_narrower_than_five_percent_stops_the_steps():
     ft = FakeFineTune(0.5)
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[(8.8, 0.5)])
     assert len(tried) == 1 and kept.target == 9.0  # nothing between 8.8x and 9x is worth a fine-tuning
+
+
+# -- an overshoot: the model was pessimistic, the plan faster than the target asked ------------
+
+def _calibrated_search(state):
+    def search_(budget):  # costs as the model currently believes them
+        opts = {"conv": [Option(o.candidate, o.cost * state["scale"], o.loss) for o in OPTIONS["conv"]]}
+        return search(opts, 0.1, budget)
+    return search_
+
+
+def _refit(state, refits):
+    def refit(sel, m):
+        raw = 0.1 + (sel.cost - 0.1) / state["scale"]
+        state["scale"] = (1 / m.speedup - 0.1) / (raw - 0.1)
+        refits.append(state["scale"])
+    return refit
+
+
+def _truth(state, realised, ci=0.01):
+    def measure(sel):  # every layer cost is 1/realised of what the uncalibrated model says
+        s = 1 / (0.1 + (sel.cost - 0.1) / state["scale"] / realised)
+        return Measured(s, ((1 - ci) * s, (1 + ci) * s))
+    return measure
+
+
+def test_an_overshoot_refits_the_model_and_keeps_the_slower_plan_of_less_loss():
+    state, refits = {"scale": 1.0}, []
+    out = tighten_loop(_calibrated_search(state), _truth(state, 1.4), 4.0, recalibrate=_refit(state, refits))
+    assert out.met and len(out.rounds) == 2 and refits == [pytest.approx(1 / 1.4)]
+    first, second = out.rounds
+    assert first.speedup > 1.1 * 4.0  # overshot: the pessimistic model's plan measured well above 4x
+    assert 4.0 * 0.99 <= second.speedup < first.speedup
+    assert second.predicted_speedup == pytest.approx(second.speedup)  # the refitted model is right
+    assert out.selection.labels() == second.plan and out.selection.loss < search(OPTIONS, 0.1, 0.25).loss
+
+
+def test_without_a_refit_or_within_the_margin_an_overshoot_is_kept():
+    assert len(tighten_loop(_search, FakeTimer(1.4), 4.0).rounds) == 1  # nothing to correct the model with
+    state = {"scale": 1.0}
+    out = tighten_loop(_calibrated_search(state), _truth(state, 1.05), 4.0, recalibrate=_refit(state, []))
+    assert len(out.rounds) == 1 and out.met  # 5% fast: inside the margin a prediction is held to
+
+
+def test_a_loosened_plan_that_misses_falls_back_to_the_plan_that_met():
+    """The truth is not what the refit assumes (the slower plan is slower still): the loop measures it,
+    finds the miss, and keeps the measured plan that met the target rather than report a miss."""
+    state, calls = {"scale": 1.0}, []
+
+    def measure(sel):
+        k = sel.labels()["conv"]
+        calls.append(k)
+        s = 6.0 if len(calls) == 1 else 3.0  # the first plan overshoots, every later one misses
+        return Measured(s, (0.99 * s, 1.01 * s))
+
+    out = tighten_loop(_calibrated_search(state), measure, 4.0, recalibrate=_refit(state, []), max_rounds=3)
+    assert out.met and out.stopped == "met" and out.measured.speedup == 6.0
+    assert out.selection.labels()["conv"] == calls[0] and len(out.rounds) >= 2
+    assert len(set(calls)) == len(calls)  # no plan timed twice
+
+
+def test_an_overshoot_is_more_than_ten_percent_with_the_whole_interval_above():
+    from cpbench.tune.loop import overshoots
+    assert overshoots(Measured(10.0, (8.7, 12.1)), 8.0)
+    assert not overshoots(Measured(8.7, (8.1, 9.4)), 8.0)  # within 10% of the target
+    assert not overshoots(Measured(10.0, (7.9, 12.1)), 8.0)  # the interval reaches below it

@@ -288,3 +288,25 @@ def test_cli_calibrates_unless_told_not_to():
     parser = cli_tune.add_tune_parser(argparse.ArgumentParser().add_subparsers())
     assert cli_tune.request_from_args(parser.parse_args(["charnet"])).calibrate is True
     assert cli_tune.request_from_args(parser.parse_args(["charnet", "--no-calibrate"])).calibrate is False
+
+
+def test_a_later_target_starts_from_the_model_refitted_to_the_nearest_verified_plan(tmp_path):
+    """Once a whole network is verified, the next target's first search uses the model refitted to the
+    verified plan nearest it in speed, not the factor fitted at the fastest plan far away."""
+    from cpbench.tune.pipeline import Tuner, nearest_verified
+
+    tuner = Tuner(_request(), ctx=RunContext(cache_dir=str(tmp_path / "cache")), timer=InPlaceTimer(1.5))
+    prepared = tuner.prepare(budgets=[0.5, 1 / 1.8])
+    first = tuner.plan(prepared, 2.0)
+    assert tuner.verified[1][: len(first.rounds)] == [(r.plan, r.speedup) for r in first.rounds]
+    assert not any(c.get("from") for c in tuner.calibration_log)
+    second = tuner.plan(prepared, 1.8)
+    assert tuner.calibration_log[0]["from"] == "an earlier verified plan"
+
+    def miss(r):
+        return abs(r.predicted_speedup / r.speedup - 1)
+    assert miss(second.rounds[0]) < miss(first.rounds[0])
+    assert nearest_verified([], 2.0) is None
+    assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 7.0) == ({"a": "y"}, 9.0)
+    assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 5.5)[1] == 4.0  # log-speed: 5.5/4 < 9/5.5
+    assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 6.0)[1] == 9.0  # equally near: the later
