@@ -18,6 +18,17 @@ A plan's predicted cost, as a fraction of the baseline network's latency, is
 saving ``share_l − share_l / speedup_l`` is scaled by one measured factor (:func:`savings_calibration`):
 the baseline against the whole network with every layer at its fastest candidate, timed once (a third
 kind of entry), so that the fastest plan's prediction is its measurement and the baseline's stays 1.
+The verify loop refits the factor to each plan it measures (:mod:`cpbench.tune.loop`).
+
+How far layers alone are from layers in place, measured on the character network at batch 1 (mkl, one
+thread; each layer stubbed out of the network against the network, beside the layer alone): the
+original conv1 costs 2.2-2.9x in place what it costs alone, conv3 1.3x, conv2 0.9-1.1x; in the 10x plan
+the compressed layers cost 1.2-1.45x in place what they cost alone, in the fastest plan 0.45-1.1x (there
+the ~10 us a call costs alone through a backend, timed against a stub, is most of their time). No one
+factor per layer or per plan fits all of these, and the whole network timed twice back to back, four
+processes each, measured 8.68x and 9.72x for one plan: the prediction is refitted near where plans are
+chosen rather than modelled further (a model with the candidates' in-place costs measured inside the
+fastest plan mispredicted by +8 to +15%, no better).
 
 Entries are keyed by the machine (CPU, cores, torch), the backend, threads, the input shape (batch
 included), the layer's geometry and the candidate (method, rank, options) — not by weights, which do
