@@ -560,15 +560,17 @@ class Tuner:
         verified = self.verified.setdefault(batch, [])
         current = [prepared]
         near = nearest_verified(verified, target) if self.request.calibrate else None
+
+        def refit_to(labels: dict[str, str], speedup: float, **note: str) -> None:
+            current[0] = recalibrated(prepared, labels, speedup)
+            self.calibration_log.append({"plan": dict(labels), "speedup": speedup,
+                                         "factor": current[0].calibration["factor"], **note})
+
         if near is not None:
-            current[0] = recalibrated(prepared, near[0], near[1])
-            self.calibration_log.append({"plan": dict(near[0]), "speedup": near[1], "factor": current[0].calibration["factor"],
-                                         "from": "an earlier verified plan"})
+            refit_to(*near, **{"from": "an earlier verified plan"})
 
         def refit(sel: Selection, m: Measured) -> None:
-            current[0] = recalibrated(prepared, sel.labels(), m.speedup)
-            self.calibration_log.append({"plan": sel.labels(), "speedup": m.speedup,
-                                         "factor": current[0].calibration["factor"]})
+            refit_to(sel.labels(), m.speedup)
 
         def measure(sel: Selection) -> Measured:
             m = self.measure(sel, batch)
