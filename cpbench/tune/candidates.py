@@ -15,7 +15,7 @@ from ..nn.flops import conv_macs
 from ..nn.layers import ConvGeometry
 from ..decomposition.ranks import _candidates, _largest
 
-__all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates"]
+__all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates", "between"]
 
 KEEP = "keep"  # the method name of "leave the layer as it is"
 
@@ -114,4 +114,26 @@ def layer_candidates(layer: str, decomposers: list[Any], weight_shape: tuple[int
         for rank, s in rank_grid(dec, weight_shape, geo, in_hw, speedups, (options or {}).get(dec.name)):
             if math.isfinite(s):
                 out.append(Candidate(layer, dec.name, rank, s))
+    return out
+
+
+def between(held: Candidate, lost: Candidate, decomposers: dict[str, Any], weight_shape: tuple[int, ...],
+            geo: ConvGeometry, in_hw: tuple[int, int]) -> list[Candidate]:
+    """Candidates of one layer midway between the choice of a plan that held the accuracy drop
+    (``held``) and the choice of a faster one that lost it (``lost``): for the method of each of the two
+    that is not :func:`keep`, the rank at the geometric mean of their theoretical speedups (keep: 1),
+    when it lies strictly between them. ``decomposers``: by name. A grid spaced for the whole span of
+    speedups is coarse where a tune's answer lies: the character network's conv2 had cp-nls ranks 66
+    and 27 and nothing between, so a plan that held 1 point at 10.1x and one that lost it at 11.3x left
+    nothing to search between them."""
+    lo, hi = sorted((held.theoretical_speedup, lost.theoretical_speedup))
+    if hi / lo < 1.05:
+        return []
+    mid = math.sqrt(lo * hi)
+    out: list[Candidate] = []
+    for method in dict.fromkeys(c.method for c in (held, lost) if not c.is_keep):
+        for rank, s in rank_grid(decomposers[method], weight_shape, geo, in_hw, [mid]):
+            c = Candidate(held.layer, method, rank, s)
+            if lo < s < hi and math.isfinite(s) and c.label not in (held.label, lost.label):
+                out.append(c)
     return out

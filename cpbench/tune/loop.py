@@ -21,11 +21,15 @@ one of least predicted loss (the search's own objective) is kept, so loosening n
 that misses when one that meets was measured.
 
 The accuracy side, :func:`hold_drop`: a verified plan is fine-tuned, and when it loses more than the
-allowed drop the tuner steps back to slower plans, bisecting the searched target in log-speed between
-the highest target whose plan held the drop (the base network, 1x, at first) and the lowest whose plan
-did not, for a bounded number of rounds; the plan of the highest measured speedup that holds the drop is
-kept. The bisection runs on the searched target, the knob the tuner turns, not on measured speedups,
-which scatter around it.
+allowed drop the tuner steps back to slower plans, bisecting in log-speed between the fastest measured
+plan that held the drop (the base network, 1x, at first) and the slowest measured plan that did not, for
+a bounded number of rounds; the plan of the highest measured speedup that holds the drop is kept. The
+bracket's ends are the plans' *measured* speedups, not the targets they were searched at: a plan searched
+at 9.7x that measured 10.1x shows 10.1x holds, and one searched at 10x that measured 11.3x lost at 11.3x
+(both measured on the character network), so bisecting the searched targets (9.7 to 10) searched again
+where the held plan already was, and never looked between 10.1x and 11.3x. Each step's search starts
+from the model refitted to the verified plan nearest its target, so a searched target and the speed its
+plan measures agree to the prediction's accuracy.
 
 Pure: the search, the measurement and the refit are passed in, so the loop runs in tests on a fake timer.
 """
@@ -173,10 +177,10 @@ class Attempt:
 
 
 def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: float, *, rounds: int = DEFAULT_DROP_ROUNDS,
-              known: Sequence[tuple[float, float]] = ()) -> tuple[Attempt, list[Attempt]]:
+              known: Sequence[Attempt] = ()) -> tuple[Attempt, list[Attempt]]:
     """Try ``target``; while the fine-tuned plan loses more than ``max_drop``, step back (see the module
-    docstring) at most ``rounds`` times. ``known``: ``(searched target, drop)`` of plans already
-    fine-tuned in the same tune (other targets), which narrow the bracket from the start.
+    docstring) at most ``rounds`` times. ``known``: the attempts already fine-tuned in the same tune
+    (other targets), which narrow the bracket from the start.
 
     Returns the kept attempt — the fastest that holds the drop, or, when none does, the one that lost
     least — and every attempt in order."""
@@ -184,17 +188,15 @@ def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: floa
     tried = [first]
     if first.drop is None or first.holds(max_drop):
         return first, tried
-    lo = max((t for t, d in known if d <= max_drop + 1e-9 and t < target), default=1.0)
-    hi = min([target] + [t for t, d in known if d > max_drop + 1e-9 and t > lo])
+    seen = [a for a in known if a.drop is not None]
     for _ in range(rounds):
+        held = [a.speedup for a in seen + tried if a.holds(max_drop)]
+        lo = max(held, default=1.0)
+        hi = min([a.speedup for a in seen + tried if not a.holds(max_drop) and a.speedup > lo] or [max(target, lo)])
         if hi / lo < _MIN_BRACKET:
             break
         a = attempt(math.sqrt(lo * hi))
         tried.append(a)
-        if a.holds(max_drop):
-            lo = a.target
-        else:
-            hi = a.target
     within = [a for a in tried if a.holds(max_drop)]
     kept = max(within, key=lambda a: a.speedup) if within else min(tried, key=lambda a: math.inf if a.drop is None else a.drop)
     return kept, tried

@@ -37,7 +37,7 @@ from ..decomposition.decomposer import CPDecomposer
 from ..errors import UsageError
 from ..nn.layers import geometry
 from ..measure.timing import TimingBudget
-from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, layer_candidates, speedup_grid
+from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, between, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, calibrated, predicted_cost, savings_calibration
 from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS, Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
@@ -231,6 +231,9 @@ class Tuner:
         # every whole network verified in this tune, per batch: (plan labels, measured speedup); a
         # target's search starts from the model refitted to the one nearest it (plan)
         self.verified: dict[int, list[tuple[dict[str, str], float]]] = {}
+        # every plan fine-tuned in this tune, per batch: (plan labels, measured speedup, drop); a drop
+        # round whose search finds only plans already fine-tuned refines the grid between them (refine)
+        self.finetuned: dict[int, list[tuple[dict[str, str], float, float | None]]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
@@ -580,15 +583,20 @@ class Tuner:
         return tighten_loop(lambda budget: self.joint_search(current[0], budget), measure, target,
                             max_rounds=self.request.max_rounds, recalibrate=refit if self.request.calibrate else None)
 
-    def tune_target(self, prepared: Prepared, target: float, *, known: Sequence[tuple[float, float]] = (),
+    def tune_target(self, prepared: Prepared, target: float, *, known: Sequence[Attempt] = (),
                     started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
         """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
         more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
-        ``request.drop_rounds``; a search that returns a plan already fine-tuned reuses it). Returns the
-        kept plan's row and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts
-        (``known`` for the next target)."""
+        ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
+        refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
+        and the search runs again; a plan still already fine-tuned is reused. Returns the kept plan's row
+        and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts (``known`` for
+        the next target)."""
+        batch = batch or self.request.batch
         finished: dict[tuple, Attempt] = {}
         last: list[Attempt] = []
+        done = self.finetuned.setdefault(batch, [])
+        refined: list[str] = []
 
         def attempt(t: float) -> Attempt:
             if last:  # say why this round runs: the bisection goes down after a loss, up after a hold
@@ -599,12 +607,20 @@ class Tuner:
                           + f", searched at {t:.2f}x")
             outcome = self.plan(prepared, t, batch)
             key = tuple(sorted(outcome.selection.labels().items()))
+            if last and _fine_tuned(done, key):
+                ends = _bracket(done, self.request.max_drop)
+                added = self.refine(prepared, *ends, batch) if ends else []
+                if added:
+                    refined.extend(added)
+                    outcome = self.plan(prepared, t, batch)
+                    key = tuple(sorted(outcome.selection.labels().items()))
             if key in finished:
                 last.append(replace(finished[key], target=t))
                 return last[-1]
             row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
             finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
+            done.append((dict(key), row["speedup"], row.get("accuracy_drop")))
             last.append(finished[key])
             return finished[key]
 
@@ -614,7 +630,39 @@ class Tuner:
         row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
                                        "speedup": a.speedup, "speedup_ci": a.payload[0].get("speedup_ci"),
                                        "accuracy_drop": a.drop, "kept": a is kept} for a in tried]
+        row["tune"]["refined"] = refined
         return row, plan, tried
+
+    def refine(self, prepared: Prepared, held: dict[str, str], lost: dict[str, str], batch: int) -> list[str]:
+        """Candidates midway between the plan ``held`` (it held the drop) and the faster plan ``lost``
+        (it lost it), on every layer where they differ (:func:`~cpbench.tune.candidates.between`): each
+        timed alone and scored as the grid's are, and added to ``prepared`` in place, so every later
+        search of this tune can choose them. Returns ``"layer label"`` of each added."""
+        shapes = self.layer_shapes(batch)
+        by_name = {d.name: d for d in self.decomposers}
+        added: dict[str, list[Candidate]] = {}
+        for n in prepared.layers:
+            have = {o.candidate.label: o.candidate for o in prepared.options[n]}
+            h, lo = held.get(n, KEEP), lost.get(n, KEEP)
+            if h == lo or h not in have or lo not in have:
+                continue
+            conv = self.conv(n)
+            for c in between(have[h], have[lo], by_name, tuple(conv.weight.shape), geometry(conv), shapes[n][-2:]):
+                if c.label in have:
+                    continue
+                self.step(f"timing {n} {c.label}, between {h} and {lo} (a drop round refines the grid)")
+                t = self.latency_table.layer_speedup(c, conv, shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
+                                                     structure=self._structure(c))
+                prepared.timed[_cand_key(c)] = t
+                if t.speedup > 1.0:
+                    added.setdefault(n, []).append(c)
+                else:
+                    prepared.dropped.setdefault(n, []).append(c.label)
+        losses = self.sensitivities(added, self.layer_shapes(1))
+        for n, cs in added.items():
+            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], prepared.calibration["factor"]),
+                                           losses[_cand_key(c)]) for c in cs]
+        return [f"{n} {c.label}" for n, cs in added.items() for c in cs]
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
@@ -719,6 +767,24 @@ class Tuner:
                     rank=cand.rank, backend=self.request.backend, threads=self.request.threads, batch=1,
                     finetune_epochs=0, seed=self.request.seed)
         return stages.compress(one, self.decomposer(cand.method), cell, self.ctx)
+
+
+def _fine_tuned(done: Sequence[tuple[dict[str, str], float, float | None]], key: tuple) -> bool:
+    return any(tuple(sorted(labels.items())) == key for labels, _, _ in done)
+
+
+def _bracket(done: Sequence[tuple[dict[str, str], float, float | None]], max_drop: float
+             ) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The fine-tuned plans around the answer: the fastest that held ``max_drop`` (none: the base
+    network, every layer kept) and the slowest faster one that lost it; None when no plan lost."""
+    def holds(d: float | None) -> bool:
+        return d is not None and d <= max_drop + 1e-9
+
+    held = max(((labels, s) for labels, s, d in done if holds(d)), key=lambda v: v[1], default=({}, 1.0))
+    lost = [(labels, s) for labels, s, d in done if d is not None and not holds(d) and s > held[1]]
+    if not lost:
+        return None
+    return held[0], min(lost, key=lambda v: v[1])[0]
 
 
 def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:

@@ -45,3 +45,21 @@ def test_layer_candidates_start_with_keep_and_cover_each_decomposer():
 def test_bad_grid():
     with pytest.raises(cpbench.UsageError):
         speedup_grid(0.5, 4)
+
+
+def test_between_is_the_rank_at_the_geometric_mean_of_two_choices_when_it_lies_strictly_between():
+    from cpbench.tune.candidates import Candidate, between, keep
+
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    dec = cpbench.get_plugins().decomposers.get("spatial-svd")
+    args = ({"spatial-svd": dec}, tuple(conv.weight.shape), geometry(conv), (8, 8))
+    grid = dict((r, s) for r, s in rank_grid(dec, *args[1:], speedup_grid(1.5, 16.0, 4)))
+    assert 5 in grid and 2 in grid and 3 not in grid  # the grid steps over rank 3
+    held, lost = (Candidate("conv", "spatial-svd", r, grid[r]) for r in (5, 2))
+    (mid,) = between(held, lost, *args)
+    assert mid.rank == 3 and grid[5] < mid.theoretical_speedup < grid[2]
+    assert between(lost, held, *args) == [mid]  # the order of the two does not matter
+    near = Candidate("conv", "spatial-svd", 4, grid[4])
+    assert between(held, near, *args) == []  # 3.2x and 4x: nothing strictly between worth a candidate
+    (from_keep,) = between(keep("conv"), lost, *args)  # a layer kept whole in the plan that held
+    assert from_keep.method == "spatial-svd" and 1.0 < from_keep.theoretical_speedup < grid[2]

@@ -130,8 +130,27 @@ def test_when_nothing_holds_the_least_loss_is_kept_and_the_rounds_are_bounded():
 
 def test_known_plans_of_other_targets_narrow_the_bracket():
     ft = FakeFineTune(0.5)
-    hold_drop(ft, 9.0, 1.0, rounds=1, known=[(2.5, 0.75), (6.0, 2.5)])
+    hold_drop(ft, 9.0, 1.0, rounds=1, known=[Attempt(2.5, 2.5, 0.75), Attempt(6.0, 6.0, 2.5)])
     assert ft.calls[1] == pytest.approx((2.5 * 6.0) ** 0.5)  # between the fastest held and slowest failed
+
+
+def test_the_bracket_is_the_measured_speedups_not_the_searched_targets():
+    """A plan searched at t measures 1.1 t: what held (or lost) is the measured speed, so the next step
+    searches between the measured ends (on the character network a plan searched at 9.7x measured 10.1x
+    and held; one searched at 10x measured 11.3x and lost)."""
+    calls = []
+
+    def ft(t):
+        calls.append(t)
+        s = 1.1 * t
+        return Attempt(t, s, 0.3 * (s - 1))  # holds 1 point up to 4.3x measured
+
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=2, known=[Attempt(2.0, 2.2, 0.6)])
+    assert calls[1] == pytest.approx((2.2 * 9.9) ** 0.5)  # [2.2 measured held, 9.9 measured lost]
+    lo = max([2.2] + [a.speedup for a in tried[:2] if a.holds(1.0)])
+    hi = min(a.speedup for a in tried[:2] if not a.holds(1.0))
+    assert calls[2] == pytest.approx((lo * hi) ** 0.5)
+    assert kept is tried[2] and kept.holds(1.0)  # 5.13x lost, then 3.70x held: the fastest that held
 
 
 def test_without_an_accuracy_to_hold_the_first_plan_is_kept():
@@ -142,7 +161,7 @@ def test_without_an_accuracy_to_hold_the_first_plan_is_kept():
 
 def test_a_bracket_narrower_than_five_percent_stops_the_steps():
     ft = FakeFineTune(0.5)
-    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[(8.8, 0.5)])
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[Attempt(8.8, 8.8, 0.5)])
     assert len(tried) == 1 and kept.target == 9.0  # nothing between 8.8x and 9x is worth a fine-tuning
 
 

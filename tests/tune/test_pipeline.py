@@ -310,3 +310,37 @@ def test_a_later_target_starts_from_the_model_refitted_to_the_nearest_verified_p
     assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 7.0) == ({"a": "y"}, 9.0)
     assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 5.5)[1] == 4.0  # log-speed: 5.5/4 < 9/5.5
     assert nearest_verified([({"a": "x"}, 4.0), ({"a": "y"}, 9.0)], 6.0)[1] == 9.0  # equally near: the later
+
+
+def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_them(tmp_path, monkeypatch):
+    """Plans of spatial-svd rank 5 (2.7x) hold the drop, rank 2 (4.9x) loses it, and the grid has
+    nothing between: the step back searched between them finds rank 2 again, so the tuner adds the rank
+    midway (3), times and scores it, and fine-tunes that instead of reusing a plan it already has."""
+    from types import SimpleNamespace
+
+    from cpbench.tune.pipeline import Tuner, _bracket
+
+    tuner = Tuner(_request(decomposers=("spatial-svd",), max_drop=1.0, drop_rounds=3),
+                  ctx=RunContext(cache_dir=str(tmp_path / "cache")), timer=ParamTimer())
+    prepared = tuner.prepare(budgets=[1 / 2.0])  # the step backs search down to 2x
+    labels = {o.candidate.label for o in prepared.options["conv"]}
+    assert {"spatial-svd:5", "spatial-svd:2"} <= labels and "spatial-svd:3" not in labels
+    finished = []
+
+    def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):  # fine-tuning, faked
+        s = outcome.measured.speedup
+        finished.append(outcome.selection.labels()["conv"])
+        return {"speedup": s, "accuracy_drop": 0.5 if s < 4.0 else 5.0, "tune": {"plan": outcome.selection.labels()}}, \
+            SimpleNamespace(meta={})
+
+    monkeypatch.setattr(tuner, "finish", finish)
+    row, _, tried = tuner.tune_target(prepared, 4.0)
+    assert finished == ["spatial-svd:2", "spatial-svd:5", "spatial-svd:3"]
+    assert row["tune"]["refined"] == ["conv spatial-svd:3"] and row["tune"]["plan"] == {"conv": "spatial-svd:3"}
+    added = next(o for o in prepared.options["conv"] if o.candidate.label == "spatial-svd:3")
+    assert added.loss > 0 and "conv/spatial-svd:3" in prepared.timed  # timed and scored like the grid's
+    # the bracket: the fastest plan that held and the slowest faster one that lost
+    done = [({"a": "x"}, 2.0, 0.5), ({"a": "y"}, 5.0, 3.0), ({"a": "z"}, 4.0, 2.0), ({"a": "w"}, 3.0, None)]
+    assert _bracket(done, 1.0) == ({"a": "x"}, {"a": "z"})
+    assert _bracket([({"a": "x"}, 2.0, 0.5)], 1.0) is None  # nothing lost: nothing to refine
+    assert _bracket([({"a": "y"}, 5.0, 3.0)], 1.0) == ({}, {"a": "y"})  # nothing held: the base network
