@@ -195,6 +195,10 @@ class Prepared:
     dropped: dict[str, list[str]] = field(default_factory=dict)  # layer -> candidates slower than the layer
     # layer -> candidates no plan within the loosest budget can hold (their sensitivity never computed)
     out_of_reach: dict[str, list[str]] = field(default_factory=dict)
+    # those candidates, timed, held back: a drop round that searches below every target admits the
+    # ones its budget can hold (Tuner.admit); ``loosest`` is the budget they were out of reach of
+    reserve: dict[str, list[Candidate]] = field(default_factory=dict)
+    loosest: float = math.inf
     seconds: dict[str, float] = field(default_factory=dict)
     # the factor on every layer's saving (latency.savings_calibration), from the whole network timed
     # with every layer at its fastest candidate: {"factor", "plan", "predicted_speedup", "speedup", ...}
@@ -400,11 +404,13 @@ class Tuner:
         for b in sorted(budgets):  # the tightest first: the first to fail says the most
             check_reach({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
         out_of_reach: dict[str, list[str]] = {}
+        reserve: dict[str, list[Candidate]] = {}
+        loosest = max(budgets) if budgets else math.inf
         if budgets:
-            budget = max(budgets)
-            far = infeasible(costs, rest, budget)
+            far = infeasible(costs, rest, loosest)
             for n, idx in far.items():
-                out_of_reach[n] = [kept[n][i].label for i in idx]
+                reserve[n] = [kept[n][i] for i in idx]
+                out_of_reach[n] = [c.label for c in reserve[n]]
                 kept[n] = [c for i, c in enumerate(kept[n]) if i not in set(idx)]
         t0 = time.perf_counter()
         losses = self.sensitivities(kept, self.layer_shapes(1))
@@ -412,7 +418,31 @@ class Tuner:
         options = {n: [Option(c, _cost(shares[n], timed[_cand_key(c)], calibration["factor"]), losses[_cand_key(c)])
                        for c in kept[n]] for n in self.layers}
         return Prepared(list(self.layers), rest, shares, options, timed, dropped=dropped, out_of_reach=out_of_reach,
-                        seconds=seconds, calibration=calibration)
+                        seconds=seconds, calibration=calibration, reserve=reserve, loosest=loosest)
+
+    def admit(self, prepared: Prepared, budget: float) -> list[str]:
+        """Before a search at ``budget`` looser than the one the candidates were pruned for (a drop round
+        stepping back below every target): the held-back candidates a plan within ``budget`` can hold,
+        scored and added to ``prepared`` in place. Returns ``"layer label"`` of each admitted."""
+        if budget <= prepared.loosest or not any(prepared.reserve.values()):
+            return []
+        factor = prepared.calibration["factor"]
+        pool = {n: [o.candidate for o in prepared.options[n]] + prepared.reserve.get(n, []) for n in prepared.layers}
+        costs = {n: [_cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
+        far = infeasible(costs, prepared.rest, budget)
+        come = {n: [c for i, c in enumerate(cs) if i not in set(far.get(n, [])) and c in prepared.reserve.get(n, [])]
+                for n, cs in pool.items()}
+        come = {n: cs for n, cs in come.items() if cs}
+        if come:
+            self.step(f"admitting {sum(map(len, come.values()))} candidate(s) a search at {1 / budget:.2f}x can use")
+        losses = self.sensitivities(come, self.layer_shapes(1))
+        for n, cs in come.items():
+            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor),
+                                           losses[_cand_key(c)]) for c in cs]
+            prepared.reserve[n] = [c for c in prepared.reserve[n] if c not in cs]
+            prepared.out_of_reach[n] = [c.label for c in prepared.reserve[n]]
+        prepared.loosest = budget
+        return [f"{n} {c.label}" for n, cs in come.items() for c in cs]
 
     def _calibrate(self, table: LatencyTable, net_key: Any, rest: float, kept: dict[str, list[Candidate]],
                    costs: dict[str, list[float]], batch: int) -> dict[str, Any]:
@@ -558,6 +588,7 @@ class Tuner:
         calibration times is far from most targets, and one factor fitted there mispredicted the
         character network's 8x and 10x plans by 18-19%."""
         batch = batch or self.request.batch
+        self.admit(prepared, 1.0 / target)
         self.joint_log = []
         self.calibration_log = []
         verified = self.verified.setdefault(batch, [])

@@ -344,3 +344,20 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     assert _bracket(done, 1.0) == ({"a": "x"}, {"a": "z"})
     assert _bracket([({"a": "x"}, 2.0, 0.5)], 1.0) is None  # nothing lost: nothing to refine
     assert _bracket([({"a": "y"}, 5.0, 3.0)], 1.0) == ({}, {"a": "y"})  # nothing held: the base network
+
+
+def test_a_search_below_every_target_admits_the_candidates_pruned_for_them(tmp_path):
+    """Candidates no plan at the loosest target can hold are not scored (each costs a decomposition);
+    a drop round stepping back below that target gets back those its own budget can hold."""
+    from cpbench.tune.pipeline import Tuner
+
+    tuner = Tuner(_request(decomposers=("spatial-svd",)), ctx=RunContext(cache_dir=str(tmp_path / "cache")),
+                  timer=ParamTimer())
+    prepared = tuner.prepare(budgets=[1 / 4.0])
+    assert "spatial-svd:5" in prepared.out_of_reach["conv"]
+    assert "spatial-svd:5" not in {o.candidate.label for o in prepared.options["conv"]}
+    assert tuner.admit(prepared, 1 / 4.0) == []  # nothing looser than what they were pruned for
+    out = tuner.plan(prepared, 2.0)
+    assert out.selection.labels() == {"conv": "spatial-svd:5"}  # 2.7x: the least loss at 2x, pruned at 4x
+    assert "spatial-svd:5" not in prepared.out_of_reach["conv"] and prepared.loosest == pytest.approx(0.5)
+    assert "spatial-svd:10" in prepared.out_of_reach["conv"]  # 1.5x: still out of reach at 2x
