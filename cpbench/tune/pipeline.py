@@ -435,10 +435,8 @@ class Tuner:
         come = {n: cs for n, cs in come.items() if cs}
         if come:
             self.step(f"admitting {sum(map(len, come.values()))} candidate(s) a search at {1 / budget:.2f}x can use")
-        losses = self.sensitivities(come, self.layer_shapes(1))
+        self._add_options(prepared, come)
         for n, cs in come.items():
-            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor),
-                                           losses[_cand_key(c)]) for c in cs]
             prepared.reserve[n] = [c for c in prepared.reserve[n] if c not in cs]
             prepared.out_of_reach[n] = [c.label for c in prepared.reserve[n]]
         prepared.loosest = budget
@@ -689,11 +687,17 @@ class Tuner:
                     added.setdefault(n, []).append(c)
                 else:
                     prepared.dropped.setdefault(n, []).append(c.label)
-        losses = self.sensitivities(added, self.layer_shapes(1))
-        for n, cs in added.items():
-            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], prepared.calibration["factor"]),
-                                           losses[_cand_key(c)]) for c in cs]
+        self._add_options(prepared, added)
         return [f"{n} {c.label}" for n, cs in added.items() for c in cs]
+
+    def _add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
+        """Timed candidates scored (:meth:`sensitivities`) and added to ``prepared``'s options, costed at
+        its calibration."""
+        losses = self.sensitivities(cands, self.layer_shapes(1))
+        factor = prepared.calibration["factor"]
+        for n, cs in cands.items():
+            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor),
+                                           losses[_cand_key(c)]) for c in cs]
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
