@@ -134,6 +134,6 @@ def between(held: Candidate, lost: Candidate, decomposers: dict[str, Any], weigh
     for method in dict.fromkeys(c.method for c in (held, lost) if not c.is_keep):
         for rank, s in rank_grid(decomposers[method], weight_shape, geo, in_hw, [mid]):
             c = Candidate(held.layer, method, rank, s)
-            if lo < s < hi and math.isfinite(s) and c.label not in (held.label, lost.label):
+            if lo < s < hi and c.label not in (held.label, lost.label):
                 out.append(c)
     return out

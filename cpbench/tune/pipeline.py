@@ -235,9 +235,10 @@ class Tuner:
         # every whole network verified in this tune, per batch: (plan labels, measured speedup); a
         # target's search starts from the model refitted to the one nearest it (plan)
         self.verified: dict[int, list[tuple[dict[str, str], float]]] = {}
-        # every plan fine-tuned in this tune, per batch: (plan labels, measured speedup, drop); a drop
-        # round whose search finds only plans already fine-tuned refines the grid between them (refine)
-        self.finetuned: dict[int, list[tuple[dict[str, str], float, float | None]]] = {}
+        # every plan fine-tuned in this tune, per batch, as an Attempt whose payload is its plan labels:
+        # they narrow each later target's drop rounds (hold_drop's ``known``), and a drop round whose
+        # search finds only plans already fine-tuned refines the grid between them (refine)
+        self.finetuned: dict[int, list[Attempt]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
@@ -612,19 +613,19 @@ class Tuner:
         return tighten_loop(lambda budget: self.joint_search(current[0], budget), measure, target,
                             max_rounds=self.request.max_rounds, recalibrate=refit if self.request.calibrate else None)
 
-    def tune_target(self, prepared: Prepared, target: float, *, known: Sequence[Attempt] = (),
-                    started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+    def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
         """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
         more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
         ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
         refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
         and the search runs again; a plan still already fine-tuned is reused. Returns the kept plan's row
-        and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts (``known`` for
-        the next target)."""
+        and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
+        fine-tuned for earlier targets of this tune (:attr:`finetuned`) narrow the bracket from the start."""
         batch = batch or self.request.batch
         finished: dict[tuple, Attempt] = {}
         last: list[Attempt] = []
         done = self.finetuned.setdefault(batch, [])
+        known = list(done)  # the earlier targets'
         refined: list[str] = []
 
         def attempt(t: float) -> Attempt:
@@ -649,7 +650,7 @@ class Tuner:
             row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
             finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
-            done.append((dict(key), row["speedup"], row.get("accuracy_drop")))
+            done.append(Attempt(t, row["speedup"], row.get("accuracy_drop"), dict(key)))
             last.append(finished[key])
             return finished[key]
 
@@ -804,22 +805,19 @@ class Tuner:
         return stages.compress(one, self.decomposer(cand.method), cell, self.ctx)
 
 
-def _fine_tuned(done: Sequence[tuple[dict[str, str], float, float | None]], key: tuple) -> bool:
-    return any(tuple(sorted(labels.items())) == key for labels, _, _ in done)
+def _fine_tuned(done: Sequence[Attempt], key: tuple) -> bool:
+    return any(tuple(sorted(a.payload.items())) == key for a in done)
 
 
-def _bracket(done: Sequence[tuple[dict[str, str], float, float | None]], max_drop: float
-             ) -> tuple[dict[str, str], dict[str, str]] | None:
-    """The fine-tuned plans around the answer: the fastest that held ``max_drop`` (none: the base
-    network, every layer kept) and the slowest faster one that lost it; None when no plan lost."""
-    def holds(d: float | None) -> bool:
-        return d is not None and d <= max_drop + 1e-9
-
-    held = max(((labels, s) for labels, s, d in done if holds(d)), key=lambda v: v[1], default=({}, 1.0))
-    lost = [(labels, s) for labels, s, d in done if d is not None and not holds(d) and s > held[1]]
+def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The plan labels (each attempt's payload) around the answer: the fastest plan that held
+    ``max_drop`` (none: the base network, every layer kept) and the slowest faster one that lost it;
+    None when no plan lost."""
+    held = max((a for a in done if a.holds(max_drop)), key=lambda a: a.speedup, default=Attempt(1.0, 1.0, 0.0, {}))
+    lost = [a for a in done if a.drop is not None and not a.holds(max_drop) and a.speedup > held.speedup]
     if not lost:
         return None
-    return held[0], min(lost, key=lambda v: v[1])[0]
+    return held.payload, min(lost, key=lambda a: a.speedup).payload
 
 
 def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:

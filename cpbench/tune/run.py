@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
-from .loop import Attempt
 from .pipeline import StepFn, TuneRequest, Tuner
 from .plan import write_plan
 
@@ -74,13 +73,11 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     kept = [r for r in read_results(path) if not _is_this_tune(r, request, targets)] if path.exists() else []
     path.write_text("".join(json.dumps(jsonable(r)) + "\n" for r in kept))
     run = TuneRun([])
-    known: list[Attempt] = []  # every plan fine-tuned so far (searched target, measured speedup, drop)
     with ResultSink(path) as sink:
         for target in request.targets:
             started = time.time()
             step(f"target {target:g}x: search and verify")
-            row, plan, tried = tuner.tune_target(prepared, target, known=known, started=started)
-            known += [replace(a, payload=None) for a in tried if a.drop is not None]
+            row, plan, tried = tuner.tune_target(prepared, target, started=started)
             row = jsonable(row)
             sink.write(row)
             run.rows.append(row)

@@ -318,6 +318,7 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     midway (3), times and scores it, and fine-tunes that instead of reusing a plan it already has."""
     from types import SimpleNamespace
 
+    from cpbench.tune.loop import Attempt
     from cpbench.tune.pipeline import Tuner, _bracket
 
     tuner = Tuner(_request(decomposers=("spatial-svd",), max_drop=1.0, drop_rounds=3),
@@ -340,10 +341,13 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     added = next(o for o in prepared.options["conv"] if o.candidate.label == "spatial-svd:3")
     assert added.loss > 0 and "conv/spatial-svd:3" in prepared.timed  # timed and scored like the grid's
     # the bracket: the fastest plan that held and the slowest faster one that lost
-    done = [({"a": "x"}, 2.0, 0.5), ({"a": "y"}, 5.0, 3.0), ({"a": "z"}, 4.0, 2.0), ({"a": "w"}, 3.0, None)]
+    def a(s, d, plan):
+        return Attempt(s, s, d, plan)
+    done = [a(2.0, 0.5, {"a": "x"}), a(5.0, 3.0, {"a": "y"}), a(4.0, 2.0, {"a": "z"}), a(3.0, None, {"a": "w"})]
     assert _bracket(done, 1.0) == ({"a": "x"}, {"a": "z"})
-    assert _bracket([({"a": "x"}, 2.0, 0.5)], 1.0) is None  # nothing lost: nothing to refine
-    assert _bracket([({"a": "y"}, 5.0, 3.0)], 1.0) == ({}, {"a": "y"})  # nothing held: the base network
+    assert _bracket([a(2.0, 0.5, {"a": "x"})], 1.0) is None  # nothing lost: nothing to refine
+    assert _bracket([a(5.0, 3.0, {"a": "y"})], 1.0) == ({}, {"a": "y"})  # nothing held: the base network
+    assert [x.payload["conv"] for x in tuner.finetuned[1]] == finished  # one record of every plan fine-tuned
 
 
 def test_a_search_below_every_target_admits_the_candidates_pruned_for_them(tmp_path):
