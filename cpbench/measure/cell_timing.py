@@ -48,9 +48,11 @@ def _parent_info(backend, base, compressed, x, threads) -> dict:
 
 def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudget]], *, threads: int,
                   processes: int, pin: bool = False, require_quiet_s: float | None = None,
-                  sampler=None, contended_retries: int | None = None) -> tuple[dict[str, Interval], list[ProcessRun], dict]:
+                  sampler=None, contended_retries: int | None = None,
+                  share_of: int | None = None) -> tuple[dict[str, Interval], list[ProcessRun], dict]:
     """Time ``(label, baseline, compressed, x, budget)`` pairs; return intervals by label, the runs,
-    and the noise fields (``noise``, ``quiet_wait``) for the row."""
+    and the noise fields (``noise``, ``quiet_wait``) for the row. ``share_of``: the processes of all the
+    cell's passes, of which these are some (each gets ``budget / share_of``)."""
     extra: dict[str, Any] = {}
     if require_quiet_s is not None:
         from .canary import contention_now
@@ -63,6 +65,8 @@ def measure_pairs(backend, pairs: Sequence[tuple[str, Any, Any, Any, TimingBudge
     kwargs: dict[str, Any] = {} if sampler is None else {"sampler": sampler}
     if contended_retries is not None:
         kwargs["contended_retries"] = contended_retries
+    if share_of is not None:
+        kwargs["share_of"] = share_of
     runs = time_in_processes(backend, specs, threads=threads, processes=processes, pin=pin, **kwargs)
     intervals = {s.label: two_level_interval(pair_samples(runs, s.label)) for s in specs}
     agg = aggregate_noise([r.noise for r in runs])

@@ -292,8 +292,11 @@ def time_in_processes(
     canary_reference: CanaryReference | None = None,
     sleep: Callable[[float], None] = time.sleep,
     contended_retries: int | None = None,
+    share_of: int | None = None,
 ) -> list[ProcessRun]:
-    """Time ``pairs`` in ``processes`` fresh workers, one after another; each gets ``budget_s/processes``.
+    """Time ``pairs`` in ``processes`` fresh workers, one after another; each gets ``budget_s/processes``,
+    or ``budget_s/share_of`` when these are ``processes`` of a cell's ``share_of`` (its timing passes:
+    the cell's budget is for all of them, not for each pass).
 
     A worker whose canary says it ran in a host-contention episode (:mod:`cpbench.measure.canary`) is
     set aside and another one timed after :data:`CONTENDED_WAIT_S`, at most ``contended_retries``
@@ -303,7 +306,7 @@ def time_in_processes(
     if processes < 0:
         raise ValueError(f"processes must be >= 0, got {processes}")
     n = max(1, processes)
-    per = [replace(p, budget=per_process_budget(p.budget, n)) for p in pairs]
+    per = [replace(p, budget=per_process_budget(p.budget, max(n, share_of or 0))) for p in pairs]
     why_not = can_start_processes() if processes else "processes = 0"
     payload = None
     if why_not is None:

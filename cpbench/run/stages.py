@@ -418,7 +418,8 @@ class Measurement:
 def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, backend: Any, ctx: "RunContext",
             step: StepFn = _quiet, *, processes: int | None = None) -> Measurement:
     """Stage 5b: time the whole networks, then (``per_layer_timing``) each replaced layer on its real input,
-    in ``processes`` fresh workers (default: the context's)."""
+    in ``processes`` fresh workers (default: the context's; fewer in one timing pass, each then gets its
+    share of the budget of all the context's processes)."""
     from ..kernels.forms import configure_malloc
 
     step(f"timing on {backend.name}")
@@ -437,7 +438,8 @@ def measure(base: Base, compressed: Compressed, model: nn.Module, cell: Cell, ba
                 pairs.append((n, base.convs[n], compressed.replacements[n].eval(), xin, layer_budget))
         intervals, runs, extra = measure_pairs(backend, pairs, threads=cell.threads, processes=processes, pin=pin,
                                                require_quiet_s=ctx.require_quiet_s,
-                                               contended_retries=ctx.timing.get("contended_retries"))
+                                               contended_retries=ctx.timing.get("contended_retries"),
+                                               share_of=all_processes)
     return Measurement(allocator, intervals, runs, extra["backend_info"], threads_set, extra["noise"],
                        extra.get("quiet_wait"), list(base.layers) if ctx.per_layer_timing else None)
 

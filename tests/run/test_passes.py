@@ -98,3 +98,26 @@ def test_a_machine_slower_for_the_compressed_arm_in_the_later_pass_widens_the_in
     (both,) = merged_intervals(first + later, [MODEL]).values()
     assert one.ci[0] > 7.5  # the first pass alone: a narrow interval around 8
     assert both.ci[0] <= 6.9 and both.ci[1] >= 7.9  # both passes: the interval holds either state
+
+
+def test_a_cell_timed_in_passes_shares_one_budget_among_all_its_processes(tmp_path, ctx_of, monkeypatch):
+    # the cell's budget is for its processes of every pass: a pass of 1 of 3 processes gets a third, not all
+    from cpbench.measure import cell_timing, workers
+
+    calls, budgets = [], []
+    real_tip, real_pairs = cell_timing.time_in_processes, workers._time_pairs
+
+    def tip(*a, **kw):
+        calls.append((kw["processes"], kw.get("share_of")))
+        return real_tip(*a, **{**kw, "processes": 0})  # in this process, so the budgets can be seen
+
+    def pairs(backend, specs, threads, **kw):
+        budgets.extend(s.budget.budget_s for s in specs)
+        return real_pairs(backend, specs, threads, **kw)
+
+    monkeypatch.setattr(cell_timing, "time_in_processes", tip)
+    monkeypatch.setattr(workers, "_time_pairs", pairs)
+    m = parse_matrix(MATRIX)
+    run_matrix(m, tmp_path / "out", ctx=ctx_of(m))
+    assert sorted(calls) == [(1, 3), (1, 3), (2, 3), (2, 3)]
+    assert budgets == pytest.approx([0.05] * 4)
