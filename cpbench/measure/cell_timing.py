@@ -31,7 +31,11 @@ DEFAULT_PIN = False
 #: row again with the processes so far. The machine drifts over minutes (on this VM, both arms of every
 #: cell 10-20% slower for five minutes of one run, with no load, steal or clock change to show for it),
 #: and only processes minutes apart put that drift inside the interval (README "How timing works").
-DEFAULT_PASSES = 2
+#: One process per pass by default: measured 2026-12-06 on a contended 2-core VM, two cached default
+#: matrices ten minutes apart agreed on 28/32 cells in 5 passes against 27/32 in 2, the 12-cell layer
+#: matrix on 10/12 against 2/12, for 234-238 s against 217 s (the budget is the cell's, shared by all
+#: its processes: :func:`cpbench.measure.workers.time_in_processes`).
+DEFAULT_PASSES = 5
 
 
 def _parent_info(backend, base, compressed, x, threads) -> dict:

@@ -64,12 +64,12 @@ def test_a_cell_row_records_processes_flags_and_noise(tmp_path):
     m = parse_matrix({"matrix": {"model": [{"name": "conv", "in_channels": 8, "out_channels": 16, "kernel_size": 3,
                                             "input_size": 10, "padding": 1}],
                                  "decomposer": ["spatial-svd"], "rank": [4]},
-                      "timing": {"budget_s": 0.3, "min_rounds": 5, "warmup": 1, "processes": 3}})
+                      "timing": {"budget_s": 0.3, "min_rounds": 5, "warmup": 1, "processes": 3, "passes": 2}})
     ctx = RunContext.from_matrix(m, cache_dir=str(tmp_path), require_quiet_s=0.0)
     (cell,) = m.cells()
     first = run_cell(cell, ctx)
     assert first["status"] == "ok", first.get("error")
-    # [timing] passes defaults to 2: the cell's first pass times 2 of its 3 processes, the second the last
+    # 2 passes: the cell's first pass times 2 of its 3 processes, the second the last
     assert len(first["timing_processes"]) == 2 and (first["timing_pass"], first["timing_passes"]) == (1, 2)
     from cpbench.run.cell import retime_cell
 

@@ -18,7 +18,7 @@ from cpbench.run.session import run_matrix
 MATRIX = {"matrix": {"model": [{"name": "conv", "in_channels": 4, "out_channels": 8, "kernel_size": 3,
                                 "input_size": 6, "padding": 1}],
                      "decomposer": ["spatial-svd"], "rank": [2, 3]},
-          "timing": {"budget_s": 0.15, "min_rounds": 3, "warmup": 1, "processes": 3},
+          "timing": {"budget_s": 0.15, "min_rounds": 3, "warmup": 1, "processes": 3, "passes": 2},
           "run": {"per_layer_timing": False}}
 
 
@@ -121,3 +121,9 @@ def test_a_cell_timed_in_passes_shares_one_budget_among_all_its_processes(tmp_pa
     run_matrix(m, tmp_path / "out", ctx=ctx_of(m))
     assert sorted(calls) == [(1, 3), (1, 3), (2, 3), (2, 3)]
     assert budgets == pytest.approx([0.05] * 4)
+
+
+def test_by_default_every_process_of_a_cell_has_a_pass_of_its_own(ctx_of):
+    m = parse_matrix({**MATRIX, "timing": {k: v for k, v in MATRIX["timing"].items() if k != "passes"}})
+    assert ctx_of(m).timing_passes() == [1, 1, 1]
+    assert RunContext().timing_passes() == [1] * 5  # the default 5 processes
