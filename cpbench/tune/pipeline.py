@@ -230,6 +230,7 @@ class Tuner:
 
         self.params = split_model_spec(request.model)[1]  # the plugin's own (not weights, dataset, ...)
         self.timer = timer or backend_timer(self.backend, request.threads, request.layer_budget)
+        self.latency_table: LatencyTable | None = None  # set by prepare (per batch)
         self.joint_log: list[dict] = []  # the plans each search compared by joint loss (joint_search)
         self.calibration_log: list[dict] = []  # the verify loop's refits of the calibration (plan)
         # every whole network verified in this tune, per batch: (plan labels, measured speedup); a
@@ -550,10 +551,21 @@ class Tuner:
         return replace_layers(self.base(), repl).eval()
 
     def measure(self, selection: Selection, batch: int) -> Measured:
-        self.step(f"timing the whole network: {', '.join(f'{n} {l}' for n, l in selection.labels().items())}")
-        x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(self.request.seed))
-        net = self.compressed(selection)
-        t = self.network_timer(self.base(), net, x, x)
+        """A verify round's timing of the whole network with ``selection``, kept in the latency table like
+        every timing the search rests on, so a repeated tune on this machine walks the same rounds to the
+        same plans and fine-tunes nothing again. Re-timed, a repeat on a noisy host (intervals ±10%) chose
+        other plans in its verify rounds and fine-tuned each anew (3 fine-tunes of about 3 minutes). The
+        tuned plan's row is always timed afresh (:meth:`finish`)."""
+        labels = selection.labels()
+        self.step(f"timing the whole network: {', '.join(f'{n} {l}' for n, l in labels.items())}")
+        table = self.latency_table
+        if table is None:  # no latency table (a search run without :meth:`prepare`): time it now
+            x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(self.request.seed))
+            t = self.network_timer(self.base(), self.compressed(selection), x, x)
+        else:
+            variant = "plan " + ",".join(f"{n}={label}" for n, label in sorted(labels.items()))
+            t = table.network_ratio(key_of(self._arch_key(), "arch"), variant, self.base(),
+                                    lambda: self.compressed(selection), self.input_shape(batch), self.network_timer)
         return Measured(t.speedup, tuple(t.speedup_ci), t)
 
     def joint_search(self, prepared: Prepared, budget: float) -> Selection:

@@ -50,7 +50,7 @@ def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
         assert r["speedup_ci"][0] <= r["speedup"] <= r["speedup_ci"][1]
         assert r["accuracy_drop"] == r["fidelity_loss"]  # no labels: the fidelity measure
     assert {p.name for p in run.written} >= {"plan-2.toml", "plan-3.toml", "tune-report.md"}
-    assert run.latency_timed == first.calls - 2 > 0  # each target's verify round is never cached
+    assert run.latency_timed == first.calls > 0  # every timing goes through the table, the verify rounds' too
 
     # the plan file rebuilds the same network through cpbench.compress
     model = cpbench.get_plugins().models.get("conv").build(**{k: v for k, v in MODEL.items() if k != "name"})
@@ -59,7 +59,8 @@ def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
 
     again = ParamTimer()
     run2 = run_tune(_request(targets=(2.0, 3.0)), tmp_path / "out", ctx=ctx, timer=again)
-    assert run2.latency_timed == 0 and again.calls == 2  # only the verify rounds, nothing from the table
+    # a repeat re-times nothing: its verify rounds read the same timings, so it walks to the same plans
+    assert run2.latency_timed == 0 and again.calls == 0
     rows2 = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(rows2) == 2  # the rows of these targets replaced, not appended
     assert [r["rank"] for r in rows2] == [r["rank"] for r in rows]
