@@ -151,6 +151,13 @@ def row_flags(row) -> dict[str, bool]:
 
 
 def flag_labels(row) -> list[str]:
-    """The names of the flags that are set, in a fixed order (empty: nothing to warn about)."""
+    """The names of the flags that are set, in a fixed order (empty: nothing to warn about); ``partial``
+    for a row whose cell's timing passes did not all run (an interrupted run: it holds the processes of
+    its passes so far, one alone after pass 1, and its interval covers nothing between processes then)."""
     f = row_flags(row)
-    return [k for k in ("busy", "disagree", "wide", "noisy") if f.get(k)]
+    labels = [k for k in ("busy", "disagree", "wide", "noisy") if f.get(k)]
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
+    done, of = get("timing_pass"), get("timing_passes")
+    if isinstance(done, int) and isinstance(of, int) and done < of:
+        labels.append("partial")
+    return labels

@@ -103,3 +103,10 @@ def test_bad_input_is_refused():
         two_level_interval([])
     with pytest.raises(ValueError):
         two_level_interval([([1.0, 2.0], [1.0])])
+
+
+def test_a_row_of_an_unfinished_run_of_passes_is_flagged_partial():
+    row = {"timing_flags": {"wide": False, "busy": False, "disagree": False}, "timing_pass": 1, "timing_passes": 5}
+    assert flag_labels(row) == ["partial"]
+    assert flag_labels({**row, "timing_pass": 5}) == []
+    assert flag_labels({"timing_flags": {"busy": True}}) == ["busy"]  # rows without passes: as before
