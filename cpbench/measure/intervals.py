@@ -137,11 +137,16 @@ def two_level_interval(
     return Interval(point, (lo, hi), per, disagreeing)
 
 
+def _getter(row):
+    """A field of a result row: a row dict or a :class:`cpbench.run.record.CellResult`."""
+    return row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
+
+
 def row_flags(row) -> dict[str, bool]:
     """A result row's timing flags (a row dict or a :class:`cpbench.run.record.CellResult`): ``wide``,
     ``busy``, ``disagree`` for rows with ``timing_flags``; an older row has only its ``noisy`` (either
     arm's IQR above 10% of its median), kept as it was."""
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
+    get = _getter(row)
     flags = get("timing_flags")
     if isinstance(flags, dict):
         return {k: bool(v) for k, v in flags.items()}
@@ -156,7 +161,7 @@ def flag_labels(row) -> list[str]:
     its passes so far, one alone after pass 1, and its interval covers nothing between processes then)."""
     f = row_flags(row)
     labels = [k for k in ("busy", "disagree", "wide", "noisy") if f.get(k)]
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k, None)
+    get = _getter(row)
     done, of = get("timing_pass"), get("timing_passes")
     if isinstance(done, int) and isinstance(of, int) and done < of:
         labels.append("partial")

@@ -312,6 +312,10 @@ class Tuner:
     def _arch_key(self) -> Any:
         return {"model": self.request.model}
 
+    def _net_key(self) -> Any:
+        """The key of the base network's whole-network timings in the latency table."""
+        return key_of(self._arch_key(), "arch")
+
     # -- decompositions (cached on disk, as cells cache them) -----------------------------------
     def decomposer(self, method: str):
         return self.plugins.decomposers.get(method)
@@ -376,7 +380,7 @@ class Tuner:
         configure_malloc()  # as a cell does, before any timing: both arms alike
         remember_form_choices(self.ctx)
         shares, timed, kept, dropped = {}, {}, {}, {}
-        net_key = key_of(self._arch_key(), "arch")
+        net_key = self._net_key()
         x_shape = self.input_shape(batch)
         self.step("timing the network without the tunable layers (the rest, timed once)")
         rest = 1.0 / table.network_ratio(net_key, "without " + ",".join(self.layers), base,
@@ -558,14 +562,10 @@ class Tuner:
         tuned plan's row is always timed afresh (:meth:`finish`)."""
         labels = selection.labels()
         self.step(f"timing the whole network: {', '.join(f'{n} {l}' for n, l in labels.items())}")
-        table = self.latency_table
-        if table is None:  # no latency table (a search run without :meth:`prepare`): time it now
-            x = torch.randn(self.input_shape(batch), generator=torch.Generator().manual_seed(self.request.seed))
-            t = self.network_timer(self.base(), self.compressed(selection), x, x)
-        else:
-            variant = "plan " + ",".join(f"{n}={label}" for n, label in sorted(labels.items()))
-            t = table.network_ratio(key_of(self._arch_key(), "arch"), variant, self.base(),
-                                    lambda: self.compressed(selection), self.input_shape(batch), self.network_timer)
+        assert self.latency_table is not None, "prepare() makes the latency table a search's plans are verified with"
+        variant = "plan " + ",".join(f"{n}={label}" for n, label in sorted(labels.items()))
+        t = self.latency_table.network_ratio(self._net_key(), variant, self.base(), lambda: self.compressed(selection),
+                                             self.input_shape(batch), self.network_timer)
         return Measured(t.speedup, tuple(t.speedup_ci), t)
 
     def joint_search(self, prepared: Prepared, budget: float) -> Selection:
