@@ -10,6 +10,8 @@ from .console import _console
 
 __all__ = ["cmd_plugins", "cmd_machine", "cmd_build_kernel"]
 
+_SIMD = {"avx512": "AVX-512 (14x32)", "avx2": "AVX2 (6x16)", "none": "none (MKL GEMMs, plain taps loops)"}
+
 
 def cmd_plugins(args) -> int:
     from ..plugin.manager import get_plugins
@@ -66,7 +68,7 @@ def cmd_build_kernel(args) -> int:
     k, compiler = build.kernel, build.inputs["compiler"]
     state = "already built" if build.cached else f"built in {build.seconds:.0f} s"
     print(f"fused CP kernel ({k.march}): {state}; build key {k.key}; operator torch.ops.{k.module.op_namespace}"
-          f".cp_fused; AVX-512 micro-kernel {'yes' if k.panel else 'no'}")
+          f".cp_fused; micro-kernel {_SIMD.get(k.simd, k.simd)}")
     print(f"  {k.path}")
     print(f"  compiler {compiler['path']} ({compiler['version']}); torch {build.inputs['torch']}; "
           f"flags {' '.join(build.inputs['cflags'])}")

@@ -13,10 +13,11 @@
 //      on the character network's conv2 at R=64, batch 32: the taps 2.9 -> 1.6 us an image, the block
 //      18.9 -> 16.4-17.9 us), and zero rows/columns standing in for padding,
 //   3. the last 1x1 layer (a GEMM, plus bias) straight into the band's rows of the output.
-// With AVX-512 the GEMMs are our own register-blocked micro-kernel on weights packed once by the caller
-// (MKL's sgemm re-packs its operands on every call, and a band's GEMM is small: measured on AlexNet
-// conv2 at R=100, the banded MKL GEMMs took 1.3x their whole-image time); NCHW output, and builds without
-// AVX-512, use MKL.
+// With AVX-512, or AVX2 and FMA, the GEMMs are our own register-blocked micro-kernel on weights packed
+// once by the caller (MKL's sgemm re-packs its operands on every call, and a band's GEMM is small:
+// measured on AlexNet conv2 at R=100, the banded MKL GEMMs took 1.3x their whole-image time), and the
+// taps run on vectors of 16 (AVX-512) or 8 (AVX2) channels; NCHW output, and builds with neither, use
+// MKL and plain loops.
 // Work items run in parallel over at::parallel_for; the GEMMs inside a parallel region are serial.
 // Exact re-expression: zero padding, any stride and dilation, groups (block-diagonal 1x1 layers).
 #include <torch/extension.h>
@@ -28,6 +29,17 @@
 #include <cstdlib>
 #include <memory>
 #include <vector>
+
+// The vector path: AVX-512 (16 floats a register, 32 registers), else AVX2 with FMA (8 floats, 16
+// registers: most CPUs users run on without AVX-512 — AMD before Zen 4, Intel's client cores), else none.
+#if defined(__AVX512F__)
+#define CP_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CP_SIMD 1
+#define CP_AVX2 1
+#else
+#define CP_SIMD 0
+#endif
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -89,51 +101,92 @@ inline void taps_lines_any(float* __restrict out, int64_t os, int64_t ols, const
                            int64_t sls, int64_t n, int64_t lines, int64_t nk, const float* __restrict taps,
                            int64_t GR, int64_t w);
 
-#if defined(__AVX512F__)
+#if CP_SIMD
 #define CP_INLINE inline __attribute__((always_inline))
-template <bool FULL>
-CP_INLINE __m512 vload(const float* p, __mmask16 m) { return FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
-template <bool FULL>
-CP_INLINE void vstore(float* p, __m512 v, __mmask16 m) {
-  if (FULL)
-    _mm512_storeu_ps(p, v);
-  else
-    _mm512_mask_storeu_ps(p, m, v);
-}
+// One vector of channels and its operations. The taps below are written once over these traits; the
+// 16-channel blocks of the intermediates take one AVX-512 vector or two AVX2 vectors (one pass each).
+#if defined(CP_AVX2)
+struct Vec {
+  using T = __m256;
+  using M = __m256i;
+  static constexpr int lanes = 8, regs = 16;
+  static CP_INLINE T zero() { return _mm256_setzero_ps(); }
+  static CP_INLINE T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static CP_INLINE M mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(std::max<int64_t>(n, 0), 8)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  template <bool FULL>
+  static CP_INLINE T load(const float* p, M m) { return FULL ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m); }
+  template <bool FULL>
+  static CP_INLINE void store(float* p, T v, M m) {
+    if (FULL)
+      _mm256_storeu_ps(p, v);
+    else
+      _mm256_maskstore_ps(p, m, v);
+  }
+};
+#else
+struct Vec {
+  using T = __m512;
+  using M = __mmask16;
+  static constexpr int lanes = 16, regs = 32;
+  static CP_INLINE T zero() { return _mm512_setzero_ps(); }
+  static CP_INLINE T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static CP_INLINE M mask(int64_t n) { return n >= 16 ? (M)0xFFFF : n <= 0 ? (M)0 : (M)((1u << n) - 1); }
+  template <bool FULL>
+  static CP_INLINE T load(const float* p, M m) { return FULL ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p); }
+  template <bool FULL>
+  static CP_INLINE void store(float* p, T v, M m) {
+    if (FULL)
+      _mm512_storeu_ps(p, v);
+    else
+      _mm512_mask_storeu_ps(p, m, v);
+  }
+};
+#endif
+using VT = Vec::T;
+using VM = Vec::M;
+
+// Outputs computed at once by the sliding kernels: K taps + P sums + the loaded vector must fit the
+// registers (AVX2's 16 hold K <= 7 with 8 sums; beyond, 4 sums rather than spills).
+template <int K>
+constexpr int slide_width() { return K + 9 <= Vec::regs ? 8 : 4; }
 
 // P outputs of a line of taps that slide: output j = sum_k t[k] * s[(j + k) * step], written at o + j * ostep.
 // P + K - 1 loads for P * K multiply-adds, one loaded vector live at a time (K taps + P sums in registers).
 template <int K, int P, bool FULL>
 CP_INLINE void slide_group(float* __restrict o, int64_t ostep, const float* __restrict s, int64_t step,
-                           const __m512* t, __mmask16 m) {
-  __m512 a[P];
+                           const VT* t, VM m) {
+  VT a[P];
 #pragma GCC unroll 16
-  for (int j = 0; j < P; ++j) a[j] = _mm512_setzero_ps();
+  for (int j = 0; j < P; ++j) a[j] = Vec::zero();
 #pragma GCC unroll 32
   for (int q = 0; q < P + K - 1; ++q) {
-    const __m512 v = vload<FULL>(s + q * step, m);
+    const VT v = Vec::load<FULL>(s + q * step, m);
 #pragma GCC unroll 16
     for (int j = 0; j < P; ++j)
-      if (q - j >= 0 && q - j < K) a[j] = _mm512_fmadd_ps(t[q - j], v, a[j]);
+      if (q - j >= 0 && q - j < K) a[j] = Vec::fma(t[q - j], v, a[j]);
   }
 #pragma GCC unroll 16
-  for (int j = 0; j < P; ++j) vstore<FULL>(o + j * ostep, a[j], m);
+  for (int j = 0; j < P; ++j) Vec::store<FULL>(o + j * ostep, a[j], m);
 }
 
 // P pixels of a line at once. SLIDE: the sources are one line read at consecutive pixels (src[k] = src[0]
 // + k*is: the horizontal taps with stride = dilation), so the P pixels' K taps read P + K - 1 vectors,
 // each loaded once, instead of P * K. Masked loads and stores only for a partial block (a masked store
 // does not forward to a later load of the same line). The taps and source pointers are copied into
-// locals: __m512 may alias anything, so taps read through a pointer would be reloaded after every store.
+// locals: a vector type may alias anything, so taps read through a pointer would be reloaded after every
+// store.
 template <int K, bool FULL, bool SLIDE>
 void taps_block(float* __restrict o, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls,
-                int64_t n, int64_t lines, const float* __restrict taps, int64_t GR, __mmask16 m) {
-  constexpr int P = SLIDE ? 8 : 4;
-  __m512 t[K];
+                int64_t n, int64_t lines, const float* __restrict taps, int64_t GR, VM m) {
+  constexpr int P = SLIDE ? slide_width<K>() : 4;
+  VT t[K];
   const float* s[K];
 #pragma GCC unroll 16
   for (int k = 0; k < K; ++k) {
-    t[k] = vload<FULL>(taps + k * GR, m);
+    t[k] = Vec::load<FULL>(taps + k * GR, m);
     s[k] = src[k];
   }
   for (int64_t l = 0; l < lines; ++l, o += ols) {
@@ -143,58 +196,56 @@ void taps_block(float* __restrict o, int64_t os, int64_t ols, const float* const
         slide_group<K, P, FULL>(o + i * os, os, s[0] + l * sls + i * is, is, t, m);
         continue;
       }
-      __m512 a[P];
+      VT a[P];
 #pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) a[j] = _mm512_setzero_ps();
+      for (int j = 0; j < P; ++j) a[j] = Vec::zero();
 #pragma GCC unroll 16
       for (int k = 0; k < K; ++k) {
         const float* sk = s[k] + l * sls + i * is;
 #pragma GCC unroll 16
-        for (int j = 0; j < P; ++j) a[j] = _mm512_fmadd_ps(t[k], vload<FULL>(sk + j * is, m), a[j]);
+        for (int j = 0; j < P; ++j) a[j] = Vec::fma(t[k], Vec::load<FULL>(sk + j * is, m), a[j]);
       }
 #pragma GCC unroll 16
-      for (int j = 0; j < P; ++j) vstore<FULL>(o + (i + j) * os, a[j], m);
+      for (int j = 0; j < P; ++j) Vec::store<FULL>(o + (i + j) * os, a[j], m);
     }
     for (; i < n; ++i) {
-      __m512 a0 = _mm512_setzero_ps();
+      VT a0 = Vec::zero();
 #pragma GCC unroll 16
-      for (int k = 0; k < K; ++k) a0 = _mm512_fmadd_ps(t[k], vload<FULL>(s[k] + l * sls + i * is, m), a0);
-      vstore<FULL>(o + i * os, a0, m);
+      for (int k = 0; k < K; ++k) a0 = Vec::fma(t[k], Vec::load<FULL>(s[k] + l * sls + i * is, m), a0);
+      Vec::store<FULL>(o + i * os, a0, m);
     }
   }
 }
 
 // The vertical taps when stride = dilation, P output rows at once: output row j's tap k reads source row
 // j + k (rows ``rs`` apart), so at each pixel the P rows' K taps read P + K - 1 vectors instead of P * K.
-// Rows in groups of 8, 4, 2, 1.
+// Rows in groups of 8 (where the registers hold them), 4, 2, 1.
 template <int K, int P, bool FULL>
 CP_INLINE void vslide_rows(float* __restrict o, int64_t os, int64_t ors, const float* __restrict s, int64_t is,
-                           int64_t rs, int64_t n, const __m512* t, __mmask16 m) {
+                           int64_t rs, int64_t n, const VT* t, VM m) {
   for (int64_t i = 0; i < n; ++i) slide_group<K, P, FULL>(o + i * os, ors, s + i * is, rs, t, m);
 }
 
 template <int K, bool FULL>
 void vslide(float* o, int64_t os, int64_t ors, const float* s, int64_t is, int64_t rs, int64_t n, int64_t rows,
-            const float* __restrict taps, int64_t GR, __mmask16 m) {
-  __m512 t[K];
+            const float* __restrict taps, int64_t GR, VM m) {
+  VT t[K];
 #pragma GCC unroll 16
-  for (int k = 0; k < K; ++k) t[k] = vload<FULL>(taps + k * GR, m);
+  for (int k = 0; k < K; ++k) t[k] = Vec::load<FULL>(taps + k * GR, m);
   int64_t j = 0;
-  for (; j + 8 <= rows; j += 8) vslide_rows<K, 8, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
-  if (j + 4 <= rows) vslide_rows<K, 4, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m), j += 4;
+  if constexpr (slide_width<K>() == 8)
+    for (; j + 8 <= rows; j += 8) vslide_rows<K, 8, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
+  for (; j + 4 <= rows; j += 4) vslide_rows<K, 4, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
   if (j + 2 <= rows) vslide_rows<K, 2, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m), j += 2;
   if (j < rows) vslide_rows<K, 1, FULL>(o + j * ors, os, ors, s + j * rs, is, rs, n, t, m);
 }
-#endif
 
-// One pass over a block's lines; ``rs`` > 0: the vertical pass with stride = dilation (src[k] = src[0]
-// + k*rs), which takes the row-sliding kernel.
+// One vector's channels of a block (``w`` of them exist, ``w`` <= lanes or the vector is full).
 template <int K>
-void taps_lines_k(float* out, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls, int64_t n,
-                  int64_t lines, const float* taps, int64_t GR, int64_t w, int64_t rs) {
-#if defined(__AVX512F__)
-  const bool full = w >= 16;
-  const __mmask16 m = full ? (__mmask16)0xFFFF : (__mmask16)((1u << w) - 1);
+void taps_vector(float* out, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls, int64_t n,
+                 int64_t lines, const float* taps, int64_t GR, int64_t w, int64_t rs) {
+  const bool full = w >= Vec::lanes;
+  const VM m = Vec::mask(w);
   if (rs > 0) {
     if (full)
       vslide<K, true>(out, os, ols, src[0], is, rs, n, lines, taps, GR, m);
@@ -214,6 +265,24 @@ void taps_lines_k(float* out, int64_t os, int64_t ols, const float* const* src, 
       taps_block<K, false, true>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
     else
       taps_block<K, false, false>(out, os, ols, src, is, sls, n, lines, taps, GR, m);
+  }
+}
+#endif
+
+// One pass over a block's lines; ``rs`` > 0: the vertical pass with stride = dilation (src[k] = src[0]
+// + k*rs), which takes the row-sliding kernel. A 16-channel block is one AVX-512 vector or two AVX2 ones.
+template <int K>
+void taps_lines_k(float* out, int64_t os, int64_t ols, const float* const* src, int64_t is, int64_t sls, int64_t n,
+                  int64_t lines, const float* taps, int64_t GR, int64_t w, int64_t rs) {
+#if CP_SIMD
+  for (int64_t c = 0; c < 16 && c < w; c += Vec::lanes) {
+    if (c == 0) {
+      taps_vector<K>(out, os, ols, src, is, sls, n, lines, taps, GR, w, rs);
+      continue;
+    }
+    const float* sc[K];
+    for (int k = 0; k < K; ++k) sc[k] = src[k] + c;
+    taps_vector<K>(out + c, os, ols, sc, is, sls, n, lines, taps + c, GR, w - c, rs);
   }
 #else
   (void)rs;
@@ -278,51 +347,73 @@ inline void depthwise_rows(const float* y1, const float* tv, const float* th, fl
   }
 }
 
-// ---- GEMM micro-kernel (AVX-512) -------------------------------------------------------------------
-// C (MR x 16*NV tile, row stride ldc) = A (MR x K; element (i, k) at a[i*ars + k*acs]) * Bp + bias,
-// where Bp is a K x 32 panel of the packed weights (32 columns per k, zero past the last column) and the
-// masks say which of the tile's columns exist. The MR x NV accumulators stay in registers over K; each k
-// loads NV weight vectors and broadcasts MR activations.
-#if defined(__AVX512F__)
+// ---- GEMM micro-kernel (AVX-512, or AVX2 with FMA) ----------------------------------------------------
+// C (MR x lanes*NV tile, row stride ldc) = A (MR x K; element (i, k) at a[i*ars + k*acs]) * Bp + bias,
+// where Bp is a tile's columns of a K x 32 panel of the packed weights (32 columns per k, zero past the
+// last column) and the masks say which of the tile's columns exist. The MR x NV accumulators stay in
+// registers over K; each k loads NV weight vectors and broadcasts MR activations. AVX-512's 32 registers
+// hold a 14 x 32 tile (28 sums); AVX2's 16 hold the classic 6 x 16 (12 sums, 2 weights, 1 broadcast), so
+// there a panel is two tiles.
+#if CP_SIMD
+#if defined(CP_AVX2)
+constexpr int64_t MR_MAX = 6;
+CP_INLINE VT broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+CP_INLINE void stream_store(float* p, VT v) { _mm256_stream_ps(p, v); }
+#else
 constexpr int64_t MR_MAX = 14;
+CP_INLINE VT broadcast(const float* p) { return _mm512_set1_ps(*p); }
+CP_INLINE void stream_store(float* p, VT v) { _mm512_stream_ps(p, v); }
+#endif
 constexpr int64_t PANEL = 32;
+constexpr int64_t TILE = 2 * Vec::lanes;  // columns of one micro-kernel call: 32 (AVX-512) or 16 (AVX2)
 
 template <int MR, int NV, bool STREAM = false>
 void micro(int64_t K, const float* __restrict a, int64_t ars, int64_t acs, const float* __restrict bp,
-           float* __restrict c, int64_t ldc, __mmask16 m0, __mmask16 m1, const float* bias) {
-  __m512 acc[MR][NV];
-  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
-  const __m512 b1 = NV > 1 && bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+           float* __restrict c, int64_t ldc, VM m0, VM m1, const float* bias, bool whole) {
+  VT acc[MR][NV];
+  const VT b0 = bias ? Vec::load<false>(bias, m0) : Vec::zero();
+  const VT b1 = NV > 1 && bias ? Vec::load<false>(bias + Vec::lanes, m1) : Vec::zero();
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     acc[i][0] = b0;
     if (NV > 1) acc[i][NV - 1] = b1;
   }
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(bp + k * PANEL);
-    const __m512 w1 = NV > 1 ? _mm512_loadu_ps(bp + k * PANEL + 16) : w0;
+    const VT w0 = Vec::load<true>(bp + k * PANEL, m0);
+    const VT w1 = NV > 1 ? Vec::load<true>(bp + k * PANEL + Vec::lanes, m1) : w0;
     const float* ak = a + k * acs;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(ak[i * ars]);
-      acc[i][0] = _mm512_fmadd_ps(av, w0, acc[i][0]);
-      if (NV > 1) acc[i][NV - 1] = _mm512_fmadd_ps(av, w1, acc[i][NV - 1]);
+      const VT av = broadcast(ak + i * ars);
+      acc[i][0] = Vec::fma(av, w0, acc[i][0]);
+      if (NV > 1) acc[i][NV - 1] = Vec::fma(av, w1, acc[i][NV - 1]);
     }
+  }
+  if (STREAM) {  // whole, aligned lines straight to memory: no read-for-ownership of the output
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      stream_store(c + i * ldc, acc[i][0]);
+      stream_store(c + i * ldc + Vec::lanes, acc[i][NV - 1]);
+    }
+    return;
+  }
+  if (whole) {  // every column of the tile exists (a masked store costs more than a plain one on AVX2)
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      Vec::store<true>(c + i * ldc, acc[i][0], m0);
+      if (NV > 1) Vec::store<true>(c + i * ldc + Vec::lanes, acc[i][NV - 1], m1);
+    }
+    return;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    if (STREAM) {  // whole, aligned lines straight to memory: no read-for-ownership of the output
-      _mm512_stream_ps(c + i * ldc, acc[i][0]);
-      _mm512_stream_ps(c + i * ldc + 16, acc[i][NV - 1]);
-    } else {
-      _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
-      if (NV > 1) _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][NV - 1]);
-    }
+    Vec::store<false>(c + i * ldc, acc[i][0], m0);
+    if (NV > 1) Vec::store<false>(c + i * ldc + Vec::lanes, acc[i][NV - 1], m1);
   }
 }
 
-using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, __mmask16,
-                         __mmask16, const float*);
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, VM, VM,
+                         const float*, bool);
 template <int MR>
 constexpr MicroFn micro_for(int nv) { return nv == 1 ? &micro<MR, 1> : nv == 2 ? &micro<MR, 2> : &micro<MR, 2, true>; }
 template <int... MRs>
@@ -335,9 +426,11 @@ struct MicroTable {
     return nv == 1 ? one[mr] : nv == 2 ? two[mr] : streamed[mr];
   }
 };
+#if defined(CP_AVX2)
+using Micro = MicroTable<1, 2, 3, 4, 5, 6>;
+#else
 using Micro = MicroTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14>;
-
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+#endif
 
 // Row-major C (m x n, ldc) = A (m x K, strides ars/acs) * B + bias, B packed as ceil(n/32) panels of
 // K x 32. The A tile (MR rows) stays in L1 while it meets every panel. ``stream``: write whole aligned
@@ -352,17 +445,21 @@ void gemm_packed(int64_t m, int64_t n, int64_t K, const float* a, int64_t ars, i
                  float* c, int64_t ldc, const float* bias, bool stream = false, Prefetch* pf = nullptr) {
   stream = stream && ldc % 16 == 0 && reinterpret_cast<uintptr_t>(c) % 64 == 0;
   const int64_t np = (n + PANEL - 1) / PANEL;
-  const int64_t calls = (m + MR_MAX - 1) / MR_MAX * np;
+  const int64_t calls = (m + MR_MAX - 1) / MR_MAX * ((n + TILE - 1) / TILE);
   const int64_t per_call = pf && pf->lines > 0 ? (pf->lines + calls - 1) / calls : 0;
   for (int64_t i = 0; i < m; i += MR_MAX) {
     const int64_t mr = std::min(MR_MAX, m - i);
     for (int64_t j = 0; j < np; ++j) {
-      for (int64_t q = 0; q < per_call && pf->lines > 0; ++q, --pf->lines, pf->p += 64)
-        _mm_prefetch(pf->p, _MM_HINT_T1);
-      const int64_t rem = n - j * PANEL;
-      const int nv = rem > 16 ? (stream && rem >= PANEL ? 3 : 2) : 1;
-      Micro::get(mr, nv)(K, a + i * ars, ars, acs, bp + j * K * PANEL, c + i * ldc + j * PANEL, ldc, lanes(rem),
-                         lanes(rem - 16), bias ? bias + j * PANEL : nullptr);
+      for (int64_t h = 0; h < PANEL; h += TILE) {
+        const int64_t rem = n - j * PANEL - h;
+        if (rem <= 0) break;
+        for (int64_t q = 0; q < per_call && pf->lines > 0; ++q, --pf->lines, pf->p += 64)
+          _mm_prefetch(pf->p, _MM_HINT_T1);
+        const int nv = rem > Vec::lanes ? (stream && rem >= TILE ? 3 : 2) : 1;
+        Micro::get(mr, nv)(K, a + i * ars, ars, acs, bp + j * K * PANEL + h, c + i * ldc + j * PANEL + h, ldc,
+                           Vec::mask(rem), Vec::mask(rem - Vec::lanes), bias ? bias + j * PANEL + h : nullptr,
+                           rem >= (nv == 1 ? 1 : 2) * Vec::lanes);
+      }
     }
   }
 }
@@ -428,7 +525,7 @@ torch::Tensor cp_fused(torch::Tensor x, const torch::Tensor& w_in, const torch::
   const float* win = w_in.data_ptr<float>();
   const float* wout = w_out.data_ptr<float>();
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
-#if defined(__AVX512F__)
+#if CP_SIMD
   const int64_t in_panel = (g.R + PANEL - 1) / PANEL * g.Sg * PANEL, out_panel = (g.Tg + PANEL - 1) / PANEL * g.R * PANEL;
   TORCH_CHECK(w_in_packed.is_contiguous() && w_in_packed.numel() == g.G * in_panel && w_out_packed.is_contiguous() &&
                   w_out_packed.numel() == g.G * out_panel,
@@ -476,7 +573,7 @@ torch::Tensor cp_fused(torch::Tensor x, const torch::Tensor& w_in, const torch::
             // NCHW: y (rows x R) = X[group channels, rows]^T W_in, X read transposed in place
             const float* xg = nchw ? xp + (n * g.S + gi * g.Sg) * g.H * g.W + start * g.W
                                    : xp + (n * g.H * g.W + start * g.W) * g.S + gi * g.Sg;
-#if defined(__AVX512F__)
+#if CP_SIMD
             gemm_packed(rows, g.R, g.Sg, xg, nchw ? 1 : g.S, nchw ? g.H * g.W : 1, winp + gi * in_panel, y, g.L,
                         nullptr);
 #else
@@ -507,7 +604,7 @@ torch::Tensor cp_fused(torch::Tensor x, const torch::Tensor& w_in, const torch::
           continue;
         }
         float* o = op + (n * g.Ho * g.Wo + ho0 * g.Wo) * g.T;
-#if defined(__AVX512F__)
+#if CP_SIMD
         // While the last layer runs, bring the input rows the next band (of this item, or the next
         // item's first) will read into L2: in a large batch they come from memory, and the first layer's
         // GEMM would otherwise wait for them (measured without: VGG-16 conv3_1 at batch 32 spent 1.5x its
@@ -540,15 +637,15 @@ torch::Tensor cp_fused(torch::Tensor x, const torch::Tensor& w_in, const torch::
         }
       }
     }
-#if defined(__AVX512F__)
+#if CP_SIMD
     if (stream) _mm_sfence();  // the streamed output is visible before the work item counts as done
 #endif
   };
   if (threads > 1) {
     at::parallel_for(0, items, 1, work);
   } else {
-#if defined(__AVX512F__)
-    const bool mkl = nchw;  // only the NCHW output's last layer calls MKL in this build
+#if CP_SIMD
+    const bool mkl = nchw;  // only the NCHW output's last layer calls MKL in a build with the micro-kernel
 #else
     const bool mkl = true;
 #endif
@@ -585,9 +682,15 @@ CP_TORCH_LIBRARY_IMPL(CPBENCH_OP_NAMESPACE, CPU, m) { m.impl("cp_fused", TORCH_F
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cp_fused", &cp_fused, "CP block (1x1, kh x 1, 1 x kw, 1x1) fused over bands of rows, NHWC or NCHW");
   m.attr("op_namespace") = CP_STR(CPBENCH_OP_NAMESPACE);
-#if defined(__AVX512F__)
+#if CP_SIMD
   m.attr("panel") = PANEL;
+#if defined(CP_AVX2)
+  m.attr("simd") = "avx2";
 #else
-  m.attr("panel") = 0;  // no micro-kernel in this build: the packed weights are not read
+  m.attr("simd") = "avx512";
+#endif
+#else
+  m.attr("simd") = "none";
+  m.attr("panel") = 0;  // no micro-kernel in this build (neither AVX-512 nor AVX2): packed weights not read
 #endif
 }

@@ -175,24 +175,31 @@ def test_optimizer_runs_it_on_a_block_with_several_weight_panels(layout):
     assert "error" not in tried and tried["rel_error"] <= 1e-5
 
 
-def test_the_build_without_avx512_is_exact():
-    # Machines without AVX-512 get the plain taps loops and MKL's GEMMs: the x86-64-v3 (AVX2) build,
-    # made beside the native one by `cpbench build-kernel --march x86-64-v3` (.ci/run does), checked here.
+@pytest.mark.parametrize("march, simd, panel", [("x86-64-v3", "avx2", 32), ("x86-64-v2", "none", 0)])
+def test_the_portable_builds_are_exact(march, simd, panel):
+    # Machines without AVX-512: the x86-64-v3 build runs the AVX2 taps and 6x16 micro-kernel, the
+    # x86-64-v2 build the plain taps loops and MKL's GEMMs; both made beside the native one by
+    # `cpbench build-kernel --march ...` (.ci/run does), checked here on every tap count the AVX2 taps
+    # compile (slide widths 8 and 4), both halves of a 16-channel block, and whole and partial tiles.
     flags = fused._cpu_id().split()
-    if "avx2" not in flags or "fma" not in flags:
+    if march == "x86-64-v3" and ("avx2" not in flags or "fma" not in flags):
         pytest.skip("this CPU cannot run an AVX2 build")
-    reason = fused.kernel_status("x86-64-v3")
+    reason = fused.kernel_status(march)
     if reason:
         pytest.skip(reason)
-    assert fused.load_kernel("x86-64-v3").panel == 0  # no micro-kernel in this build
-    for geo, rank in [(dict(kernel_size=3, padding=1), 21), (dict(kernel_size=(5, 6), stride=2, groups=2), 9)]:
+    kernel = fused.load_kernel(march)
+    assert (kernel.simd, kernel.panel) == (simd, panel)
+    cases = [(dict(kernel_size=3, padding=1), 21), (dict(kernel_size=(5, 6), stride=2, groups=2), 9),
+             (dict(kernel_size=(9, 11), padding=(4, 5)), 13), (dict(kernel_size=(7, 2), dilation=(1, 2)), 6)]
+    for geo, rank in cases:
         block = _block(nn.Conv2d(8, 70, **geo), rank)
         x = torch.randn(2, 8, 15, 13)
-        fz = fused.CPFusedBlock(block, cache_bytes=0, march="x86-64-v3")
-        with torch.inference_mode():
-            ref = block(x)
-            assert rel_error(fz(x), ref) <= 1e-5
-            assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
+        for cache_bytes in (0, fused.CACHE_BYTES):  # streamed stores and prefetch, and plain ones
+            fz = fused.CPFusedBlock(block, cache_bytes=cache_bytes, march=march)
+            with torch.inference_mode():
+                ref = block(x)
+                assert rel_error(fz(x), ref) <= 1e-5
+                assert rel_error(fz(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

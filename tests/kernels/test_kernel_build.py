@@ -78,3 +78,23 @@ def test_the_build_key_holds_every_input(monkeypatch):
             assert fused.build_key() != key, name
     assert fused.build_key("x86-64-v3") != key
     assert fused.build_inputs("x86-64-v3")["cpu"] is None  # a portable build does not depend on the CPU
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(no_build, monkeypatch):
+    # torch's builder waits forever on a ``lock`` file a killed build left in the folder; cpbench's build
+    # holds its own OS lock, so a ``lock`` file it finds is stale and is removed before building
+    from torch.utils import cpp_extension
+
+    key, name, path = fused._library(fused.NATIVE)
+    path.parent.mkdir(parents=True)
+    (path.parent / "lock").touch()
+    seen = []
+
+    def compile_(**kwargs):
+        seen.append((path.parent / "lock").exists())
+        raise RuntimeError("stop here: the compiler was reached")
+
+    monkeypatch.setattr(cpp_extension, "load", compile_)
+    with pytest.raises(BackendError, match="the compiler was reached"):
+        fused.build_kernel()
+    assert seen == [False]
