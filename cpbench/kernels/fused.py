@@ -9,10 +9,8 @@ the taps in registers, the last 1×1 layer as a GEMM (plus bias) into the band's
 With AVX-512 the GEMMs are the kernel's own 14×32 register-blocked micro-kernel over weights packed
 once here (:func:`pack_panels`), with AVX2 and FMA a 6×16 one over the same panels; MKL's sgemm
 re-packs its operands on every call, which cost a band's small GEMMs ~30% (measured on AlexNet conv2 at
-R=100: the banded MKL GEMMs took 1.3× their whole-image time). On an AVX2 machine (AMD EPYC, Zen 3) the
-AVX2 path made the block 1.01–1.80× faster than the same kernel on MKL's GEMMs and plain taps loops over
-64 layer shapes of the user suite (geometric mean 1.32×). A build with neither (``--march x86-64-v2``)
-uses MKL's GEMMs. Images (or row ranges, when there are fewer images than
+R=100: the banded MKL GEMMs took 1.3× their whole-image time; the AVX2 path's gain is in docs/speed.md).
+A build with neither (``--march x86-64-v2``) uses MKL's GEMMs and plain taps loops. Images (or row ranges, when there are fewer images than
 threads) run in parallel on PyTorch's intra-op pool.
 
 The kernel is built by an explicit step, ``cpbench build-kernel`` (:func:`build_kernel`: g++ and ninja
