@@ -45,7 +45,8 @@ from torch import nn
 from ..errors import BackendError
 from ..nn.layers import CPBlock, out_len
 
-__all__ = ["CPFusedBlock", "Kernel", "KernelBuild", "pack_panels", "build_kernel", "load_kernel", "kernel_available",
+__all__ = ["CPFusedBlock", "Kernel", "KernelBuild", "pack_panels", "block_tensors", "geometry_arguments",
+           "kernel_arguments", "build_kernel", "load_kernel", "kernel_available",
            "kernel_status", "build_inputs", "build_key", "kernel_dir", "BAND_BYTES", "MIN_PARALLEL_MACS",
            "CACHE_BYTES"]
 
@@ -287,6 +288,34 @@ def pack_panels(w: torch.Tensor, panel: int) -> torch.Tensor:
     return padded.reshape(g, k, count, panel).permute(0, 2, 1, 3).contiguous()
 
 
+def block_tensors(block: CPBlock) -> dict[str, torch.Tensor | None]:
+    """A CP4 block's weights as the kernel reads them: ``w_in`` (G, Sg, R), ``taps_v`` (kh, G*R),
+    ``taps_h`` (kw, G*R), ``w_out`` (G, R, Tg), ``bias`` (T) or None; in the kernel's argument order."""
+    first, vert, hor, last = block
+    geo, g, r = block.geo, block.geo.groups, block.rank
+    return {"w_in": first.weight.detach().reshape(g, r, -1).transpose(1, 2).contiguous(),
+            "taps_v": vert.weight.detach().reshape(g * r, geo.kh).t().contiguous(),
+            "taps_h": hor.weight.detach().reshape(g * r, geo.kw).t().contiguous(),
+            "w_out": last.weight.detach().reshape(g, -1, r).transpose(1, 2).contiguous(),
+            "bias": None if last.bias is None else last.bias.detach().clone()}
+
+
+def geometry_arguments(block: CPBlock, band_bytes: int = BAND_BYTES, min_parallel_macs: int = MIN_PARALLEL_MACS,
+                       cache_bytes: int = CACHE_BYTES) -> tuple[int, ...]:
+    """The kernel's arguments after the packed weights: stride, dilation, zero padding, and the tuning."""
+    geo = block.geo
+    return (geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1], *geo.axis_padding(0),
+            *geo.axis_padding(1), int(band_bytes), int(min_parallel_macs), int(cache_bytes))
+
+
+def kernel_arguments(block: CPBlock, panel: int, **tuning: int) -> tuple:
+    """Every argument of ``cp_fused`` after the input, for a build whose micro-kernel reads ``panel``-wide
+    panels (:attr:`Kernel.panel`): for timing one build against another (benchmarks/scripts/fused_ab.py)."""
+    t = block_tensors(block)
+    return (*t.values(), pack_panels(t["w_in"], panel), pack_panels(t["w_out"], panel),
+            *geometry_arguments(block, **tuning))
+
+
 def _repack_after_load(module: "CPFusedBlock", _keys) -> None:
     """A module-level hook (a lambda would keep the block from pickling into a timing worker)."""
     module._repack()
@@ -312,19 +341,14 @@ class CPFusedBlock(nn.Module):
             raise ValueError("the fused form needs a CP4 block (separable spatial factors)")
         if block.geo.padding_mode != "zeros":
             raise ValueError(f"the fused form needs zero padding, not {block.geo.padding_mode!r}")
-        first, vert, hor, last = block
-        geo, g, r = block.geo, block.geo.groups, block.rank
-        self.geo, self.rank, self.band_bytes, self.march = geo, r, int(band_bytes), march
+        geo = block.geo
+        self.geo, self.rank, self.band_bytes, self.march = geo, block.rank, int(band_bytes), march
         self.min_parallel_macs, self.cache_bytes = int(min_parallel_macs), int(cache_bytes)
         # the kernel's geometry arguments, fixed by the block (zero padding never depends on the input size)
-        self._geo_args = (geo.stride[0], geo.stride[1], geo.dilation[0], geo.dilation[1], *geo.axis_padding(0),
-                          *geo.axis_padding(1), self.band_bytes, self.min_parallel_macs, self.cache_bytes)
+        self._geo_args = geometry_arguments(block, self.band_bytes, self.min_parallel_macs, self.cache_bytes)
         self._kept: tuple | None = None
-        self.register_buffer("w_in", first.weight.detach().reshape(g, r, -1).transpose(1, 2).contiguous())
-        self.register_buffer("w_out", last.weight.detach().reshape(g, -1, r).transpose(1, 2).contiguous())
-        self.register_buffer("bias", None if last.bias is None else last.bias.detach().clone())
-        self.register_buffer("taps_v", vert.weight.detach().reshape(g * r, geo.kh).t().contiguous())
-        self.register_buffer("taps_h", hor.weight.detach().reshape(g * r, geo.kw).t().contiguous())
+        for name, tensor in block_tensors(block).items():
+            self.register_buffer(name, tensor)
         load_kernel(march)  # fail here, one line, rather than at the first call; not kept (modules deep-copy)
         # The 1x1 weights again, in the micro-kernel's panels: derived, so not in the state dict, and
         # re-derived whenever one is loaded.

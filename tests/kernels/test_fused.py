@@ -236,3 +236,15 @@ def test_build_kernel_command_reports_the_build(capsys):
     out = capsys.readouterr().out
     assert "already built" in out and fused.build_key() in out and "torch.ops.cpbench.cp_fused" in out
     assert fused.build_inputs()["compiler"]["version"] in out
+
+
+def test_kernel_arguments_are_what_the_module_passes():
+    # the arguments a benchmark hands another build (benchmarks/scripts/fused_ab.py) are the module's own
+    block = _block(nn.Conv2d(6, 40, (3, 5), stride=(1, 2), padding=(1, 2), groups=2), 9)
+    fz = fused.CPFusedBlock(block)
+    kernel = fused.load_kernel()
+    x = torch.randn(2, 6, 11, 12)
+    with torch.inference_mode():
+        direct = kernel.module.cp_fused(x, *fused.kernel_arguments(block, kernel.panel))
+        torch.testing.assert_close(direct, fz(x), rtol=0, atol=0)
+        assert rel_error(direct, block(x)) <= 1e-5
