@@ -223,3 +223,27 @@ def test_a_remembered_form_choice_is_replayed_without_timing_and_checked_for_exa
             assert torch.allclose(model(x), other(x), rtol=1e-4, atol=1e-4)
     finally:
         use_choice_store(None)
+
+
+def test_a_new_fused_kernel_build_is_timed_again_not_replayed(tmp_path, monkeypatch):
+    # a choice timed against one build of the fused kernel says nothing about another build (a new
+    # source, compiler or torch): the build key is part of the remembered choice's key
+    from cpbench.kernels import fused
+    from cpbench.kernels.forms import optimize_cp_blocks, use_choice_store
+    from cpbench.tune.store import JsonStore
+
+    if not fused.kernel_available():
+        pytest.skip(fused.kernel_status() or "")
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    g = torch.Generator().manual_seed(0)
+    block = CPBlock(geometry(conv), torch.randn(1, 24, 8, generator=g), torch.randn(1, 16, 8, generator=g),
+                    h=torch.randn(1, 3, 8, generator=g), w=torch.randn(1, 3, 8, generator=g)).eval()
+    x = torch.randn(1, 16, 12, 12)
+    use_choice_store(JsonStore(tmp_path / "choices.json"))
+    try:
+        optimize_cp_blocks(block, x, threads=1, convs=False)
+        monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "another-build")
+        _, again = optimize_cp_blocks(block, x, threads=1, convs=False)
+        assert not again[0].tried.get("remembered")
+    finally:
+        use_choice_store(None)
