@@ -19,6 +19,15 @@ status
     a cell that was "ok" in A and failed in B is a regression.
 
 Cells present in only one run are listed, never counted as regressions.
+
+Shared shifts: cells of one batch size and thread count often move *together* between two runs on a
+shared machine (measured: three cached runs of the default matrix within 35 minutes, every batch-32 cell
+of one run 6-7% below the other two, every batch-1 cell of another 5% below; within a run the cells
+agreed to 3-4%). No cell's interval covers that, and a cell-by-cell verdict cannot tell it from a change
+that slowed every cell alike. :attr:`Comparison.shifts` gives, per (batch, threads) group of at least
+:data:`SHIFT_MIN_CELLS` cells, the median change of their speedups and how many moved each way; the
+printout names every group whose median moved by more than :data:`SHIFT_NOTE` so the verdicts can be
+read against it. It never changes a verdict.
 """
 from __future__ import annotations
 
@@ -43,10 +52,18 @@ __all__ = [
     "compare_runs",
     "print_comparison",
     "comparison_table",
+    "Shift",
+    "shared_shifts",
+    "SHIFT_MIN_CELLS",
+    "SHIFT_NOTE",
 ]
 
 AXES = AXIS_KEYS
 REL_ERROR_ABS_FLOOR = 1e-6
+#: Fewest cells of a (batch, threads) group whose shared shift is reported.
+SHIFT_MIN_CELLS = 4
+#: A group's median change of speedup printed as a shared shift above this (relative).
+SHIFT_NOTE = 0.03
 
 
 @dataclass
@@ -94,6 +111,7 @@ class Comparison:
     only_a: list[dict]
     only_b: list[dict]
     duplicates: list[str] = field(default_factory=list)  # one line per run whose file holds duplicated ok rows
+    shifts: list["Shift"] = field(default_factory=list)  # per (batch, threads) group: see the module docstring
 
     @property
     def regressions(self) -> list[tuple[CellComparison, MetricChange]]:
@@ -102,6 +120,47 @@ class Comparison:
     @property
     def improvements(self) -> list[tuple[CellComparison, MetricChange]]:
         return [(c, m) for c in self.cells for m in c.improvements]
+
+
+@dataclass(frozen=True)
+class Shift:
+    """The speedups of one (batch, threads) group of cells, B against A: their median relative change, and
+    how many cells were slower and faster in B."""
+
+    batch: Any
+    threads: Any
+    cells: int
+    median_change: float
+    slower: int
+    faster: int
+
+    def describe(self) -> str:
+        way = "slower" if self.median_change < 0 else "faster"
+        return (f"batch {self.batch}, {self.threads} thread(s): the {self.cells} cells moved together, median "
+                f"{100 * self.median_change:+.1f} % ({self.slower} slower, {self.faster} faster in B): B ran {way} "
+                f"as a whole, a change of the machine's state or one shared by every cell; the verdicts above "
+                f"judge each cell with it included")
+
+
+def shared_shifts(cells: list[CellComparison], min_cells: int = SHIFT_MIN_CELLS) -> list[Shift]:
+    """Per (batch, threads) group of at least ``min_cells`` cells with a speedup in both runs, the median
+    relative change of their speedups (as the change of the median log ratio). Pure."""
+    groups: dict[tuple, tuple[Any, Any, list[float]]] = {}
+    for c in cells:
+        m = c.metric("speedup")
+        if m is None or not m.a or not m.b or m.a <= 0 or m.b <= 0:
+            continue
+        batch, threads = c.axes.get("batch"), c.axes.get("threads")
+        groups.setdefault((_canon(batch), _canon(threads)), (batch, threads, []))[2].append(math.log(m.b / m.a))
+    out = []
+    for _, (batch, threads, logs) in sorted(groups.items()):
+        if len(logs) < min_cells:
+            continue
+        logs.sort()
+        n = len(logs)
+        med = logs[n // 2] if n % 2 else (logs[n // 2 - 1] + logs[n // 2]) / 2
+        out.append(Shift(batch, threads, n, math.exp(med) - 1, sum(x < 0 for x in logs), sum(x > 0 for x in logs)))
+    return out
 
 
 # -- loading and matching -------------------------------------------------------------------
@@ -273,7 +332,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, threshold: float = 0.05,
              for a, b, how in pairs]
     dups = [f"run {which}: " + d.message(p) for which, p, rows in (("A", pa, rows_a), ("B", pb, rows_b))
             if (d := latest_rows(rows)[1])]
-    return Comparison(pa, pb, float(threshold), float(accuracy_threshold), cells, only_a, only_b, dups)
+    return Comparison(pa, pb, float(threshold), float(accuracy_threshold), cells, only_a, only_b, dups,
+                      shared_shifts(cells))
 
 
 # -- display ----------------------------------------------------------------------------------
@@ -362,6 +422,9 @@ def print_comparison(result: Comparison, console=None) -> None:
     summary = (f"{len(result.cells)} cells compared, {len(result.only_a)} only in A, {len(result.only_b)} only in B; "
                f"threshold {100 * result.threshold:.0f} % relative, accuracy {result.accuracy_threshold:g} points")
     console.print(summary, highlight=False)
+    for shift in result.shifts:
+        if abs(shift.median_change) > SHIFT_NOTE:
+            console.print(f"[yellow]shared shift[/yellow]: {shift.describe()}", highlight=False)
     if n_reg:
         console.print(f"[red]{n_reg} regression(s)[/red] in {len({id(c) for c, _ in result.regressions})} cell(s)")
     else:

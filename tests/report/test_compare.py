@@ -143,3 +143,24 @@ def test_print_comparison_renders_without_console_argument(tmp_path, capsys):
     a = write(tmp_path, "a", [row()])
     print_comparison(compare_runs(a, a))
     assert "speedup A" in capsys.readouterr().out
+
+
+def test_cells_of_one_batch_that_move_together_are_named_as_a_shared_shift(tmp_path, capsys):
+    # six batch-32 cells all ~6% slower in B (overlapping intervals: no verdict changes), four batch-1
+    # cells unchanged, and two batch-8 cells (too few to call a group)
+    a_rows, b_rows = [], []
+    for i, (batch, factor) in enumerate([(32, 0.94)] * 6 + [(1, 1.0)] * 4 + [(8, 0.9)] * 2):
+        sp = 2.0 + 0.1 * i
+        a_rows.append(row(f"k{i}", batch=batch, speedup=sp, speedup_ci=[sp * 0.9, sp * 1.1]))
+        b_rows.append(row(f"k{i}", batch=batch, speedup=sp * factor, speedup_ci=[sp * factor * 0.9, sp * factor * 1.1]))
+    a, b = write(tmp_path, "a", a_rows), write(tmp_path, "b", b_rows)
+    res = compare_runs(a, b)
+    assert not res.regressions
+    by_batch = {s.batch: s for s in res.shifts}
+    assert set(by_batch) == {1, 32}  # batch 8 has two cells: no group
+    assert by_batch[32].median_change == pytest.approx(-0.06) and (by_batch[32].slower, by_batch[32].cells) == (6, 6)
+    assert by_batch[1].median_change == pytest.approx(0.0) and by_batch[1].slower == by_batch[1].faster == 0
+    assert cli(a, b) == 0
+    out = capsys.readouterr().out
+    assert "shared shift" in out and "batch 32, 1 thread(s)" in out and "-6.0 %" in out
+    assert "batch 1," not in out  # an unmoved group is not printed
