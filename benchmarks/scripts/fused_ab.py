@@ -29,8 +29,11 @@ for p in (_ROOT / "plugins", _ROOT):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from cpbench.decomposition.ranks import resolve_rank  # noqa: E402
 from cpbench.kernels import fused  # noqa: E402
+from cpbench.nn.flops import theoretical_speedup  # noqa: E402
 from cpbench.nn.layers import CPBlock, geometry  # noqa: E402
+from cpbench.plugin.manager import get_plugins  # noqa: E402
 
 #: name: (in channels, out channels, kernel, input size, padding): the user suite's ungrouped shapes
 LAYERS = {"64-64-k3@56": (64, 64, 3, 56, 1), "128-128-k3@28": (128, 128, 3, 28, 1),
@@ -88,13 +91,15 @@ def main(argv=None) -> int:
     print(f"{'layer':15} {'spec':>4} {'R':>5} {'b':>3} {'dense ms':>9} {'old ms':>8} {'new ms':>8} {'old/new':>8} "
           f"{'[p10, p90]':>13} {'eff old':>7} {'eff new':>7}")
     ratios = []
+    cp = get_plugins().decomposers.get("cp-nls")  # ``speedup:X`` resolved as `cpbench run` resolves it
     with torch.inference_mode():
         for name in (args.layers.split(",") if args.layers else LAYERS):
             s, t, k, size, pad = LAYERS[name]
-            for spec in (float(x) for x in args.specs.split(",")):
-                rank = max(1, round(k * k * s * t / (spec * (s + 2 * k + t))))
-                theo = k * k * s * t / (rank * (s + 2 * k + t))
-                conv, block = random_block(s, t, k, pad, rank)
+            for spec in args.specs.split(","):
+                conv = nn.Conv2d(s, t, k, padding=pad)
+                rank, _ = resolve_rank(f"speedup:{spec}", cp, conv.weight, geometry(conv), (size, size), layer=name)
+                conv, block = random_block(s, t, k, pad, int(rank))
+                theo = theoretical_speedup(conv, block, torch.randn(1, s, size, size))
                 call = {tag: fused.kernel_arguments(block, m.panel) for tag, m in builds.items()}
                 dense = conv.to(memory_format=torch.channels_last)
                 for b in (int(x) for x in args.batches.split(",")):
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
                     ratio = statistics.median(rat)
                     ratios.append(ratio)
                     p10, p90 = rat[len(rat) // 10], rat[-len(rat) // 10 - 1]
-                    print(f"{name:15} {spec:4g} {rank:5d} {b:3d} {med['dense'] * 1e3:9.3f} {med['old'] * 1e3:8.3f} "
+                    print(f"{name:15} {spec:>4} {rank:5d} {b:3d} {med['dense'] * 1e3:9.3f} {med['old'] * 1e3:8.3f} "
                           f"{med['new'] * 1e3:8.3f} {ratio:8.3f} [{p10:5.2f},{p90:5.2f}] "
                           f"{med['dense'] / med['old'] / theo:7.2f} {med['dense'] / med['new'] / theo:7.2f}", flush=True)
     print(f"old/new over {len(ratios)} cells: geometric mean {math.exp(statistics.mean(map(math.log, ratios))):.3f}, "
