@@ -24,7 +24,6 @@ implementation (:func:`_fake_cp_fused`), so ``torch.compile`` and ``torch.export
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -227,6 +226,8 @@ def build_kernel(march: str = NATIVE, *, verbose: bool = False) -> KernelBuild:
     # leaves behind, and every later build then waits on it forever, silently. cpbench's builds of one
     # key take an OS lock instead (released when its holder dies, however it dies): whoever holds it is
     # the only builder, so a ``lock`` file found then is stale and goes.
+    import fcntl  # POSIX, like the build itself (g++, ninja); imported here so that loading never needs it
+
     with open(path.parent / _BUILD_LOCK, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another cpbench build of this key: wait for it, then load its build
         try:
