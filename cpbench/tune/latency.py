@@ -79,11 +79,16 @@ PairTimer = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor], Timed]
 
 
 def machine_key() -> dict:
-    """What identifies a machine for cached latencies: CPU, cores, torch build."""
+    """What identifies a machine for cached latencies: CPU, cores, torch build, and the build of the fused
+    CP kernel the optimising backends may run (a new build — another source, compiler or torch — is timed
+    anew, not read from latencies of the old one)."""
+    from ..kernels import fused
     from ..measure.machine import static_machine_info
 
     m = static_machine_info()
-    return {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
+    key = {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
+    key["fused_kernel"] = fused.build_key() if fused.kernel_available() else None
+    return key
 
 
 def backend_timer(backend: Any, threads: int, budget: Any, *, processes: int = 0) -> PairTimer:

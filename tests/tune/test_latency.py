@@ -135,3 +135,23 @@ def test_real_timer_runs_on_a_tiny_layer(tmp_path):
                           TimingBudget(warmup=1, min_rounds=3, max_rounds=6, budget_s=0.2, min_round_s=0.0005))
     got = timer(nn.Conv2d(4, 8, 3), nn.Conv2d(4, 8, 1), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8))
     assert got.speedup > 0 and got.speedup_ci[0] <= got.speedup <= got.speedup_ci[1]
+
+
+def test_a_new_fused_kernel_build_is_another_machine_for_cached_latencies(tmp_path, monkeypatch):
+    # latencies timed with one build of the fused kernel are not read back for another build
+    from cpbench.kernels import fused
+    from cpbench.tune.latency import machine_key
+
+    monkeypatch.setattr(fused, "kernel_available", lambda march=fused.NATIVE: True)
+    monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "build-a")
+    a = machine_key()
+    monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "build-b")
+    b = machine_key()
+    assert a != b and a["fused_kernel"] == "build-a"
+    t = CountingTimer()
+    net = nn.Sequential(nn.Conv2d(8, 16, 3))
+    LatencyTable.for_run(tmp_path, backend="mkl", threads=1, timer=t, machine=a).network_ratio(
+        "net", "v", net, lambda: nn.Sequential(nn.Conv2d(8, 4, 3)), (1, 8, 10, 10))
+    LatencyTable.for_run(tmp_path, backend="mkl", threads=1, timer=t, machine=b).network_ratio(
+        "net", "v", net, lambda: nn.Sequential(nn.Conv2d(8, 4, 3)), (1, 8, 10, 10))
+    assert t.calls == 2  # timed again under the new build
