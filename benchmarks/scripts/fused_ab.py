@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     builds = {"old": compile_source(args.old, "old", args.build_dir), "new": compile_source(args.new, "new", args.build_dir)}
-    print(f"old: {args.old} (micro-kernel {getattr(builds['old'], 'simd', 'avx512' if builds['old'].panel else 'none')}); "
-          f"new: {args.new} (micro-kernel {getattr(builds['new'], 'simd', 'avx512' if builds['new'].panel else 'none')}); "
+    print(f"old: {args.old} (micro-kernel {fused.simd_of(builds['old'])}); "
+          f"new: {args.new} (micro-kernel {fused.simd_of(builds['new'])}); "
           f"{args.threads} thread(s)", flush=True)
     print(f"{'layer':15} {'spec':>4} {'R':>5} {'b':>3} {'dense ms':>9} {'old ms':>8} {'new ms':>8} {'old/new':>8} "
           f"{'[p10, p90]':>13} {'eff old':>7} {'eff new':>7}")

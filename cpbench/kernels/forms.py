@@ -529,7 +529,7 @@ def _choice_key(module: nn.Module, shape: tuple, layout: str, threads: int | Non
     machine = {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
     # A new build of the fused kernel (another source, compiler or torch) may be faster or slower than the
     # one a remembered choice was timed against: its build key is part of the choice's.
-    kernel = fused.build_key() if "cp4-fused" in forms else None
+    kernel = fused.loaded_build_key() if "cp4-fused" in forms else None
     return key_of("form-choice", _CHOICES_VERSION, machine, repr(module), list(shape), layout, threads, built,
                   sorted(forms), torch.get_num_threads() if threads is None else threads, kernel)
 

@@ -10,8 +10,8 @@ With AVX-512 the GEMMs are the kernel's own 14×32 register-blocked micro-kernel
 once here (:func:`pack_panels`), with AVX2 and FMA a 6×16 one over the same panels; MKL's sgemm
 re-packs its operands on every call, which cost a band's small GEMMs ~30% (measured on AlexNet conv2 at
 R=100: the banded MKL GEMMs took 1.3× their whole-image time; the AVX2 path's gain is in docs/speed.md).
-A build with neither (``--march x86-64-v2``) uses MKL's GEMMs and plain taps loops. Images (or row ranges, when there are fewer images than
-threads) run in parallel on PyTorch's intra-op pool.
+A build with neither (``--march x86-64-v2``) uses MKL's GEMMs and plain taps loops. Images (or row
+ranges, when there are fewer images than threads) run in parallel on PyTorch's intra-op pool.
 
 The kernel is built by an explicit step, ``cpbench build-kernel`` (:func:`build_kernel`: g++ and ninja
 through ``torch.utils.cpp_extension``, about a minute), into a directory named by its build key (every
@@ -45,7 +45,7 @@ from ..errors import BackendError
 from ..nn.layers import CPBlock, out_len
 
 __all__ = ["CPFusedBlock", "Kernel", "KernelBuild", "pack_panels", "block_tensors", "geometry_arguments",
-           "kernel_arguments", "build_kernel", "load_kernel", "kernel_available",
+           "kernel_arguments", "simd_of", "loaded_build_key", "build_kernel", "load_kernel", "kernel_available",
            "kernel_status", "build_inputs", "build_key", "kernel_dir", "BAND_BYTES", "MIN_PARALLEL_MACS",
            "CACHE_BYTES"]
 
@@ -179,8 +179,7 @@ def _register(march: str, key: str, path: Path, module: ModuleType) -> Kernel:
     if ns not in _FAKES:  # once per process and namespace (torch.library refuses a second)
         torch.library.register_fake(f"{ns}::cp_fused")(_fake_cp_fused)
         _FAKES.add(ns)
-    kernel = _LOADED[march] = Kernel(march, key, path, module, op, int(module.panel),
-                                            str(getattr(module, "simd", "avx512" if module.panel else "none")))
+    kernel = _LOADED[march] = Kernel(march, key, path, module, op, int(module.panel), simd_of(module))
     return kernel
 
 
@@ -202,6 +201,20 @@ def load_kernel(march: str = NATIVE) -> Kernel:
         raise BackendError(f"the fused CP kernel at {path} does not load ({type(exc).__name__}: {exc}); "
                            f"rebuild it with `cpbench build-kernel`") from exc
     return _register(march, key, path, module)
+
+
+def simd_of(module: ModuleType) -> str:
+    """A build's vector extension; builds of sources older than the AVX2 path say only their panel width."""
+    return str(getattr(module, "simd", "avx512" if module.panel else "none"))
+
+
+def loaded_build_key(march: str = NATIVE) -> str | None:
+    """The build key of the kernel this process runs (loaded once), or None where it is not built: what a
+    cached timing made with the kernel is keyed by, so a new build is timed anew."""
+    try:
+        return load_kernel(march).key
+    except BackendError:
+        return None
 
 
 def build_kernel(march: str = NATIVE, *, verbose: bool = False) -> KernelBuild:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,8 @@ def shared_shifts(cells: list[CellComparison], min_cells: int = SHIFT_MIN_CELLS)
     for _, (batch, threads, logs) in sorted(groups.items()):
         if len(logs) < min_cells:
             continue
-        logs.sort()
-        n = len(logs)
-        med = logs[n // 2] if n % 2 else (logs[n // 2 - 1] + logs[n // 2]) / 2
-        out.append(Shift(batch, threads, n, math.exp(med) - 1, sum(x < 0 for x in logs), sum(x > 0 for x in logs)))
+        out.append(Shift(batch, threads, len(logs), math.exp(statistics.median(logs)) - 1,
+                         sum(x < 0 for x in logs), sum(x > 0 for x in logs)))
     return out
 
 

@@ -87,7 +87,7 @@ def machine_key() -> dict:
 
     m = static_machine_info()
     key = {k: m.get(k) for k in ("hostname", "cpu_model", "logical_cores", "torch", "cpu_capability")}
-    key["fused_kernel"] = fused.build_key() if fused.kernel_available() else None
+    key["fused_kernel"] = fused.loaded_build_key()
     return key
 
 

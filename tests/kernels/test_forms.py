@@ -242,7 +242,7 @@ def test_a_new_fused_kernel_build_is_timed_again_not_replayed(tmp_path, monkeypa
     use_choice_store(JsonStore(tmp_path / "choices.json"))
     try:
         optimize_cp_blocks(block, x, threads=1, convs=False)
-        monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "another-build")
+        monkeypatch.setattr(fused, "loaded_build_key", lambda march=fused.NATIVE: "another-build")
         _, again = optimize_cp_blocks(block, x, threads=1, convs=False)
         assert not again[0].tried.get("remembered")
     finally:

@@ -142,10 +142,9 @@ def test_a_new_fused_kernel_build_is_another_machine_for_cached_latencies(tmp_pa
     from cpbench.kernels import fused
     from cpbench.tune.latency import machine_key
 
-    monkeypatch.setattr(fused, "kernel_available", lambda march=fused.NATIVE: True)
-    monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "build-a")
+    monkeypatch.setattr(fused, "loaded_build_key", lambda march=fused.NATIVE: "build-a")
     a = machine_key()
-    monkeypatch.setattr(fused, "build_key", lambda march=fused.NATIVE: "build-b")
+    monkeypatch.setattr(fused, "loaded_build_key", lambda march=fused.NATIVE: "build-b")
     b = machine_key()
     assert a != b and a["fused_kernel"] == "build-a"
     t = CountingTimer()
