@@ -240,6 +240,9 @@ class Tuner:
         # they narrow each later target's drop rounds (hold_drop's ``known``), and a drop round whose
         # search finds only plans already fine-tuned refines the grid between them (refine)
         self.finetuned: dict[int, list[Attempt]] = {}
+        # their rows and plans, per batch, by plan key: a target whose own attempts lost the drop keeps an
+        # earlier target's plan that held it at a higher measured speed (hold_drop)
+        self.finished: dict[int, dict[tuple, tuple[dict, Plan]]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
@@ -637,7 +640,9 @@ class Tuner:
         finished: dict[tuple, Attempt] = {}
         last: list[Attempt] = []
         done = self.finetuned.setdefault(batch, [])
-        known = list(done)  # the earlier targets'
+        results = self.finished.setdefault(batch, {})
+        # the earlier targets', carrying their rows and plans: hold_drop may keep one of them
+        known = [replace(a, payload=results[_plan_key(a.payload)]) for a in done]
         refined: list[str] = []
 
         def attempt(t: float) -> Attempt:
@@ -648,14 +653,14 @@ class Tuner:
                              f"lost more than {self.request.max_drop:g} points; trying a slower one")
                           + f", searched at {t:.2f}x")
             outcome = self.plan(prepared, t, batch)
-            key = tuple(sorted(outcome.selection.labels().items()))
+            key = _plan_key(outcome.selection.labels())
             if last and _fine_tuned(done, key):
                 ends = _bracket(done, self.request.max_drop)
                 added = self.refine(prepared, *ends, batch) if ends else []
                 if added:
                     refined.extend(added)
                     outcome = self.plan(prepared, t, batch)
-                    key = tuple(sorted(outcome.selection.labels().items()))
+                    key = _plan_key(outcome.selection.labels())
             if key in finished:
                 last.append(replace(finished[key], target=t))
                 return last[-1]
@@ -663,11 +668,13 @@ class Tuner:
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
             finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
             done.append(Attempt(t, row["speedup"], row.get("accuracy_drop"), dict(key)))
+            results[key] = (row, plan)
             last.append(finished[key])
             return finished[key]
 
         kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known)
-        row, plan = kept.payload
+        row, plan = kept.payload if any(a is kept for a in tried) else \
+            _adopted(*kept.payload, cell or self.target_cell(target, batch), target)
         row["tune_drop_rounds"] = len(tried) - 1
         row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
                                        "speedup": a.speedup, "speedup_ci": a.payload[0].get("speedup_ci"),
@@ -713,6 +720,15 @@ class Tuner:
                                            losses[_cand_key(c)]) for c in cs]
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
+    def target_cell(self, target: float, batch: int):
+        """The cell a tuned row of ``target`` stands for (when the tune does not run for a matrix's)."""
+        from ..run.matrix import Cell
+
+        req = self.request
+        return Cell(model=dict(req.model), layers=list(self.layers), decomposer={"name": "tuned"},
+                    rank={"target_speedup": target}, backend=req.backend, threads=req.threads, batch=batch,
+                    finetune_epochs=req.finetune_epochs, seed=req.seed)
+
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
                *, started: float | None = None, cell=None) -> tuple[dict, Plan]:
         """The verified plan through a cell's stages — evaluate, fine-tune, FLOPs, measure — and its
@@ -720,16 +736,13 @@ class Tuner:
         from ..nn.surgery import layer_input_shapes, replace_layers
         from ..run import stages
         from ..run.cell import _machine, axes_result, record, versions
-        from ..run.matrix import Cell
 
         req = self.request
         batch = batch or req.batch
         started = started or time.time()
         sel = outcome.selection
         replaced = [n for n, o in sel.choice.items() if not o.candidate.is_keep]
-        cell = cell or Cell(model=dict(req.model), layers=list(self.layers), decomposer={"name": "tuned"},
-                            rank={"target_speedup": target}, backend=req.backend, threads=req.threads, batch=batch,
-                            finetune_epochs=req.finetune_epochs, seed=req.seed)
+        cell = cell or self.target_cell(target, batch)
         base_net = self.base()
         x1 = torch.randn(1, *self.input_shape(1)[1:], generator=torch.Generator().manual_seed(req.seed))
         base = stages.Base(spec=dict(req.model), model=base_net, plugin=self.model_plugin, layers=replaced,
@@ -817,8 +830,28 @@ class Tuner:
         return stages.compress(one, self.decomposer(cand.method), cell, self.ctx)
 
 
+def _plan_key(labels: dict[str, str]) -> tuple:
+    return tuple(sorted(labels.items()))
+
+
 def _fine_tuned(done: Sequence[Attempt], key: tuple) -> bool:
-    return any(tuple(sorted(a.payload.items())) == key for a in done)
+    return any(_plan_key(a.payload) == key for a in done)
+
+
+def _adopted(row: dict, plan: Plan, cell, target: float) -> tuple[dict, Plan]:
+    """An earlier target's fine-tuned plan, kept for ``target`` (hold_drop): its row and plan copied,
+    made the row of ``cell`` (the target's) and the target it was tuned for recorded as
+    ``tune.kept_from_target``."""
+    import copy
+
+    from ..run.results import jsonable
+
+    row, plan = copy.deepcopy(row), copy.deepcopy(plan)
+    source = row["tune"]["target_speedup"]
+    row.update(cell_key=cell.key, axes=jsonable(cell.axes()), rank_spec=cell.rank)
+    row["tune"]["target_speedup"] = plan.meta["target_speedup"] = target
+    row["tune"]["kept_from_target"] = plan.meta["kept_from_target"] = source
+    return row, plan
 
 
 def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], dict[str, str]] | None:

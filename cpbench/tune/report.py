@@ -77,7 +77,9 @@ TARGET_COLUMNS = ("target", "plan", "predicted", "measured [95% CI]", "acc base"
 
 
 def _target_cells(r: dict) -> list[str]:
-    return [f"{r['rank_spec']['target_speedup']:g}x", _plan_cell(r), _num(r.get("predicted_speedup")), _ci(r),
+    source = (r.get("tune") or {}).get("kept_from_target")
+    target = f"{r['rank_spec']['target_speedup']:g}x" + (f" (the {source:g}x plan)" if source is not None else "")
+    return [target, _plan_cell(r), _num(r.get("predicted_speedup")), _ci(r),
             _pct(r.get("accuracy_base")), _pct(r.get("accuracy_decomposed")), _pct(r.get("accuracy_finetuned")),
             _num(r.get("accuracy_drop")), str(r.get("tune_rounds")), "yes" if r.get("tune_met") else "no"]
 

@@ -162,7 +162,8 @@ def test_without_an_accuracy_to_hold_the_first_plan_is_kept():
 def test_a_bracket_narrower_than_five_percent_stops_the_steps():
     ft = FakeFineTune(0.5)
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[Attempt(8.8, 8.8, 0.5)])
-    assert len(tried) == 1 and kept.target == 9.0  # nothing between 8.8x and 9x is worth a fine-tuning
+    assert len(tried) == 1  # nothing between 8.8x and 9x is worth a fine-tuning
+    assert kept.target == 8.8 and kept.holds(1.0)  # the known plan that held, not the 9x one that lost
 
 
 # -- an overshoot: the model was pessimistic, the plan faster than the target asked ------------

@@ -366,3 +366,36 @@ def test_a_search_below_every_target_admits_the_candidates_pruned_for_them(tmp_p
     assert out.selection.labels() == {"conv": "spatial-svd:5"}  # 2.7x: the least loss at 2x, pruned at 4x
     assert "spatial-svd:5" not in prepared.out_of_reach["conv"] and prepared.loosest == pytest.approx(0.5)
     assert "spatial-svd:10" in prepared.out_of_reach["conv"]  # 1.5x: still out of reach at 2x
+
+
+def test_a_target_whose_plans_lose_the_drop_keeps_an_earlier_targets_faster_plan_that_held(tmp_path, monkeypatch):
+    """An earlier target's plan measured faster than this target and held the drop; this target's own
+    plan lost it. The kept plan is the earlier one, as this target's row (its cell key, its target),
+    not a plan that lost the drop (seen on the character network: the 9x target kept 8.59x and 1.41
+    points lost while the 8x target's plan measured 9.90x and lost 0.43)."""
+    from types import SimpleNamespace
+
+    from cpbench.tune.pipeline import Tuner
+
+    tuner = Tuner(_request(decomposers=("spatial-svd",), max_drop=1.0, drop_rounds=2),
+                  ctx=RunContext(cache_dir=str(tmp_path / "cache")), timer=ParamTimer())
+    prepared = tuner.prepare(budgets=[1 / 2.0])
+
+    def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):  # fine-tuning, faked
+        cell = tuner.target_cell(target, 1)
+        fast = target == 2.0  # the 2x target's plan "measures" 6x and holds; every other plan loses
+        row = {"speedup": 6.0 if fast else outcome.measured.speedup, "accuracy_drop": 0.5 if fast else 5.0,
+               "cell_key": cell.key, "rank_spec": cell.rank, "tune": {"plan": outcome.selection.labels(),
+                                                                      "target_speedup": target}}
+        return row, SimpleNamespace(meta={"target_speedup": target})
+
+    monkeypatch.setattr(tuner, "finish", finish)
+    first, _, _ = tuner.tune_target(prepared, 2.0)
+    row, plan, tried = tuner.tune_target(prepared, 3.0)
+    assert [a.drop for a in tried] == [5.0]  # its own plan lost; nothing between 6x held and it to try
+    assert row["speedup"] == 6.0 and row["accuracy_drop"] == 0.5 and row["tune"]["plan"] == first["tune"]["plan"]
+    assert row["rank_spec"] == {"target_speedup": 3.0} and row["cell_key"] == tuner.target_cell(3.0, 1).key
+    assert row["tune"]["kept_from_target"] == 2.0
+    assert plan.meta == {"target_speedup": 3.0, "kept_from_target": 2.0, "searched_target": 2.0}
+    assert first["rank_spec"] == {"target_speedup": 2.0} and "kept_from_target" not in first["tune"]  # a copy
+    assert row["tune"]["drop_rounds"][0]["kept"] is False
