@@ -12,7 +12,8 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
    A candidate slower than the layer it replaces is dropped here: "leave it" is faster and loses nothing;
 3. **sensitivity**: the KL divergence from the baseline on the validation split (or the accuracy lost) with only that layer replaced, before fine-tuning
    (the fidelity — top-1 agreement with the baseline on random inputs — for models without a data
-   set; or the reconstruction error, a cheap prior, with ``sensitivity="error"``);
+   set; or the reconstruction error, a cheap prior, with ``sensitivity="error"``), computed lazily:
+   only for the candidates a search's plan holds (:func:`.search.lazy_plans`), each a decomposition;
 4. **search** (:mod:`.search`) and **verify** (:mod:`.loop`): the plan of least predicted loss within
    the latency budget, built and timed whole against the baseline; on a miss beyond the interval the
    budget is tightened by the miss and the search runs again;
@@ -42,7 +43,7 @@ from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, calibrated, predicted_cost, savings_calibration
 from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS, Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
 from .plan import LayerChoice, Plan
-from .search import Option, Selection, check_reach, infeasible, shaped_plans
+from .search import Option, Selection, check_reach, infeasible, lazy_plans, shaped_plans
 from .store import JsonStore
 
 __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
@@ -244,6 +245,8 @@ class Tuner:
         # earlier target's plan that held it at a higher measured speed (hold_drop)
         self.finished: dict[int, dict[tuple, tuple[dict, Plan]]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
+        self._losses: dict[str, float] = {}  # sensitivities computed or read in this tune, by _cand_key
+        self._resolve_seconds = 0.0  # spent computing sensitivities a search needed (lazy)
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
                                                     processes=DEFAULT_PROCESSES)
@@ -422,10 +425,8 @@ class Tuner:
                 out_of_reach[n] = [c.label for c in reserve[n]]
                 kept[n] = [c for i, c in enumerate(kept[n]) if i not in set(idx)]
         t0 = time.perf_counter()
-        losses = self.sensitivities(kept, self.layer_shapes(1))
+        options = {n: self._options(kept[n], shares[n], timed, calibration["factor"]) for n in self.layers}
         seconds["sensitivity"] = time.perf_counter() - t0
-        options = {n: [Option(c, _cost(shares[n], timed[_cand_key(c)], calibration["factor"]), losses[_cand_key(c)])
-                       for c in kept[n]] for n in self.layers}
         return Prepared(list(self.layers), rest, shares, options, timed, dropped=dropped, out_of_reach=out_of_reach,
                         seconds=seconds, calibration=calibration, reserve=reserve, loosest=loosest)
 
@@ -476,8 +477,10 @@ class Tuner:
         return {"factor": savings_calibration(predicted, 1.0 / t.speedup), "plan": {n: c.label for n, c in replaced.items()},
                 "predicted_speedup_alone": 1.0 / predicted, "speedup": t.speedup, "speedup_ci": list(t.speedup_ci)}
 
-    def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple]) -> dict[str, float]:
-        """Points lost with only each candidate's layer replaced (0 for "leave it"), cached."""
+    def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple], *,
+                      compute: bool = True) -> dict[str, float]:
+        """Points lost with only each candidate's layer replaced (0 for "leave it"), cached on disk and in
+        this tuner; ``compute = False``: only those already known (the others left out)."""
         from ..nn.surgery import replace_layers
         from ..run.stages import weights_key
 
@@ -493,7 +496,10 @@ class Tuner:
                     continue
                 dec = self.decomposer(c.method)
                 key = key_of(context, c.layer, c.method, getattr(dec, "version", "0"), c.rank)
-                hit = store.get(key)
+                hit = self._losses.get(_cand_key(c))
+                hit = store.get(key) if hit is None else hit
+                if hit is None and not compute:
+                    continue
                 if hit is None:
                     self.step(f"sensitivity of {n} {c.label} ({mode})")
                     in_hw = shapes1[n][-2:]
@@ -502,7 +508,7 @@ class Tuner:
                     else:
                         hit = score(replace_layers(self.base(), {n: self.module(c, in_hw)}).eval())
                     store.put(key, hit)
-                out[_cand_key(c)] = float(hit)
+                self._losses[_cand_key(c)] = out[_cand_key(c)] = float(hit)
         return out
 
     def _scorer(self, mode: str) -> Callable[[nn.Module], float]:
@@ -577,7 +583,15 @@ class Tuner:
         With ``sensitivity = "error"`` (no data to score on) the plain search. Each call is logged in
         :attr:`joint_log` (the row's ``tune.joint``)."""
         mode = self.sensitivity_mode
-        plans = shaped_plans(prepared.options, prepared.rest, budget, (1.0,) if mode == "error" else JOINT_EXPONENTS)
+        exponents = (1.0,) if mode == "error" else JOINT_EXPONENTS
+        if self.lazy:
+            for opts in prepared.options.values():  # those another search (another calibration's copy) computed
+                for i, o in enumerate(opts):
+                    if not o.known and _cand_key(o.candidate) in self._losses:
+                        opts[i] = replace(o, loss=self._losses[_cand_key(o.candidate)], known=True)
+            plans = lazy_plans(prepared.options, prepared.rest, budget, self._resolve, exponents)
+        else:
+            plans = shaped_plans(prepared.options, prepared.rest, budget, exponents)
         if len(plans) == 1:
             return plans[0][1]
         if self._joint_scorer is None:
@@ -711,13 +725,34 @@ class Tuner:
         return [f"{n} {c.label}" for n, cs in added.items() for c in cs]
 
     def _add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
-        """Timed candidates scored (:meth:`sensitivities`) and added to ``prepared``'s options, costed at
-        its calibration."""
-        losses = self.sensitivities(cands, self.layer_shapes(1))
-        factor = prepared.calibration["factor"]
+        """Timed candidates added to ``prepared``'s options, costed at its calibration and scored as the
+        grid's are (:meth:`_options`)."""
         for n, cs in cands.items():
-            prepared.options[n] += [Option(c, _cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor),
-                                           losses[_cand_key(c)]) for c in cs]
+            prepared.options[n] += self._options(cs, prepared.shares[n], prepared.timed, prepared.calibration["factor"])
+
+    @property
+    def lazy(self) -> bool:
+        """Sensitivities computed only when a search needs them (:func:`~cpbench.tune.search.lazy_plans`,
+        0 the lower bound): every mode but ``accuracy``, whose loss can be negative (a replaced layer
+        that happens to gain accuracy on the split), has losses ≥ 0."""
+        return self.sensitivity_mode != "accuracy"
+
+    def _options(self, cands: list[Candidate], share: float, timed: dict[str, Timed], factor: float) -> list[Option]:
+        """The options of one layer's candidates: their calibrated costs and their sensitivities, those
+        not yet computed (and not cached) left unknown at their lower bound 0 when :attr:`lazy`."""
+        if not cands:
+            return []
+        n = cands[0].layer
+        losses = self.sensitivities({n: cands}, self.layer_shapes(1), compute=not self.lazy)
+        return [Option(c, _cost(share, timed[_cand_key(c)], factor), losses.get(_cand_key(c), 0.0),
+                       known=_cand_key(c) in losses) for c in cands]
+
+    def _resolve(self, pending: dict[str, list[Option]]) -> dict[str, list[Option]]:
+        """``pending``'s options with their sensitivities computed (lazy_plans's ``resolve``)."""
+        t0 = time.perf_counter()
+        losses = self.sensitivities({n: [o.candidate for o in opts] for n, opts in pending.items()}, self.layer_shapes(1))
+        self._resolve_seconds += time.perf_counter() - t0
+        return {n: [replace(o, loss=losses[_cand_key(o.candidate)], known=True) for o in opts] for n, opts in pending.items()}
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def target_cell(self, target: float, batch: int):
@@ -781,7 +816,11 @@ class Tuner:
                        "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop, "target_speedup": target,
                        "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
                        "dropped_slower_than_layer": prepared.dropped,
-                       "dropped_out_of_reach": prepared.out_of_reach, "stage_seconds": prepared.seconds,
+                       "dropped_out_of_reach": prepared.out_of_reach,
+                       "stage_seconds": {**prepared.seconds,
+                                         "sensitivity": prepared.seconds.get("sensitivity", 0.0) + self._resolve_seconds},
+                       "sensitivities": {"lazy": self.lazy, "known": len(self._losses),
+                                         "candidates": sum(not o.candidate.is_keep for opts in prepared.options.values() for o in opts)},
                        "calibration": {**prepared.calibration, "rounds": list(self.calibration_log)},
                        "joint": list(self.joint_log)}
         drop = result.accuracy_drop()

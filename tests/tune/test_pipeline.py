@@ -340,7 +340,8 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     assert finished == ["spatial-svd:2", "spatial-svd:5", "spatial-svd:3"]
     assert row["tune"]["refined"] == ["conv spatial-svd:3"] and row["tune"]["plan"] == {"conv": "spatial-svd:3"}
     added = next(o for o in prepared.options["conv"] if o.candidate.label == "spatial-svd:3")
-    assert added.loss > 0 and "conv/spatial-svd:3" in prepared.timed  # timed and scored like the grid's
+    assert "conv/spatial-svd:3" in prepared.timed and tuner._losses["conv/spatial-svd:3"] > 0  # timed and scored
+    assert added.known or added.loss == 0.0  # scored when a search needed it (in a recalibrated copy of the options)
     # the bracket: the fastest plan that held and the slowest faster one that lost
     def a(s, d, plan):
         return Attempt(s, s, d, plan)
@@ -399,3 +400,27 @@ def test_a_target_whose_plans_lose_the_drop_keeps_an_earlier_targets_faster_plan
     assert plan.meta == {"target_speedup": 3.0, "kept_from_target": 2.0, "searched_target": 2.0}
     assert first["rank_spec"] == {"target_speedup": 2.0} and "kept_from_target" not in first["tune"]  # a copy
     assert row["tune"]["drop_rounds"][0]["kept"] is False
+
+
+def test_lazy_sensitivities_choose_the_eager_plans_and_are_computed_only_for_plans_searched(tmp_path, monkeypatch):
+    """Sensitivities computed as searches need them choose the plans every sensitivity computed up
+    front chooses; the ones computed are recorded in the row."""
+    from cpbench.tune.pipeline import Tuner
+
+    def plans(lazy: bool, cache: str):
+        monkeypatch.setattr(Tuner, "lazy", property(lambda self: lazy))
+        tuner = Tuner(_request(decomposers=("spatial-svd", "tucker2")), ctx=RunContext(cache_dir=str(tmp_path / cache)),
+                      timer=ParamTimer())
+        prepared = tuner.prepare(budgets=[1 / 2.0])
+        unknown = sum(not o.known for o in prepared.options["conv"])
+        return [tuner.joint_search(prepared, 1 / t).labels() for t in (2.0, 3.0, 5.0)], unknown, len(tuner._losses)
+
+    eager, unknown_eager, known_eager = plans(False, "eager")
+    lazy, unknown_lazy, known_lazy = plans(True, "lazy")
+    assert lazy == eager and unknown_eager == 0 and unknown_lazy == known_eager  # nothing scored before a search
+    assert 0 < known_lazy <= known_eager
+
+    run = run_tune(_request(targets=(3.0,)), tmp_path / "out", ctx=RunContext(cache_dir=str(tmp_path / "c3")),
+                   timer=ParamTimer())
+    rec = run.rows[0]["tune"]["sensitivities"]
+    assert rec["lazy"] and 0 < rec["known"] <= rec["candidates"]

@@ -140,7 +140,7 @@ def test_the_tuner_takes_the_plan_of_least_joint_loss(joint, chosen):
 
     opts = _two_layer_case()
     prepared = Prepared(["a", "b"], 0.1, {"a": 0.4, "b": 0.3}, opts, {})
-    fake = SimpleNamespace(sensitivity_mode="kl", _joint_scorer=lambda net: joint[net], joint_log=[],
+    fake = SimpleNamespace(sensitivity_mode="kl", lazy=False, _joint_scorer=lambda net: joint[net], joint_log=[],
                            compressed=lambda sel: sel.loss, step=lambda s: None)
     got = Tuner.joint_search(fake, prepared, 0.5)
     assert got.loss == chosen
@@ -149,3 +149,59 @@ def test_the_tuner_takes_the_plan_of_least_joint_loss(joint, chosen):
     assert log["chosen_exponent"] == (0.5 if chosen == 4.0 else 2.0)
     fake.sensitivity_mode = "error"  # no data to score plans on: the plain search
     assert Tuner.joint_search(fake, prepared, 0.5).labels() == search(opts, 0.1, 0.5).labels()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_lazy_plans_are_the_plans_of_the_exact_losses_resolving_only_what_a_search_chose(seed):
+    """Losses left unknown at their lower bound 0, computed only when a search's plan holds them: the
+    plans are those of every loss known, and every resolved option was in some search's plan."""
+    from cpbench.tune.search import lazy_plans, shaped_plans
+
+    rng = random.Random(300 + seed)
+    bins = 400
+    rest, budget = 0.1, 0.1 + bins * 0.001
+    exact = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    lazy = {n: [o if o.candidate.method == "keep" else Option(o.candidate, o.cost, 0.0, known=False) for o in opts]
+            for n, opts in exact.items()}
+    truth = {o.candidate: o for opts in exact.values() for o in opts}
+    resolved = []
+
+    def resolve(pending):
+        resolved.extend(o.candidate for opts in pending.values() for o in opts)
+        return {n: [truth[o.candidate] for o in opts] for n, opts in pending.items()}
+
+    try:
+        want = shaped_plans(exact, rest, budget, (0.5, 1.0, 2.0), bins=bins)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable):
+            lazy_plans(lazy, rest, budget, resolve, (0.5, 1.0, 2.0), bins=bins)
+        return
+    got = lazy_plans(lazy, rest, budget, resolve, (0.5, 1.0, 2.0), bins=bins)
+    assert [sel.loss for _, sel in got] == pytest.approx([sel.loss for _, sel in want], abs=1e-12)
+    assert all(o.known for _, sel in got for o in sel.choice.values())
+    assert len(resolved) == len(set(resolved))  # each computed once, written back into the options
+    assert all(truth[c] in lazy[c.layer] for c in resolved)
+
+
+def test_lazy_plans_leave_a_candidate_no_plan_can_afford_well_unresolved():
+    """A slow option of a layer that would force the other layer to its costly-in-loss fast option is
+    never computed once the fast options' losses are known to be large."""
+    from cpbench.tune.search import lazy_plans
+
+    def c(layer, rank):
+        return Candidate(layer, "m", rank)
+
+    exact = {"a": [Option(c("a", 1), 0.10, 50.0), Option(c("a", 9), 0.40, 1.0), Option(c("a", 30), 0.85, 0.5)],
+             "b": [Option(c("b", 1), 0.10, 40.0), Option(c("b", 9), 0.40, 1.0)]}
+    truth = {o.candidate: o for opts in exact.values() for o in opts}
+    # a:30 and b:1 fit the budget together; once both fast options are known, a:30 is never worth it
+    lazy = {n: [o if o.candidate.rank == 1 else Option(o.candidate, o.cost, 0.0, known=False) for o in opts]
+            for n, opts in exact.items()}
+    resolved = []
+
+    def resolve(pending):
+        resolved.extend(o.candidate for opts in pending.values() for o in opts)
+        return {n: [truth[o.candidate] for o in opts] for n, opts in pending.items()}
+
+    (_, sel), = lazy_plans(lazy, 0.0, 0.95, resolve)
+    assert sel.labels() == {"a": "m:9", "b": "m:9"} and c("a", 30) not in resolved
