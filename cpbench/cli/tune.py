@@ -78,7 +78,8 @@ def _names(text: str) -> tuple[str, ...]:
 def add_tune_parser(sub) -> argparse.ArgumentParser:
     from ..tune.candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
     from ..tune.loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS
-    from ..tune.pipeline import DEFAULT_DECOMPOSERS, SENSITIVITY_MODES
+    from ..tune.pipeline import DEFAULT_DECOMPOSERS
+    from ..tune.sensitivity import SENSITIVITY_MODES
 
     p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,10 +10,9 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
    (``random_factorization``: a dense kernel's speed does not depend on its values, and a CP or HOOI
    fit costs seconds to minutes), else with its real decomposition.
    A candidate slower than the layer it replaces is dropped here: "leave it" is faster and loses nothing;
-3. **sensitivity**: the KL divergence from the baseline on the validation split (or the accuracy lost) with only that layer replaced, before fine-tuning
-   (the fidelity — top-1 agreement with the baseline on random inputs — for models without a data
-   set; or the reconstruction error, a cheap prior, with ``sensitivity="error"``), computed lazily:
-   only for the candidates a search's plan holds (:func:`.search.lazy_plans`), each a decomposition;
+3. **sensitivity** (:mod:`.sensitivity`): the KL divergence from the baseline on the validation split
+   (or the accuracy lost, the fidelity, the reconstruction error) with only that layer replaced, before
+   fine-tuning; computed lazily, only for the candidates a search's plan holds (:func:`.search.lazy_plans`);
 4. **search** (:mod:`.search`) and **verify** (:mod:`.loop`): the plan of least predicted loss within
    the latency budget, built and timed whole against the baseline; on a miss beyond the interval the
    budget is tightened by the miss and the search runs again;
@@ -44,6 +43,7 @@ from .latency import LatencyTable, Timed, backend_timer, calibrated, predicted_c
 from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS, Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
 from .plan import LayerChoice, Plan
 from .search import Option, Selection, check_reach, infeasible, lazy_plans, shaped_plans
+from .sensitivity import SENSITIVITY_MODES, Sensitivities, cand_key, scorer
 from .store import JsonStore
 
 __all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
@@ -60,38 +60,7 @@ def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dic
     return rest / total, {n: v / total for n, v in shares.items()}
 
 
-def _kl_scorer(base: nn.Module, x: torch.Tensor, batch: int = 256) -> Callable[[nn.Module], float]:
-    """100 x the mean KL divergence of a model's class distribution from the base network's on ``x``
-    (the validation images; no labels needed), or 100 x the relative output error for outputs that are
-    not ``(N, classes)`` logits.
-
-    Why KL and not the accuracy lost: accuracy moves in steps of one image (0.33 points on 300) and
-    stays at 0 until a layer's error flips a decision, so on a deep network many candidates score 0
-    and the sum over 18 layers says nothing about their compound loss. KL is continuous and, to first
-    order, additive over layers. Measured on ResNet-20 (18 layers, 2x target): the plan of least summed
-    accuracy loss kept 22.3 % validation accuracy before fine-tuning, the plan of least summed KL 54.7 %
-    (base 97.3 %)."""
-    import torch.nn.functional as F
-
-    def outputs(m: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-    ref = outputs(base)
-    if ref.dim() != 2:
-        def rel(m: nn.Module) -> float:
-            return 100.0 * float(torch.linalg.vector_norm(outputs(m) - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-        return rel
-    ref_log = F.log_softmax(ref.double(), 1)
-
-    def kl(m: nn.Module) -> float:
-        out = F.log_softmax(outputs(m).double(), 1)
-        return 100.0 * float(F.kl_div(out, ref_log, log_target=True, reduction="batchmean"))
-    return kl
-
 DEFAULT_DECOMPOSERS = ("cp-nls", "cp-als", "tucker2", "spatial-svd")
-SENSITIVITY_MODES = ("auto", "kl", "accuracy", "fidelity", "error")
-FIDELITY_SAMPLES = 64
 # The loss shapes the search is run under (see :func:`search.shaped_plans`); the plans are then
 # compared by their joint loss. On ResNet-20 (18 layers, 2x) the summed-KL plan took rank 1 on 8 layers
 # and lost 4.8 points after fine-tuning: summed single-layer losses said nothing of the compound.
@@ -206,10 +175,6 @@ class Prepared:
     calibration: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0})
 
 
-def _cand_key(c: Candidate) -> str:
-    return f"{c.layer}/{c.label}"
-
-
 class Tuner:
     """One tune of one model: :meth:`prepare` runs candidates, latency and sensitivity; :meth:`plan`
     searches and verifies one target; :meth:`finish` fine-tunes, evaluates and times the plan."""
@@ -245,8 +210,6 @@ class Tuner:
         # earlier target's plan that held it at a higher measured speed (hold_drop)
         self.finished: dict[int, dict[tuple, tuple[dict, Plan]]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
-        self._losses: dict[str, float] = {}  # sensitivities computed or read in this tune, by _cand_key
-        self._resolve_seconds = 0.0  # spent computing sensitivities a search needed (lazy)
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
                                                     processes=DEFAULT_PROCESSES)
@@ -402,16 +365,16 @@ class Tuner:
                     self.step(f"timing {n} {c.label} ({table.timed} timed, {len(table.store)} in the table)")
                 t = table.layer_speedup(c, self.conv(n), shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
                                         structure=self._structure(c))
-                timed[_cand_key(c)] = t
+                timed[cand_key(c)] = t
                 if c.is_keep or t.speedup > 1.0:
                     kept[n].append(c)
                 else:
                     dropped[n].append(c.label)
         rest, shares = normalised_shares(rest, shares)
 
-        alone = {n: [_cost(shares[n], timed[_cand_key(c)], 1.0) for c in kept[n]] for n in self.layers}
+        alone = {n: [_cost(shares[n], timed[cand_key(c)], 1.0) for c in kept[n]] for n in self.layers}
         calibration = self._calibrate(table, net_key, rest, kept, alone, batch)
-        costs = {n: [_cost(shares[n], timed[_cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
+        costs = {n: [_cost(shares[n], timed[cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
         seconds["latency"] = time.perf_counter() - t0
         for b in sorted(budgets):  # the tightest first: the first to fail says the most
             check_reach({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
@@ -423,9 +386,10 @@ class Tuner:
             for n, idx in far.items():
                 reserve[n] = [kept[n][i] for i in idx]
                 out_of_reach[n] = [c.label for c in reserve[n]]
+                costs[n] = [cost for i, cost in enumerate(costs[n]) if i not in set(idx)]
                 kept[n] = [c for i, c in enumerate(kept[n]) if i not in set(idx)]
         t0 = time.perf_counter()
-        options = {n: self._options(kept[n], shares[n], timed, calibration["factor"]) for n in self.layers}
+        options = {n: self.sensitivity.options(kept[n], costs[n]) for n in self.layers}
         seconds["sensitivity"] = time.perf_counter() - t0
         return Prepared(list(self.layers), rest, shares, options, timed, dropped=dropped, out_of_reach=out_of_reach,
                         seconds=seconds, calibration=calibration, reserve=reserve, loosest=loosest)
@@ -438,7 +402,7 @@ class Tuner:
             return []
         factor = prepared.calibration["factor"]
         pool = {n: [o.candidate for o in prepared.options[n]] + prepared.reserve.get(n, []) for n in prepared.layers}
-        costs = {n: [_cost(prepared.shares[n], prepared.timed[_cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
+        costs = {n: [_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
         far = infeasible(costs, prepared.rest, budget)
         come = {n: [c for i, c in enumerate(cs) if i not in set(far.get(n, [])) and c in prepared.reserve.get(n, [])]
                 for n, cs in pool.items()}
@@ -477,64 +441,33 @@ class Tuner:
         return {"factor": savings_calibration(predicted, 1.0 / t.speedup), "plan": {n: c.label for n, c in replaced.items()},
                 "predicted_speedup_alone": 1.0 / predicted, "speedup": t.speedup, "speedup_ci": list(t.speedup_ci)}
 
-    def sensitivities(self, cands: dict[str, list[Candidate]], shapes1: dict[str, tuple], *,
-                      compute: bool = True) -> dict[str, float]:
-        """Points lost with only each candidate's layer replaced (0 for "leave it"), cached on disk and in
-        this tuner; ``compute = False``: only those already known (the others left out)."""
-        from ..nn.surgery import replace_layers
-        from ..run.stages import weights_key
+    @property
+    def sensitivity(self) -> Sensitivities:
+        """This tune's sensitivities (:mod:`.sensitivity`): cached under ``<cache>/sensitivity/``, and in
+        this tuner; the scorer is built (one evaluation of the base network) when the first is computed."""
+        if not hasattr(self, "_sensitivity"):
+            from ..nn.surgery import replace_layers
+            from ..run.stages import weights_key
 
-        mode = self.sensitivity_mode
-        store = JsonStore(self.ctx.cache().root / "sensitivity" / "sensitivity.json" if self.ctx.use_cache else None)
-        context = key_of(mode, weights_key(self.base()), self.request.val_samples, self.request.seed)
-        score = self._scorer(mode)
-        out: dict[str, float] = {}
-        for n, cs in cands.items():
-            for c in cs:
-                if c.is_keep:
-                    out[_cand_key(c)] = 0.0
-                    continue
-                dec = self.decomposer(c.method)
-                key = key_of(context, c.layer, c.method, getattr(dec, "version", "0"), c.rank)
-                hit = self._losses.get(_cand_key(c))
-                hit = store.get(key) if hit is None else hit
-                if hit is None and not compute:
-                    continue
-                if hit is None:
-                    self.step(f"sensitivity of {n} {c.label} ({mode})")
-                    in_hw = shapes1[n][-2:]
-                    if mode == "error":
-                        hit = 100.0 * self.factorization(c, in_hw).rel_error
-                    else:
-                        hit = score(replace_layers(self.base(), {n: self.module(c, in_hw)}).eval())
-                    store.put(key, hit)
-                self._losses[_cand_key(c)] = out[_cand_key(c)] = float(hit)
-        return out
+            mode = self.sensitivity_mode
+            score: list[Callable[[nn.Module], float]] = []
+
+            def measure(c: Candidate) -> float:
+                if mode == "error":
+                    return 100.0 * self.factorization(c).rel_error
+                if not score:
+                    score.append(self._scorer(mode))
+                return score[0](replace_layers(self.base(), {c.layer: self.module(c)}).eval())
+
+            store = JsonStore(self.ctx.cache().root / "sensitivity" / "sensitivity.json" if self.ctx.use_cache else None)
+            self._sensitivity = Sensitivities(
+                mode, measure=measure, version=lambda m: getattr(self.decomposer(m), "version", "0"), store=store,
+                context=key_of(mode, weights_key(self.base()), self.request.val_samples, self.request.seed), step=self.step)
+        return self._sensitivity
 
     def _scorer(self, mode: str) -> Callable[[nn.Module], float]:
-        """``loss(model)`` in points against the base network: validation accuracy or fidelity."""
-        from ..nn.training import evaluate
-
-        base = self.base()
-        if mode == "accuracy":
-            val = self.validation()
-            with torch.no_grad():
-                base_acc = evaluate(base, val)
-            return lambda m: 100.0 * (base_acc - evaluate(m, val))
-        if mode == "kl":
-            return _kl_scorer(base, self.validation().tensors[0])
-        x = torch.randn(FIDELITY_SAMPLES, *self.input_shape(1)[1:], generator=torch.Generator().manual_seed(self.request.seed))
-        with torch.no_grad():
-            ref = base(x)
-
-        def fidelity(m: nn.Module) -> float:
-            with torch.no_grad():
-                out = m(x)
-            if ref.dim() == 2:  # a classifier: top-1 disagreement with the base network
-                return 100.0 * float((out.argmax(1) != ref.argmax(1)).float().mean())
-            return 100.0 * float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-
-        return fidelity
+        """``loss(model)`` in points against the base network (:func:`.sensitivity.scorer`)."""
+        return scorer(mode, self.base(), self.validation, self.input_shape(1)[1:], self.request.seed)
 
     def validation(self):
         """The split sensitivities are measured on: the data set's ``val`` split; for one with only
@@ -584,12 +517,9 @@ class Tuner:
         :attr:`joint_log` (the row's ``tune.joint``)."""
         mode = self.sensitivity_mode
         exponents = (1.0,) if mode == "error" else JOINT_EXPONENTS
-        if self.lazy:
-            for opts in prepared.options.values():  # those another search (another calibration's copy) computed
-                for i, o in enumerate(opts):
-                    if not o.known and _cand_key(o.candidate) in self._losses:
-                        opts[i] = replace(o, loss=self._losses[_cand_key(o.candidate)], known=True)
-            plans = lazy_plans(prepared.options, prepared.rest, budget, self._resolve, exponents)
+        if self.sensitivity.lazy:
+            self.sensitivity.refresh(prepared.options)
+            plans = lazy_plans(prepared.options, prepared.rest, budget, self.sensitivity.resolve, exponents)
         else:
             plans = shaped_plans(prepared.options, prepared.rest, budget, exponents)
         if len(plans) == 1:
@@ -716,7 +646,7 @@ class Tuner:
                 self.step(f"timing {n} {c.label}, between {h} and {lo} (a drop round refines the grid)")
                 t = self.latency_table.layer_speedup(c, conv, shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
                                                      structure=self._structure(c))
-                prepared.timed[_cand_key(c)] = t
+                prepared.timed[cand_key(c)] = t
                 if t.speedup > 1.0:
                     added.setdefault(n, []).append(c)
                 else:
@@ -726,35 +656,12 @@ class Tuner:
 
     def _add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
         """Timed candidates added to ``prepared``'s options, costed at its calibration and scored as the
-        grid's are (:meth:`_options`)."""
+        grid's are (:meth:`.sensitivity.Sensitivities.options`)."""
+        factor = prepared.calibration["factor"]
         for n, cs in cands.items():
-            prepared.options[n] += self._options(cs, prepared.shares[n], prepared.timed, prepared.calibration["factor"])
+            costs = [_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs]
+            prepared.options[n] += self.sensitivity.options(cs, costs)
 
-    @property
-    def lazy(self) -> bool:
-        """Sensitivities computed only when a search needs them (:func:`~cpbench.tune.search.lazy_plans`,
-        0 the lower bound): every mode but ``accuracy``, whose loss can be negative (a replaced layer
-        that happens to gain accuracy on the split), has losses ≥ 0."""
-        return self.sensitivity_mode != "accuracy"
-
-    def _options(self, cands: list[Candidate], share: float, timed: dict[str, Timed], factor: float) -> list[Option]:
-        """The options of one layer's candidates: their calibrated costs and their sensitivities, those
-        not yet computed (and not cached) left unknown at their lower bound 0 when :attr:`lazy`."""
-        if not cands:
-            return []
-        n = cands[0].layer
-        losses = self.sensitivities({n: cands}, self.layer_shapes(1), compute=not self.lazy)
-        return [Option(c, _cost(share, timed[_cand_key(c)], factor), losses.get(_cand_key(c), 0.0),
-                       known=_cand_key(c) in losses) for c in cands]
-
-    def _resolve(self, pending: dict[str, list[Option]]) -> dict[str, list[Option]]:
-        """``pending``'s options with their sensitivities computed (lazy_plans's ``resolve``)."""
-        t0 = time.perf_counter()
-        losses = self.sensitivities({n: [o.candidate for o in opts] for n, opts in pending.items()}, self.layer_shapes(1))
-        self._resolve_seconds += time.perf_counter() - t0
-        return {n: [replace(o, loss=losses[_cand_key(o.candidate)], known=True) for o in opts] for n, opts in pending.items()}
-
-    # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def target_cell(self, target: float, batch: int):
         """The cell a tuned row of ``target`` stands for (when the tune does not run for a matrix's)."""
         from ..run.matrix import Cell
@@ -818,9 +725,8 @@ class Tuner:
                        "dropped_slower_than_layer": prepared.dropped,
                        "dropped_out_of_reach": prepared.out_of_reach,
                        "stage_seconds": {**prepared.seconds,
-                                         "sensitivity": prepared.seconds.get("sensitivity", 0.0) + self._resolve_seconds},
-                       "sensitivities": {"lazy": self.lazy, "known": len(self._losses),
-                                         "candidates": sum(not o.candidate.is_keep for opts in prepared.options.values() for o in opts)},
+                                         "sensitivity": prepared.seconds.get("sensitivity", 0.0) + self.sensitivity.seconds},
+                       "sensitivities": self.sensitivity.record(prepared.options),
                        "calibration": {**prepared.calibration, "rounds": list(self.calibration_log)},
                        "joint": list(self.joint_log)}
         drop = result.accuracy_drop()
@@ -835,7 +741,7 @@ class Tuner:
         layers = {}
         for n in self.layers:
             o = sel.choice[n]
-            tm = prepared.timed[_cand_key(o.candidate)]
+            tm = prepared.timed[cand_key(o.candidate)]
             rec = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
             if not o.candidate.is_keep:
                 rec.update(theoretical_speedup=o.candidate.theoretical_speedup, predicted_layer_speedup=tm.speedup,
@@ -910,7 +816,7 @@ def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: f
     layers' timings alone); the losses, the shares and the timings unchanged."""
     alone = predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels))
     k = savings_calibration(alone, 1.0 / measured_speedup)
-    options = {n: [replace(o, cost=_cost(prepared.shares[n], prepared.timed[_cand_key(o.candidate)], k)) for o in opts]
+    options = {n: [replace(o, cost=_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k)) for o in opts]
                for n, opts in prepared.options.items()}
     return replace(prepared, options=options,
                    calibration={**prepared.calibration, "factor": k, "refitted_on": {"plan": labels, "speedup": measured_speedup}})

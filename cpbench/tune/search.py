@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import UsageError
 from .candidates import Candidate
 
@@ -109,34 +111,39 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
     check_reach(options, rest, budget)
     avail = budget - rest
     step = avail / bins if avail > 0 else 1.0
-    inf = (math.inf, math.inf)
-    # best[b] = (loss, real cost) of the best partial plan whose rounded cost is exactly b bins
-    best: list[tuple[float, float]] = [(0.0, 0.0)] + [inf] * bins
-    back: list[list[tuple[int, int] | None]] = []
-    for name, opts in options.items():
+    # best_*[b]: (loss, real cost) of the best partial plan whose rounded cost is exactly b bins. One
+    # numpy pass per option over every b (a Python loop over b took ~1 s per search of ResNet-20's 18
+    # layers, and a tune runs hundreds); ties go as in a loop over b then option: the lower (loss, cost),
+    # then the smaller b, then the earlier option.
+    loss = np.full(bins + 1, math.inf)
+    cost = np.full(bins + 1, math.inf)
+    loss[0] = cost[0] = 0.0
+    back: list[tuple[np.ndarray, np.ndarray]] = []
+    for opts in options.values():
         units = [math.ceil(o.cost / step - 1e-9) if avail > 0 else (0 if o.cost <= 0 else bins + 1) for o in opts]
-        new = [inf] * (bins + 1)
-        ptr: list[tuple[int, int] | None] = [None] * (bins + 1)
-        for b, (loss, cost) in enumerate(best):
-            if loss == math.inf:
+        new_loss, new_cost = np.full(bins + 1, math.inf), np.full(bins + 1, math.inf)
+        new_b, new_i = np.full(bins + 1, bins + 1), np.full(bins + 1, -1)
+        for i, (o, u) in enumerate(zip(opts, units)):
+            if u > bins:
                 continue
-            for i, (o, u) in enumerate(zip(opts, units)):
-                nb = b + u
-                if nb > bins:
-                    continue
-                cand = (loss + o.loss, cost + o.cost)
-                if cand < new[nb]:
-                    new[nb], ptr[nb] = cand, (b, i)
-        best = new
-        back.append(ptr)
-    end = min((v, b) for b, v in enumerate(best) if v[0] < math.inf)[1]
+            n = bins + 1 - u
+            cand_loss, cand_cost, src = loss[:n] + o.loss, cost[:n] + o.cost, np.arange(n)
+            cur_loss, cur_cost, cur_b = new_loss[u:], new_cost[u:], new_b[u:]
+            better = (cand_loss < cur_loss) | ((cand_loss == cur_loss) & (
+                (cand_cost < cur_cost) | ((cand_cost == cur_cost) & (src < cur_b))))
+            better &= loss[:n] < math.inf
+            at = np.nonzero(better)[0]
+            new_loss[u + at], new_cost[u + at], new_b[u + at], new_i[u + at] = cand_loss[at], cand_cost[at], at, i
+        loss, cost = new_loss, new_cost
+        back.append((new_b, new_i))
+    reached = np.nonzero(loss < math.inf)[0]
+    b = int(reached[np.lexsort((reached, cost[reached], loss[reached]))[0]])
     names = list(options)
     choice: dict[str, Option] = {}
-    b = end
     for li in range(len(names) - 1, -1, -1):
-        prev, i = back[li][b]
-        choice[names[li]] = options[names[li]][i]
-        b = prev
+        prev, i = back[li][0][b], back[li][1][b]
+        choice[names[li]] = options[names[li]][int(i)]
+        b = int(prev)
     choice = {n: choice[n] for n in names}
     return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
 

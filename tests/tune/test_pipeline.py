@@ -204,7 +204,7 @@ def test_the_kl_sensitivity_is_zero_for_the_base_network_and_grows_with_the_dama
     import torch
     from torch import nn
 
-    from cpbench.tune.pipeline import _kl_scorer
+    from cpbench.tune.sensitivity import kl_scorer as _kl_scorer
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
@@ -340,7 +340,7 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     assert finished == ["spatial-svd:2", "spatial-svd:5", "spatial-svd:3"]
     assert row["tune"]["refined"] == ["conv spatial-svd:3"] and row["tune"]["plan"] == {"conv": "spatial-svd:3"}
     added = next(o for o in prepared.options["conv"] if o.candidate.label == "spatial-svd:3")
-    assert "conv/spatial-svd:3" in prepared.timed and tuner._losses["conv/spatial-svd:3"] > 0  # timed and scored
+    assert "conv/spatial-svd:3" in prepared.timed and tuner.sensitivity.known["conv/spatial-svd:3"] > 0  # timed and scored
     assert added.known or added.loss == 0.0  # scored when a search needed it (in a recalibrated copy of the options)
     # the bracket: the fastest plan that held and the slowest faster one that lost
     def a(s, d, plan):
@@ -408,12 +408,14 @@ def test_lazy_sensitivities_choose_the_eager_plans_and_are_computed_only_for_pla
     from cpbench.tune.pipeline import Tuner
 
     def plans(lazy: bool, cache: str):
-        monkeypatch.setattr(Tuner, "lazy", property(lambda self: lazy))
+        from cpbench.tune.sensitivity import Sensitivities
+
+        monkeypatch.setattr(Sensitivities, "lazy", property(lambda self: lazy))
         tuner = Tuner(_request(decomposers=("spatial-svd", "tucker2")), ctx=RunContext(cache_dir=str(tmp_path / cache)),
                       timer=ParamTimer())
         prepared = tuner.prepare(budgets=[1 / 2.0])
         unknown = sum(not o.known for o in prepared.options["conv"])
-        return [tuner.joint_search(prepared, 1 / t).labels() for t in (2.0, 3.0, 5.0)], unknown, len(tuner._losses)
+        return [tuner.joint_search(prepared, 1 / t).labels() for t in (2.0, 3.0, 5.0)], unknown, len(tuner.sensitivity.known)
 
     eager, unknown_eager, known_eager = plans(False, "eager")
     lazy, unknown_lazy, known_lazy = plans(True, "lazy")

@@ -140,7 +140,7 @@ def test_the_tuner_takes_the_plan_of_least_joint_loss(joint, chosen):
 
     opts = _two_layer_case()
     prepared = Prepared(["a", "b"], 0.1, {"a": 0.4, "b": 0.3}, opts, {})
-    fake = SimpleNamespace(sensitivity_mode="kl", lazy=False, _joint_scorer=lambda net: joint[net], joint_log=[],
+    fake = SimpleNamespace(sensitivity_mode="kl", sensitivity=SimpleNamespace(lazy=False), _joint_scorer=lambda net: joint[net], joint_log=[],
                            compressed=lambda sel: sel.loss, step=lambda s: None)
     got = Tuner.joint_search(fake, prepared, 0.5)
     assert got.loss == chosen
