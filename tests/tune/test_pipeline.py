@@ -89,12 +89,12 @@ def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_los
 
 @pytest.mark.parametrize("targets", [(500.0,), (2.0, 500.0)])
 def test_unreachable_target_says_what_the_fastest_plan_reaches(tmp_path, monkeypatch, targets):
-    from cpbench.tune.pipeline import Tuner
+    from cpbench.tune.sensitivity import Sensitivities
 
     def no_sensitivities(*a, **k):  # the latency table alone shows the target out of reach
         raise AssertionError("a sensitivity was computed for an unreachable target")
 
-    monkeypatch.setattr(Tuner, "sensitivities", no_sensitivities)
+    monkeypatch.setattr(Sensitivities, "values", no_sensitivities)
     with pytest.raises(TargetUnreachable, match=r"500x.*fastest plan of these candidates reaches [0-9.]+x"):
         run_tune(_request(targets=targets), tmp_path / "out", ctx=RunContext(cache_dir=str(tmp_path)),
                  timer=ParamTimer())
