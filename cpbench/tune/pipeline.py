@@ -662,6 +662,7 @@ class Tuner:
             costs = [_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs]
             prepared.options[n] += self.sensitivity.options(cs, costs)
 
+    # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def target_cell(self, target: float, batch: int):
         """The cell a tuned row of ``target`` stands for (when the tune does not run for a matrix's)."""
         from ..run.matrix import Cell
