@@ -14,7 +14,8 @@ DESCRIPTION = """\
 Compress a whole network to a measured speedup target: per layer, each decomposer over a rank grid
 (plus "leave it"), every candidate timed alone on its real input on the backend (cached per machine,
 backend, threads, batch and shape), its accuracy loss with only that layer replaced measured on the
-validation split, one candidate per layer chosen by an exact knapsack search on predicted latency,
+validation split (only for the candidates a search needs), one candidate per layer chosen by an exact
+knapsack search on predicted latency,
 the plan timed whole against the baseline (on a miss, or a plan more than 10% faster than the
 target, the prediction refitted to it and searched again, up to --rounds times), fine-tuned, evaluated on the test split and timed again. Writes results.jsonl,
 plan-<target>.toml (cpbench.compress(model, "plan-12.toml") applies it), tune-report.md and pareto.png."""
