@@ -158,23 +158,34 @@ class _Problem:
         }
 
     def gradient(self, ev: dict, mu: float) -> list[torch.Tensor]:
-        """Gradient of f at the evaluated point (one more big matmul)."""
+        """Gradient of f at the evaluated point (one more big matmul).
+
+        The fit part does not depend on ``mu`` and is kept in ``ev``: a penalty schedule that moves
+        ``mu`` after every accepted step (:meth:`_LMRun.set_mu`) then costs no second MTTKRP (it had
+        been half of all gradient time; a 512x64x8x8 kernel at R=112: 537 -> 271 MTTKRPs).
+        """
+        if "grad_fit" not in ev:
+            ev["grad_fit"] = self._fit_gradient(ev)
+        pen = self.penalty_grad(ev["factors"], ev["grams"], mu)
+        return [fit + p for fit, p in zip(ev["grad_fit"], pen)]
+
+    def _fit_gradient(self, ev: dict) -> list[torch.Tensor]:
         n, m, rank = self.n, self.m, self.rank
         factors, g = ev["factors"], ev["grams"]
-        pen = self.penalty_grad(factors, g, mu)
         if ev["resid"] is not None:
             x2, pl = ev["resid"], ev["resid"] @ ev["krr"]
         else:
             x2, pl = self.t2, ev["pl"]
-        pr = x2.T @ ev["krl"]
+        # (krl^T x2)^T: x2^T @ krl ran at ~0.6x its speed here (torch 2.13 CPU BLAS, 512x4096 at R=112)
+        pr = torch.mm(ev["krl"].T, x2).T.contiguous()
         mk = _partial_mttkrps(pl.reshape(self.shape[:m] + (rank,)), factors[:m])
         mk += _partial_mttkrps(pr.reshape(self.shape[m:] + (rank,)), factors[m:])
         if ev["resid"] is not None:  # MTTKRP of the residual is minus the fit gradient
-            return [-mk[k] + pen[k] for k in range(n)]
+            return [-mk[k] for k in range(n)]
         out = []
         for k in range(n):
             gam = hadamard([g[j] for j in range(n) if j != k], rank, mk[k])
-            out.append(torch.addmm(mk[k], factors[k], gam, beta=-1.0) + pen[k])
+            out.append(torch.addmm(mk[k], factors[k], gam, beta=-1.0))
         return out
 
     def penalty_grad(self, factors, g, mu):
