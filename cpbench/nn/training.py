@@ -54,6 +54,7 @@ __all__ = [
     "FINETUNE_RECIPE",
     "ProgressFn",
     "train",
+    "training_memory_format",
     "finetune",
     "evaluate",
     "recipe_hash",
@@ -166,6 +167,37 @@ def _optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimi
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}; use 'sgd' or 'adam'")
 
 
+def training_memory_format(model: nn.Module, sample: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a network holding cpbench's decomposed blocks, else ``contiguous_format``.
+
+    Why: oneDNN's backward of the blocks' thin layers (depthwise ``k×1``/``1×k``, ``1×1``) is ~2x faster in
+    channels-last on this CPU (2 threads, batch 128): fine-tuning steps measured CP-compressed ResNet-20
+    1.7x, Tucker-2 ResNet-20 1.5x, CP-compressed CharNet 1.1-1.45x faster, while dense networks were not
+    faster (CharNet 0.9x). A network whose forward breaks on channels-last input (a ``.view`` over
+    spatial dimensions, say) keeps the contiguous format: it is tried once on ``sample`` first. The
+    format changes only the order of floating-point sums, not what is computed; the trained model is
+    handed back contiguous.
+    """
+    from .layers import CPBlock, SpatialSVDBlock, Tucker2Block
+
+    if sample.dim() != 4 or not any(isinstance(m, (CPBlock, Tucker2Block, SpatialSVDBlock)) for m in model.modules()):
+        return torch.contiguous_format
+    was_training = model.training
+    try:
+        model.eval().to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            model(sample.contiguous(memory_format=torch.channels_last))
+        return torch.channels_last
+    except RuntimeError:
+        return torch.contiguous_format
+    finally:
+        model.train(was_training).to(memory_format=torch.contiguous_format)
+
+
+def _in_format(x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+
+
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from ..errors import UsageError
     from .outputs import classifier_output
@@ -238,6 +270,8 @@ def train(
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
+    fmt = training_memory_format(model, x[:2])
+    model.to(memory_format=fmt)  # in place: the parameters stay the same objects
     opt = _optimizer(params, recipe)
     factor = _lr_factor(recipe.schedule, recipe.warmup, total)
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -262,7 +296,7 @@ def train(
                     for grp, lr0 in zip(opt.param_groups, base_lrs):
                         grp["lr"] = lr0 * f
                     idx = perm[b * bs : (b + 1) * bs]
-                    out = _logits(model, x[idx])
+                    out = _logits(model, _in_format(x[idx], fmt))
                     loss = F.cross_entropy(out, y[idx], label_smoothing=recipe.label_smoothing)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):
@@ -288,6 +322,7 @@ def train(
                     break
         finally:
             model.train(was_training)
+            model.to(memory_format=torch.contiguous_format)
     history["seconds"] = time.perf_counter() - t0
     if step_losses:
         k = max(1, len(step_losses) // 10)

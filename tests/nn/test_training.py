@@ -110,3 +110,50 @@ def test_recipes_and_hash():
     with pytest.raises(ValueError):
         train(small_net(), (torch.zeros(4, 1, 24, 24), torch.zeros(4, dtype=torch.long)),
               TINY.replace(schedule="bogus"))
+
+
+class _SpatialView(nn.Module):
+    """A model whose forward breaks on channels-last input: ``.view`` over C, H and W."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block, self.fc = block, nn.Linear(8 * 20 * 20, 36)
+
+    def forward(self, x):
+        y = self.block(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def _cp_net() -> nn.Module:
+    from cpbench.nn.surgery import compress
+
+    return compress(small_net(), {"0": ("cp-als", 4), "3": ("cp-als", 6)})
+
+
+def test_training_memory_format_follows_the_blocks(data):
+    from cpbench.nn.surgery import compress
+    from cpbench.nn.training import training_memory_format
+
+    (x, _), _ = data
+    assert training_memory_format(small_net(), x[:2]) == torch.contiguous_format  # dense: unchanged
+    net = _cp_net()
+    assert training_memory_format(net, x[:2]) == torch.channels_last
+    assert all(p.is_contiguous() for p in net.parameters())  # the probe hands the model back as it was
+    viewing = _SpatialView(compress(nn.Sequential(nn.Conv2d(1, 8, 5)), {"0": ("cp-als", 3)}))
+    assert training_memory_format(viewing, x[:2]) == torch.contiguous_format  # its forward needs contiguous
+    train(viewing, (x[:64], data[0][1][:64]), TINY.replace(epochs=1))  # and it trains
+
+
+def test_channels_last_training_computes_what_contiguous_does(data, monkeypatch):
+    """The format changes the order of sums only: one epoch from the same start lands on the same weights."""
+    import cpbench.nn.training as training
+
+    (x, y), _ = data
+    recipe = TINY.replace(epochs=1, n_train=256)
+    nets = [_cp_net(), _cp_net()]
+    train(nets[0], (x, y), recipe)
+    monkeypatch.setattr(training, "training_memory_format", lambda model, sample: torch.contiguous_format)
+    train(nets[1], (x, y), recipe)
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert a.is_contiguous() and b.is_contiguous(), name
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name
