@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     from cpbench.run.results import read_results
     from cpbench.run.cell import RunContext
-    from cpbench.tune.pipeline import TuneRequest
+    from cpbench.tune.request import TuneRequest
     from cpbench.tune.report import write_tune_report
     from cpbench.tune.run import run_tune, uniform_matrix
 

@@ -79,7 +79,7 @@ def _names(text: str) -> tuple[str, ...]:
 def add_tune_parser(sub) -> argparse.ArgumentParser:
     from ..tune.candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP
     from ..tune.loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS
-    from ..tune.pipeline import DEFAULT_DECOMPOSERS
+    from ..tune.request import DEFAULT_DECOMPOSERS
     from ..tune.sensitivity import SENSITIVITY_MODES
 
     p = sub.add_parser("tune", help="compress a whole network to a measured speedup target",
@@ -134,7 +134,7 @@ def request_from_args(args):
 
     from .decompose import _options
     from ..measure.timing import TimingBudget
-    from ..tune.pipeline import TuneRequest
+    from ..tune.request import TuneRequest
 
     layers = "auto" if args.layers == "auto" else list(_names(args.layers))
     if layers != "auto" and not layers:

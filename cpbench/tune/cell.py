@@ -52,7 +52,8 @@ def check_target_spec(spec: dict, decomposers=None) -> None:
 
 def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
     """The row of a cell whose rank spec is ``{target_speedup = X}``: the tuned plan's, with the cell's axes."""
-    from .pipeline import TuneRequest, Tuner
+    from .pipeline import Tuner
+    from .request import TuneRequest
 
     spec = cell.rank
     check_target_spec(spec, plugins.decomposers)

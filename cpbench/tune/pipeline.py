@@ -21,12 +21,11 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,31 +35,20 @@ from ..run.cache import key_of
 from ..decomposition.decomposer import CPDecomposer
 from ..errors import UsageError
 from ..nn.layers import geometry
-from ..measure.timing import TimingBudget
-from .candidates import GRID_POINTS, KEEP, MAX_SPEEDUP, MIN_SPEEDUP, Candidate, between, layer_candidates, speedup_grid
+from .candidates import KEEP, Candidate, between, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
-from .latency import LatencyTable, Timed, backend_timer, calibrated, predicted_cost, savings_calibration
-from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS, Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
+from .latency import LatencyTable, backend_timer, savings_calibration
+from .loop import Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
 from .plan import LayerChoice, Plan
 from .search import Option, Selection, check_reach, infeasible, lazy_plans, shaped_plans
-from .sensitivity import SENSITIVITY_MODES, Sensitivities, cand_key, scorer
+from .sensitivity import Sensitivities, cand_key, scorer
 from .store import JsonStore
+from .prepared import Prepared, normalised_shares, option_cost, recalibrated, nearest_verified
+from .request import TuneRequest, select_layers
 
-__all__ = ["TuneRequest", "Tuner", "DEFAULT_DECOMPOSERS", "SENSITIVITY_MODES"]
-
-
-def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """The rest and the layers' shares scaled to sum to 1: each is measured against its own timing of
-    the baseline, so a drift of the machine between them is a common error, and a plan that keeps every
-    layer must be predicted at exactly 1x. Measured on the character network: shares timed minutes apart
-    summed to 1.18 on one run (the 8x plan predicted 8.1x, measured 10.9x) and to 1.01 on another."""
-    total = rest + sum(shares.values())
-    if total <= 0:
-        return rest, shares
-    return rest / total, {n: v / total for n, v in shares.items()}
+__all__ = ["Tuner", "StepFn"]
 
 
-DEFAULT_DECOMPOSERS = ("cp-nls", "cp-als", "tucker2", "spatial-svd")
 # The loss shapes the search is run under (see :func:`search.shaped_plans`); the plans are then
 # compared by their joint loss. On ResNet-20 (18 layers, 2x) the summed-KL plan took rank 1 on 8 layers
 # and lost 4.8 points after fine-tuning: summed single-layer losses said nothing of the compound.
@@ -68,75 +56,6 @@ JOINT_EXPONENTS = (0.5, 1.0, 2.0)
 VAL_FROM_TRAIN = 0.1  # the share of the training split sensitivities use when a data set has no val split
 
 StepFn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class TuneRequest:
-    """What a tune is asked for; :meth:`check` validates it against the registries (one-line errors)."""
-
-    model: dict
-    targets: tuple[float, ...] = (8.0,)
-    max_drop: float = 1.0
-    backend: str = "mkl"
-    threads: int = 1
-    batch: int = 1
-    decomposers: tuple[str, ...] = DEFAULT_DECOMPOSERS
-    layers: Any = "auto"  # "auto" (every conv with a spatial kernel) or names / fnmatch patterns
-    finetune_epochs: int = 1
-    finetune_samples: int | None = None
-    finetune_control: bool = True
-    seed: int = 0
-    max_rounds: int = DEFAULT_ROUNDS
-    min_speedup: float = MIN_SPEEDUP
-    max_speedup: float = MAX_SPEEDUP
-    grid_points: int = GRID_POINTS
-    sensitivity: str = "auto"
-    val_samples: int | None = None  # None: the data set's whole validation split
-    layer_budget: TimingBudget = TimingBudget(warmup=2, min_rounds=10, max_rounds=200, budget_s=1.0)
-    network_budget: TimingBudget = TimingBudget(budget_s=3.0)
-    calibrate: bool = True  # scale the layers' savings by the fastest plan's whole-network timing
-    drop_rounds: int = DEFAULT_DROP_ROUNDS  # slower plans tried when a fine-tuned plan loses more than max_drop
-
-    def check(self, plugins) -> None:
-        for t in self.targets:
-            if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 1:
-                raise UsageError(f"target speedup {t!r} is not allowed; allowed: numbers > 1 (e.g. 8 or 8,12,16)")
-        if not self.targets:
-            raise UsageError("no target speedup given; allowed: numbers > 1 (e.g. --target-speedup 8,12,16)")
-        if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0 or not math.isfinite(self.max_drop):
-            raise UsageError(f"--max-drop {self.max_drop!r} is not allowed; allowed: accuracy points ≥ 0")
-        for name, v, lo in (("threads", self.threads, 1), ("batch", self.batch, 1),
-                            ("finetune epochs", self.finetune_epochs, 0), ("max rounds", self.max_rounds, 1),
-                            ("drop rounds", self.drop_rounds, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise UsageError(f"{name} {v!r} is not allowed; allowed: integers ≥ {lo}")
-        if self.sensitivity not in SENSITIVITY_MODES:
-            raise UsageError(f"sensitivity {self.sensitivity!r} is not allowed; allowed: {', '.join(SENSITIVITY_MODES)}")
-        if not self.decomposers:
-            raise UsageError("no decomposers given; allowed: " + ", ".join(plugins.decomposers.names()))
-        plugins.models.get(self.model["name"])
-        plugins.backends.get(self.backend)
-        for d in self.decomposers:
-            plugins.decomposers.get(d)
-        speedup_grid(self.min_speedup, self.max_speedup, self.grid_points)
-
-
-def select_layers(model: nn.Module, layers: Any) -> list[str]:
-    """The Conv2d layers a tune may replace: "auto" (every conv whose kernel is larger than 1×1), or
-    names and fnmatch patterns (``conv[1-3]``, ``layer*.conv1``); a pattern matching no conv is an error."""
-    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
-    if layers == "auto":
-        return [n for n, m in convs.items() if m.kernel_size != (1, 1)]
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    out: list[str] = []
-    for p in patterns:
-        hit = [n for n in convs if fnmatch.fnmatchcase(n, p)]
-        if not hit:
-            raise UsageError(f"layer pattern {p!r} matches no Conv2d layer; Conv2d layers: {', '.join(convs) or 'none'}")
-        out += [n for n in hit if n not in out]
-    return out
-
-
 
 
 class _Stub(nn.Module):
@@ -151,28 +70,6 @@ class _Stub(nn.Module):
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return self.out.contiguous(memory_format=torch.channels_last)
         return self.out
-
-
-@dataclass
-class Prepared:
-    """What the stages before the search leave: options per layer, shares, and their records."""
-
-    layers: list[str]
-    rest: float  # fraction of the baseline network's latency outside the tunable layers
-    shares: dict[str, float]
-    options: dict[str, list[Option]]
-    timed: dict[str, Timed]  # candidate key -> layer speedup
-    dropped: dict[str, list[str]] = field(default_factory=dict)  # layer -> candidates slower than the layer
-    # layer -> candidates no plan within the loosest budget can hold (their sensitivity never computed)
-    out_of_reach: dict[str, list[str]] = field(default_factory=dict)
-    # those candidates, timed, held back: a drop round that searches below every target admits the
-    # ones its budget can hold (Tuner.admit); ``loosest`` is the budget they were out of reach of
-    reserve: dict[str, list[Candidate]] = field(default_factory=dict)
-    loosest: float = math.inf
-    seconds: dict[str, float] = field(default_factory=dict)
-    # the factor on every layer's saving (latency.savings_calibration), from the whole network timed
-    # with every layer at its fastest candidate: {"factor", "plan", "predicted_speedup", "speedup", ...}
-    calibration: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0})
 
 
 class Tuner:
@@ -372,9 +269,9 @@ class Tuner:
                     dropped[n].append(c.label)
         rest, shares = normalised_shares(rest, shares)
 
-        alone = {n: [_cost(shares[n], timed[cand_key(c)], 1.0) for c in kept[n]] for n in self.layers}
+        alone = {n: [option_cost(shares[n], timed[cand_key(c)], 1.0) for c in kept[n]] for n in self.layers}
         calibration = self._calibrate(table, net_key, rest, kept, alone, batch)
-        costs = {n: [_cost(shares[n], timed[cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
+        costs = {n: [option_cost(shares[n], timed[cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
         seconds["latency"] = time.perf_counter() - t0
         for b in sorted(budgets):  # the tightest first: the first to fail says the most
             check_reach({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}, rest, b)
@@ -402,7 +299,7 @@ class Tuner:
             return []
         factor = prepared.calibration["factor"]
         pool = {n: [o.candidate for o in prepared.options[n]] + prepared.reserve.get(n, []) for n in prepared.layers}
-        costs = {n: [_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
+        costs = {n: [option_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
         far = infeasible(costs, prepared.rest, budget)
         come = {n: [c for i, c in enumerate(cs) if i not in set(far.get(n, [])) and c in prepared.reserve.get(n, [])]
                 for n, cs in pool.items()}
@@ -590,7 +487,7 @@ class Tuner:
         refined: list[str] = []
 
         def attempt(t: float) -> Attempt:
-            if last:  # say why this round runs: the bisection goes down after a loss, up after a hold
+            if last:  # say why this round runs: the step goes down after a loss, up after a hold
                 held = last[-1].drop is not None and last[-1].drop <= self.request.max_drop
                 self.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
                           + (f"held {self.request.max_drop:g} points; trying a faster one" if held else
@@ -659,7 +556,7 @@ class Tuner:
         grid's are (:meth:`.sensitivity.Sensitivities.options`)."""
         factor = prepared.calibration["factor"]
         for n, cs in cands.items():
-            costs = [_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs]
+            costs = [option_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs]
             prepared.options[n] += self.sensitivity.options(cs, costs)
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
@@ -811,39 +708,4 @@ def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], 
     return held.payload, min(lost, key=lambda a: a.speedup).payload
 
 
-def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:
-    """``prepared`` with its options' costs calibrated by the factor that makes the predicted latency of
-    the plan ``labels`` its measured one (:func:`~cpbench.tune.latency.savings_calibration` on the
-    layers' timings alone); the losses, the shares and the timings unchanged."""
-    alone = predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels))
-    k = savings_calibration(alone, 1.0 / measured_speedup)
-    options = {n: [replace(o, cost=_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k)) for o in opts]
-               for n, opts in prepared.options.items()}
-    return replace(prepared, options=options,
-                   calibration={**prepared.calibration, "factor": k, "refitted_on": {"plan": labels, "speedup": measured_speedup}})
 
-
-def nearest_verified(verified: Sequence[tuple[dict[str, str], float]], target: float) -> tuple[dict[str, str], float] | None:
-    """The verified ``(plan, speedup)`` nearest ``target`` in log-speed (None: none yet); of two equally
-    near, the later."""
-    if not verified:
-        return None
-    return min(reversed(verified), key=lambda v: abs(math.log(v[1] / target)))
-
-
-def _cost(share: float, timed: Timed, factor: float) -> float:
-    """A candidate's predicted cost in the network: its layer's share over its speedup alone, the saving
-    calibrated by ``factor``."""
-    return calibrated(share, share / timed.speedup, factor)
-
-
-def _alone_speedups(prepared: Prepared, labels: dict[str, str]) -> dict[str, float]:
-    """Each layer's speedup timed alone under a plan given by labels (absent or "keep": 1)."""
-    return {n: 1.0 if labels.get(n, KEEP) == KEEP else prepared.timed[f"{n}/{labels[n]}"].speedup
-            for n in prepared.layers}
-
-
-def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
-    """The predicted speedup of a plan given by labels (``{"conv2": "cp-nls:48"}``, absent: kept)."""
-    return 1.0 / predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels),
-                                prepared.calibration["factor"])

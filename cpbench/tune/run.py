@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
-from .pipeline import StepFn, TuneRequest, Tuner
+from .pipeline import StepFn, Tuner
+from .request import TuneRequest
 from .plan import write_plan
 
 __all__ = ["TuneRun", "run_tune", "plan_name", "uniform_matrix"]

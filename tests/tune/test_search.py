@@ -136,7 +136,8 @@ def test_shaped_plans_are_the_searches_under_each_loss_shape_with_real_losses():
 def test_the_tuner_takes_the_plan_of_least_joint_loss(joint, chosen):
     from types import SimpleNamespace
 
-    from cpbench.tune.pipeline import Prepared, Tuner
+    from cpbench.tune.pipeline import Tuner
+    from cpbench.tune.prepared import Prepared
 
     opts = _two_layer_case()
     prepared = Prepared(["a", "b"], 0.1, {"a": 0.4, "b": 0.3}, opts, {})

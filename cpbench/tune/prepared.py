@@ -1,0 +1,87 @@
+"""What the stages before the search leave (:class:`Prepared`: options per layer, the layers' shares of
+the network, the latency table's entries, the calibration) and the whole-network speedup they predict for a
+plan: ``1 / (rest + Σ share_l / speedup_l)``, each layer's saving scaled by the calibration factor
+(:mod:`cpbench.tune.latency`), refitted to each plan the verify loop measures (:func:`recalibrated`)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .candidates import KEEP, Candidate
+from .latency import Timed, calibrated, predicted_cost, savings_calibration
+from .search import Option
+from .sensitivity import cand_key
+
+__all__ = ["Prepared", "normalised_shares", "recalibrated", "nearest_verified", "predicted_speedup", "option_cost"]
+
+
+def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The rest and the layers' shares scaled to sum to 1: each is measured against its own timing of
+    the baseline, so a drift of the machine between them is a common error, and a plan that keeps every
+    layer must be predicted at exactly 1x. Measured on the character network: shares timed minutes apart
+    summed to 1.18 on one run (the 8x plan predicted 8.1x, measured 10.9x) and to 1.01 on another."""
+    total = rest + sum(shares.values())
+    if total <= 0:
+        return rest, shares
+    return rest / total, {n: v / total for n, v in shares.items()}
+
+
+@dataclass
+class Prepared:
+    """What the stages before the search leave: options per layer, shares, and their records."""
+
+    layers: list[str]
+    rest: float  # fraction of the baseline network's latency outside the tunable layers
+    shares: dict[str, float]
+    options: dict[str, list[Option]]
+    timed: dict[str, Timed]  # candidate key -> layer speedup
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # layer -> candidates slower than the layer
+    # layer -> candidates no plan within the loosest budget can hold (their sensitivity never computed)
+    out_of_reach: dict[str, list[str]] = field(default_factory=dict)
+    # those candidates, timed, held back: a drop round that searches below every target admits the
+    # ones its budget can hold (Tuner.admit); ``loosest`` is the budget they were out of reach of
+    reserve: dict[str, list[Candidate]] = field(default_factory=dict)
+    loosest: float = math.inf
+    seconds: dict[str, float] = field(default_factory=dict)
+    # the factor on every layer's saving (latency.savings_calibration), from the whole network timed
+    # with every layer at its fastest candidate: {"factor", "plan", "predicted_speedup", "speedup", ...}
+    calibration: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0})
+
+
+def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:
+    """``prepared`` with its options' costs calibrated by the factor that makes the predicted latency of
+    the plan ``labels`` its measured one (:func:`~cpbench.tune.latency.savings_calibration` on the
+    layers' timings alone); the losses, the shares and the timings unchanged."""
+    alone = predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels))
+    k = savings_calibration(alone, 1.0 / measured_speedup)
+    options = {n: [replace(o, cost=option_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k)) for o in opts]
+               for n, opts in prepared.options.items()}
+    return replace(prepared, options=options,
+                   calibration={**prepared.calibration, "factor": k, "refitted_on": {"plan": labels, "speedup": measured_speedup}})
+
+
+def nearest_verified(verified: Sequence[tuple[dict[str, str], float]], target: float) -> tuple[dict[str, str], float] | None:
+    """The verified ``(plan, speedup)`` nearest ``target`` in log-speed (None: none yet); of two equally
+    near, the later."""
+    if not verified:
+        return None
+    return min(reversed(verified), key=lambda v: abs(math.log(v[1] / target)))
+
+
+def option_cost(share: float, timed: Timed, factor: float) -> float:
+    """A candidate's predicted cost in the network: its layer's share over its speedup alone, the saving
+    calibrated by ``factor``."""
+    return calibrated(share, share / timed.speedup, factor)
+
+
+def _alone_speedups(prepared: Prepared, labels: dict[str, str]) -> dict[str, float]:
+    """Each layer's speedup timed alone under a plan given by labels (absent or "keep": 1)."""
+    return {n: 1.0 if labels.get(n, KEEP) == KEEP else prepared.timed[f"{n}/{labels[n]}"].speedup
+            for n in prepared.layers}
+
+def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
+    """The predicted speedup of a plan given by labels (``{"conv2": "cp-nls:48"}``, absent: kept)."""
+    return 1.0 / predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels),
+                                prepared.calibration["factor"])
