@@ -1,4 +1,6 @@
 """The tighten-and-retry loop on a fake timer."""
+import math
+
 import pytest
 
 from cpbench.tune.candidates import Candidate
@@ -112,12 +114,28 @@ def test_a_plan_within_the_drop_is_kept_without_stepping_back():
     assert kept.target == 8.0 and len(tried) == 1 and ft.calls == [8.0]
 
 
-def test_a_plan_over_the_drop_steps_back_by_log_bisection_and_keeps_the_fastest_within():
+def test_a_plan_over_the_drop_steps_back_by_false_position_and_keeps_the_fastest_within():
     ft = FakeFineTune(0.5)  # holds 1 point up to 3x
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=2)
-    assert ft.calls[0] == 9.0 and ft.calls[1] == pytest.approx(3.0)  # sqrt(1 * 9)
-    assert ft.calls[2] == pytest.approx(3 ** 1.5)  # 3x held (drop 1.0): the bracket is [3, 9]
+    # 9x lost 4 points, 4x the allowance: (ln s)^2 = (ln 9)^2 / 4, the log-midpoint sqrt(1 * 9)
+    assert ft.calls[0] == 9.0 and ft.calls[1] == pytest.approx(3.0)
+    # 3x held at exactly 1 point: the model says 3x is the answer, the step goes the least share up
+    assert ft.calls[2] == pytest.approx(3 * 3 ** 0.25)
     assert kept.target == pytest.approx(3.0) and kept.holds(1.0) and len(tried) == 3
+
+
+@pytest.mark.parametrize("drop, share", [(4.0, 0.5), (1.5, math.sqrt(1 / 1.5)), (1.1, 0.9), (40.0, 0.25)])
+def test_the_step_back_is_near_a_plan_that_lost_little_and_far_from_one_that_lost_much(drop, share):
+    from cpbench.tune.loop import step_back
+
+    base, lost = Attempt(1.0, 1.0, 0.0), Attempt(8.0, 7.5, drop)
+    assert step_back(base, lost, 1.0) == pytest.approx(7.5 ** share)  # clamped to [0.25, 0.9] of the bracket
+    held = Attempt(4.0, 4.0, 0.5)
+    s = step_back(held, lost, 1.0)
+    assert 4.0 < s < 7.5
+    x = math.sqrt(math.log(4) ** 2 + (0.5 / (drop - 0.5)) * (math.log(7.5) ** 2 - math.log(4) ** 2))
+    assert math.log(s) == pytest.approx(min(max(x, math.log(4) + 0.25 * math.log(7.5 / 4)), math.log(4) + 0.9 * math.log(7.5 / 4)))
+    assert step_back(base, Attempt(8.0, 7.5, None), 1.0) == pytest.approx(7.5 ** 0.5)  # no drop known: midpoint
 
 
 def test_when_nothing_holds_the_least_loss_is_kept_and_the_rounds_are_bounded():
@@ -131,7 +149,8 @@ def test_when_nothing_holds_the_least_loss_is_kept_and_the_rounds_are_bounded():
 def test_known_plans_of_other_targets_narrow_the_bracket():
     ft = FakeFineTune(0.5)
     hold_drop(ft, 9.0, 1.0, rounds=1, known=[Attempt(2.5, 2.5, 0.75), Attempt(6.0, 6.0, 2.5)])
-    assert ft.calls[1] == pytest.approx((2.5 * 6.0) ** 0.5)  # between the fastest held and slowest failed
+    # between the fastest held and the slowest failed, a quarter of the way (they lost 0.75 and 2.5)
+    assert ft.calls[1] == pytest.approx(2.5 * (6.0 / 2.5) ** 0.25)
 
 
 def test_the_bracket_is_the_measured_speedups_not_the_searched_targets():
@@ -145,12 +164,15 @@ def test_the_bracket_is_the_measured_speedups_not_the_searched_targets():
         s = 1.1 * t
         return Attempt(t, s, 0.3 * (s - 1))  # holds 1 point up to 4.3x measured
 
+    from cpbench.tune.loop import step_back
+
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=2, known=[Attempt(2.0, 2.2, 0.6)])
-    assert calls[1] == pytest.approx((2.2 * 9.9) ** 0.5)  # [2.2 measured held, 9.9 measured lost]
-    lo = max([2.2] + [a.speedup for a in tried[:2] if a.holds(1.0)])
-    hi = min(a.speedup for a in tried[:2] if not a.holds(1.0))
-    assert calls[2] == pytest.approx((lo * hi) ** 0.5)
-    assert kept is tried[2] and kept.holds(1.0)  # 5.13x lost, then 3.70x held: the fastest that held
+    assert calls[1] == pytest.approx(step_back(Attempt(2.0, 2.2, 0.6), tried[0], 1.0))  # [2.2 measured, 9.9 measured]
+    assert tried[0].speedup == pytest.approx(9.9)
+    held = max([Attempt(2.0, 2.2, 0.6)] + [a for a in tried[:2] if a.holds(1.0)], key=lambda a: a.speedup)
+    lost = min((a for a in tried[:2] if not a.holds(1.0)), key=lambda a: a.speedup)
+    assert calls[2] == pytest.approx(step_back(held, lost, 1.0))
+    assert kept.holds(1.0) and kept.speedup == max(a.speedup for a in tried if a.holds(1.0))
 
 
 def test_without_an_accuracy_to_hold_the_first_plan_is_kept():

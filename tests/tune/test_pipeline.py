@@ -8,7 +8,7 @@ import cpbench
 from cpbench.run.cell import RunContext
 from cpbench.measure.timing import TimingBudget
 from cpbench.tune.latency import Timed
-from cpbench.tune.pipeline import TuneRequest
+from cpbench.tune.request import TuneRequest
 from cpbench.tune.run import run_tune
 from cpbench.tune.search import TargetUnreachable
 
@@ -225,7 +225,7 @@ def test_the_kl_sensitivity_is_zero_for_the_base_network_and_grows_with_the_dama
 
 
 def test_shares_are_scaled_to_the_whole_network_so_keeping_every_layer_predicts_1x():
-    from cpbench.tune.pipeline import normalised_shares
+    from cpbench.tune.prepared import normalised_shares
 
     rest, shares = normalised_shares(0.05, {"conv1": 0.12, "conv2": 0.68, "conv3": 0.33})  # measured: sum 1.18
     assert rest + sum(shares.values()) == pytest.approx(1.0)
@@ -259,7 +259,8 @@ def test_the_fastest_plan_timed_whole_calibrates_every_prediction(tmp_path):
     """The search's costs are the layers' savings scaled by one factor, fitted so that the fastest plan's
     prediction is its whole-network measurement; the verified plan's prediction is then nearer its
     measurement than the layers timed alone put it."""
-    from cpbench.tune.pipeline import Tuner, predicted_speedup
+    from cpbench.tune.pipeline import Tuner
+    from cpbench.tune.prepared import predicted_speedup
 
     def tune(calibrate):
         ctx = RunContext(cache_dir=str(tmp_path / f"cache-{calibrate}"))
@@ -294,7 +295,8 @@ def test_cli_calibrates_unless_told_not_to():
 def test_a_later_target_starts_from_the_model_refitted_to_the_nearest_verified_plan(tmp_path):
     """Once a whole network is verified, the next target's first search uses the model refitted to the
     verified plan nearest it in speed, not the factor fitted at the fastest plan far away."""
-    from cpbench.tune.pipeline import Tuner, nearest_verified
+    from cpbench.tune.pipeline import Tuner
+    from cpbench.tune.prepared import nearest_verified
 
     tuner = Tuner(_request(), ctx=RunContext(cache_dir=str(tmp_path / "cache")), timer=InPlaceTimer(1.5))
     prepared = tuner.prepare(budgets=[0.5, 1 / 1.8])
@@ -314,9 +316,10 @@ def test_a_later_target_starts_from_the_model_refitted_to_the_nearest_verified_p
 
 
 def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_them(tmp_path, monkeypatch):
-    """Plans of spatial-svd rank 5 (2.7x) hold the drop, rank 2 (4.9x) loses it, and the grid has
-    nothing between: the step back searched between them finds rank 2 again, so the tuner adds the rank
-    midway (3), times and scores it, and fine-tunes that instead of reusing a plan it already has."""
+    """Plans of spatial-svd rank 5 (2.7x) hold the drop (gaining a point), rank 2 (4.9x) loses 3 points,
+    and the grid has nothing between them faster than rank 4 (3.1x): the step back searched between them
+    (at 3.7x) finds rank 2 again, so the tuner adds the rank midway (3, 3.8x), times and scores it, and
+    fine-tunes that instead of reusing a plan it already has."""
     from types import SimpleNamespace
 
     from cpbench.tune.loop import Attempt
@@ -332,7 +335,7 @@ def test_a_drop_round_that_finds_only_fine_tuned_plans_refines_the_grid_between_
     def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):  # fine-tuning, faked
         s = outcome.measured.speedup
         finished.append(outcome.selection.labels()["conv"])
-        return {"speedup": s, "accuracy_drop": 0.5 if s < 4.0 else 5.0, "tune": {"plan": outcome.selection.labels()}}, \
+        return {"speedup": s, "accuracy_drop": -1.0 if s < 4.0 else 3.0, "tune": {"plan": outcome.selection.labels()}}, \
             SimpleNamespace(meta={})
 
     monkeypatch.setattr(tuner, "finish", finish)
