@@ -191,6 +191,31 @@ def test_gradient_and_gram_operator_match_autograd(shape):
         assert torch.allclose(p32.double() / low.scale, p64, rtol=1e-4, atol=1e-4 * float(p64.abs().max()))
 
 
+def test_gradient_at_a_new_penalty_reuses_the_fit_part(monkeypatch):
+    """A penalty schedule moves ``mu`` after every accepted step: the gradient there is the fit part
+    (kept from the first call) plus the new penalty part, and costs no second MTTKRP."""
+    shape, rank = (6, 5, 3, 3), 4
+    g = _gen(3)
+    fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
+    prob = _Problem(torch.randn(shape, generator=g, dtype=torch.float64), rank)
+    ev = prob.evaluate(fs, 0.3)
+    calls = []
+    fit = prob._fit_gradient
+    monkeypatch.setattr(prob, "_fit_gradient", lambda e: calls.append(1) or fit(e))
+    prob.gradient(ev, 0.3)
+    moved = prob.gradient(ev, 0.05)
+    fresh = _Problem(prob.t, rank).gradient(_Problem(prob.t, rank).evaluate(fs, 0.05), 0.05)
+    assert len(calls) == 1
+    for a, b in zip(moved, fresh):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    monkeypatch.setattr(_Problem, "_fit_gradient", lambda self, e: calls.append(1) or fit.__func__(self, e))
+    info = cp_nls(prob.t, rank, max_iter=40).info
+    assert info["accepted_steps"] >= 20
+    # one per accepted point and one per phase's start; recomputed at every change of mu it had been ~2x
+    assert len(calls) <= info["accepted_steps"] + 10
+
+
 def test_gradient_of_exact_residual_path_matches_autograd():
     """Near an exact fit f and g come from the explicit residual; check that branch too."""
     shape, rank, mu = (6, 4, 2, 2), 2, 0.05
