@@ -11,6 +11,7 @@ from cpbench.tune.latency import Timed
 from cpbench.tune.request import TuneRequest
 from cpbench.tune.run import run_tune
 from cpbench.tune.search import TargetUnreachable
+from cpbench.tune.pipeline import Tuner
 
 MODEL = {"name": "conv", "in_channels": 8, "out_channels": 16, "kernel_size": 3, "input_size": 8, "padding": 1}
 TINY = TimingBudget(warmup=1, min_rounds=3, max_rounds=5, budget_s=0.05, min_round_s=0.0002)
@@ -95,10 +96,36 @@ def test_unreachable_target_says_what_the_fastest_plan_reaches(tmp_path, monkeyp
         raise AssertionError("a sensitivity was computed for an unreachable target")
 
     monkeypatch.setattr(Sensitivities, "values", no_sensitivities)
-    with pytest.raises(TargetUnreachable, match=r"500x.*fastest plan of these candidates reaches [0-9.]+x"):
+    with pytest.raises(TargetUnreachable, match=r"500x: the fastest plan of these candidates \(conv .*\) measured "
+                                                r"[0-9.]+x \[[0-9.]+, [0-9.]+\] against the baseline"):
         run_tune(_request(targets=targets), tmp_path / "out", ctx=RunContext(cache_dir=str(tmp_path)),
                  timer=ParamTimer())
     assert not (tmp_path / "out" / "results.jsonl").exists()  # nothing written before every target is checked
+
+
+class WideTimer(ParamTimer):
+    """ParamTimer's speedups with a +-20% interval: a noisy host's measurement."""
+
+    def __call__(self, ref, cand, x_ref, x_cand):
+        t = super().__call__(ref, cand, x_ref, x_cand)
+        return Timed(t.speedup, (0.8 * t.speedup, 1.2 * t.speedup), t.reference_ms, t.candidate_ms)
+
+
+def test_a_target_within_the_fastest_plans_interval_is_measured_not_refused(tmp_path):
+    """The calibration times the fastest plan once; a target above its point but inside its interval may be
+    reached (the loop accepts a measurement whose interval reaches the target), so it is searched at the
+    fastest plan and measured, not refused before any measurement; above the interval it is refused."""
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"))
+    tuner = Tuner(_request(targets=(2.0,)), ctx=ctx, timer=WideTimer())
+    fastest = tuner.prepare(budgets=[1 / 2.0]).calibration["speedup"]
+    within, beyond = 1.1 * fastest, 1.3 * fastest
+    run = run_tune(_request(targets=(within,)), tmp_path / "out", ctx=ctx, timer=WideTimer())
+    row = run.rows[0]
+    last = row["tune"]["rounds"][-1]  # the verify rounds' measurements (the timer's)
+    assert row["tune_met"] and last["speedup_ci"][1] >= within  # the measurement reached it
+    assert last["speedup"] == pytest.approx(fastest, rel=1e-6)  # the fastest plan: nothing faster exists
+    with pytest.raises(TargetUnreachable, match=f"{beyond:g}x: the fastest plan .* measured {fastest:.2f}x"):
+        run_tune(_request(targets=(beyond,)), tmp_path / "out2", ctx=ctx, timer=WideTimer())
 
 
 @pytest.mark.parametrize("kw,match", [
