@@ -12,6 +12,11 @@ rounds:
 * without it, or when that search returns a plan already measured: the budget is multiplied by
   ``measured / target`` (a plan already measured is tightened again without timing it twice).
 
+A plan whose interval reaches the target but whose point falls short of it (1.98x [1.94, 2.02] for 2x,
+measured on ResNet-20) meets the target as the issue defines it, but a user who asked for 2x reads 1.98x:
+while rounds are left the loop searches once more, as after a miss, and keeps the new plan only if its
+point reaches the target (else the first, which met within its interval).
+
 The other way too, with ``recalibrate``: a plan measured more than :data:`OVERSHOOT` above the target,
 its whole interval above it, overshoots it, which costs accuracy the target did not ask for (measured on the
 character network at batch 1: plans searched for 8x and 10x measured 9.8x and 12.0x, the model
@@ -119,11 +124,32 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
     met: list[tuple[Selection, Measured]] = []  # the measured plans that meet the target
 
     def outcome(stopped: str) -> TuneOutcome:
-        if met:  # the least predicted loss among those that meet; of equal loss the faster
-            sel, mm = min(met, key=lambda t: (t[0].loss, -t[1].speedup))
+        if met:  # the least predicted loss among those whose point reaches the target (else among those that
+            # reach it within their interval); of equal loss the faster
+            sel, mm = min([t for t in met if t[1].speedup >= target] or met, key=lambda t: (t[0].loss, -t[1].speedup))
             return TuneOutcome(sel, mm, rounds, met=True, stopped="met")
         assert best is not None
         return TuneOutcome(*best, rounds, met=False, stopped=stopped)
+
+    def tightened(m: Measured) -> Selection | None:
+        """The next plan after one measured short of the target (refitted, else tightened by the miss); None
+        when no plan not yet measured can be found."""
+        nonlocal budget
+        try:
+            if recalibrate is not None:
+                recalibrate(selection, m)
+                budget = 1.0 / target
+                nxt = search(budget)
+                if _key(nxt) not in tried:
+                    return nxt
+            for _ in range(_MAX_SILENT_TIGHTENINGS):
+                budget *= m.speedup / target
+                nxt = search(budget)
+                if _key(nxt) not in tried:
+                    return nxt
+        except TargetUnreachable:
+            pass
+        return None
 
     while True:
         m = measure(selection)
@@ -133,8 +159,16 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
             best = (selection, m)
         if not misses(m, target):
             met.append((selection, m))
-            if recalibrate is None or not overshoots(m, target) or len(rounds) >= max_rounds:
+            short = not any(mm.speedup >= target for _, mm in met)  # within its interval, below the point
+            overshot = recalibrate is not None and overshoots(m, target)
+            if len(rounds) >= max_rounds or not (short or overshot):
                 return outcome("met")
+            if short:  # one more plan, a little faster: kept only if its point reaches the target
+                nxt = tightened(m)
+                if nxt is None:
+                    return outcome("met")
+                selection = nxt
+                continue
             recalibrate(selection, m)  # overshot: the refitted model looks for a slower plan of less loss
             budget = 1.0 / target
             try:
@@ -146,22 +180,10 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
             continue
         if len(rounds) >= max_rounds:
             return outcome("max-rounds")
-        try:
-            if recalibrate is not None:
-                recalibrate(selection, m)
-                budget = 1.0 / target
-                selection = search(budget)
-                if _key(selection) not in tried:
-                    continue
-            for _ in range(_MAX_SILENT_TIGHTENINGS):
-                budget *= m.speedup / target
-                selection = search(budget)
-                if _key(selection) not in tried:
-                    break
-            else:
-                return outcome("unreachable")
-        except TargetUnreachable:
+        nxt = tightened(m)
+        if nxt is None:
             return outcome("unreachable")
+        selection = nxt
 
 
 @dataclass(frozen=True)

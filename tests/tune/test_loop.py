@@ -43,10 +43,27 @@ def test_miss_tightens_by_the_miss_and_meets():
     assert len(set(timer.calls)) == len(timer.calls)  # no plan timed twice
 
 
-def test_within_interval_is_not_a_miss():
-    # measured 3.9 with interval up to 4.06: not beyond the interval, so no second round
+def test_within_interval_is_not_a_miss_but_a_point_short_of_the_target_tries_once_more():
+    # measured 3.9 with interval up to 4.06: not beyond the interval (met), but its point is short of 4x
     out = tighten_loop(_search, FakeTimer(0.975, ci_rel=0.04), 4.0)
-    assert out.met and len(out.rounds) == 1
+    assert out.met and len(out.rounds) == 2 and out.rounds[0].speedup < 4.0
+    assert out.measured.speedup >= 4.0  # the second plan's point reaches the target: kept
+    assert out.rounds[1].budget == pytest.approx(out.rounds[0].budget * out.rounds[0].speedup / 4.0)
+    # no round left: the first, met within its interval
+    one = tighten_loop(_search, FakeTimer(0.975, ci_rel=0.04), 4.0, max_rounds=1)
+    assert one.met and len(one.rounds) == 1 and one.measured.speedup < 4.0
+
+
+def test_a_retry_whose_point_is_still_short_keeps_the_plan_of_least_loss():
+    class Short(FakeTimer):  # every plan measures 2% under 4x (its interval reaches 4x)
+        def __call__(self, sel):
+            self.calls.append(sel.labels()["conv"])
+            return Measured(3.92, (3.8, 4.05))
+
+    out = tighten_loop(_search, Short(1.0), 4.0)
+    assert out.met and len(out.rounds) == 3 and len({tuple(r.plan.items()) for r in out.rounds}) == 3
+    # none reached 4x by its point: the first, the slowest and so the least loss here, is kept
+    assert out.selection.labels() == out.rounds[0].plan
 
 
 def test_bounded_rounds_report_best():
