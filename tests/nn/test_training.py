@@ -130,13 +130,18 @@ def _cp_net() -> nn.Module:
     return compress(small_net(), {"0": ("cp-als", 4), "3": ("cp-als", 6)})
 
 
-def test_training_memory_format_follows_the_blocks(data):
+def test_training_memory_format_follows_depthwise_convs_and_batchnorm(data):
     from cpbench.nn.surgery import compress
     from cpbench.nn.training import training_memory_format
 
     (x, _), _ = data
-    assert training_memory_format(small_net(), x[:2]) == torch.contiguous_format  # dense: unchanged
-    net = _cp_net()
+    assert training_memory_format(small_net(), x[:2]) == torch.contiguous_format  # neither: unchanged
+    tucker = compress(small_net(), {"3": ("tucker2", [8, 4])})  # 1x1 and kxk convs, no depthwise
+    assert training_memory_format(tucker, x[:2]) == torch.contiguous_format
+    with_bn = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(8, 36))
+    assert training_memory_format(with_bn, x[:2]) == torch.channels_last
+    net = _cp_net()  # a CP block's depthwise convs
     assert training_memory_format(net, x[:2]) == torch.channels_last
     assert all(p.is_contiguous() for p in net.parameters())  # the probe hands the model back as it was
     viewing = _SpatialView(compress(nn.Sequential(nn.Conv2d(1, 8, 5)), {"0": ("cp-als", 3)}))
