@@ -40,10 +40,10 @@ from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, backend_timer, savings_calibration
 from .loop import Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
 from .plan import LayerChoice, Plan
-from .search import Option, Selection, TargetUnreachable, check_reach, infeasible, lazy_plans, shaped_plans
+from .search import Option, Selection, TargetUnreachable, check_reach, fastest, infeasible, lazy_plans, shaped_plans
 from .sensitivity import Sensitivities, cand_key, scorer
 from .store import JsonStore
-from .prepared import Prepared, normalised_shares, option_cost, predicted_speedup, recalibrated, nearest_verified
+from .prepared import Prepared, normalised_shares, option_cost, reach, recalibrated, nearest_verified
 from .request import TuneRequest, select_layers
 
 __all__ = ["Tuner", "StepFn"]
@@ -273,21 +273,17 @@ class Tuner:
         calibration = self._calibrate(table, net_key, rest, kept, alone, batch)
         costs = {n: [option_cost(shares[n], timed[cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
         seconds["latency"] = time.perf_counter() - t0
-        # the reach: the fastest plan at the upper end of its measured interval (a target the loop would
-        # accept from a measurement is not refused before one)
-        reach = {n: [option_cost(shares[n], timed[cand_key(c)], calibration.get("reach_factor", calibration["factor"]))
-                     for c in kept[n]] for n in self.layers}
+        options_now = {n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}
+        top = reach(calibration, options_now, rest)
         for b in sorted(budgets):  # the tightest first: the first to fail says the most
-            try:
-                check_reach({n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], reach[n])] for n in self.layers}, rest, b)
-            except TargetUnreachable as e:
-                if "speedup_ci" not in calibration:
-                    raise
-                lo, hi = calibration["speedup_ci"]
-                plan = ", ".join(f"{n} {label}" for n, label in calibration["plan"].items())
-                raise TargetUnreachable(
-                    f"no plan reaches {1 / b:g}x: the fastest plan of these candidates ({plan}) measured "
-                    f"{calibration['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] against the baseline", hi) from e
+            if 1.0 / b <= top * (1 + 1e-9):
+                continue
+            if "speedup_ci" not in calibration:
+                check_reach(options_now, rest, b)  # raises, naming what the fastest plan is predicted to reach
+            lo, hi = calibration["speedup_ci"]
+            plan = ", ".join(f"{n} {label}" for n, label in calibration["plan"].items())
+            raise TargetUnreachable(f"no plan reaches {1 / b:g}x: the fastest plan of these candidates ({plan}) measured "
+                                    f"{calibration['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] against the baseline", hi)
         out_of_reach: dict[str, list[str]] = {}
         reserve: dict[str, list[Candidate]] = {}
         loosest = max(budgets) if budgets else math.inf
@@ -349,8 +345,7 @@ class Tuner:
             lambda: replace_layers(self.base(), {n: self.timing_module(c, shapes[n][-2:]) for n, c in replaced.items()}).eval(),
             self.input_shape(batch), self.network_timer)
         return {"factor": savings_calibration(predicted, 1.0 / t.speedup), "plan": {n: c.label for n, c in replaced.items()},
-                "predicted_speedup_alone": 1.0 / predicted, "speedup": t.speedup, "speedup_ci": list(t.speedup_ci),
-                "reach_factor": savings_calibration(predicted, 1.0 / max(t.speedup_ci[1], t.speedup))}
+                "predicted_speedup_alone": 1.0 / predicted, "speedup": t.speedup, "speedup_ci": list(t.speedup_ci)}
 
     @property
     def sensitivity(self) -> Sensitivities:
@@ -487,21 +482,13 @@ class Tuner:
                 # within the fastest plan's measured interval (the tune's reach) but beyond its point: the
                 # fastest plan is searched and measured, and the measurement decides
                 p = current[0]
-                fastest_cost = p.rest + sum(min(o.cost for o in opts) for opts in p.options.values())
-                if budget >= fastest_cost or 1.0 / budget > self._reach(prepared):
+                fastest_cost = fastest(p.options, p.rest).cost
+                if budget >= fastest_cost or 1.0 / budget > reach(prepared.calibration, prepared.options, prepared.rest):
                     raise
                 return self.joint_search(p, fastest_cost * (1 + 1e-9))
 
         return tighten_loop(search, measure, target,
                             max_rounds=self.request.max_rounds, recalibrate=refit if self.request.calibrate else None)
-
-    @staticmethod
-    def _reach(prepared: Prepared) -> float:
-        """The speedup the fastest plan reaches at the upper end of the calibration's measured interval
-        (its point without a calibration)."""
-        cal = prepared.calibration
-        return max(cal.get("speedup_ci", [0.0, 0.0])[1], cal.get("speedup", 0.0)) or predicted_speedup(
-            prepared, {n: min(opts, key=lambda o: o.cost).candidate.label for n, opts in prepared.options.items()})
 
     def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
         """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses

@@ -11,10 +11,10 @@ from typing import Any
 
 from .candidates import KEEP, Candidate
 from .latency import Timed, calibrated, predicted_cost, savings_calibration
-from .search import Option
+from .search import Option, fastest
 from .sensitivity import cand_key
 
-__all__ = ["Prepared", "normalised_shares", "recalibrated", "nearest_verified", "predicted_speedup", "option_cost"]
+__all__ = ["Prepared", "normalised_shares", "recalibrated", "nearest_verified", "predicted_speedup", "option_cost", "reach"]
 
 
 def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -85,3 +85,13 @@ def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
     """The predicted speedup of a plan given by labels (``{"conv2": "cp-nls:48"}``, absent: kept)."""
     return 1.0 / predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels),
                                 prepared.calibration["factor"])
+
+
+def reach(calibration: dict[str, Any], options: dict[str, list[Option]], rest: float) -> float:
+    """The fastest speedup a tune may aim at: the whole network with every layer at its fastest candidate, at
+    the upper end of the interval the calibration measured it in (a target the verify loop would accept
+    from a measurement is not refused before one); without that measurement, the fastest plan's predicted
+    speedup under ``options``' costs."""
+    if "speedup_ci" in calibration:
+        return max(calibration["speedup_ci"][1], calibration["speedup"])
+    return 1.0 / fastest(options, rest).cost
