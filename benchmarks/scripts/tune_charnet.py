@@ -67,8 +67,12 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                      f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']})")
         for a in (r.get("tune") or {}).get("drop_rounds", []) if r.get("tune_drop_rounds") else []:
             d = a["accuracy_drop"]
-            lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x, "
+            lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x "
+                         f"(pooled {a.get('pooled_speedup', a['speedup']):.2f}x), "
                          f"drop {'-' if d is None else f'{d:.2f}'} pts{' (kept)' if a['kept'] else ''}")
+        for sk in (r.get("tune") or {}).get("skipped", []):
+            lines.append(f"      not fine-tuned at {sk['target']:g}x: predicted drop {sk['predicted_drop']:.1f} pts through "
+                         + " and ".join(f"{t['speedup']:.2f}x ({t['accuracy_drop']:.2f})" for t in sk["through"]))
         last = (r.get("tune") or {}).get("rounds", [])[-1:]
         for rd in last:  # the verify round: the same network before fine-tuning, timed minutes earlier
             lines.append(f"      verify round: predicted {rd['predicted_speedup']:.2f}x, measured {rd['speedup']:.2f}x "
@@ -80,9 +84,10 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                          f"{_acc(u)} -> tuned {'>=' if ok else '<'} uniform")
         if uniform and not better:
             lines.append("      no uniform plan of equal or higher measured speedup")
-    within = [r for r in rows if _predicted_error(r) <= 0.10]
+    plans = {json.dumps(r["tune"]["plan"], sort_keys=True): r for r in rows}  # a plan kept by two targets counts once
+    within = [r for r in plans.values() if _predicted_error(r) <= 0.10]
     hits = [r for r in rows if r["speedup"] >= goal and drop_ok(r, max_drop)]
-    out["prediction_within_10pct"] = f"{len(within)}/{len(rows)}"
+    out["prediction_within_10pct"] = f"{len(within)}/{len(plans)} distinct plans"
     out[f"plans_at_{goal:g}x_within_drop"] = [r["rank_spec"]["target_speedup"] for r in hits]
     out["tuned_ge_uniform"] = all(
         (r.get("accuracy_finetuned") or 0) >= (u.get("accuracy_finetuned") or 0)

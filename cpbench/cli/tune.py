@@ -190,6 +190,9 @@ def cmd_tune(args) -> int:
         why = [] if r.get("tune_met") else [f"measured {r['speedup']:.2f}x (interval up to {r['speedup_ci'][1]:.2f}x)"]
         if not r.get("meets_max_drop"):
             why.append(f"drop {r['accuracy_drop']:.2f} > --max-drop {request.max_drop:g}")
+        for sk in (r.get("tune") or {}).get("skipped", []):
+            why.append(f"not fine-tuned at {sk['target']:g}x: the plans fine-tuned for the other targets predict a drop "
+                       f"of {sk['predicted_drop']:.1f} points there")
         if r.get("tune_drop_rounds"):
             why.append(f"{r['tune_drop_rounds']} slower plan(s) tried to hold --max-drop; kept the one searched at "
                        f"{r['tune']['searched_target']:.2f}x")

@@ -38,7 +38,7 @@ from ..nn.layers import geometry
 from .candidates import KEEP, Candidate, between, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, backend_timer, savings_calibration
-from .loop import Attempt, Measured, TuneOutcome, hold_drop, tighten_loop
+from .loop import Attempt, Measured, Skipped, TuneOutcome, hold_drop, pooled_speedup, tighten_loop
 from .plan import LayerChoice, Plan
 from .search import Option, Selection, TargetUnreachable, check_reach, fastest, infeasible, lazy_plans, shaped_plans
 from .sensitivity import Sensitivities, cand_key, scorer
@@ -106,6 +106,9 @@ class Tuner:
         # their rows and plans, per batch, by plan key: a target whose own attempts lost the drop keeps an
         # earlier target's plan that held it at a higher measured speed (hold_drop)
         self.finished: dict[int, dict[tuple, tuple[dict, Plan]]] = {}
+        # each fine-tuned plan's whole-network speedups measured after fine-tuning, per batch, by plan key;
+        # pooled with its verify round's (pooled_speedup), they are the speed hold_drop brackets on
+        self.timings: dict[int, dict[tuple, list[float]]] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
@@ -497,15 +500,24 @@ class Tuner:
         refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
         and the search runs again; a plan still already fine-tuned is reused. Returns the kept plan's row
         and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
-        fine-tuned for earlier targets of this tune (:attr:`finetuned`) narrow the bracket from the start."""
+        fine-tuned for earlier targets of this tune (:attr:`finetuned`) narrow the bracket from the start,
+        and when they show the target hopeless (:func:`~cpbench.tune.loop.hopeless`) it is not fine-tuned
+        itself (``tune.skipped``). A plan's speed there is all its whole-network timings pooled
+        (:func:`~cpbench.tune.loop.pooled_speedup`, ``tune.pooled_speedup``); its row keeps its own."""
         batch = batch or self.request.batch
         finished: dict[tuple, Attempt] = {}
         last: list[Attempt] = []
         done = self.finetuned.setdefault(batch, [])
         results = self.finished.setdefault(batch, {})
+        timings = self.timings.setdefault(batch, {})
         # the earlier targets', carrying their rows and plans: hold_drop may keep one of them
         known = [replace(a, payload=results[_plan_key(a.payload)]) for a in done]
         refined: list[str] = []
+        skipped: list[Skipped] = []
+
+        def pooled(key: tuple) -> float:
+            verify = {s for labels, s in self.verified.get(batch, []) if _plan_key(labels) == key}
+            return pooled_speedup([*verify, *timings.get(key, [])])
 
         def attempt(t: float) -> Attempt:
             if last:  # say why this round runs: the step goes down after a loss, up after a hold
@@ -516,7 +528,7 @@ class Tuner:
                           + f", searched at {t:.2f}x")
             outcome = self.plan(prepared, t, batch)
             key = _plan_key(outcome.selection.labels())
-            if last and _fine_tuned(done, key):
+            if (last or skipped) and _fine_tuned(done, key):
                 ends = _bracket(done, self.request.max_drop)
                 added = self.refine(prepared, *ends, batch) if ends else []
                 if added:
@@ -528,19 +540,34 @@ class Tuner:
                 return last[-1]
             row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
-            finished[key] = Attempt(t, row["speedup"], row.get("accuracy_drop"), (row, plan))
-            done.append(Attempt(t, row["speedup"], row.get("accuracy_drop"), dict(key)))
+            timings.setdefault(key, []).append(row["speedup"])
+            speed = pooled(key)
+            row["tune"]["pooled_speedup"] = speed
+            finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
+            done[:] = [a for a in done if _plan_key(a.payload) != key]  # a plan timed again: its pooled speed
+            done.append(Attempt(t, speed, row.get("accuracy_drop"), dict(key)))
             results[key] = (row, plan)
             last.append(finished[key])
             return finished[key]
 
-        kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known)
+        def skip(s: Skipped) -> None:
+            skipped.append(s)
+            self.step(f"target {target:g}x: not fine-tuned: a drop rising with the square of the log-speed through "
+                      f"the {s.held.speedup:.2f}x plan ({s.held.drop:.2f} points) and the {s.lost.speedup:.2f}x plan "
+                      f"({s.lost.drop:.2f}) reaches {s.predicted_drop:.1f} points at {target:g}x; stepping back from there")
+
+        kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known,
+                                on_skip=skip)
         row, plan = kept.payload if any(a is kept for a in tried) else \
             _adopted(*kept.payload, cell or self.target_cell(target, batch), target)
-        row["tune_drop_rounds"] = len(tried) - 1
+        row["tune_drop_rounds"] = len(tried) - (0 if skipped else 1)
         row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
-                                       "speedup": a.speedup, "speedup_ci": a.payload[0].get("speedup_ci"),
-                                       "accuracy_drop": a.drop, "kept": a is kept} for a in tried]
+                                       "speedup": a.payload[0]["speedup"], "speedup_ci": a.payload[0].get("speedup_ci"),
+                                       "pooled_speedup": a.speedup, "accuracy_drop": a.drop, "kept": a is kept}
+                                      for a in tried]
+        row["tune"]["skipped"] = [{"target": s.target, "predicted_drop": s.predicted_drop,
+                                   "through": [{"speedup": a.speedup, "accuracy_drop": a.drop} for a in (s.held, s.lost)]}
+                                  for s in skipped]
         row["tune"]["refined"] = refined
         return row, plan, tried
 

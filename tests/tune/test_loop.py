@@ -165,9 +165,49 @@ def test_when_nothing_holds_the_least_loss_is_kept_and_the_rounds_are_bounded():
 
 def test_known_plans_of_other_targets_narrow_the_bracket():
     ft = FakeFineTune(0.5)
-    hold_drop(ft, 9.0, 1.0, rounds=1, known=[Attempt(2.5, 2.5, 0.75), Attempt(6.0, 6.0, 2.5)])
-    # between the fastest held and the slowest failed, a quarter of the way (they lost 0.75 and 2.5)
-    assert ft.calls[1] == pytest.approx(2.5 * (6.0 / 2.5) ** 0.25)
+    hold_drop(ft, 4.0, 1.0, rounds=1, known=[Attempt(2.5, 2.5, 0.75), Attempt(6.0, 6.0, 2.5)])
+    assert ft.calls[0] == 4.0  # inside the known bracket, not hopeless (the model says 1.3 points): tried
+    # then between the fastest held (2.5x, known) and the slowest failed (its own 4x, 1.5 points)
+    from cpbench.tune.loop import step_back
+
+    assert ft.calls[1] == pytest.approx(step_back(Attempt(2.5, 2.5, 0.75), Attempt(4.0, 4.0, 1.5), 1.0))
+    assert 2.5 < ft.calls[1] < 4.0
+
+
+def test_a_target_the_known_plans_show_hopeless_is_not_fine_tuned():
+    """Through a plan that held (2.5x, 0.75 points) and one that lost (6x, 2.5 points), the convex drop
+    reaches 3.7 points at 9x: not worth a fine-tuning; the steps start from the known bracket."""
+    from cpbench.tune.loop import hopeless
+
+    known = [Attempt(2.5, 2.5, 0.75), Attempt(6.0, 6.0, 2.5)]
+    s = hopeless(known, 9.0, 1.0)
+    b = (2.5 - 0.75) / (math.log(6) ** 2 - math.log(2.5) ** 2)
+    assert s is not None and s.predicted_drop == pytest.approx(0.75 + b * (math.log(9) ** 2 - math.log(2.5) ** 2))
+    assert s.held is known[0] and s.lost is known[1]
+    ft, told = FakeFineTune(0.5), []
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=1, known=known, on_skip=told.append)
+    assert 9.0 not in ft.calls and told == [s]
+    assert ft.calls == [pytest.approx(2.5 * (6.0 / 2.5) ** 0.25)] and len(tried) == 1
+    # the same drops with twice the allowance: 3.7 points is not hopeless at 2 allowed
+    assert hopeless(known, 9.0, 2.0) is None
+    # nothing held yet (no answer to fall back on), or nothing lost: never hopeless
+    assert hopeless(known[1:], 9.0, 1.0) is None and hopeless(known[:1], 9.0, 1.0) is None
+
+
+def test_a_hopeless_target_with_a_narrow_known_bracket_keeps_the_known_plan():
+    ft = FakeFineTune(0.5)
+    known = [Attempt(8.0, 8.7, 0.3), Attempt(10.0, 9.0, 2.4)]
+    kept, tried = hold_drop(ft, 12.0, 1.0, rounds=2, known=known)
+    assert ft.calls == [] and tried == [] and kept is known[0]
+
+
+def test_a_plans_timings_are_pooled_geometrically():
+    from cpbench.tune.loop import pooled_speedup
+
+    assert pooled_speedup([7.68, 8.46]) == pytest.approx(math.sqrt(7.68 * 8.46))
+    assert pooled_speedup([9.0]) == pytest.approx(9.0)
+    with pytest.raises(ValueError):
+        pooled_speedup([])
 
 
 def test_the_bracket_is_the_measured_speedups_not_the_searched_targets():

@@ -74,9 +74,12 @@ def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_los
                    step=steps.append)
     row = run.rows[0]
     why = [s for s in steps if s.startswith("target 3x: the plan searched at")]
-    assert len(why) == 2 and all("lost more than 0 points; trying a slower one" in s for s in why)  # nothing held 0
+    # nothing holds 0 points; a second step is taken unless the first stepped within 5% of the base network
+    # (each plan's speed pools its verify round, timed here by ParamTimer, with its real timing after fine-tuning)
+    assert len(why) in (1, 2) and all("lost more than 0 points; trying a slower one" in s for s in why)
     tried = row["tune"]["drop_rounds"]
-    assert [t["searched_target"] for t in tried][0] == 3.0 and len(tried) == 3 == row["tune_drop_rounds"] + 1
+    assert [t["searched_target"] for t in tried][0] == 3.0 and len(tried) == len(why) + 1 == row["tune_drop_rounds"] + 1
+    assert all(t["pooled_speedup"] > 0 for t in tried) and row["tune"]["skipped"] == []
     assert all(1.0 < t["searched_target"] < 3.0 for t in tried[1:])  # slower plans, searched below the target
     assert sum(t["kept"] for t in tried) == 1 and not row["meets_max_drop"]  # fidelity loss > 0: nothing holds 0
     assert row["accuracy_drop"] == min(t["accuracy_drop"] for t in tried)
@@ -456,3 +459,41 @@ def test_lazy_sensitivities_choose_the_eager_plans_and_are_computed_only_for_pla
                    timer=ParamTimer())
     rec = run.rows[0]["tune"]["sensitivities"]
     assert rec["lazy"] and 0 < rec["known"] <= rec["candidates"]
+
+
+def test_a_target_the_fine_tuned_plans_show_hopeless_is_not_fine_tuned(tmp_path, monkeypatch):
+    """Drops rise as 2 (ln s)^2 - 1 with the measured speed s: the 2x target's plan (2.7x) holds a point,
+    the 4x target's (4.9x) loses 4; through those two the 4.5x target would lose 3.5, so it is not
+    fine-tuned and keeps the 2x target's plan, saying why in its log and its row."""
+    import math
+    from types import SimpleNamespace
+
+    from cpbench.tune.pipeline import Tuner
+
+    tuner = Tuner(_request(decomposers=("spatial-svd",), max_drop=1.0, drop_rounds=0),
+                  ctx=RunContext(cache_dir=str(tmp_path / "cache")), timer=ParamTimer())
+    prepared = tuner.prepare(budgets=[1 / 2.0])
+    finished = []
+
+    def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):  # fine-tuning, faked
+        s = outcome.measured.speedup
+        finished.append(target)
+        cell = tuner.target_cell(target, 1)
+        row = {"speedup": s, "accuracy_drop": 2 * math.log(s) ** 2 - 1, "cell_key": cell.key, "rank_spec": cell.rank,
+               "tune": {"plan": outcome.selection.labels(), "target_speedup": target}}
+        return row, SimpleNamespace(meta={"target_speedup": target})
+
+    monkeypatch.setattr(tuner, "finish", finish)
+    steps: list[str] = []
+    tuner.step = steps.append
+    held, _, _ = tuner.tune_target(prepared, 2.0)
+    _, _, (lost,) = tuner.tune_target(prepared, 4.0)  # its own plan lost; it kept the 2x target's
+    assert held["accuracy_drop"] <= 1.0 < lost.drop and held["speedup"] < 4.5 < lost.speedup
+    row, _, tried = tuner.tune_target(prepared, 4.5)
+    assert finished == [2.0, 4.0] and tried == []  # nothing fine-tuned for 4.5x
+    assert row["tune"]["plan"] == held["tune"]["plan"] and row["tune"]["kept_from_target"] == 2.0
+    assert row["tune_drop_rounds"] == 0 and row["rank_spec"] == {"target_speedup": 4.5}
+    (skip,) = row["tune"]["skipped"]
+    assert skip["target"] == 4.5 and skip["predicted_drop"] == pytest.approx(2 * math.log(4.5) ** 2 - 1, rel=1e-6)
+    assert [t["speedup"] for t in skip["through"]] == pytest.approx([held["speedup"], lost.speedup])
+    assert any(s.startswith("target 4.5x: not fine-tuned:") and "reaches 3.5 points" in s for s in steps)
