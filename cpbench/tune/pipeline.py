@@ -498,7 +498,8 @@ class Tuner:
         more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
         ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
         refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
-        and the search runs again; a plan still already fine-tuned is reused. Returns the kept plan's row
+        and the search runs again; a plan still already fine-tuned is reused, its row and timing as they
+        are (re-timed, the same network measured 8.51x for one target and 10.32x for the next). Returns the kept plan's row
         and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
         fine-tuned for earlier targets of this tune (:attr:`finetuned`) narrow the bracket from the start,
         and when they show the target hopeless (:func:`~cpbench.tune.loop.hopeless`) it is not fine-tuned
@@ -514,6 +515,7 @@ class Tuner:
         known = [replace(a, payload=results[_plan_key(a.payload)]) for a in done]
         refined: list[str] = []
         skipped: list[Skipped] = []
+        own: set[tuple] = set()  # the plans this target fine-tuned (others' are adopted: _adopted)
 
         def pooled(key: tuple) -> float:
             verify = {s for labels, s in self.verified.get(batch, []) if _plan_key(labels) == key}
@@ -538,6 +540,12 @@ class Tuner:
             if key in finished:
                 last.append(replace(finished[key], target=t))
                 return last[-1]
+            if key in results:  # fine-tuned and timed for an earlier target: its row, not a fine-tuning or timing again
+                prior = next(a for a in done if _plan_key(a.payload) == key)
+                finished[key] = Attempt(t, prior.speedup, prior.drop, results[key])
+                last.append(finished[key])
+                return last[-1]
+            own.add(key)
             row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
             row["tune"]["searched_target"] = plan.meta["searched_target"] = t
             timings.setdefault(key, []).append(row["speedup"])
@@ -558,7 +566,8 @@ class Tuner:
 
         kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known,
                                 on_skip=skip)
-        row, plan = kept.payload if any(a is kept for a in tried) else \
+        mine = any(a is kept for a in tried) and _plan_key(kept.payload[0]["tune"]["plan"]) in own
+        row, plan = kept.payload if mine else \
             _adopted(*kept.payload, cell or self.target_cell(target, batch), target)
         row["tune_drop_rounds"] = len(tried) - (0 if skipped else 1)
         row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],

@@ -497,3 +497,8 @@ def test_a_target_the_fine_tuned_plans_show_hopeless_is_not_fine_tuned(tmp_path,
     assert skip["target"] == 4.5 and skip["predicted_drop"] == pytest.approx(2 * math.log(4.5) ** 2 - 1, rel=1e-6)
     assert [t["speedup"] for t in skip["through"]] == pytest.approx([held["speedup"], lost.speedup])
     assert any(s.startswith("target 4.5x: not fine-tuned:") and "reaches 3.5 points" in s for s in steps)
+    # a plan fine-tuned for an earlier target is reused as it is: not fine-tuned nor timed again, its row copied
+    again, _, tried = tuner.tune_target(prepared, 2.0)
+    assert finished == [2.0, 4.0] and len(tried) == 1 and again is not held
+    assert again["speedup"] == held["speedup"] and again["tune"]["kept_from_target"] == 2.0
+    assert "kept_from_target" not in held["tune"]
