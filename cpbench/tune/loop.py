@@ -325,6 +325,8 @@ def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: floa
         if hi.speedup / lo.speedup < _MIN_BRACKET:
             break
         a = attempt(step_back(lo, hi, max_drop))
+        if a.payload is not None and any(a.payload is b.payload for b in tried):
+            break  # the step found a plan this target already has: the bracket would not move
         tried.append(a)
     within = [a for a in tried + seen if a.holds(max_drop)]
     kept = max(within, key=lambda a: a.speedup) if within else min(tried, key=lambda a: math.inf if a.drop is None else a.drop)

@@ -309,3 +309,19 @@ def test_an_overshoot_is_more_than_ten_percent_with_the_whole_interval_above():
     assert overshoots(Measured(10.0, (8.7, 12.1)), 8.0)
     assert not overshoots(Measured(8.7, (8.1, 9.4)), 8.0)  # within 10% of the target
     assert not overshoots(Measured(10.0, (7.9, 12.1)), 8.0)  # the interval reaches below it
+
+
+def test_a_step_that_finds_a_plan_already_tried_ends_the_rounds():
+    """The search's grid is finite: a step back can land on a plan this target already fine-tuned, and
+    the bracket it leaves is the same, so stepping again would find it again."""
+    plans = {"fast": object(), "slow": object()}
+    calls = []
+
+    def ft(t):
+        calls.append(t)
+        name = "fast" if t >= 8.0 else "slow"
+        return Attempt(t, 9.0 if name == "fast" else 7.0, 2.0 if name == "fast" else 0.5, plans[name])
+
+    kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5)
+    assert [a.payload for a in tried] == [plans["fast"], plans["slow"]] and len(calls) == 3
+    assert kept.payload is plans["slow"]
