@@ -17,7 +17,9 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
    the latency budget, built and timed whole against the baseline; on a miss beyond the interval the
    budget is tightened by the miss and the search runs again;
 5. the verified plan is fine-tuned, evaluated on the test split and timed again whole (a fresh
-   measurement, not the one the loop stopped on), and written as a results row, a plan file and a table.
+   measurement, not the one the loop stopped on), and written as a results row, a plan file and a table;
+6. **hold the drop** (:mod:`.drops`): a fine-tuned plan that loses more than ``--max-drop`` sends the
+   tuner back to slower plans, for a bounded number of fine-tunings.
 """
 from __future__ import annotations
 
@@ -35,10 +37,11 @@ from ..run.cache import key_of
 from ..decomposition.decomposer import CPDecomposer
 from ..errors import UsageError
 from ..nn.layers import geometry
-from .candidates import KEEP, Candidate, between, layer_candidates, speedup_grid
+from .candidates import KEEP, Candidate, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, backend_timer, savings_calibration
-from .loop import Attempt, Measured, Skipped, TuneOutcome, hold_drop, pooled_speedup, tighten_loop
+from .drops import FineTunedPlans
+from .loop import Attempt, Measured, TuneOutcome, tighten_loop
 from .plan import LayerChoice, Plan
 from .search import Option, Selection, TargetUnreachable, check_reach, fastest, infeasible, lazy_plans, shaped_plans
 from .sensitivity import Sensitivities, cand_key, scorer
@@ -99,16 +102,8 @@ class Tuner:
         # every whole network verified in this tune, per batch: (plan labels, measured speedup); a
         # target's search starts from the model refitted to the one nearest it (plan)
         self.verified: dict[int, list[tuple[dict[str, str], float]]] = {}
-        # every plan fine-tuned in this tune, per batch, as an Attempt whose payload is its plan labels:
-        # they narrow each later target's drop rounds (hold_drop's ``known``), and a drop round whose
-        # search finds only plans already fine-tuned refines the grid between them (refine)
-        self.finetuned: dict[int, list[Attempt]] = {}
-        # their rows and plans, per batch, by plan key: a target whose own attempts lost the drop keeps an
-        # earlier target's plan that held it at a higher measured speed (hold_drop)
-        self.finished: dict[int, dict[tuple, tuple[dict, Plan]]] = {}
-        # each fine-tuned plan's whole-network speedups measured after fine-tuning, per batch, by plan key;
-        # pooled with its verify round's (pooled_speedup), they are the speed hold_drop brackets on
-        self.timings: dict[int, dict[tuple, list[float]]] = {}
+        # every plan fine-tuned in this tune, per batch (stage 6, :mod:`.drops`)
+        self.fine_tuned: dict[int, FineTunedPlans] = {}
         self._joint_scorer: Callable[[nn.Module], float] | None = None
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
@@ -318,7 +313,7 @@ class Tuner:
         come = {n: cs for n, cs in come.items() if cs}
         if come:
             self.step(f"admitting {sum(map(len, come.values()))} candidate(s) a search at {1 / budget:.2f}x can use")
-        self._add_options(prepared, come)
+        self.add_options(prepared, come)
         for n, cs in come.items():
             prepared.reserve[n] = [c for c in prepared.reserve[n] if c not in cs]
             prepared.out_of_reach[n] = [c.label for c in prepared.reserve[n]]
@@ -493,122 +488,14 @@ class Tuner:
         return tighten_loop(search, measure, target,
                             max_rounds=self.request.max_rounds, recalibrate=refit if self.request.calibrate else None)
 
-    def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None, batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
-        """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
-        more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
-        ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
-        refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
-        and the search runs again; a plan still already fine-tuned is reused, its row and timing as they
-        are (re-timed, the same network measured 8.51x for one target and 10.32x for the next). Returns the kept plan's row
-        and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
-        fine-tuned for earlier targets of this tune (:attr:`finetuned`) narrow the bracket from the start,
-        and when they show the target hopeless (:func:`~cpbench.tune.loop.hopeless`) it is not fine-tuned
-        itself (``tune.skipped``). A plan's speed there is all its whole-network timings pooled
-        (:func:`~cpbench.tune.loop.pooled_speedup`, ``tune.pooled_speedup``); its row keeps its own."""
-        batch = batch or self.request.batch
-        finished: dict[tuple, Attempt] = {}
-        last: list[Attempt] = []
-        done = self.finetuned.setdefault(batch, [])
-        results = self.finished.setdefault(batch, {})
-        timings = self.timings.setdefault(batch, {})
-        # the earlier targets', carrying their rows and plans: hold_drop may keep one of them
-        known = [replace(a, payload=results[_plan_key(a.payload)]) for a in done]
-        refined: list[str] = []
-        skipped: list[Skipped] = []
-        own: set[tuple] = set()  # the plans this target fine-tuned (others' are adopted: _adopted)
+    def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
+                    batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+        """Stage 6, hold ``--max-drop``: :func:`.drops.tune_target`."""
+        from .drops import tune_target
 
-        def pooled(key: tuple) -> float:
-            verify = {s for labels, s in self.verified.get(batch, []) if _plan_key(labels) == key}
-            return pooled_speedup([*verify, *timings.get(key, [])])
+        return tune_target(self, prepared, target, started=started, cell=cell, batch=batch)
 
-        def attempt(t: float) -> Attempt:
-            if last:  # say why this round runs: the step goes down after a loss, up after a hold
-                held = last[-1].drop is not None and last[-1].drop <= self.request.max_drop
-                self.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
-                          + (f"held {self.request.max_drop:g} points; trying a faster one" if held else
-                             f"lost more than {self.request.max_drop:g} points; trying a slower one")
-                          + f", searched at {t:.2f}x")
-            outcome = self.plan(prepared, t, batch)
-            key = _plan_key(outcome.selection.labels())
-            if (last or skipped) and _fine_tuned(done, key):
-                ends = _bracket(done, self.request.max_drop)
-                added = self.refine(prepared, *ends, batch) if ends else []
-                if added:
-                    refined.extend(added)
-                    outcome = self.plan(prepared, t, batch)
-                    key = _plan_key(outcome.selection.labels())
-            if key in finished:
-                last.append(replace(finished[key], target=t))
-                return last[-1]
-            if key in results:  # fine-tuned and timed for an earlier target: its row, not a fine-tuning or timing again
-                prior = next(a for a in done if _plan_key(a.payload) == key)
-                finished[key] = Attempt(t, prior.speedup, prior.drop, results[key])
-                last.append(finished[key])
-                return last[-1]
-            own.add(key)
-            row, plan = self.finish(prepared, target, outcome, batch, started=started, cell=cell)
-            row["tune"]["searched_target"] = plan.meta["searched_target"] = t
-            timings.setdefault(key, []).append(row["speedup"])
-            speed = pooled(key)
-            row["tune"]["pooled_speedup"] = speed
-            finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
-            done[:] = [a for a in done if _plan_key(a.payload) != key]  # a plan timed again: its pooled speed
-            done.append(Attempt(t, speed, row.get("accuracy_drop"), dict(key)))
-            results[key] = (row, plan)
-            last.append(finished[key])
-            return finished[key]
-
-        def skip(s: Skipped) -> None:
-            skipped.append(s)
-            self.step(f"target {target:g}x: not fine-tuned: a drop rising with the square of the log-speed through "
-                      f"the {s.held.speedup:.2f}x plan ({s.held.drop:.2f} points) and the {s.lost.speedup:.2f}x plan "
-                      f"({s.lost.drop:.2f}) reaches {s.predicted_drop:.1f} points at {target:g}x; stepping back from there")
-
-        kept, tried = hold_drop(attempt, target, self.request.max_drop, rounds=self.request.drop_rounds, known=known,
-                                on_skip=skip)
-        mine = any(a is kept for a in tried) and _plan_key(kept.payload[0]["tune"]["plan"]) in own
-        row, plan = kept.payload if mine else \
-            _adopted(*kept.payload, cell or self.target_cell(target, batch), target)
-        row["tune_drop_rounds"] = len(tried) - (0 if skipped else 1)
-        row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
-                                       "speedup": a.payload[0]["speedup"], "speedup_ci": a.payload[0].get("speedup_ci"),
-                                       "pooled_speedup": a.speedup, "accuracy_drop": a.drop, "kept": a is kept}
-                                      for a in tried]
-        row["tune"]["skipped"] = [{"target": s.target, "predicted_drop": s.predicted_drop,
-                                   "through": [{"speedup": a.speedup, "accuracy_drop": a.drop} for a in (s.held, s.lost)]}
-                                  for s in skipped]
-        row["tune"]["refined"] = refined
-        return row, plan, tried
-
-    def refine(self, prepared: Prepared, held: dict[str, str], lost: dict[str, str], batch: int) -> list[str]:
-        """Candidates midway between the plan ``held`` (it held the drop) and the faster plan ``lost``
-        (it lost it), on every layer where they differ (:func:`~cpbench.tune.candidates.between`): each
-        timed alone and scored as the grid's are, and added to ``prepared`` in place, so every later
-        search of this tune can choose them. Returns ``"layer label"`` of each added."""
-        shapes = self.layer_shapes(batch)
-        by_name = {d.name: d for d in self.decomposers}
-        added: dict[str, list[Candidate]] = {}
-        for n in prepared.layers:
-            have = {o.candidate.label: o.candidate for o in prepared.options[n]}
-            h, lo = held.get(n, KEEP), lost.get(n, KEEP)
-            if h == lo or h not in have or lo not in have:
-                continue
-            conv = self.conv(n)
-            for c in between(have[h], have[lo], by_name, tuple(conv.weight.shape), geometry(conv), shapes[n][-2:]):
-                if c.label in have:
-                    continue
-                self.step(f"timing {n} {c.label}, between {h} and {lo} (a drop round refines the grid)")
-                t = self.latency_table.layer_speedup(c, conv, shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
-                                                     structure=self._structure(c))
-                prepared.timed[cand_key(c)] = t
-                if t.speedup > 1.0:
-                    added.setdefault(n, []).append(c)
-                else:
-                    prepared.dropped.setdefault(n, []).append(c.label)
-        self._add_options(prepared, added)
-        return [f"{n} {c.label}" for n, cs in added.items() for c in cs]
-
-    def _add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
+    def add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
         """Timed candidates added to ``prepared``'s options, costed at its calibration and scored as the
         grid's are (:meth:`.sensitivity.Sensitivities.options`)."""
         factor = prepared.calibration["factor"]
@@ -728,41 +615,3 @@ class Tuner:
                     rank=cand.rank, backend=self.request.backend, threads=self.request.threads, batch=1,
                     finetune_epochs=0, seed=self.request.seed)
         return stages.compress(one, self.decomposer(cand.method), cell, self.ctx)
-
-
-def _plan_key(labels: dict[str, str]) -> tuple:
-    return tuple(sorted(labels.items()))
-
-
-def _fine_tuned(done: Sequence[Attempt], key: tuple) -> bool:
-    return any(_plan_key(a.payload) == key for a in done)
-
-
-def _adopted(row: dict, plan: Plan, cell, target: float) -> tuple[dict, Plan]:
-    """An earlier target's fine-tuned plan, kept for ``target`` (hold_drop): its row and plan copied,
-    made the row of ``cell`` (the target's) and the target it was tuned for recorded as
-    ``tune.kept_from_target``."""
-    import copy
-
-    from ..run.results import jsonable
-
-    row, plan = copy.deepcopy(row), copy.deepcopy(plan)
-    source = row["tune"]["target_speedup"]
-    row.update(cell_key=cell.key, axes=jsonable(cell.axes()), rank_spec=cell.rank)
-    row["tune"]["target_speedup"] = plan.meta["target_speedup"] = target
-    row["tune"]["kept_from_target"] = plan.meta["kept_from_target"] = source
-    return row, plan
-
-
-def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], dict[str, str]] | None:
-    """The plan labels (each attempt's payload) around the answer: the fastest plan that held
-    ``max_drop`` (none: the base network, every layer kept) and the slowest faster one that lost it;
-    None when no plan lost."""
-    held = max((a for a in done if a.holds(max_drop)), key=lambda a: a.speedup, default=Attempt(1.0, 1.0, 0.0, {}))
-    lost = [a for a in done if a.drop is not None and not a.holds(max_drop) and a.speedup > held.speedup]
-    if not lost:
-        return None
-    return held.payload, min(lost, key=lambda a: a.speedup).payload
-
-
-

@@ -1,0 +1,190 @@
+"""Stage 6 of a tune, hold ``--max-drop``: a verified plan is fine-tuned, and when it loses more than
+the drop allowed the tuner steps back to slower plans (:func:`~.loop.hold_drop`, the pure loop), refining
+the rank grid where a step finds only plans it already has (:func:`refine`).
+
+What a tune remembers of its fine-tuned plans, per batch, is a :class:`FineTunedPlans`: each later
+target's rounds start from the bracket they make, reuse their rows rather than fine-tune or time a plan
+again, and skip a target they show hopeless.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from ..nn.layers import geometry
+from .candidates import KEEP, Candidate, between
+from .loop import Attempt, Skipped, hold_drop, pooled_speedup
+from .plan import Plan
+from .prepared import Prepared
+from .sensitivity import cand_key
+
+if TYPE_CHECKING:
+    from .pipeline import Tuner
+
+__all__ = ["FineTunedPlans", "tune_target", "refine"]
+
+
+@dataclass
+class FineTunedPlans:
+    """Every plan fine-tuned in one tune at one batch."""
+
+    #: each as an Attempt whose payload is its plan labels, its speed every timing of it pooled: they
+    #: narrow each later target's drop rounds (hold_drop's ``known``), and a drop round whose search finds
+    #: only plans already fine-tuned refines the grid between them (:func:`refine`)
+    attempts: list[Attempt] = field(default_factory=list)
+    #: their rows and plans by plan key: a target whose own attempts lost the drop keeps an earlier
+    #: target's plan that held it at a higher speed, and a plan found again is reused, not re-timed
+    results: dict[tuple, tuple[dict, Plan]] = field(default_factory=dict)
+    #: their whole-network speedups measured after fine-tuning, by plan key (pooled with the verify round's)
+    timings: dict[tuple, list[float]] = field(default_factory=dict)
+
+
+def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
+            batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+    """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
+    more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
+    ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
+    refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
+    and the search runs again; a plan still already fine-tuned is reused, its row and timing as they
+    are (re-timed, the same network measured 8.51x for one target and 10.32x for the next). Returns the kept plan's row
+    and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
+    fine-tuned for earlier targets of this tune (:attr:`Tuner.fine_tuned`) narrow the bracket from the start,
+    and when they show the target hopeless (:func:`~cpbench.tune.loop.hopeless`) it is not fine-tuned
+    itself (``tune.skipped``). A plan's speed there is all its whole-network timings pooled
+    (:func:`~cpbench.tune.loop.pooled_speedup`, ``tune.pooled_speedup``); its row keeps its own."""
+    batch = batch or tuner.request.batch
+    finished: dict[tuple, Attempt] = {}
+    last: list[Attempt] = []
+    memory = tuner.fine_tuned.setdefault(batch, FineTunedPlans())
+    done, results, timings = memory.attempts, memory.results, memory.timings
+    # the earlier targets', carrying their rows and plans: hold_drop may keep one of them
+    known = [replace(a, payload=results[_plan_key(a.payload)]) for a in done]
+    refined: list[str] = []
+    skipped: list[Skipped] = []
+    own: set[tuple] = set()  # the plans this target fine-tuned (others' are adopted: _adopted)
+
+    def pooled(key: tuple) -> float:
+        verify = {s for labels, s in tuner.verified.get(batch, []) if _plan_key(labels) == key}
+        return pooled_speedup([*verify, *timings.get(key, [])])
+
+    def attempt(t: float) -> Attempt:
+        if last:  # say why this round runs: the step goes down after a loss, up after a hold
+            held = last[-1].drop is not None and last[-1].drop <= tuner.request.max_drop
+            tuner.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
+                      + (f"held {tuner.request.max_drop:g} points; trying a faster one" if held else
+                         f"lost more than {tuner.request.max_drop:g} points; trying a slower one")
+                      + f", searched at {t:.2f}x")
+        outcome = tuner.plan(prepared, t, batch)
+        key = _plan_key(outcome.selection.labels())
+        if (last or skipped) and _fine_tuned(done, key):
+            ends = _bracket(done, tuner.request.max_drop)
+            added = refine(tuner, prepared, *ends, batch) if ends else []
+            if added:
+                refined.extend(added)
+                outcome = tuner.plan(prepared, t, batch)
+                key = _plan_key(outcome.selection.labels())
+        if key in finished:
+            last.append(replace(finished[key], target=t))
+            return last[-1]
+        if key in results:  # fine-tuned and timed for an earlier target: its row, not a fine-tuning or timing again
+            prior = next(a for a in done if _plan_key(a.payload) == key)
+            finished[key] = Attempt(t, prior.speedup, prior.drop, results[key])
+            last.append(finished[key])
+            return last[-1]
+        own.add(key)
+        row, plan = tuner.finish(prepared, target, outcome, batch, started=started, cell=cell)
+        row["tune"]["searched_target"] = plan.meta["searched_target"] = t
+        timings.setdefault(key, []).append(row["speedup"])
+        speed = pooled(key)
+        row["tune"]["pooled_speedup"] = speed
+        finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
+        done[:] = [a for a in done if _plan_key(a.payload) != key]  # a plan timed again: its pooled speed
+        done.append(Attempt(t, speed, row.get("accuracy_drop"), dict(key)))
+        results[key] = (row, plan)
+        last.append(finished[key])
+        return finished[key]
+
+    def skip(s: Skipped) -> None:
+        skipped.append(s)
+        tuner.step(f"target {target:g}x: not fine-tuned: a drop rising with the square of the log-speed through "
+                  f"the {s.held.speedup:.2f}x plan ({s.held.drop:.2f} points) and the {s.lost.speedup:.2f}x plan "
+                  f"({s.lost.drop:.2f}) reaches {s.predicted_drop:.1f} points at {target:g}x; stepping back from there")
+
+    kept, tried = hold_drop(attempt, target, tuner.request.max_drop, rounds=tuner.request.drop_rounds, known=known,
+                            on_skip=skip)
+    mine = any(a is kept for a in tried) and _plan_key(kept.payload[0]["tune"]["plan"]) in own
+    row, plan = kept.payload if mine else \
+        _adopted(*kept.payload, cell or tuner.target_cell(target, batch), target)
+    row["tune_drop_rounds"] = len(tried) - (0 if skipped else 1)
+    row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
+                                   "speedup": a.payload[0]["speedup"], "speedup_ci": a.payload[0].get("speedup_ci"),
+                                   "pooled_speedup": a.speedup, "accuracy_drop": a.drop, "kept": a is kept}
+                                  for a in tried]
+    row["tune"]["skipped"] = [{"target": s.target, "predicted_drop": s.predicted_drop,
+                               "through": [{"speedup": a.speedup, "accuracy_drop": a.drop} for a in (s.held, s.lost)]}
+                              for s in skipped]
+    row["tune"]["refined"] = refined
+    return row, plan, tried
+
+def refine(tuner: Tuner, prepared: Prepared, held: dict[str, str], lost: dict[str, str], batch: int) -> list[str]:
+    """Candidates midway between the plan ``held`` (it held the drop) and the faster plan ``lost``
+    (it lost it), on every layer where they differ (:func:`~cpbench.tune.candidates.between`): each
+    timed alone and scored as the grid's are, and added to ``prepared`` in place, so every later
+    search of this tune can choose them. Returns ``"layer label"`` of each added."""
+    shapes = tuner.layer_shapes(batch)
+    by_name = {d.name: d for d in tuner.decomposers}
+    added: dict[str, list[Candidate]] = {}
+    for n in prepared.layers:
+        have = {o.candidate.label: o.candidate for o in prepared.options[n]}
+        h, lo = held.get(n, KEEP), lost.get(n, KEEP)
+        if h == lo or h not in have or lo not in have:
+            continue
+        conv = tuner.conv(n)
+        for c in between(have[h], have[lo], by_name, tuple(conv.weight.shape), geometry(conv), shapes[n][-2:]):
+            if c.label in have:
+                continue
+            tuner.step(f"timing {n} {c.label}, between {h} and {lo} (a drop round refines the grid)")
+            t = tuner.latency_table.layer_speedup(c, conv, shapes[n], lambda c=c, hw=shapes[n][-2:]: tuner.timing_module(c, hw),
+                                                 structure=tuner._structure(c))
+            prepared.timed[cand_key(c)] = t
+            if t.speedup > 1.0:
+                added.setdefault(n, []).append(c)
+            else:
+                prepared.dropped.setdefault(n, []).append(c.label)
+    tuner.add_options(prepared, added)
+    return [f"{n} {c.label}" for n, cs in added.items() for c in cs]
+
+
+def _plan_key(labels: dict[str, str]) -> tuple:
+    return tuple(sorted(labels.items()))
+
+
+def _fine_tuned(done: Sequence[Attempt], key: tuple) -> bool:
+    return any(_plan_key(a.payload) == key for a in done)
+
+
+def _adopted(row: dict, plan: Plan, cell, target: float) -> tuple[dict, Plan]:
+    """An earlier target's fine-tuned plan, kept for ``target`` (hold_drop): its row and plan copied,
+    made the row of ``cell`` (the target's) and the target it was tuned for recorded as
+    ``tune.kept_from_target``."""
+    from ..run.results import jsonable
+
+    row, plan = copy.deepcopy(row), copy.deepcopy(plan)
+    source = row["tune"]["target_speedup"]
+    row.update(cell_key=cell.key, axes=jsonable(cell.axes()), rank_spec=cell.rank)
+    row["tune"]["target_speedup"] = plan.meta["target_speedup"] = target
+    row["tune"]["kept_from_target"] = plan.meta["kept_from_target"] = source
+    return row, plan
+
+
+def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], dict[str, str]] | None:
+    """The plan labels (each attempt's payload) around the answer: the fastest plan that held
+    ``max_drop`` (none: the base network, every layer kept) and the slowest faster one that lost it;
+    None when no plan lost."""
+    held = max((a for a in done if a.holds(max_drop)), key=lambda a: a.speedup, default=Attempt(1.0, 1.0, 0.0, {}))
+    lost = [a for a in done if a.drop is not None and not a.holds(max_drop) and a.speedup > held.speedup]
+    if not lost:
+        return None
+    return held.payload, min(lost, key=lambda a: a.speedup).payload
