@@ -68,7 +68,8 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                      f"[{r['speedup_ci'][0]:.2f}, {r['speedup_ci'][1]:.2f}], flags={','.join(k for k, v in (r.get('timing_flags') or {}).items() if v) or 'none'}, "
                      f"prediction error {100 * _predicted_error(r):.1f}% ({100 * _predicted_error(r, True):.1f}% pooled), "
                      f"accuracy {_acc(r)}, drop "
-                     f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']})")
+                     f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']}), "
+                     f"target {'met' if r.get('tune_met') else 'missed'}")
         for a in (r.get("tune") or {}).get("drop_rounds", []) if r.get("tune_drop_rounds") else []:
             d = a["accuracy_drop"]
             lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x "

@@ -94,8 +94,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
                    help="accuracy points a plan may lose after fine-tuning (default 1.0); a plan that loses more is "
                         "replaced by a slower one, see --drop-rounds")
     p.add_argument("--drop-rounds", type=int, default=DEFAULT_DROP_ROUNDS, metavar="N",
-                   help="slower plans fine-tuned per target when a plan loses more than --max-drop, bisecting the "
-                        f"speedup; the fastest that holds the drop is kept (default {DEFAULT_DROP_ROUNDS}; 0: only report)")
+                   help="slower plans fine-tuned per target when a plan loses more than --max-drop, each step back "
+                        "sized by how much the last plan lost; the fastest that holds the drop is kept, and the target "
+                        f"counts as met only if its interval reaches the target (default {DEFAULT_DROP_ROUNDS}; 0: only report)")
     p.add_argument("--backend", default="mkl", help="execution backend (default mkl)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)

@@ -117,6 +117,10 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     mine = any(a is kept for a in tried) and _plan_key(kept.payload[0]["tune"]["plan"]) in own
     row, plan = kept.payload if mine else \
         _adopted(*kept.payload, cell or tuner.target_cell(target, batch), target)
+    if row["tune"].get("searched_target", target) != target:
+        # a slower plan, or another target's: its verify loop met the target it was searched at, not this one
+        ci = row.get("speedup_ci")
+        row["tune_met"] = bool(ci and ci[1] is not None and ci[1] >= target)
     row["tune_drop_rounds"] = len(tried) - (0 if skipped else 1)
     row["tune"]["drop_rounds"] = [{"searched_target": a.target, "plan": a.payload[0]["tune"]["plan"],
                                    "speedup": a.payload[0]["speedup"], "speedup_ci": a.payload[0].get("speedup_ci"),
