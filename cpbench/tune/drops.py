@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..nn.layers import geometry
 from .candidates import KEEP, Candidate, between
+from .latency import Timed, plan_variant
 from .loop import Attempt, Skipped, hold_drop, pooled_speedup
 from .plan import Plan
 from .prepared import Prepared
@@ -37,7 +38,8 @@ class FineTunedPlans:
     #: their rows and plans by plan key: a target whose own attempts lost the drop keeps an earlier
     #: target's plan that held it at a higher speed, and a plan found again is reused, not re-timed
     results: dict[tuple, tuple[dict, Plan]] = field(default_factory=dict)
-    #: their whole-network speedups measured after fine-tuning, by plan key (pooled with the verify round's)
+    #: their first whole-network speedup measured after fine-tuning, as the latency table recorded it, by plan
+    #: key (pooled with the verify round's)
     timings: dict[tuple, list[float]] = field(default_factory=dict)
 
 
@@ -96,7 +98,13 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         own.add(key)
         row, plan = tuner.finish(prepared, target, outcome, batch, started=started, cell=cell)
         row["tune"]["searched_target"] = plan.meta["searched_target"] = t
-        timings.setdefault(key, []).append(row["speedup"])
+        # the first timing after fine-tuning recorded in the latency table: a repeat decides as the first run did
+        timed = Timed(row["speedup"], tuple(row.get("speedup_ci") or (row["speedup"], row["speedup"])),
+                      row.get("baseline_ms") or 0.0, row.get("compressed_ms") or 0.0)
+        if tuner.latency_table is not None:
+            timed = tuner.latency_table.recorded(tuner._net_key(), plan_variant(dict(key), "fine-tuned plan"),
+                                                 tuner.input_shape(batch), timed)
+        timings.setdefault(key, []).append(timed.speedup)
         speed = pooled(key)
         row["tune"]["pooled_speedup"] = speed
         finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))

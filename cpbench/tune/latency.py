@@ -52,7 +52,7 @@ from ..nn.layers import geometry
 from .candidates import Candidate
 from .store import JsonStore
 
-__all__ = ["Timed", "PairTimer", "LatencyTable", "machine_key", "predicted_cost", "calibrated", "savings_calibration",
+__all__ = ["Timed", "PairTimer", "LatencyTable", "machine_key", "plan_variant", "predicted_cost", "calibrated", "savings_calibration",
            "backend_timer"]
 
 
@@ -166,6 +166,23 @@ class LatencyTable:
             return (timer or self.timer)(network, build(), x, x)
 
         return self._get(key, measure)
+
+    def recorded(self, network_key: Any, variant: str, input_shape: tuple[int, ...], measured: Timed) -> Timed:
+        """The first timing recorded under ``variant`` (``measured``, when none was yet): for a timing the
+        table does not take itself (a fine-tuned plan's, taken as a cell takes it), so that a repeated tune
+        decides on the numbers its first run decided on and walks the same rounds."""
+        key = key_of("network", self.context, network_key, variant, list(input_shape))
+        hit = self.store.get(key)
+        if hit is not None:
+            return Timed.from_dict(hit)
+        self.store.put(key, measured.as_dict())
+        return measured
+
+
+def plan_variant(labels: dict[str, str], stage: str = "plan") -> str:
+    """The latency table's name of a whole network with the plan ``labels`` (``stage``: "plan" for its
+    verify round, "fine-tuned plan" for its timing after fine-tuning)."""
+    return stage + " " + ",".join(f"{n}={label}" for n, label in sorted(labels.items()))
 
 
 def predicted_cost(rest: float, shares: dict[str, float], speedups: dict[str, float],

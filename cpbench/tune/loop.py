@@ -203,9 +203,9 @@ class Attempt:
 
 
 def pooled_speedup(speedups: Sequence[float]) -> float:
-    """One plan's whole-network speedups, each measured against the baseline at another moment (its verify
-    round before fine-tuning, its timing after it, a re-timing for another target), pooled: their
-    geometric mean (speedups are ratios). The architecture is the same in all of them, so they measure
+    """One plan's whole-network speedups, each measured against the baseline at another moment (in a tune:
+    its verify round before fine-tuning and its first timing after it), pooled: their geometric mean
+    (speedups are ratios). The architecture is the same in all of them, so they measure
     one speed; on this kind of host a single measurement moves by 10%: the same fine-tuned character
     network measured 7.68x [7.29, 8.59] and, 4 minutes later, 8.46x [7.42, 9.48]. Pooled, a plan that
     lost the drop is not read as slower than one that held it by the noise of one timing."""

@@ -39,7 +39,7 @@ from ..errors import UsageError
 from ..nn.layers import geometry
 from .candidates import KEEP, Candidate, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
-from .latency import LatencyTable, backend_timer, savings_calibration
+from .latency import LatencyTable, backend_timer, plan_variant, savings_calibration
 from .drops import FineTunedPlans
 from .loop import Attempt, Measured, TuneOutcome, tighten_loop
 from .plan import LayerChoice, Plan
@@ -409,7 +409,7 @@ class Tuner:
         labels = selection.labels()
         self.step(f"timing the whole network: {', '.join(f'{n} {l}' for n, l in labels.items())}")
         assert self.latency_table is not None, "prepare() makes the latency table a search's plans are verified with"
-        variant = "plan " + ",".join(f"{n}={label}" for n, label in sorted(labels.items()))
+        variant = plan_variant(labels)
         t = self.latency_table.network_ratio(self._net_key(), variant, self.base(), lambda: self.compressed(selection),
                                              self.input_shape(batch), self.network_timer)
         return Measured(t.speedup, tuple(t.speedup_ci), t)

@@ -92,6 +92,21 @@ def test_network_ratio_cached(tmp_path):
     assert t2.calls == 2
 
 
+def test_a_recorded_timing_is_the_first_one_on_every_later_run(tmp_path):
+    """A fine-tuned plan's timing is taken by the cell's stages, not by the table; the table keeps the first
+    so a repeated tune's drop rounds decide on the numbers its first run did."""
+    from cpbench.tune.latency import plan_variant
+
+    first, later = Timed(8.5, (8.0, 9.0), 10.0, 1.18), Timed(10.3, (9.2, 11.2), 10.0, 0.97)
+    variant = plan_variant({"conv2": "cp-nls:66", "conv1": "cp-nls:42"}, "fine-tuned plan")
+    assert variant == "fine-tuned plan conv1=cp-nls:42,conv2=cp-nls:66"  # sorted: the same plan, one name
+    assert _table(tmp_path, CountingTimer()).recorded("net", variant, (1, 1, 24, 24), first) == first
+    again = _table(tmp_path, CountingTimer())
+    assert again.recorded("net", variant, (1, 1, 24, 24), later) == first
+    assert again.recorded("net", variant, (32, 1, 24, 24), later) == later  # another batch: its own record
+    assert again.timed == 0  # recording is not timing
+
+
 def test_without_a_cache_root_nothing_is_written(tmp_path):
     t = CountingTimer()
     table = LatencyTable.for_run(None, backend="mkl", threads=1, timer=t, machine=MACHINE)
