@@ -137,6 +137,11 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
         loss, cost = new_loss, new_cost
         back.append((new_b, new_i))
     reached = np.nonzero(loss < math.inf)[0]
+    if not len(reached):
+        # each option's cost is rounded up to whole bins, so a budget within a few roundings of the fastest
+        # plan's cost can leave no plan inside the bins though that plan fits (check_reach): it is the answer
+        # (a tune's verify loop searches at exactly the fastest plan's cost when a target is within its reach)
+        return fastest(options, rest)
     b = int(reached[np.lexsort((reached, cost[reached], loss[reached]))[0]])
     names = list(options)
     choice: dict[str, Option] = {}

@@ -206,3 +206,17 @@ def test_lazy_plans_leave_a_candidate_no_plan_can_afford_well_unresolved():
 
     (_, sel), = lazy_plans(lazy, 0.0, 0.95, resolve)
     assert sel.labels() == {"a": "m:9", "b": "m:9"} and c("a", 30) not in resolved
+
+
+def test_a_budget_at_the_fastest_plans_cost_returns_it_though_the_bins_round_it_out():
+    """Costs are rounded up to whole bins per layer: three layers at 1/3 each, searched at exactly their sum,
+    round to more bins than the budget holds. The fastest plan fits and is the answer (a tune searches
+    there when a target is within the fastest plan's measured interval); on a fresh venv this raised
+    IndexError."""
+    opts = {f"l{i}": [Option(Candidate(f"l{i}", "keep", None), 0.5, 0.0),
+                      Option(Candidate(f"l{i}", "m", 1), 1 / 3, 1.0)] for i in range(3)}
+    fast = fastest(opts, 0.0)
+    sel = search(opts, 0.0, fast.cost * (1 + 1e-9))
+    assert sel.labels() == fast.labels() and sel.cost <= fast.cost * (1 + 1e-9)
+    with pytest.raises(TargetUnreachable):
+        search(opts, 0.0, fast.cost * (1 - 1e-6))
