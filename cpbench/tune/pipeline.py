@@ -440,8 +440,10 @@ class Tuner:
                                           "predicted_speedup": sel.predicted_speedup} for j, p, sel in scored]})
         return best[2]
 
-    def plan(self, prepared: Prepared, target: float, batch: int | None = None) -> TuneOutcome:
-        """Search and verify ``target`` (:func:`~cpbench.tune.loop.tighten_loop`). On a miss, or an
+    def plan(self, prepared: Prepared, target: float, batch: int | None = None, *,
+             max_rounds: int | None = None) -> TuneOutcome:
+        """Search and verify ``target`` (:func:`~cpbench.tune.loop.tighten_loop`, at most ``max_rounds``
+        verify rounds, default ``request.max_rounds``). On a miss, or an
         overshoot, the savings' calibration is refitted to the plan just measured (:func:`recalibrated`)
         and the search runs again at the target's budget; each refit is logged in :attr:`calibration_log`
         (the row's ``tune.calibration.rounds``). Once a whole network has been verified in this tune (an
@@ -486,7 +488,8 @@ class Tuner:
                 return self.joint_search(p, fastest_cost * (1 + 1e-9))
 
         return tighten_loop(search, measure, target,
-                            max_rounds=self.request.max_rounds, recalibrate=refit if self.request.calibrate else None)
+                            max_rounds=max_rounds or self.request.max_rounds,
+                            recalibrate=refit if self.request.calibrate else None)
 
     def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
                     batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:

@@ -86,6 +86,7 @@ def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_los
     assert sum(t["kept"] for t in tried) == 1 and not row["meets_max_drop"]  # fidelity loss > 0: nothing holds 0
     assert row["accuracy_drop"] == min(t["accuracy_drop"] for t in tried)
     assert row["rank_spec"] == {"target_speedup": 3.0}  # still the target's row, its plan file the kept plan's
+    assert all(t["verify_rounds"] == 1 for t in tried[1:])  # a step back is verified once
     plan = (tmp_path / "out" / "plan-3.toml").read_text()
     assert f"searched_target = {row['tune']['searched_target']}" in plan
     # held at once when the drop allows it: no step back
