@@ -48,14 +48,16 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
     more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
     ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
-    refined between the fastest plan that held and the slowest faster one that lost (:meth:`refine`)
+    refined between the fastest plan that held and the slowest faster one that lost (:func:`refine`)
     and the search runs again; a plan still already fine-tuned is reused, its row and timing as they
-    are (re-timed, the same network measured 8.51x for one target and 10.32x for the next). Returns the kept plan's row
+    are (re-timed, the same network measured 8.51x for one target and 10.32x for the next). A step is
+    verified once (its measured speed is what the bracket uses). Returns the kept plan's row
     and plan, with every attempt in the row's ``tune.drop_rounds``, and the attempts. The plans
     fine-tuned for earlier targets of this tune (:attr:`Tuner.fine_tuned`) narrow the bracket from the start,
     and when they show the target hopeless (:func:`~cpbench.tune.loop.hopeless`) it is not fine-tuned
-    itself (``tune.skipped``). A plan's speed there is all its whole-network timings pooled
-    (:func:`~cpbench.tune.loop.pooled_speedup`, ``tune.pooled_speedup``); its row keeps its own."""
+    itself (``tune.skipped``). A plan's speed there is its verify round and its first timing after
+    fine-tuning (as the latency table recorded it) pooled (:func:`~cpbench.tune.loop.pooled_speedup`,
+    ``tune.pooled_speedup``); its row keeps its own timing."""
     batch = batch or tuner.request.batch
     finished: dict[tuple, Attempt] = {}
     last: list[Attempt] = []
@@ -112,7 +114,6 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         speed = pooled(key)
         row["tune"]["pooled_speedup"] = speed
         finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
-        done[:] = [a for a in done if _plan_key(a.payload) != key]  # a plan timed again: its pooled speed
         done.append(Attempt(t, speed, row.get("accuracy_drop"), dict(key)))
         results[key] = (row, plan)
         last.append(finished[key])
