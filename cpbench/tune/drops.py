@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..nn.layers import geometry
 from .candidates import KEEP, Candidate, between
 from .latency import Timed, plan_variant
-from .loop import Attempt, Skipped, hold_drop, pooled_speedup
+from .loop import Attempt, Skipped, bracket, hold_drop, pooled_speedup
 from .plan import Plan
 from .prepared import Prepared
 from .sensitivity import cand_key
@@ -40,7 +40,7 @@ class FineTunedPlans:
     results: dict[tuple, tuple[dict, Plan]] = field(default_factory=dict)
     #: their first whole-network speedup measured after fine-tuning, as the latency table recorded it, by plan
     #: key (pooled with the verify round's)
-    timings: dict[tuple, list[float]] = field(default_factory=dict)
+    timings: dict[tuple, float] = field(default_factory=dict)
 
 
 def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
@@ -71,7 +71,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
 
     def pooled(key: tuple) -> float:
         verify = {s for labels, s in tuner.verified.get(batch, []) if _plan_key(labels) == key}
-        return pooled_speedup([*verify, *timings.get(key, [])])
+        return pooled_speedup([*verify, *([timings[key]] if key in timings else [])])
 
     def attempt(t: float) -> Attempt:
         if last:  # say why this round runs: the step goes down after a loss, up after a hold
@@ -110,7 +110,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         if tuner.latency_table is not None:
             timed = tuner.latency_table.recorded(tuner._net_key(), plan_variant(dict(key), "fine-tuned plan"),
                                                  tuner.input_shape(batch), timed)
-        timings.setdefault(key, []).append(timed.speedup)
+        timings[key] = timed.speedup
         speed = pooled(key)
         row["tune"]["pooled_speedup"] = speed
         finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
@@ -201,8 +201,5 @@ def _bracket(done: Sequence[Attempt], max_drop: float) -> tuple[dict[str, str], 
     """The plan labels (each attempt's payload) around the answer: the fastest plan that held
     ``max_drop`` (none: the base network, every layer kept) and the slowest faster one that lost it;
     None when no plan lost."""
-    held = max((a for a in done if a.holds(max_drop)), key=lambda a: a.speedup, default=Attempt(1.0, 1.0, 0.0, {}))
-    lost = [a for a in done if a.drop is not None and not a.holds(max_drop) and a.speedup > held.speedup]
-    if not lost:
-        return None
-    return held.payload, min(lost, key=lambda a: a.speedup).payload
+    held, lost = bracket(done, max_drop, base=Attempt(1.0, 1.0, 0.0, {}))
+    return None if lost is None else (held.payload, lost.payload)

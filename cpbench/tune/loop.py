@@ -52,7 +52,7 @@ from .search import Selection, TargetUnreachable
 
 __all__ = ["Measured", "Round", "TuneOutcome", "tighten_loop", "DEFAULT_ROUNDS", "Attempt", "hold_drop",
            "step_back", "DEFAULT_DROP_ROUNDS", "OVERSHOOT", "Skipped", "hopeless",
-           "pooled_speedup"]
+           "pooled_speedup", "bracket"]
 
 DEFAULT_ROUNDS = 3
 #: Fine-tuned plans a target may try after the first one lost more than ``--max-drop`` (each costs a
@@ -194,7 +194,7 @@ class Attempt:
     """One fine-tuned plan: the target it was searched for, its measured speedup and accuracy drop."""
 
     target: float
-    speedup: float  # measured; in a tune, every measurement of the plan pooled (pooled_speedup)
+    speedup: float  # measured; in a tune, its verify round's and first fine-tuned timing pooled (pooled_speedup)
     drop: float | None  # None: no accuracy to hold (then the first attempt is kept)
     payload: Any = None  # what the caller keeps (the row, the plan)
 
@@ -218,6 +218,15 @@ _BASE = Attempt(1.0, 1.0, 0.0)  # the base network: 1x, nothing lost
 #: The share of the bracket (in log-speed) a step may go from its held end: never onto an end, and at least
 #: a quarter of the way, so the bracket shrinks by a quarter or more per step whatever the drops say.
 _STEP_SHARE = (0.25, 0.9)
+
+
+def bracket(attempts: Sequence[Attempt], max_drop: float, base: Attempt = _BASE) -> tuple[Attempt, Attempt | None]:
+    """The ends of the answer among ``attempts``: the fastest that held ``max_drop`` (``base`` when none did)
+    and the slowest faster one that lost it (None when none did); attempts of unknown drop are neither."""
+    known = [a for a in attempts if a.drop is not None]
+    lo = max((a for a in known if a.holds(max_drop)), key=lambda a: a.speedup, default=base)
+    lost = [a for a in known if not a.holds(max_drop) and a.speedup > lo.speedup]
+    return lo, min(lost, key=lambda a: a.speedup, default=None)
 
 
 def _drop_model(lo: Attempt, hi: Attempt) -> tuple[float, float] | None:
@@ -277,15 +286,11 @@ def hopeless(known: Sequence[Attempt], target: float, max_drop: float) -> Skippe
     points, a 9.4x one 2.81), the 12x target's first plan was fine-tuned anyway and lost 12.0 points; this
     model through those two predicts 11.5. A plan so far past the allowance cannot be the answer, and its
     fine-tuning (80-150 s) buys nothing the model did not already say."""
-    seen = [a for a in known if a.drop is not None]
-    held = [a for a in seen if a.holds(max_drop)]
-    if not held:
+    if not any(a.holds(max_drop) for a in known):
         return None
-    lo = max(held, key=lambda a: a.speedup)
-    lost = [a for a in seen if not a.holds(max_drop) and a.speedup > lo.speedup]
-    if not lost or target <= lo.speedup:
+    lo, hi = bracket(known, max_drop)
+    if hi is None or target <= lo.speedup:
         return None
-    hi = min(lost, key=lambda a: a.speedup)
     model = _drop_model(lo, hi)
     if model is None:
         return None
@@ -319,9 +324,9 @@ def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: floa
     elif on_skip is not None:
         on_skip(skipped)
     for _ in range(rounds):
-        lo = max((a for a in seen + tried if a.holds(max_drop)), key=lambda a: a.speedup, default=_BASE)
-        lost = [a for a in seen + tried if not a.holds(max_drop) and a.speedup > lo.speedup]
-        hi = min(lost, key=lambda a: a.speedup) if lost else Attempt(target, max(target, lo.speedup), None)
+        lo, hi = bracket(seen + tried, max_drop)
+        if hi is None:
+            hi = Attempt(target, max(target, lo.speedup), None)
         if hi.speedup / lo.speedup < _MIN_BRACKET:
             break
         a = attempt(step_back(lo, hi, max_drop))
