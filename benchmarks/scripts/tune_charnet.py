@@ -74,7 +74,9 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
             d = a["accuracy_drop"]
             lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x "
                          f"(pooled {a.get('pooled_speedup', a['speedup']):.2f}x), "
-                         f"drop {'-' if d is None else f'{d:.2f}'} pts{' (kept)' if a['kept'] else ''}")
+                         + (f"drop {'-' if d is None else f'{d:.2f}'} pts{' (kept)' if a['kept'] else ''}"
+                            if a.get("fine_tuned", True) else
+                            f"not fine-tuned: dominated by a plan that lost {a['dominated_by']['accuracy_drop']:.2f} pts"))
         for sk in (r.get("tune") or {}).get("skipped", []):
             lines.append(f"      not fine-tuned at {sk['target']:g}x: predicted drop {sk['predicted_drop']:.1f} pts through "
                          + " and ".join(f"{t['speedup']:.2f}x ({t['accuracy_drop']:.2f})" for t in sk["through"]))

@@ -15,7 +15,8 @@ from ..nn.flops import conv_macs
 from ..nn.layers import ConvGeometry
 from ..decomposition.ranks import _candidates, _largest
 
-__all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates", "between"]
+__all__ = ["KEEP", "Candidate", "keep", "speedup_grid", "rank_grid", "layer_candidates", "between", "at_least_as_compressed",
+           "dominates"]
 
 KEEP = "keep"  # the method name of "leave the layer as it is"
 
@@ -137,3 +138,34 @@ def between(held: Candidate, lost: Candidate, decomposers: dict[str, Any], weigh
             if lo < s < hi and c.label not in (held.label, lost.label):
                 out.append(c)
     return out
+
+
+def _parsed(label: str) -> tuple[str, tuple[int, ...]] | None:
+    """``"tucker2:32x16"`` as ``("tucker2", (32, 16))``; None for :data:`KEEP`."""
+    if label == KEEP:
+        return None
+    method, _, rank = label.rpartition(":")
+    return method, tuple(int(r) for r in rank.split("x"))
+
+
+def at_least_as_compressed(label: str, than: str) -> bool:
+    """Whether the layer choice ``label`` replaces a layer at least as coarsely as ``than``: anything against
+    :data:`KEEP`; the same method at ranks no higher in every mode. Choices of two methods are not ordered
+    (a cp-nls rank and a tucker2 rank measure different things)."""
+    a, b = _parsed(label), _parsed(than)
+    if b is None:
+        return True
+    if a is None or a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    return all(x <= y for x, y in zip(a[1], b[1]))
+
+
+def dominates(plan: dict[str, str], other: dict[str, str]) -> bool:
+    """Whether ``plan`` (layer -> label; a layer it does not name is kept) compresses every layer at least as
+    coarsely as ``other`` does (:func:`at_least_as_compressed`) and is not ``other``. A fine-tuned network
+    loses at least about what one of coarser ranks everywhere loses: lower ranks fit every layer worse,
+    and fine-tuning starts from there with fewer parameters to recover with."""
+    names = set(plan) | set(other)
+    if all(plan.get(n, KEEP) == other.get(n, KEEP) for n in names):
+        return False
+    return all(at_least_as_compressed(plan.get(n, KEEP), other.get(n, KEEP)) for n in names)

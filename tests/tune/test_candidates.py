@@ -4,7 +4,7 @@ from torch import nn
 
 import cpbench
 from cpbench.nn.layers import geometry
-from cpbench.tune.candidates import layer_candidates, rank_grid, speedup_grid
+from cpbench.tune.candidates import at_least_as_compressed, dominates, layer_candidates, rank_grid, speedup_grid
 
 
 def test_speedup_grid_is_geometric_and_inclusive_with_the_operating_points():
@@ -63,3 +63,17 @@ def test_between_is_the_rank_at_the_geometric_mean_of_two_choices_when_it_lies_s
     assert between(held, near, *args) == []  # 3.2x and 4x: nothing strictly between worth a candidate
     (from_keep,) = between(keep("conv"), lost, *args)  # a layer kept whole in the plan that held
     assert from_keep.method == "spatial-svd" and 1.0 < from_keep.theoretical_speedup < grid[2]
+
+
+def test_a_plan_dominates_another_when_every_layer_is_at_least_as_compressed():
+    assert at_least_as_compressed("cp-nls:16", "cp-nls:42") and at_least_as_compressed("cp-nls:42", "cp-nls:42")
+    assert not at_least_as_compressed("cp-nls:43", "cp-nls:42")
+    assert at_least_as_compressed("tucker2:10x3", "tucker2:12x3") and not at_least_as_compressed("tucker2:10x4", "tucker2:12x3")
+    assert at_least_as_compressed("spatial-svd:64", "keep") and not at_least_as_compressed("keep", "spatial-svd:1")
+    assert not at_least_as_compressed("cp-nls:8", "tucker2:30x4")  # two methods: not ordered
+    lost = {"conv1": "cp-nls:42", "conv2": "cp-nls:27", "conv3": "cp-nls:74"}
+    assert dominates({"conv1": "cp-nls:16", "conv2": "cp-nls:11", "conv3": "cp-nls:20"}, lost)
+    assert not dominates({"conv1": "cp-nls:32", "conv2": "cp-nls:66", "conv3": "cp-nls:112"}, lost)
+    assert not dominates(lost, lost) and not dominates({**lost, "conv0": "keep"}, lost)  # the same plan
+    assert dominates({**lost, "conv0": "cp-nls:4"}, lost)  # a layer the other keeps, replaced
+    assert not dominates({"conv1": "cp-nls:16", "conv2": "tucker2:8x3", "conv3": "cp-nls:20"}, lost)

@@ -509,3 +509,50 @@ def test_a_target_the_fine_tuned_plans_show_hopeless_is_not_fine_tuned(tmp_path,
     assert "kept_from_target" not in held["tune"]
     # a target kept with another target's slower plan is met only if that plan's interval reaches it
     assert row["tune_met"] is False and held["tune_met"] is True and again["tune_met"] is True
+
+
+def test_a_plan_coarser_in_every_layer_than_one_that_lost_is_not_fine_tuned(tmp_path, monkeypatch):
+    """The 3x target's plan (spatial-svd rank 4) lost 5 points; the 4x target's search returns rank 2, lower
+    in the one layer: it is predicted to lose at least as much, so it is not fine-tuned. Its drop round says
+    which plan it is coarser than; with nothing that held, the lost plan that stands for it is the row. A plan
+    that lost by less than the margin (1.3 points for 1 allowed) rules nothing out."""
+    from types import SimpleNamespace
+
+    from cpbench.tune.pipeline import Tuner
+
+    finished = []
+
+    def tuner_losing(drop: float, cache: str) -> Tuner:
+        tuner = Tuner(_request(decomposers=("spatial-svd",), max_drop=1.0, drop_rounds=0),
+                      ctx=RunContext(cache_dir=str(tmp_path / cache)), timer=ParamTimer())
+
+        def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):  # fine-tuning, faked
+            finished.append(outcome.selection.labels()["conv"])
+            cell = tuner.target_cell(target, 1)
+            row = {"speedup": outcome.measured.speedup, "accuracy_drop": drop, "cell_key": cell.key,
+                   "rank_spec": cell.rank, "tune": {"plan": outcome.selection.labels(), "target_speedup": target}}
+            return row, SimpleNamespace(meta={"target_speedup": target})
+
+        monkeypatch.setattr(tuner, "finish", finish)
+        return tuner
+
+    tuner = tuner_losing(5.0, "cache")
+    prepared = tuner.prepare(budgets=[1 / 2.0])
+    steps: list[str] = []
+    tuner.step = steps.append
+    lost, _, _ = tuner.tune_target(prepared, 3.0)
+    assert finished == ["spatial-svd:4"]
+    row, _, (tried,) = tuner.tune_target(prepared, 4.0)
+    assert finished == ["spatial-svd:4"]  # rank 2 not fine-tuned
+    assert tried.drop == 5.0 and tried.speedup > lost["speedup"]  # its verify round's speed, the lost plan's drop
+    (rd,) = row["tune"]["drop_rounds"]
+    assert rd["plan"] == {"conv": "spatial-svd:2"} and rd["fine_tuned"] is False and rd["accuracy_drop"] is None
+    assert rd["dominated_by"] == {"plan": {"conv": "spatial-svd:4"}, "accuracy_drop": 5.0}
+    assert row["tune"]["plan"] == {"conv": "spatial-svd:4"} and row["tune"]["kept_from_target"] == 3.0
+    assert any(s.startswith("target 4x: not fine-tuning conv spatial-svd:2") and "lost 5.00 points" in s for s in steps)
+
+    near = tuner_losing(1.3, "cache")
+    prepared = near.prepare(budgets=[1 / 2.0])
+    near.tune_target(prepared, 3.0)
+    near.tune_target(prepared, 4.0)
+    assert finished[-2:] == ["spatial-svd:4", "spatial-svd:2"]
