@@ -16,15 +16,15 @@ Stages, each cached so a second tune on the same machine repeats none of the exp
 4. **search** (:mod:`.search`) and **verify** (:mod:`.loop`): the plan of least predicted loss within
    the latency budget, built and timed whole against the baseline; on a miss beyond the interval the
    budget is tightened by the miss and the search runs again;
-5. the verified plan is fine-tuned, evaluated on the test split and timed again whole (a fresh
-   measurement, not the one the loop stopped on), and written as a results row, a plan file and a table;
+5. **fine-tune and measure** (:mod:`.finish`): the verified plan is fine-tuned, evaluated on the test
+   split and timed again whole (a fresh measurement, not the one the loop stopped on), and written as a
+   results row, a plan file and a table;
 6. **hold the drop** (:mod:`.drops`): a fine-tuned plan that loses more than ``--max-drop`` sends the
    tuner back to slower plans, for a bounded number of fine-tunings.
 """
 from __future__ import annotations
 
 import math
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -42,7 +42,7 @@ from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, backend_timer, plan_variant, savings_calibration
 from .drops import FineTunedPlans
 from .loop import Attempt, Measured, TuneOutcome, tighten_loop
-from .plan import LayerChoice, Plan
+from .plan import Plan
 from .search import Option, Selection, TargetUnreachable, check_reach, fastest, infeasible, lazy_plans, shaped_plans
 from .sensitivity import Sensitivities, cand_key, scorer
 from .store import JsonStore
@@ -518,90 +518,10 @@ class Tuner:
 
     def finish(self, prepared: Prepared, target: float, outcome: TuneOutcome, batch: int | None = None,
                *, started: float | None = None, cell=None) -> tuple[dict, Plan]:
-        """The verified plan through a cell's stages — evaluate, fine-tune, FLOPs, measure — and its
-        row (a cell's, plus the tune's keys) and plan. ``cell``: the matrix cell this tune runs for."""
-        from ..nn.surgery import layer_input_shapes, replace_layers
-        from ..run import stages
-        from ..run.cell import _machine, axes_result, record, versions
+        """Stage 5, fine-tune, evaluate and time the verified plan: :func:`.finish.finish`."""
+        from .finish import finish
 
-        req = self.request
-        batch = batch or req.batch
-        started = started or time.time()
-        sel = outcome.selection
-        replaced = [n for n, o in sel.choice.items() if not o.candidate.is_keep]
-        cell = cell or self.target_cell(target, batch)
-        base_net = self.base()
-        x1 = torch.randn(1, *self.input_shape(1)[1:], generator=torch.Generator().manual_seed(req.seed))
-        base = stages.Base(spec=dict(req.model), model=base_net, plugin=self.model_plugin, layers=replaced,
-                           convs={n: self.conv(n) for n in replaced}, input_shape=self.input_shape(1)[1:], example=x1,
-                           layer_shapes=layer_input_shapes(base_net, x1, replaced),
-                           label=self.model_plugin.label(**self.params) if hasattr(self.model_plugin, "label") else None,
-                           dataset=self.dataset)
-        parts = {n: self.decomposed(sel.choice[n].candidate) for n in replaced}
-        facts = {n: p.factorizations[n] for n, p in parts.items()}
-        repl = {n: p.replacements[n] for n, p in parts.items()}
-        compressed = stages.Compressed(replace_layers(base_net, repl).eval(), repl, facts,
-                                       {n: p.ranks[n] for n, p in parts.items()},
-                                       {n: p.decompose_seconds[n] for n, p in parts.items()},
-                                       {n: p.cached[n] for n, p in parts.items()})
-        ctx = replace(self.ctx, finetune_samples=req.finetune_samples or self.ctx.finetune_samples,
-                      finetune_control=req.finetune_control, per_layer_timing=True,
-                      timing=dataclasses.asdict(req.network_budget))
-        evaluation = stages.evaluate(base, compressed, ctx, self.plugins, self.step)
-        fine = stages.fine_tune(base, compressed, cell, ctx, self.plugins, self.step)
-        flops = stages.count_flops_of(base, compressed, fine.model)
-        # the whole network and each replaced layer timed afresh, as a cell times them
-        self.step("timing the fine-tuned network against the baseline")
-        measurement = stages.measure(base, compressed, fine.model, cell, self.backend, ctx, self.step)
-
-        result = axes_result(cell)
-        result.status, result.host, result.started_at = "ok", __import__("socket").gethostname(), started
-        record(result, base=base, compressed=compressed, evaluation=evaluation, tuned=fine, flops=flops,
-               measurement=measurement)
-        result.layers = replaced
-        result.layer_decomposer = {n: o.candidate.method for n, o in sel.choice.items()}
-        result.tune_layers = list(self.layers)
-        result.predicted_speedup, result.predicted_loss = sel.predicted_speedup, sel.loss
-        result.tune_rounds, result.tune_met, result.tune_stopped = len(outcome.rounds), outcome.met, outcome.stopped
-        result.tune = {"plan": sel.labels(), "rounds": [r.as_dict() for r in outcome.rounds],
-                       "shares": prepared.shares, "rest": prepared.rest,
-                       "sensitivity": self.sensitivity_mode, "max_drop": req.max_drop, "target_speedup": target,
-                       "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
-                       "dropped_slower_than_layer": prepared.dropped,
-                       "dropped_out_of_reach": prepared.out_of_reach,
-                       "stage_seconds": {**prepared.seconds,
-                                         "sensitivity": prepared.seconds.get("sensitivity", 0.0) + self.sensitivity.seconds},
-                       "sensitivities": self.sensitivity.record(prepared.options),
-                       "calibration": {**prepared.calibration, "rounds": list(self.calibration_log)},
-                       "joint": list(self.joint_log)}
-        drop = result.accuracy_drop()
-        if not self.dataset:
-            result.fidelity_loss = drop = self._scorer("fidelity")(fine.model)
-        result.extra["accuracy_drop"] = drop  # a row key; CellResult.accuracy_drop() computes it for cells
-        result.meets_max_drop = drop is not None and drop <= req.max_drop
-        result.wall_seconds = time.time() - started
-        result.versions, result.machine = versions(self.plugins), _machine()
-        row = result.to_row()
-
-        layers = {}
-        for n in self.layers:
-            o = sel.choice[n]
-            tm = prepared.timed[cand_key(o.candidate)]
-            rec = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
-            if not o.candidate.is_keep:
-                rec.update(theoretical_speedup=o.candidate.theoretical_speedup, predicted_layer_speedup=tm.speedup,
-                           predicted_layer_speedup_ci=list(tm.speedup_ci),
-                           layer_speedup=(row.get("layer_speedup") or {}).get(n),
-                           layer_speedup_ci=(row.get("layer_speedup_ci") or {}).get(n),
-                           rel_error=facts[n].rel_error)
-            layers[n] = LayerChoice(o.candidate.method, o.candidate.rank, {}, rec)
-        meta = {k: row.get(k) for k in ("model", "model_params", "backend", "threads", "batch", "finetune_epochs",
-                                        "seed", "predicted_speedup", "speedup", "speedup_ci", "accuracy_base",
-                                        "accuracy_base_finetuned", "accuracy_decomposed", "accuracy_finetuned",
-                                        "accuracy_drop", "tune_rounds")}
-        meta["target_speedup"] = target
-        meta["model_params"] = meta["model_params"] or None
-        return row, Plan(layers, meta)
+        return finish(self, prepared, target, outcome, batch, started=started, cell=cell)
 
     def decomposed(self, cand: Candidate):
         """``cand``'s layer decomposed by the cell's compress stage (the same cache as cells)."""
