@@ -2,7 +2,7 @@
 
     pip install --no-deps tensorly-torch      # benchmark-only dependency (tensorly is already one of ours)
     python benchmarks/scripts/tltorch_compare.py [--matrix FILE] [--layers a,b] [--specs ...] [--batches 1,32]
-                                         [--threads 1,2] [--passes N] [--json OUT]
+                                         [--threads 1,2] [--passes N] [--dense] [--json OUT]
 
 The cells are the user suite's (``benchmarks/matrices/user_suite.toml``, ranks resolved from its
 ``speedup:X`` specs; see ``user_suite.py``). In each cell both sides compute the same function: one set
@@ -16,6 +16,11 @@ of every cell before pass 2 of any) time the two winners against each other, Ten
 "baseline" arm: the speedup is TensorLy-Torch's time over cpbench's (geometric mean over passes, with a
 t-interval). TensorLy-Torch runs as a user runs it: eager PyTorch in NCHW under ``inference_mode`` at the
 cell's thread count.
+
+With ``--dense``, each pass also times the dense layer (the fastest of torch-cpu, mkl, channels-last and
+onnxruntime, picked by a short selection) against cpbench's block, so each side's efficiency (speedup over the
+dense layer / theoretical speedup) is measured in the same process, and with it the efficiency cpbench would
+need for a 1.5x lead: above 1 where TensorLy-Torch is already within 1/1.5 of the FLOP ratio.
 
 Target (issue 22): cpbench >= 1.5x faster in every cell. TensorLy-Torch has no grouped convolution, so
 grouped layers are skipped (and listed).
@@ -41,6 +46,7 @@ import torch  # noqa: E402
 
 import layer_suite  # noqa: E402
 import user_suite  # noqa: E402
+from cpbench.errors import BackendError  # noqa: E402
 from cpbench.kernels.forms import configure_malloc, rel_error  # noqa: E402
 from cpbench.measure.machine import machine_info  # noqa: E402
 from cpbench.plugin.manager import Plugins  # noqa: E402
@@ -51,6 +57,9 @@ from cpbench.measure.timing import time_pair  # noqa: E402
 TARGET = 1.5
 CPBENCH_BACKENDS = ("mkl", "channels-last")
 TLTORCH_FORWARDS = ("factorized", "mobilenet")
+#: the dense layer's backends with --dense (the user suite's baselines but torch-compile, whose compile per
+#: cell costs more than the cell)
+DENSE_BACKENDS = ("torch-cpu", "mkl", "channels-last", "onnxruntime")
 
 
 def tltorch_conv(layer: layer_suite.Layer, block, implementation: str):
@@ -78,10 +87,11 @@ def _runner(module):
     return run
 
 
-def run_cell(layer, rank, batch, threads, backends) -> dict:
-    _, block = layer_suite.build(layer, rank)
+def run_cell(layer, rank, batch, threads, backends, dense=()) -> dict:
+    conv, block = layer_suite.build(layer, rank)
     x = layer_suite._input(layer, batch)
-    cell = {"layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "status": "ok", "errors": {}}
+    cell = {"layer": layer.name, "rank": rank, "batch": batch, "threads": threads, "status": "ok", "errors": {},
+            "theo": layer_suite.flops(conv, x) / layer_suite.flops(block, x)}
     with thread_limits(threads):
         with torch.inference_mode():
             ref = block(x)
@@ -121,17 +131,48 @@ def run_cell(layer, rank, batch, threads, backends) -> dict:
         best_ours = min(sel_ours, key=sel_ours.get)
         cell.update(tltorch=best_peer, cpbench=best_ours, cpbench_form=ours[best_ours][2],
                     selection_ms={**sel, **sel_ours}, passes=[])
-        final_pass(cell, peers[best_peer], ours[best_ours][:2])
+        dense_arm = None
+        if dense:  # the dense layer on each backend, the fastest against cpbench's winner
+            with torch.inference_mode():
+                dense_ref = conv(x)
+            sel_dense = {}
+            for b in dense:
+                try:
+                    q = b.prepare(conv, x, threads=threads)
+                except BackendError as e:
+                    cell["errors"][f"dense/{b.name}"] = str(e)
+                    continue
+                preps.append(q)
+                xq = q.convert_input(x)
+                y = q(xq)
+                err = rel_error(y.contiguous() if not y.is_mkldnn else y, dense_ref)
+                if err > 1e-4:
+                    cell["errors"][f"dense/{b.name}"] = f"output differs from the dense layer by {err:.2e}"
+                    continue
+                sel_dense[b.name] = (time_pair(lambda: q(xq), lambda: pr(xr), layer_suite.SELECT_BUDGET).baseline.median_ms,
+                                     (q, xq))
+            best_dense = min(sel_dense, key=lambda k: sel_dense[k][0])
+            cell["dense"] = best_dense
+            dense_arm = sel_dense[best_dense][1]
+        final_pass(cell, peers[best_peer], ours[best_ours][:2], dense_arm)
         for p in preps:
             p.close()
     return cell
 
 
-def final_pass(cell: dict, peer, ours) -> None:
+def final_pass(cell: dict, peer, ours, dense=None) -> None:
+    """One paired measurement of TensorLy-Torch's winner against cpbench's; with ``dense`` (a prepared dense
+    layer and its input), also the dense layer against cpbench's, in the same pass: each side's efficiency is
+    then its speedup over the dense layer over the theoretical one (TensorLy-Torch's through the ratio)."""
     (run, xp), (p, xo) = peer, ours
     t = time_pair(lambda: run(xp), lambda: p(xo), layer_suite.FINAL_BUDGET)
-    cell["passes"].append({"speedup": t.speedup, "tltorch_ms": t.baseline.median_ms,
-                           "cpbench_ms": t.compressed.median_ms, "noisy": t.noisy})
+    record = {"speedup": t.speedup, "tltorch_ms": t.baseline.median_ms, "cpbench_ms": t.compressed.median_ms,
+              "noisy": t.noisy}
+    if dense is not None:
+        q, xq = dense
+        d = time_pair(lambda: q(xq), lambda: p(xo), layer_suite.FINAL_BUDGET)
+        record.update(dense_speedup=d.speedup, dense_ms=d.baseline.median_ms)
+    cell["passes"].append(record)
     ratios = [q["speedup"] for q in cell["passes"]]
     if len(ratios) == 1:
         cell["speedup"], cell["ci"] = t.speedup, list(t.speedup_ci)
@@ -140,18 +181,28 @@ def final_pass(cell: dict, peer, ours) -> None:
         cell["ci"] = list(ci)
     cell["tltorch_ms"] = statistics.median(q["tltorch_ms"] for q in cell["passes"])
     cell["cpbench_ms"] = statistics.median(q["cpbench_ms"] for q in cell["passes"])
+    dense = [q["dense_speedup"] for q in cell["passes"] if "dense_speedup" in q]
+    if dense:
+        over_dense = statistics.geometric_mean(dense)
+        cell["efficiency_cpbench"] = over_dense / cell["theo"]
+        cell["efficiency_tltorch"] = cell["efficiency_cpbench"] / cell["speedup"]
+        # what cpbench's efficiency would have to be for TARGET x over TensorLy-Torch in this cell
+        cell["efficiency_needed"] = TARGET * cell["efficiency_tltorch"]
 
 
 def repass(cell: dict, layer, by_name: dict) -> None:
-    _, block = layer_suite.build(layer, cell["rank"])
+    conv, block = layer_suite.build(layer, cell["rank"])
     x = layer_suite._input(layer, cell["batch"])
     with thread_limits(cell["threads"]):
         run = _runner(tltorch_conv(layer, block, cell["tltorch"].removeprefix("tltorch-")))
         p = by_name[cell["cpbench"]].prepare(block, x, threads=cell["threads"])
+        q = by_name[cell["dense"]].prepare(conv, x, threads=cell["threads"]) if "dense" in cell else None
         try:
-            final_pass(cell, (run, x), (p, p.convert_input(x)))
+            final_pass(cell, (run, x), (p, p.convert_input(x)), (q, q.convert_input(x)) if q is not None else None)
         finally:
             p.close()
+            if q is not None:
+                q.close()
             gc.collect()
 
 
@@ -159,9 +210,11 @@ def format_row(c: dict) -> str:
     head = f"{c['layer']:<18} {c['rank']:>5} {c['batch']:>3} {c['threads']:>2}"
     if c["status"] != "ok":
         return f"{head} {c['status'].upper()} {c['errors']}"
+    eff = (f"  efficiency cpbench {c['efficiency_cpbench']:.2f}, TensorLy-Torch {c['efficiency_tltorch']:.2f} "
+           f"({TARGET:g}x over it needs {c['efficiency_needed']:.2f}; theo {c['theo']:.2f})" if "efficiency_cpbench" in c else "")
     return (f"{head} {c['tltorch_ms']:>9.3f} {c['cpbench_ms']:>9.3f} {c['speedup']:>6.2f} "
             f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]  {c['tltorch']:<20} {c['cpbench']} "
-            f"({','.join(sorted(set(c['cpbench_form']))) or 'cp4'})")
+            f"({','.join(sorted(set(c['cpbench_form']))) or 'cp4'}){eff}")
 
 
 def main(argv=None) -> int:
@@ -172,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", help="comma-separated batch sizes (default the matrix's)")
     ap.add_argument("--threads", help="comma-separated thread counts (default the matrix's)")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--dense", action="store_true",
+                    help="also time the dense layer (fastest of cpbench's backends) against cpbench's block in each pass: "
+                         "each side's efficiency, and the efficiency a 1.5x lead would need")
     ap.add_argument("--json")
     ap.add_argument("--omp-wait-policy", default="default", help="as for layer_suite.py")
     ap.add_argument("--gomp-spincount", default=layer_suite.GOMP_SPINCOUNT, help="as for layer_suite.py")
@@ -189,7 +245,8 @@ def main(argv=None) -> int:
     keep_layers = set(args.layers.split(",")) if args.layers else None
     skipped = [lay.name for lay in suite if lay.groups != 1]
     backends = [plugins.backends.get(n) for n in CPBENCH_BACKENDS]
-    by_name = {b.name: b for b in backends}
+    dense = [plugins.backends.get(n) for n in DENSE_BACKENDS if n in plugins.backends.names()] if args.dense else []
+    by_name = {b.name: b for b in [*backends, *dense]}
     print(f"tensorly-torch {tltorch.__version__}; torch {torch.__version__}; {os.cpu_count()} logical CPUs; "
           f"OMP_WAIT_POLICY at torch load: {WAIT_POLICY_AT_LOAD}; skipped (grouped): {skipped}", flush=True)
     print(f"{'layer':<18} {'R':>5} {'B':>3} {'T':>2} {'tltorch ms':>9} {'cpbench ms':>9} {'x':>6} 95% CI  "
@@ -206,7 +263,7 @@ def main(argv=None) -> int:
                 continue
             for batch in batches:
                 for t in threads:
-                    cell = run_cell(layer, rank, batch, t, backends)
+                    cell = run_cell(layer, rank, batch, t, backends, dense=dense)
                     cell["spec"] = specs[(layer.name, rank)]
                     cells.append(cell)
                     placed.append((cell, layer))
@@ -223,7 +280,10 @@ def main(argv=None) -> int:
     ok = [c for c in cells if c["status"] == "ok"]
     ratios = [c["speedup"] for c in ok]
     below = [(c["layer"], c["rank"], c["batch"], c["threads"], round(c["speedup"], 2)) for c in ok if c["speedup"] < TARGET]
+    beyond = [(c["layer"], c["rank"], c["batch"], c["threads"], round(c["efficiency_needed"], 2))
+              for c in ok if c.get("efficiency_needed", 0) > 1.0]
     summary = {"cells": len(cells), "ok_cells": len(ok), "skipped_grouped_layers": skipped,
+               "target_needs_efficiency_above_1": beyond,
                "median_speedup": statistics.median(ratios) if ratios else float("nan"),
                "min_speedup": min(ratios) if ratios else float("nan"), "below_target": below,
                "wall_seconds": time.perf_counter() - t0}
@@ -231,6 +291,9 @@ def main(argv=None) -> int:
     print(f"\ncells: {len(ok)}/{len(cells)} ok; cpbench over TensorLy-Torch: median {summary['median_speedup']:.2f}x, "
           f"lowest {summary['min_speedup']:.2f}x")
     print(f"[{flag}] every cell >= {TARGET}x: {len(below)} below {below}")
+    if args.dense:
+        print(f"cells where {TARGET:g}x over TensorLy-Torch needs cpbench faster than the FLOP ratio allows "
+              f"(efficiency > 1 against the fastest dense layer): {len(beyond)} {beyond}")
     print(f"wall time: {summary['wall_seconds']:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
