@@ -113,7 +113,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
                       f"much as {_labels(lost.payload)}, which lost {lost.drop:.2f} points")
             m = outcome.measured
             row, plan = results[_plan_key(lost.payload)]
-            finished[key] = Attempt(t, pooled(key), lost.drop, (row, plan))  # a payload of its own (hold_drop)
+            finished[key] = Attempt(t, pooled(key), lost.drop, (row, plan), fine_tuned=False)  # a payload of its own
             standins[id(finished[key])] = {
                 "plan": dict(key), "speedup": m.speedup, "speedup_ci": list(m.speedup_ci), "accuracy_drop": None,
                 "fine_tuned": False, "dominated_by": {"plan": dict(lost.payload), "accuracy_drop": lost.drop},

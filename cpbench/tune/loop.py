@@ -59,6 +59,7 @@ DEFAULT_ROUNDS = 3
 #: fine-tuning); each step narrows the bracket by at least a quarter in log-speed (:func:`step_back`).
 DEFAULT_DROP_ROUNDS = 2
 _MIN_BRACKET = 1.05  # stop stepping back when the bracket's ends are within 5% of each other
+_MAX_FREE_STEPS = 3  # drop-round steps not fine-tuned (Attempt.fine_tuned False) beyond ``rounds``
 _MAX_SILENT_TIGHTENINGS = 20  # re-searches per round that found an already measured plan
 #: A plan measured more than ``OVERSHOOT x target``, with its whole interval above the target,
 #: overshoots it: the model was pessimistic by more than the 10% a prediction is held to (issue #23),
@@ -197,6 +198,9 @@ class Attempt:
     speedup: float  # measured; in a tune, its verify round's and first fine-tuned timing pooled (pooled_speedup)
     drop: float | None  # None: no accuracy to hold (then the first attempt is kept)
     payload: Any = None  # what the caller keeps (the row, the plan)
+    #: False: its drop is predicted, not measured (a plan coarser than one that lost); a drop round that
+    #: fine-tunes nothing does not count against ``hold_drop``'s ``rounds``
+    fine_tuned: bool = True
 
     def holds(self, max_drop: float) -> bool:
         return self.drop is not None and self.drop <= max_drop + 1e-9
@@ -303,7 +307,8 @@ def hopeless(known: Sequence[Attempt], target: float, max_drop: float) -> Skippe
 def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: float, *, rounds: int = DEFAULT_DROP_ROUNDS,
               known: Sequence[Attempt] = (), on_skip: Callable[[Skipped], None] | None = None) -> tuple[Attempt, list[Attempt]]:
     """Try ``target``; while the fine-tuned plan loses more than ``max_drop``, step back (see the module
-    docstring) at most ``rounds`` times. ``known``: the attempts already fine-tuned in the same tune
+    docstring) at most ``rounds`` times (a step not fine-tuned, its drop predicted, is not counted; at most
+    :data:`_MAX_FREE_STEPS` of them). ``known``: the attempts already fine-tuned in the same tune
     (other targets), which narrow the bracket from the start; when they show the target :func:`hopeless`,
     it is not tried itself (``on_skip`` is told why) and the steps start from their bracket.
 
@@ -323,7 +328,8 @@ def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: floa
             return first, tried
     elif on_skip is not None:
         on_skip(skipped)
-    for _ in range(rounds):
+    paid = free = 0  # steps fine-tuned, and steps whose drop was predicted (each a verify timing only)
+    while paid < rounds and free < _MAX_FREE_STEPS:
         lo, hi = bracket(seen + tried, max_drop)
         if hi is None:
             hi = Attempt(target, max(target, lo.speedup), None)
@@ -333,6 +339,7 @@ def hold_drop(attempt: Callable[[float], Attempt], target: float, max_drop: floa
         if a.payload is not None and any(a.payload is b.payload for b in tried):
             break  # the step found a plan this target already has: the bracket would not move
         tried.append(a)
+        paid, free = (paid + 1, free) if a.fine_tuned else (paid, free + 1)
     within = [a for a in tried + seen if a.holds(max_drop)]
     kept = max(within, key=lambda a: a.speedup) if within else min(tried, key=lambda a: math.inf if a.drop is None else a.drop)
     return kept, tried

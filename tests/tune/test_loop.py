@@ -325,3 +325,21 @@ def test_a_step_that_finds_a_plan_already_tried_ends_the_rounds():
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5)
     assert [a.payload for a in tried] == [plans["fast"], plans["slow"]] and len(calls) == 3
     assert kept.payload is plans["slow"]
+
+
+def test_steps_not_fine_tuned_do_not_count_against_the_rounds_and_are_bounded():
+    """A step whose drop is predicted (a plan coarser than one that lost: Attempt.fine_tuned False) costs a
+    verify timing, not a fine-tuning: the rounds count only the steps fine-tuned, and at most
+    _MAX_FREE_STEPS free ones are taken."""
+    from cpbench.tune.loop import _MAX_FREE_STEPS
+
+    def attempt(t):  # 9x lost 1.2 points; plans between 5x and 8.5x are coarser than a lost one: 2 points, predicted
+        if 5.0 < t < 8.5:
+            return Attempt(t, t, 2.0, object(), fine_tuned=False)
+        return Attempt(t, t, 1.2 if t >= 8.5 else 0.25 * (t - 1), object())
+
+    kept, tried = hold_drop(attempt, 9.0, 1.0, rounds=1)
+    assert [a.fine_tuned for a in tried] == [True, False, True]  # the free step did not end the one round
+    assert 5.0 < tried[1].target < 8.5 and kept is tried[2] and kept.holds(1.0)
+    _, tried = hold_drop(lambda t: Attempt(t, t, 5.0, object(), fine_tuned=False), 9.0, 1.0, rounds=1)
+    assert len(tried) == 1 + _MAX_FREE_STEPS  # nothing fine-tuned: the free steps are bounded
