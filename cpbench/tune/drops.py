@@ -82,9 +82,10 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     def attempt(t: float) -> Attempt:
         if last:  # say why this round runs: the step goes down after a loss, up after a hold
             held = last[-1].drop is not None and last[-1].drop <= tuner.request.max_drop
+            lost = "lost" if last[-1].fine_tuned else "is predicted to lose"
             tuner.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
                       + (f"held {tuner.request.max_drop:g} points; trying a faster one" if held else
-                         f"lost more than {tuner.request.max_drop:g} points; trying a slower one")
+                         f"{lost} more than {tuner.request.max_drop:g} points; trying a slower one")
                       + f", searched at {t:.2f}x")
         # a step back is verified once: the bracket is kept on measured speeds, so a step's plan need not
         # meet the step's speed, and a verify loop chasing it tightened a 2.54x step on the character network
