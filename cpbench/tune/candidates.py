@@ -7,6 +7,7 @@ reaches it (exactly what the ``"speedup:X"`` rank spec resolves to). Pure: no de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,9 +98,12 @@ def rank_grid(decomposer: Any, weight_shape: tuple[int, ...], geo: ConvGeometry,
             theo[key] = base / max(decomposer.macs(geo, rank, in_hw, **kw), 1)
         return theo[key]
 
+    def reaches(s: float) -> Callable[[Any], bool]:
+        return lambda c: speedup(c) >= s
+
     out: dict[Any, float] = {}
     for s in speedups:
-        r = _largest(cands, lambda c, s=s: speedup(c) >= s)
+        r = _largest(cands, reaches(s))
         if r is not None and _hashable(r) not in out:
             out[_hashable(r)] = speedup(r)
     ranked = sorted(out.items(), key=lambda kv: kv[1])

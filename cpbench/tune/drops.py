@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..nn.layers import geometry
@@ -82,10 +83,10 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     def attempt(t: float) -> Attempt:
         if last:  # say why this round runs: the step goes down after a loss, up after a hold
             held = last[-1].drop is not None and last[-1].drop <= tuner.request.max_drop
-            lost = "lost" if last[-1].fine_tuned else "is predicted to lose"
+            fell = "lost" if last[-1].fine_tuned else "is predicted to lose"
             tuner.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
                       + (f"held {tuner.request.max_drop:g} points; trying a faster one" if held else
-                         f"{lost} more than {tuner.request.max_drop:g} points; trying a slower one")
+                         f"{fell} more than {tuner.request.max_drop:g} points; trying a slower one")
                       + f", searched at {t:.2f}x")
         # a step back is verified once: the bracket is kept on measured speeds, so a step's plan need not
         # meet the step's speed, and a verify loop chasing it tightened a 2.54x step on the character network
@@ -150,8 +151,9 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     if id(kept) in standins:  # nothing held, and a plan not fine-tuned lost least: the plan standing in for it
         kept = next(a for a in [*tried, *known] if id(a) not in standins and a.payload[0] is kept.payload[0])
     mine = any(a is kept for a in tried) and _plan_key(kept.payload[0]["tune"]["plan"]) in own
-    row, plan = kept.payload if mine else \
-        _adopted(*kept.payload, cell or tuner.target_cell(target, batch), target)
+    row, plan = kept.payload
+    if not mine:
+        row, plan = _adopted(row, plan, cell or tuner.target_cell(target, batch), target)
     if row["tune"].get("searched_target", target) != target:
         # a slower plan, or another target's: its verify loop met the target it was searched at, not this one
         ci = row.get("speedup_ci")
@@ -183,7 +185,8 @@ def refine(tuner: Tuner, prepared: Prepared, held: dict[str, str], lost: dict[st
             if c.label in have:
                 continue
             tuner.step(f"timing {n} {c.label}, between {h} and {lo} (a drop round refines the grid)")
-            t = tuner.latency_table.layer_speedup(c, conv, shapes[n], lambda c=c, hw=shapes[n][-2:]: tuner.timing_module(c, hw),
+            assert tuner.latency_table is not None, "prepare() makes the latency table a refined candidate is timed in"
+            t = tuner.latency_table.layer_speedup(c, conv, shapes[n], partial(tuner.timing_module, c, shapes[n][-2:]),
                                                  structure=tuner._structure(c))
             prepared.timed[cand_key(c)] = t
             if t.speedup > 1.0:

@@ -9,7 +9,7 @@ import dataclasses
 import socket
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -95,7 +95,7 @@ def finish(tuner: Tuner, prepared: Prepared, target: float, outcome: TuneOutcome
     for n in tuner.layers:
         o = sel.choice[n]
         tm = prepared.timed[cand_key(o.candidate)]
-        rec = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
+        rec: dict[str, Any] = {"sensitivity": o.loss, "predicted_share": o.cost, "share": prepared.shares[n]}
         if not o.candidate.is_keep:
             rec.update(theoretical_speedup=o.candidate.theoretical_speedup, predicted_layer_speedup=tm.speedup,
                        predicted_layer_speedup_ci=list(tm.speedup_ci),

@@ -102,7 +102,8 @@ def backend_timer(backend: Any, threads: int, budget: Any, *, processes: int = 0
         iv = intervals[MODEL]
         base_ms = float(np.median([p.baseline_ms for p in iv.processes])) if iv.processes else float("nan")
         comp_ms = float(np.median([p.compressed_ms for p in iv.processes])) if iv.processes else float("nan")
-        return Timed(iv.speedup, tuple(iv.ci), base_ms, comp_ms)
+        lo, hi = iv.ci
+        return Timed(iv.speedup, (lo, hi), base_ms, comp_ms)
 
     return timer
 

@@ -173,6 +173,7 @@ def tighten_loop(search: Callable[[float], Selection], measure: Callable[[Select
                     return outcome("met")
                 selection = nxt
                 continue
+            assert recalibrate is not None, "only a loop that recalibrates overshoots"
             recalibrate(selection, m)  # overshot: the refitted model looks for a slower plan of less loss
             budget = 1.0 / target
             try:

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from ..errors import UsageError
 from ..nn.layers import geometry
 from .candidates import KEEP, Candidate, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
-from .latency import LatencyTable, backend_timer, plan_variant, savings_calibration
+from .latency import LatencyTable, Timed, backend_timer, plan_variant, savings_calibration
 from .drops import FineTunedPlans
 from .loop import Attempt, Measured, TuneOutcome, tighten_loop
 from .plan import Plan
@@ -64,6 +65,8 @@ StepFn = Callable[[str], None]
 class _Stub(nn.Module):
     """Stands in for a layer at no cost: returns a zero tensor of the layer's output shape, in the memory
     format of its input (a channels-last network stays channels-last)."""
+
+    out: torch.Tensor  # a buffer (register_buffer): nn.Module's __getattr__ types it Tensor | Module
 
     def __init__(self, shape: tuple):
         super().__init__()
@@ -151,7 +154,9 @@ class Tuner:
         return self._layers
 
     def conv(self, name: str) -> nn.Conv2d:
-        return self.base().get_submodule(name)
+        conv = self.base().get_submodule(name)
+        assert isinstance(conv, nn.Conv2d), f"{name!r} is not a Conv2d: a tune selects only Conv2d layers (select_layers)"
+        return conv
 
     def _stubbed(self, names: list[str], batch: int) -> nn.Module:
         """The base network with the layers ``names`` replaced by :class:`_Stub` of their output shapes."""
@@ -243,7 +248,10 @@ class Tuner:
 
         configure_malloc()  # as a cell does, before any timing: both arms alike
         remember_form_choices(self.ctx)
-        shares, timed, kept, dropped = {}, {}, {}, {}
+        shares: dict[str, float] = {}
+        timed: dict[str, Timed] = {}
+        kept: dict[str, list[Candidate]] = {}
+        dropped: dict[str, list[str]] = {}
         net_key = self._net_key()
         x_shape = self.input_shape(batch)
         self.step("timing the network without the tunable layers (the rest, timed once)")
@@ -251,14 +259,14 @@ class Tuner:
                                          lambda: self._stubbed(self.layers, batch), x_shape, self.network_timer).speedup
         for n in self.layers:
             self.step(f"timing {n}: the layer's share of the network, in place")
-            ratio = table.network_ratio(net_key, f"without {n}", base, lambda n=n: self._stubbed([n], batch),
+            ratio = table.network_ratio(net_key, f"without {n}", base, partial(self._stubbed, [n], batch),
                                         x_shape, self.network_timer)
             shares[n] = max(0.0, 1.0 - 1.0 / ratio.speedup)
             kept[n], dropped[n] = [], []
             for c in cands[n]:
                 if not c.is_keep:
                     self.step(f"timing {n} {c.label} ({table.timed} timed, {len(table.store)} in the table)")
-                t = table.layer_speedup(c, self.conv(n), shapes[n], lambda c=c, hw=shapes[n][-2:]: self.timing_module(c, hw),
+                t = table.layer_speedup(c, self.conv(n), shapes[n], partial(self.timing_module, c, shapes[n][-2:]),
                                         structure=self._structure(c))
                 timed[cand_key(c)] = t
                 if c.is_keep or t.speedup > 1.0:
@@ -412,7 +420,8 @@ class Tuner:
         variant = plan_variant(labels)
         t = self.latency_table.network_ratio(self._net_key(), variant, self.base(), lambda: self.compressed(selection),
                                              self.input_shape(batch), self.network_timer)
-        return Measured(t.speedup, tuple(t.speedup_ci), t)
+        lo, hi = t.speedup_ci
+        return Measured(t.speedup, (lo, hi), t)
 
     def joint_search(self, prepared: Prepared, budget: float) -> Selection:
         """The search's plans under the loss shapes of :data:`JOINT_EXPONENTS`, each scored with all its
@@ -465,7 +474,8 @@ class Tuner:
                                          "factor": current[0].calibration["factor"], **note})
 
         if near is not None:
-            refit_to(*near, **{"from": "an earlier verified plan"})
+            near_labels, near_speedup = near
+            refit_to(near_labels, near_speedup, **{"from": "an earlier verified plan"})
 
         def refit(sel: Selection, m: Measured) -> None:
             refit_to(sel.labels(), m.speedup)

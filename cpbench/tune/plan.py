@@ -75,7 +75,7 @@ def write_plan(path: str | Path, plan: Plan) -> Path:
 
     doc = {"plan": _clean(plan.meta), "layers": {}}
     for name, c in plan.layers.items():
-        entry = {"method": c.method}
+        entry: dict[str, Any] = {"method": c.method}
         if c.rank is not None:
             entry["rank"] = list(c.rank) if isinstance(c.rank, tuple) else c.rank
         if c.options:

@@ -31,13 +31,23 @@ def _drop(row: dict) -> float | None:
     return 100.0 * (ref - acc)
 
 
+def _measured(rows: list[dict]) -> list[tuple[dict, float]]:
+    """The rows with a measured speedup and an accuracy drop, each with its drop."""
+    out = []
+    for r in rows:
+        d = _drop(r)
+        if r.get("speedup") is not None and d is not None:
+            out.append((r, d))
+    return out
+
+
 def pareto_front(rows: list[dict]) -> list[dict]:
     """Rows no other row beats in both measured speedup and accuracy drop (lower drop is better)."""
-    pts = [r for r in rows if r.get("speedup") is not None and _drop(r) is not None]
+    pts = _measured(rows)
     front = []
-    for r in pts:
-        s, d = r["speedup"], _drop(r)
-        if not any((o["speedup"] >= s and _drop(o) <= d) and (o["speedup"] > s or _drop(o) < d) for o in pts):
+    for r, d in pts:
+        s = r["speedup"]
+        if not any((o["speedup"] >= s and od <= d) and (o["speedup"] > s or od < d) for o, od in pts):
             front.append(r)
     return sorted(front, key=lambda r: r["speedup"])
 
@@ -131,22 +141,21 @@ def _plot(path: Path, tuned: list[dict], uniform: list[dict]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r, "tuned") for r in tuned] + [(r, "uniform") for r in uniform]
-    pts = [(r, k) for r, k in pts if r.get("speedup") is not None and _drop(r) is not None]
+    pts = [(r, "tuned", d) for r, d in _measured(tuned)] + [(r, "uniform", d) for r, d in _measured(uniform)]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for kind, marker in (("tuned", "o"), ("uniform", "s")):
-        xs = [r["speedup"] for r, k in pts if k == kind]
-        ys = [_drop(r) for r, k in pts if k == kind]
+        xs = [r["speedup"] for r, k, _ in pts if k == kind]
+        ys = [d for _, k, d in pts if k == kind]
         if xs:
             ax.scatter(xs, ys, marker=marker, label=kind)
-            for r, k in pts:
+            for r, k, d in pts:
                 if k == kind:
                     lo, hi = r.get("speedup_ci") or (r["speedup"], r["speedup"])
-                    ax.plot([lo, hi], [_drop(r)] * 2, color="grey", linewidth=0.8)
-    front = pareto_front([r for r, _ in pts])
-    ax.plot([r["speedup"] for r in front], [_drop(r) for r in front], "k--", linewidth=0.8, label="Pareto front")
+                    ax.plot([lo, hi], [d] * 2, color="grey", linewidth=0.8)
+    front = _measured(pareto_front([r for r, _, _ in pts]))  # every row of the front has its drop
+    ax.plot([r["speedup"] for r, _ in front], [d for _, d in front], "k--", linewidth=0.8, label="Pareto front")
     ax.set_xlabel("measured whole-network speedup (95% CI)")
     ax.set_ylabel("accuracy drop after fine-tuning (points)")
     ax.legend()

@@ -44,10 +44,10 @@ def uniform_matrix(request: TuneRequest, layers: list[str], method: str, speedup
     """The uniform-rank plans to compare with: ``method`` at ``"speedup:X"`` on every tuned layer."""
     from ..run.matrix import Matrix
 
-    block = {"model": [dict(request.model)], "layers": [list(layers)], "decomposer": [{"name": method}],
-             "rank": [f"speedup:{x:g}" for x in speedups], "backend": [request.backend],
-             "threads": [request.threads], "batch": [request.batch], "finetune_epochs": [request.finetune_epochs],
-             "seed": [request.seed]}
+    block: dict[str, list] = {"model": [dict(request.model)], "layers": [list(layers)], "decomposer": [{"name": method}],
+                              "rank": [f"speedup:{x:g}" for x in speedups], "backend": [request.backend],
+                              "threads": [request.threads], "batch": [request.batch],
+                              "finetune_epochs": [request.finetune_epochs], "seed": [request.seed]}
     run: dict[str, Any] = {"finetune_control": request.finetune_control, "per_layer_timing": False}
     if request.finetune_samples:
         run["finetune_samples"] = request.finetune_samples
@@ -83,6 +83,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
             sink.write(row)
             run.rows.append(row)
             run.written.append(write_plan(out_dir / plan_name(target), plan))
+    assert tuner.latency_table is not None, "prepare() makes the latency table"
     run.latency_timed = tuner.latency_table.timed
     if uniform is not None:
         from ..run.session import run_matrix
