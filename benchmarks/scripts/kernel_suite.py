@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/scripts/kernel_suite.py [--classes small,mid,large,synthetic] [--compression 4,8]
+    python benchmarks/scripts/kernel_suite.py [--classes small,mid,large,synthetic] [--compression 4,8] [--solvers a,b]
                                       [--only NAME,...] [--no-pyttb] [--json OUT] [--steps N]
 
 Kernels (:mod:`suite_kernels`): the character network's conv2/conv3, an AlexNet-style and a
@@ -146,7 +146,7 @@ def run_pair(name: str, w: torch.Tensor, rank: int, kind: str, order: list[str],
         factors, seconds = table[sname](w, rank)
         rec["solvers"][sname] = {"rel_error": rel_error(w, factors), "degeneracy": degeneracy(factors, norm_sq),
                                  "seconds": seconds}
-    best_als = min(rec["solvers"][s]["rel_error"] for s in ("als", "als@nls-init"))
+    best_als = min(rec["solvers"][s]["rel_error"] for s in ("als", "als@nls-init") if s in rec["solvers"])
     t_als = rec["solvers"]["als"]["seconds"]
     for s in rec["solvers"].values():  # errors below EXACT count as exact (round-off)
         s["error_ratio"] = max(s["rel_error"], EXACT) / max(best_als, EXACT)
@@ -218,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", default="small,mid,large,synthetic", help="size classes to run")
     ap.add_argument("--compression", default="4,8", help="parameter compression factors (ranks)")
     ap.add_argument("--only", help="comma-separated kernel names")
+    ap.add_argument("--solvers", help="comma-separated solvers to run (default all; 'als' is always run: the references "
+                                      "are its error and time)")
     ap.add_argument("--no-pyttb", action="store_true", help="leave pyttb out even if installed")
     ap.add_argument("--steps", type=int, default=300, help="training steps of the AlexNet/VGG-style nets")
     ap.add_argument("--nets", default="charnet,alexnet,vgg,resnet20", help="networks whose kernels are used")
@@ -242,6 +244,13 @@ def main(argv=None) -> int:
     unknown = classes - set(CLASSES)
     if unknown:
         ap.error(f"unknown classes {sorted(unknown)}; allowed: {', '.join(CLASSES)}")
+    tables = {kind: solvers(not args.no_pyttb, args.restarts if kind in RESTART_CLASSES else 0) for kind in CLASSES}
+    if args.solvers:
+        wanted = {"als", *args.solvers.split(",")}
+        known = set().union(*tables.values())
+        if wanted - known:
+            ap.error(f"unknown solvers {sorted(wanted - known)}; allowed: {', '.join(sorted(known))}")
+        tables = {kind: {n: f for n, f in t.items() if n in wanted} for kind, t in tables.items()}
     comps = [int(c) for c in args.compression.split(",")]
     pairs = []
     nets = tuple(args.nets.split(","))
@@ -254,7 +263,6 @@ def main(argv=None) -> int:
         keep = set(args.only.split(","))
         pairs = [p for p in pairs if p[0] in keep]
     pairs.sort(key=lambda p: p[1].numel() * p[2])
-    tables = {kind: solvers(not args.no_pyttb, args.restarts if kind in RESTART_CLASSES else 0) for kind in CLASSES}
     recs = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     for i, (name, w, rank, kind) in enumerate(pairs):
