@@ -128,10 +128,13 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="mkl")
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--drop-rounds", type=int, default=2, help="slower plans tried to hold --max-drop (cpbench tune's)")
+    ap.add_argument("--against", default="all",
+                    help="backends whose fastest original network each kept plan is also timed against (cpbench tune's)")
     args = ap.parse_args(argv)
     if args.cache_dir:
         os.environ["CPBENCH_CACHE_DIR"] = args.cache_dir
 
+    from cpbench.cli.tune import parse_against
     from cpbench.run.results import read_results
     from cpbench.run.cell import RunContext
     from cpbench.tune.request import TuneRequest
@@ -155,19 +158,19 @@ def main(argv=None) -> int:
         req = TuneRequest(model=model, targets=_targets(args.targets), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["layer*"], finetune_epochs=args.finetune_epochs,
                           finetune_control=True, grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds)
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
     elif args.part == "alexnet":
         req = TuneRequest(model={"name": "alexnet"}, targets=(2.0,), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["conv1", "conv2", "conv3", "conv4", "conv5"], finetune_epochs=0,
                           sensitivity="fidelity", grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds)
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
     else:
         req = TuneRequest(model={"name": "charnet"}, targets=_targets(args.targets), backend=args.backend, threads=1,
                           batch=32 if args.part == "batch32" else 1, decomposers=decs,
                           layers=["conv1", "conv2", "conv3"], finetune_epochs=args.finetune_epochs,
                           finetune_samples=args.finetune_samples, finetune_control=True,
                           grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds)
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
     out = Path(args.out) / args.part
     print(f"{args.part}: {req}\nbefore: {_uptime()}", flush=True)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-__all__ = ["add_tune_parser", "cmd_tune", "parse_targets"]
+__all__ = ["add_tune_parser", "cmd_tune", "parse_targets", "parse_against"]
 
 DESCRIPTION = """\
 Compress a whole network to a measured speedup target: per layer, each decomposer over a rank grid
@@ -98,6 +98,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
                         "sized by how much the last plan lost; the fastest that holds the drop is kept, and the target "
                         f"counts as met only if its interval reaches the target (default {DEFAULT_DROP_ROUNDS}; 0: only report)")
     p.add_argument("--backend", default="mkl", help="execution backend (default mkl)")
+    p.add_argument("--against", default="all", metavar="all|none|A,B",
+                   help="also time each kept plan against the original network on these backends and report the speedup "
+                        "against the fastest of them (default all registered backends; none: skip)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decomposers", default=",".join(DEFAULT_DECOMPOSERS), metavar="A,B",
@@ -130,6 +133,20 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def parse_against(text: str) -> tuple[str, ...]:
+    """``--against``: all registered backends, none, or names (checked with the request)."""
+    from ..plugin.manager import get_plugins
+
+    if text.strip() == "all":
+        return tuple(get_plugins().backends.names())
+    if text.strip() == "none":
+        return ()
+    names = _names(text)
+    if not names:
+        raise UsageError("--against is empty; allowed: all, none or backend names (cpbench plugins lists them)")
+    return tuple(names)
+
+
 def request_from_args(args):
     from dataclasses import replace
 
@@ -149,7 +166,8 @@ def request_from_args(args):
                       finetune_samples=args.finetune_samples, finetune_control=not args.no_control,
                       max_rounds=args.rounds, drop_rounds=args.drop_rounds, sensitivity=args.sensitivity, val_samples=args.val_samples,
                       min_speedup=args.min_layer_speedup, max_speedup=args.max_layer_speedup,
-                      grid_points=args.grid_points, calibrate=not args.no_calibrate)
+                      grid_points=args.grid_points, calibrate=not args.no_calibrate,
+                      against=parse_against(args.against))
     return replace(req, network_budget=TimingBudget(budget_s=args.budget_s))
 
 

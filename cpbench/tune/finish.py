@@ -61,6 +61,7 @@ def finish(tuner: Tuner, prepared: Prepared, target: float, outcome: TuneOutcome
     # the whole network and each replaced layer timed afresh, as a cell times them
     tuner.step("timing the fine-tuned network against the baseline")
     measurement = stages.measure(base, compressed, fine.model, cell, tuner.backend, ctx, tuner.step)
+    vs_fastest = _against_fastest(tuner, base, fine.model, cell, ctx) if req.against else None
 
     result = axes_result(cell)
     result.status, result.host, result.started_at = "ok", socket.gethostname(), started
@@ -86,6 +87,8 @@ def finish(tuner: Tuner, prepared: Prepared, target: float, outcome: TuneOutcome
     if not tuner.dataset:
         result.fidelity_loss = drop = tuner._scorer("fidelity")(fine.model)
     result.extra["accuracy_drop"] = drop  # a row key; CellResult.accuracy_drop() computes it for cells
+    if vs_fastest is not None:
+        result.extra["vs_fastest_original"] = vs_fastest
     result.meets_max_drop = drop is not None and drop <= req.max_drop
     result.wall_seconds = time.time() - started
     result.versions, result.machine = versions(tuner.plugins), _machine()
@@ -107,6 +110,22 @@ def finish(tuner: Tuner, prepared: Prepared, target: float, outcome: TuneOutcome
                                     "seed", "predicted_speedup", "speedup", "speedup_ci", "accuracy_base",
                                     "accuracy_base_finetuned", "accuracy_decomposed", "accuracy_finetuned",
                                     "accuracy_drop", "tune_rounds")}
+    if vs_fastest is not None and vs_fastest.get("speedup") is not None:
+        meta["speedup_vs_fastest_original"] = vs_fastest["speedup"]
+        meta["fastest_original_backend"] = vs_fastest["backend"]
     meta["target_speedup"] = target
     meta["model_params"] = meta["model_params"] or None
     return row, Plan(layers, meta)
+
+
+def _against_fastest(tuner: Tuner, base, model, cell, ctx) -> dict:
+    """The fine-tuned plan on the tune's backend against the original network on whichever of the
+    request's ``against`` backends runs it fastest (:func:`cpbench.measure.fastest.against_fastest`)."""
+    from ..measure.fastest import against_fastest
+
+    names = tuner.request.against
+    tuner.step(f"timing the fine-tuned network against the fastest original network of {', '.join(names)}")
+    budget, processes, pin = ctx.timing_settings()
+    x = torch.randn(cell.batch, *base.input_shape, generator=torch.Generator().manual_seed(cell.seed))
+    return against_fastest(tuner.backend, [tuner.plugins.backends.get(b) for b in names], base.model, model, x,
+                           budget, threads=cell.threads, processes=processes, pin=pin)

@@ -46,6 +46,9 @@ class TuneRequest:
     network_budget: TimingBudget = TimingBudget(budget_s=3.0)
     calibrate: bool = True  # scale the layers' savings by the fastest plan's whole-network timing
     drop_rounds: int = DEFAULT_DROP_ROUNDS  # slower plans tried when a fine-tuned plan loses more than max_drop
+    # backends whose original network each kept plan is also timed against: the fastest of them is the
+    # reference of ``vs_fastest_original`` (:mod:`cpbench.measure.fastest`); () for none
+    against: tuple[str, ...] = ()
 
     def check(self, plugins) -> None:
         for t in self.targets:
@@ -68,6 +71,8 @@ class TuneRequest:
         plugins.backends.get(self.backend)
         for d in self.decomposers:
             plugins.decomposers.get(d)
+        for b in self.against:
+            plugins.backends.get(b)
         speedup_grid(self.min_speedup, self.max_speedup, self.grid_points)
 
 

@@ -67,6 +67,23 @@ def test_tune_writes_rows_plans_report_and_retimes_nothing(tmp_path):
     assert [r["rank"] for r in rows2] == [r["rank"] for r in rows]
 
 
+def test_each_kept_plan_is_also_timed_against_the_fastest_original_of_the_backends_asked(tmp_path):
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), processes=1)
+    run_tune(_request(against=("torch-cpu", "mkl")), tmp_path / "out", ctx=ctx, timer=ParamTimer())
+    row = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    vs = row["vs_fastest_original"]
+    assert set(vs["selection"]) == {"torch-cpu", "mkl"}
+    assert vs["backend"] == min(vs["selection"], key=lambda b: vs["selection"][b]["speedup"])
+    assert vs["speedup_ci"][0] <= vs["speedup"] <= vs["speedup_ci"][1]
+    report = (tmp_path / "out" / "tune-report.md").read_text()
+    assert "vs fastest original" in report and f"{vs['speedup']:.2f} [" in report
+    plan = (tmp_path / "out" / "plan-2.toml").read_text()
+    assert "speedup_vs_fastest_original" in plan and vs["backend"] in plan
+    # without --against (a library request's default) the row has no such field
+    run_tune(_request(), tmp_path / "out2", ctx=ctx, timer=ParamTimer())
+    assert "vs_fastest_original" not in json.loads((tmp_path / "out2" / "results.jsonl").read_text().splitlines()[0])
+
+
 def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_loss(tmp_path, capsys):
     ctx = RunContext(cache_dir=str(tmp_path / "cache"))
     steps: list[str] = []
@@ -141,6 +158,7 @@ def test_a_target_within_the_fastest_plans_interval_is_measured_not_refused(tmp_
     ({"drop_rounds": -1}, "drop rounds"),
     ({"decomposers": ("nope",)}, "unknown decomposer 'nope'"),
     ({"backend": "nope"}, "unknown backend 'nope'"),
+    ({"against": ("torch-cpu", "nope")}, "unknown backend 'nope'"),
     ({"layers": ["fc*"]}, "matches no Conv2d layer"),
     ({"sensitivity": "accuracy"}, "has no data set"),
 ])
@@ -156,6 +174,8 @@ def test_bad_requests(tmp_path, kw, match):
     (["--drop-rounds", "-1"], "drop rounds -1"),
     (["--decomposers", "cp-nls,foo"], "unknown decomposer 'foo'"),
     (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--against", "mkl,nope"], "unknown backend 'nope'"),
+    (["--against", ","], "--against is empty"),
     (["--layers", "fc*"], "matches no Conv2d layer"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
@@ -172,7 +192,7 @@ def test_cli_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--target-speedup", "--max-drop", "--drop-rounds", "--backend", "--threads", "--batch", "--decomposers", "--layers",
+    for opt in ("--target-speedup", "--max-drop", "--drop-rounds", "--backend", "--against", "--threads", "--batch", "--decomposers", "--layers",
                 "--finetune-epochs", "--out"):
         assert opt in out
 
