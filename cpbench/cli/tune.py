@@ -97,7 +97,9 @@ def add_tune_parser(sub) -> argparse.ArgumentParser:
                    help="slower plans fine-tuned per target when a plan loses more than --max-drop, each step back "
                         "sized by how much the last plan lost; the fastest that holds the drop is kept, and the target "
                         f"counts as met only if its interval reaches the target (default {DEFAULT_DROP_ROUNDS}; 0: only report)")
-    p.add_argument("--backend", default="mkl", help="execution backend (default mkl)")
+    p.add_argument("--backend", default="mkl",
+                   help="execution backend of both the original network and the plans; a target is a speedup on it "
+                        "(default mkl; choose the backend that runs your original network fastest, see --against)")
     p.add_argument("--against", default="all", metavar="all|none|A,B",
                    help="also time each kept plan against the original network on these backends and report the speedup "
                         "against the fastest of them (default all registered backends; none: skip)")
