@@ -180,7 +180,7 @@ def cmd_tune(args) -> int:
     from ..plugin.manager import get_plugins
     from ..run.cell import RunContext
     from ..tune.plan import read_plan
-    from ..tune.report import layers_table, targets_table
+    from ..tune.report import faster_original_notes, layers_table, targets_table
     from ..tune.run import plan_name, run_tune
 
     plugins = get_plugins()
@@ -206,6 +206,8 @@ def cmd_tune(args) -> int:
     console.print(targets_table(run.rows, title=f"cpbench tune {args.model}: {time.perf_counter() - start:.0f} s, "
                                                 f"{run.latency_timed} candidate timings measured (the rest cached)"))
     console.print(f"results in {out / 'results.jsonl'}; report {out / 'tune-report.md'}")
+    for line in faster_original_notes(run.rows):
+        console.print(f"note: {line}")
     missed = [r for r in run.rows if not r.get("tune_met") or not r.get("meets_max_drop")]
     for r in missed:
         why = [] if r.get("tune_met") else [f"measured {r['speedup']:.2f}x (interval up to {r['speedup_ci'][1]:.2f}x)"]

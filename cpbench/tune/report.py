@@ -95,6 +95,27 @@ def _vs_fastest(r: dict) -> str:
     return f"{v['speedup']:.2f} [{lo:.2f}, {hi:.2f}] {v['backend']}"
 
 
+#: How much faster another backend must run the original network before the tune says so (past run-to-run noise).
+FASTER_ORIGINAL = 1.2
+
+
+def faster_original_notes(rows: list[dict]) -> list[str]:
+    """One line per target whose original network runs markedly faster on another backend than on the tune's:
+    there the speedup on ``--backend`` overstates what the plan is worth (``vs_fastest_original``)."""
+    out = []
+    for r in rows:
+        v = r.get("vs_fastest_original") or {}
+        if v.get("speedup") is None or v.get("backend") == r.get("backend") or not r.get("speedup"):
+            continue
+        ratio = r["speedup"] / v["speedup"]
+        if ratio >= FASTER_ORIGINAL:
+            out.append(f"target {r['rank_spec']['target_speedup']:g}x: {v['backend']} runs the original network "
+                       f"{ratio:.2f}x faster than {r['backend']}; against it the plan measured {v['speedup']:.2f}x "
+                       f"[{v['speedup_ci'][0]:.2f}, {v['speedup_ci'][1]:.2f}] (tune with --backend {v['backend']} to "
+                       "aim at speedups against it)")
+    return out
+
+
 def _target_cells(r: dict) -> list[str]:
     source = (r.get("tune") or {}).get("kept_from_target")
     target = f"{r['rank_spec']['target_speedup']:g}x" + (f" (the {source:g}x plan)" if source is not None else "")
@@ -190,6 +211,7 @@ def write_tune_report(out_dir: str | Path, tuned: list[dict], uniform: list[dict
                   "original network on whichever backend ran it fastest, timed the same way); the drop is measured from the better of the base "
                   "network and the base network fine-tuned by the same recipe.", ""]
         lines += _md_table(TARGET_COLUMNS, [_target_cells(r) for r in tuned]) + [""]
+        lines += [f"- {n}" for n in faster_original_notes(tuned)] + ([""] if faster_original_notes(tuned) else [])
         for r in tuned:
             target = r["rank_spec"]["target_speedup"]
             p = out_dir / plan_name(target)
