@@ -107,6 +107,8 @@ def faster_original_notes(rows: list[dict]) -> list[str]:
         v = r.get("vs_fastest_original") or {}
         if v.get("speedup") is None or v.get("backend") == r.get("backend") or not r.get("speedup"):
             continue
+        if (r.get("tune") or {}).get("kept_from_target") is not None:
+            continue  # an earlier target's plan, already noted there
         ratio = r["speedup"] / v["speedup"]
         if ratio >= FASTER_ORIGINAL:
             out.append(f"target {r['rank_spec']['target_speedup']:g}x: {v['backend']} runs the original network "

@@ -19,3 +19,9 @@ def test_no_note_within_the_noise_on_the_same_backend_or_without_the_timing():
     assert faster_original_notes([_row(8.0, 4.0, "mkl")]) == []  # the tune's own backend is the fastest
     assert faster_original_notes([{"rank_spec": {"target_speedup": 8.0}, "backend": "mkl", "speedup": 8.0}]) == []
     assert faster_original_notes([{**_row(8.0, 4.0, "x"), "vs_fastest_original": {"error": "no backend"}}]) == []
+
+
+def test_a_target_that_kept_an_earlier_targets_plan_is_not_noted_twice():
+    earlier, later = _row(8.0, 4.0, "onnxruntime"), {**_row(8.0, 4.0, "onnxruntime"), "tune": {"kept_from_target": 8.0}}
+    later["rank_spec"] = {"target_speedup": 12.0}
+    assert len(faster_original_notes([earlier, later])) == 1
