@@ -63,8 +63,11 @@ StepFn = Callable[[str], None]
 
 
 class _Stub(nn.Module):
-    """Stands in for a layer at no cost: returns a zero tensor of the layer's output shape, in the memory
-    format of its input (a channels-last network stays channels-last)."""
+    """Stands in for a layer at almost no cost: returns a zero tensor of the layer's output shape, in the
+    memory format of its input (a channels-last network stays channels-last), plus 0 × one element of its
+    input. That term keeps the layers before it alive: without it a backend that compiles the whole graph
+    (ONNX Runtime, torch.compile) drops them as dead code — the character network's conv1 ahead of a stubbed
+    conv2, say — and times a "rest" without them (or, with nothing left that reads the input, fails)."""
 
     out: torch.Tensor  # a buffer (register_buffer): nn.Module's __getattr__ types it Tensor | Module
 
@@ -73,9 +76,10 @@ class _Stub(nn.Module):
         self.register_buffer("out", torch.zeros(shape), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = x.reshape(-1)[:1] * 0.0
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return self.out.contiguous(memory_format=torch.channels_last)
-        return self.out
+            return self.out.contiguous(memory_format=torch.channels_last) + keep
+        return self.out + keep
 
 
 class Tuner:

@@ -112,6 +112,22 @@ def test_onnxruntime_plain_run_path(plugins, cp_net, example):
     assert rel_error(p(nc), ref) < 1e-4
 
 
+class _Constant(torch.nn.Module):
+    """Its output does not depend on its input: the exported graph has no input left."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("out", torch.arange(6.0).reshape(1, 6))
+
+    def forward(self, x):
+        return self.out * 2.0
+
+
+def test_onnxruntime_runs_a_graph_whose_output_ignores_the_input(plugins, example):
+    p = plugins.backends.get("onnxruntime").prepare(_Constant(), example, threads=1)
+    assert torch.equal(p(p.convert_input(example)), torch.arange(6.0).reshape(1, 6) * 2.0)
+
+
 def test_onnxruntime_session_settings(plugins, cp_net, example):
     p = plugins.backends.get("onnxruntime").prepare(cp_net, example, threads=2)
     assert p.info["intra_op_num_threads"] == 2 and p.info["inter_op_num_threads"] == 1

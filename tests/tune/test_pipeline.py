@@ -84,6 +84,23 @@ def test_each_kept_plan_is_also_timed_against_the_fastest_original_of_the_backen
     assert "vs_fastest_original" not in json.loads((tmp_path / "out2" / "results.jsonl").read_text().splitlines()[0])
 
 
+def test_the_rest_network_keeps_the_layers_before_a_stub_for_a_backend_that_compiles_the_graph(tmp_path):
+    """The character network with conv2 and conv3 stubbed: conv1 still runs (ONNX export keeps it), and the
+    rest computes what the base network computes outside the stubbed layers."""
+    import onnx
+
+    from cpbench_builtins.backends.onnxruntime import _export
+
+    tuner = Tuner(TuneRequest(model={"name": "charnet"}, layers=["conv2", "conv3"], backend="onnxruntime"),
+                  ctx=RunContext(cache_dir=str(tmp_path)), timer=ParamTimer())
+    rest = tuner._stubbed(["conv2", "conv3"], 1)
+    x = torch.randn(1, 1, 24, 24)
+    graph = onnx.load_from_string(_export(rest, x, 1)).graph
+    assert [i.name for i in graph.input] and any(n.op_type == "Conv" for n in graph.node)  # conv1 is there
+    p = cpbench.get_plugins().backends.get("onnxruntime").prepare(rest, x, threads=1)
+    assert torch.allclose(p(p.convert_input(x)), rest(x), atol=1e-5)
+
+
 def test_a_plan_over_max_drop_steps_back_to_slower_plans_and_keeps_the_least_loss(tmp_path, capsys):
     ctx = RunContext(cache_dir=str(tmp_path / "cache"))
     steps: list[str] = []

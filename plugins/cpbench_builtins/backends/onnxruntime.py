@@ -96,7 +96,9 @@ def _runner(sess, in_shape: tuple, ref):
     a fresh torch tensor (I/O binding), so no extra copy of a large activation is made per call; the
     outputs are returned in the structure the PyTorch model returns (``ref``'s)."""
     float_t = np.float32
-    in_name = sess.get_inputs()[0].name
+    inputs = sess.get_inputs()
+    # a graph whose outputs do not depend on its input has none left after export: bind only the outputs
+    in_name = inputs[0].name if inputs else None
     out_names = [o.name for o in sess.get_outputs()]
     ref_tensors, spec = flatten_output(ref)
     out_shapes = [tuple(t.shape) for t in ref_tensors]
@@ -105,11 +107,12 @@ def _runner(sess, in_shape: tuple, ref):
     io = sess.io_binding()  # reused; every buffer is re-bound on every call
 
     def run(t: torch.Tensor):
-        if tuple(t.shape) != in_shape or t.dtype != torch.float32 or not t.is_contiguous():
+        if in_name is not None and (tuple(t.shape) != in_shape or t.dtype != torch.float32 or not t.is_contiguous()):
             outs = [torch.from_numpy(a) for a in sess.run(out_names, {in_name: t.contiguous().numpy()})]
             return unflatten_output(outs, spec)
         outs = [torch.empty(shape, dtype=torch.float32) for shape in out_shapes]
-        io.bind_input(in_name, "cpu", 0, float_t, in_shape, t.data_ptr())
+        if in_name is not None:
+            io.bind_input(in_name, "cpu", 0, float_t, in_shape, t.data_ptr())
         for name, shape, out in zip(out_names, out_shapes, outs):
             io.bind_output(name, "cpu", 0, float_t, shape, out.data_ptr())
         sess.run_with_iobinding(io)
