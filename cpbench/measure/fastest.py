@@ -3,9 +3,10 @@
 A cell's speedup is measured against the original network on the cell's own backend. That answers "how
 much faster does this backend run the compressed network", not "how much faster than the fastest way to run
 the original on this CPU": when another backend runs the original faster, a same-backend speedup flatters the
-compressed network by that factor. Measured 2026-12-07 (2-core AMD EPYC VM, one thread, batch 1): the
-character network's dense form took 2.31 ms on ``mkl`` and 1.13 ms on ``onnxruntime`` (9×9 convs at batch 1),
-so a plan measured at 9.9× against ``mkl``'s original is 4.8× against ONNX Runtime's.
+compressed network by that factor. Measured 2026-12-07 (2-core AMD EPYC VM, one thread, batch 1, both pairs
+timed by ``cpbench tune``): the character network's original took 2.05 ms on ``mkl`` and 1.07 ms on
+``onnxruntime`` (9×9 convs at batch 1), and the tuned 8× plan measured 7.95× [6.39, 9.07] against ``mkl``'s
+original but 4.08× [3.47, 4.55] against ONNX Runtime's.
 
 :func:`against_fastest` prepares the compressed network once on its backend and the original on each of
 ``backends``; a short in-process selection times every original against the compressed network

@@ -213,7 +213,8 @@ def write_tune_report(out_dir: str | Path, tuned: list[dict], uniform: list[dict
                   "original network on whichever backend ran it fastest, timed the same way); the drop is measured from the better of the base "
                   "network and the base network fine-tuned by the same recipe.", ""]
         lines += _md_table(TARGET_COLUMNS, [_target_cells(r) for r in tuned]) + [""]
-        lines += [f"- {n}" for n in faster_original_notes(tuned)] + ([""] if faster_original_notes(tuned) else [])
+        notes = faster_original_notes(tuned)
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
         for r in tuned:
             target = r["rank_spec"]["target_speedup"]
             p = out_dir / plan_name(target)
