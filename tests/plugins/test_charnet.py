@@ -1,6 +1,7 @@
 """CharNet: layer names and sizes, intermediate shapes, FLOPs share, maxout grouping."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,6 +47,41 @@ def test_maxout_groups_consecutive_channels():
     x = torch.arange(8.0).view(1, 8, 1, 1)
     assert Maxout(2)(x).flatten().tolist() == [1.0, 3.0, 5.0, 7.0]
     assert Maxout(4)(x).flatten().tolist() == [3.0, 7.0]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_maxout_training_path_matches_amax(fmt):
+    """Training with k=2 takes the hand-written pair maxout: the same output and, without ties, the same
+    gradient as autograd through ``amax``, in the input's memory format."""
+    x0 = torch.randn(3, 8, 5, 4, dtype=torch.float64).contiguous(memory_format=fmt)
+    g = torch.randn(3, 4, 5, 4, dtype=torch.float64)
+    x = x0.clone().requires_grad_(True)
+    out = Maxout(2)(x)
+    out.backward(g)
+    ref_x = x0.clone().requires_grad_(True)
+    ref = ref_x.view(3, 4, 2, 5, 4).amax(2)
+    ref.backward(g)
+    assert torch.equal(out, ref) and torch.equal(x.grad, ref_x.grad)
+    assert x.grad.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(Maxout(2), (x0.clone().requires_grad_(True),))
+
+
+def test_maxout_tie_sends_the_gradient_to_the_first_of_the_pair():
+    x = torch.tensor([1.0, 1.0, 2.0, 3.0]).view(1, 4, 1, 1).requires_grad_(True)
+    Maxout(2)(x).sum().backward()
+    assert x.grad.flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_maxout_inference_and_export_use_amax():
+    """No grad (timing) and graph capture keep the one-operator amax (what ONNX Runtime and
+    torch.compile see)."""
+    m = Maxout(2)
+    x = torch.randn(1, 4, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+    assert type(m(x).grad_fn).__name__ != "AmaxBackward0"
+    traced = torch.jit.trace(m, torch.randn(1, 4, 2, 2))
+    assert "amax" in str(traced.graph)
 
 
 def test_plugin_object_and_seeded_build():

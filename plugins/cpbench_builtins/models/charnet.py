@@ -8,7 +8,8 @@ Input (N, 1, 24, 24); no pooling; every conv has stride 1 and padding 0::
     conv4  1x1, 128 -> 144, maxout 4 ->  36 logits, flattened to (N, 36)
 
 ``conv1``..``conv4`` are direct ``nn.Conv2d`` attributes so the harness can replace conv2/conv3 by
-name. Maxout groups *consecutive* channels: ``x.view(N, C/k, k, H, W).amax(2)``.
+name. Maxout groups *consecutive* channels: ``x.view(N, C/k, k, H, W).amax(2)`` (in training with
+``k == 2``, the same maximum by :class:`_PairMaxout`).
 
 Dropout (``dropout=p``, default 0.0 = off): optional ``nn.Dropout`` applied to the input of conv3
 and conv4. Jaderberg et al. trained with dropout; the default recipe here is short (3 epochs) and
@@ -23,14 +24,63 @@ from torch import nn
 __all__ = ["Maxout", "CharNetModule", "CharNet", "conv_macs", "cpbench_register_models"]
 
 
+class _PairMaxout(torch.autograd.Function):
+    """Maxout over pairs of consecutive channels, for training: the same values as ``amax`` over the
+    pair, with a backward of two masked copies.
+
+    Why by hand: autograd's ``amax`` backward compares the input with the broadcast output, counts the
+    ties and divides, in broadcasting kernels over a 5-d view; on the character network's fine-tuning
+    (channels-last, batch 128, 2 threads) act1's forward and backward took ~20 ms a step, a quarter of
+    the compressed network's step, for 12.6 MB of activations. Here the forward is one ``maximum`` of
+    the even and odd channels and the backward two ``where`` into the strided halves of the gradient.
+    A tie sends the whole gradient to the first of the pair (a subgradient, as max-pooling's backward
+    does); ``amax`` splits it. Without ties the gradients are equal (tested). Measured here (2 threads,
+    batch 128, SGD steps of the two versions in alternating rounds, 8 rounds of 5 steps): the network
+    with conv1-conv3 replaced by CP blocks (ranks 42, 66, 74; channels-last) 110.8 -> 60.7 ms a step
+    (1.81x), the dense network (contiguous) 294.9 -> 281.1 ms (1.05x).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        first = x[:, 0::2]
+        ctx.save_for_backward(first, x[:, 1::2])
+        return torch.maximum(first, x[:, 1::2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        first, second = ctx.saved_tensors
+        mask = first >= second
+        zero = grad.new_zeros(())
+        out = torch.empty(first.shape[0], first.shape[1] * 2, *first.shape[2:], dtype=grad.dtype,
+                          device=grad.device, memory_format=_layout_of(first))
+        torch.where(mask, grad, zero, out=out[:, 0::2])
+        torch.where(mask, zero, grad, out=out[:, 1::2])
+        return out
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.stride(1) < x.stride(3) else torch.contiguous_format
+
+
+def _capturing_graph() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 class Maxout(nn.Module):
-    """Maxout over groups of ``k`` consecutive channels: (N, C, H, W) -> (N, C/k, H, W)."""
+    """Maxout over groups of ``k`` consecutive channels: (N, C, H, W) -> (N, C/k, H, W).
+
+    Inference (and any graph capture: ONNX export, torch.compile) runs ``amax`` over the group, one
+    operator. Training with ``k == 2`` runs :class:`_PairMaxout`, whose backward is ~3x faster in
+    channels-last. For ``k == 4`` (the character network's 1x1 maps) ``amax`` was as fast.
+    """
 
     def __init__(self, k: int):
         super().__init__()
         self.k = int(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k == 2 and x.requires_grad and torch.is_grad_enabled() and not _capturing_graph():
+            return _PairMaxout.apply(x)
         n, c, h, w = x.shape
         return x.view(n, c // self.k, self.k, h, w).amax(2)
 
