@@ -70,6 +70,13 @@ def _report(rows: list[dict], uniform: list[dict], max_drop: float, goal: float 
                      f"accuracy {_acc(r)}, drop "
                      f"{'-' if drop is None else f'{drop:.2f}'} pts, rounds {r['tune_rounds']} ({r['tune_stopped']}), "
                      f"target {'met' if r.get('tune_met') else 'missed'}")
+        vs = r.get("vs_fastest_original") or {}
+        if vs.get("speedup") is not None:
+            ta = (r.get("tune") or {}).get("target_against")
+            lines.append(f"      against the fastest original ({vs['backend']}): {vs['speedup']:.2f}x "
+                         f"[{vs['speedup_ci'][0]:.2f}, {vs['speedup_ci'][1]:.2f}]"
+                         + (f"; the target, against {ta['backend']}'s original (ratio {ta['ratio']:.3f}), searched at "
+                            f"{r['tune']['backend_target']:.2f}x on {r['backend']}" if ta else ""))
         for a in (r.get("tune") or {}).get("drop_rounds", []) if r.get("tune_drop_rounds") else []:
             d = a["accuracy_drop"]
             lines.append(f"      drop round: searched at {a['searched_target']:.2f}x, measured {a['speedup']:.2f}x "
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drop-rounds", type=int, default=2, help="slower plans tried to hold --max-drop (cpbench tune's)")
     ap.add_argument("--against", default="all",
                     help="backends whose fastest original network each kept plan is also timed against (cpbench tune's)")
+    ap.add_argument("--target-against", choices=("backend", "fastest"), default="backend",
+                    help="targets against the original on --backend, or on the fastest backend (cpbench tune's)")
     args = ap.parse_args(argv)
     if args.cache_dir:
         os.environ["CPBENCH_CACHE_DIR"] = args.cache_dir
@@ -158,19 +167,19 @@ def main(argv=None) -> int:
         req = TuneRequest(model=model, targets=_targets(args.targets), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["layer*"], finetune_epochs=args.finetune_epochs,
                           finetune_control=True, grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against), target_against=args.target_against)
     elif args.part == "alexnet":
         req = TuneRequest(model={"name": "alexnet"}, targets=(2.0,), backend=args.backend, threads=1, batch=1,
                           decomposers=decs, layers=["conv1", "conv2", "conv3", "conv4", "conv5"], finetune_epochs=0,
                           sensitivity="fidelity", grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against), target_against=args.target_against)
     else:
         req = TuneRequest(model={"name": "charnet"}, targets=_targets(args.targets), backend=args.backend, threads=1,
                           batch=32 if args.part == "batch32" else 1, decomposers=decs,
                           layers=["conv1", "conv2", "conv3"], finetune_epochs=args.finetune_epochs,
                           finetune_samples=args.finetune_samples, finetune_control=True,
                           grid_points=args.grid_points, max_drop=args.max_drop,
-                          drop_rounds=args.drop_rounds, against=parse_against(args.against))
+                          drop_rounds=args.drop_rounds, against=parse_against(args.against), target_against=args.target_against)
     out = Path(args.out) / args.part
     print(f"{args.part}: {req}\nbefore: {_uptime()}", flush=True)
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from .threads import thread_limits
 from .timing import TimingBudget, time_pair
 from .workers import PairSpec, pair_samples, time_in_processes
 
-__all__ = ["against_fastest", "SELECT_BUDGET", "LABEL"]
+__all__ = ["against_fastest", "fastest_original", "SELECT_BUDGET", "LABEL"]
 
 #: The selection's budget per backend: enough to tell backends 10% apart, not to report.
 SELECT_BUDGET = TimingBudget(warmup=2, min_rounds=6, max_rounds=60, budget_s=0.6)
@@ -91,3 +91,37 @@ def against_fastest(backend: Any, backends: Sequence[Any], original, compressed,
             "compressed_ms": float(np.median([p.compressed_ms for p in iv.processes])),
             "processes": len(runs), "selection": selection}
 
+
+
+def fastest_original(backend: Any, backends: Sequence[Any], original, x, budget: TimingBudget, *, threads: int,
+                     processes: int, pin: bool = False, select_budget: TimingBudget = SELECT_BUDGET) -> dict:
+    """How fast the original network runs on ``backend`` against the fastest of ``backends`` and ``backend``.
+
+    Returns ``{"backend", "ratio", "ratio_ci", "selection", ...}``: ``ratio`` is the fastest original's time
+    over ``backend``'s (< 1 when another backend is faster), with its 95% interval. The selection is
+    :func:`against_fastest`'s with the original on ``backend`` in the compressed arm; when ``backend``
+    itself runs it fastest the ratio is 1 and nothing more is timed, else that pair is timed again in
+    fresh processes. A target ``T`` against the fastest original is a target of ``T / ratio`` on
+    ``backend`` (``cpbench tune --target-against fastest``)."""
+    import copy
+
+    original = original.eval()
+    others = [b for b in backends if b.name != backend.name]
+    selection, infos = _select(backend, [backend, *others], original, copy.deepcopy(original), x, threads,
+                               select_budget)
+    ran = {n: s for n, s in selection.items() if "speedup" in s}
+    if backend.name not in ran:
+        return {"selection": selection, "error": selection.get(backend.name, {}).get("error", "did not run")}
+    best_name = min(ran, key=lambda n: ran[n]["speedup"])
+    if best_name == backend.name:
+        return {"backend": backend.name, "ratio": 1.0, "ratio_ci": [1.0, 1.0], "selection": selection}
+    best = next(b for b in others if b.name == best_name)
+    spec = PairSpec(LABEL, original, copy.deepcopy(original), x, budget,
+                    {"baseline": infos[best_name], "compressed": infos["<compressed>"]},
+                    baseline_backend=best, compressed_backend=backend)
+    runs = time_in_processes(backend, [spec], threads=threads, processes=processes, pin=pin)
+    iv = two_level_interval(pair_samples(runs, LABEL))
+    return {"backend": best_name, "ratio": iv.speedup, "ratio_ci": [float(v) for v in iv.ci],
+            "fastest_ms": float(np.median([p.baseline_ms for p in iv.processes])),
+            "backend_ms": float(np.median([p.compressed_ms for p in iv.processes])),
+            "processes": len(runs), "selection": selection}

@@ -15,9 +15,11 @@ from .candidates import GRID_POINTS, MAX_SPEEDUP, MIN_SPEEDUP, speedup_grid
 from .loop import DEFAULT_DROP_ROUNDS, DEFAULT_ROUNDS
 from .sensitivity import SENSITIVITY_MODES
 
-__all__ = ["TuneRequest", "select_layers", "DEFAULT_DECOMPOSERS"]
+__all__ = ["TuneRequest", "select_layers", "DEFAULT_DECOMPOSERS", "TARGET_AGAINST"]
 
 DEFAULT_DECOMPOSERS = ("cp-nls", "cp-als", "tucker2", "spatial-svd")
+#: ``--target-against``: the original network on the tune's backend, or on the fastest backend
+TARGET_AGAINST = ("backend", "fastest")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class TuneRequest:
     # backends whose original network each kept plan is also timed against: the fastest of them is the
     # reference of ``vs_fastest_original`` (:mod:`cpbench.measure.fastest`); () for none
     against: tuple[str, ...] = ()
+    # what a target is a speedup against: "backend" (the original network on ``backend``) or "fastest" (the
+    # original on whichever of ``against`` and ``backend`` runs it fastest; the tune searches ``backend`` at the
+    # target scaled by how much slower ``backend`` runs the original, :func:`cpbench.measure.fastest.fastest_original`)
+    target_against: str = "backend"
 
     def check(self, plugins) -> None:
         for t in self.targets:
@@ -73,6 +79,11 @@ class TuneRequest:
             plugins.decomposers.get(d)
         for b in self.against:
             plugins.backends.get(b)
+        if self.target_against not in TARGET_AGAINST:
+            raise UsageError(f"--target-against {self.target_against!r} is not allowed; allowed: {', '.join(TARGET_AGAINST)}")
+        if self.target_against == "fastest" and not self.against:
+            raise UsageError("--target-against fastest needs backends to compare with; allowed: --against all or A,B "
+                             "(not none)")
         speedup_grid(self.min_speedup, self.max_speedup, self.grid_points)
 
 

@@ -14,8 +14,10 @@ from typing import Any
 
 from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
 from .pipeline import StepFn, Tuner
+from .reference import against_reference, measure_reference, searched_targets
 from .request import TuneRequest
 from .plan import write_plan
+from .search import TargetUnreachable
 
 __all__ = ["TuneRun", "run_tune", "plan_name", "uniform_matrix"]
 
@@ -64,9 +66,20 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step, timer=timer)
     if uniform is not None:
         tuner.plugins.decomposers.get(uniform)
+    reference = measure_reference(tuner) if request.target_against == "fastest" else None
+    searched = searched_targets(request.targets, reference)
     # every target is checked for reach right after the latency table: before any sensitivity is
     # computed, and before anything is verified, fine-tuned or written
-    prepared = tuner.prepare(budgets=[1.0 / t for t in request.targets])
+    try:
+        prepared = tuner.prepare(budgets=[1.0 / searched[t] for t in request.targets])
+    except TargetUnreachable as e:
+        if reference is None:
+            raise
+        r = reference["ratio"]
+        raise TargetUnreachable(f"{e}; against the original network on {reference['backend']} (which runs it "
+                                f"{1 / r:.2f}x faster than {request.backend}) that is {e.best_speedup * r:.2f}x, and "
+                                f"the targets asked are {', '.join(f'{t:g}x' for t in request.targets)}",
+                                e.best_speedup * r) from None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
@@ -77,8 +90,11 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     with ResultSink(path) as sink:
         for target in request.targets:
             started = time.time()
-            step(f"target {target:g}x: search and verify")
-            row, plan, tried = tuner.tune_target(prepared, target, started=started)
+            step(f"target {target:g}x: search and verify" + (
+                f" ({searched[target]:.2f}x on {request.backend})" if reference is not None else ""))
+            row, plan, tried = tuner.tune_target(prepared, searched[target], started=started)
+            if reference is not None:
+                row, plan = against_reference(row, plan, target, searched, reference)
             row = jsonable(row)
             sink.write(row)
             run.rows.append(row)

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from cpbench.measure.fastest import against_fastest
+from cpbench.measure.fastest import against_fastest, fastest_original
 from cpbench.measure.timing import TimingBudget
 from cpbench.plugin.contracts import Prepared
 
@@ -60,3 +60,24 @@ def test_no_backend_that_runs_the_original_is_an_error_not_a_number():
     got = against_fastest(Repeating("own", 1), [Broken()], original, compressed, x, TINY, threads=1, processes=0,
                           select_budget=TINY)
     assert "speedup" not in got and "no backend" in got["error"] and "broken" in got["selection"]
+
+
+def test_fastest_original_is_the_ratio_of_the_fastest_original_to_the_backends():
+    """The reference of ``--target-against fastest``: a backend that runs the original 4x per call against
+    one that runs it once is about 1/4 as fast; the ratio's interval holds it."""
+    original, _, x = _nets()
+    got = fastest_original(Repeating("own", 4), [Broken(), Repeating("fast", 1)], original, x, TINY, threads=1,
+                           processes=0, select_budget=TINY)
+    assert got["backend"] == "fast"
+    lo, hi = got["ratio_ci"]
+    assert lo <= got["ratio"] <= hi and 0.15 < got["ratio"] < 0.45
+    assert got["fastest_ms"] < got["backend_ms"]
+    assert got["selection"]["broken"] == {"error": "RuntimeError: cannot export this network"}
+
+
+def test_fastest_original_on_the_fastest_backend_is_a_ratio_of_one_with_nothing_more_timed():
+    original, _, x = _nets()
+    got = fastest_original(Repeating("own", 1), [Repeating("slow", 5)], original, x, TINY, threads=1, processes=0,
+                           select_budget=TINY)
+    assert got["backend"] == "own" and got["ratio"] == 1.0 and got["ratio_ci"] == [1.0, 1.0]
+    assert "processes" not in got and got["selection"]["slow"]["speedup"] > 3

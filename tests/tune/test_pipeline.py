@@ -84,6 +84,42 @@ def test_each_kept_plan_is_also_timed_against_the_fastest_original_of_the_backen
     assert "vs_fastest_original" not in json.loads((tmp_path / "out2" / "results.jsonl").read_text().splitlines()[0])
 
 
+def test_a_target_against_the_fastest_original_is_searched_on_the_backend_scaled_by_its_ratio(tmp_path, monkeypatch):
+    """--target-against fastest: the backend runs the original at half the fastest's speed (a fake reference),
+    so target 2 is searched at 4x on it; the row and the plan carry the user's target, the backend's, and
+    the reference, and the target is met by the plan's speedup against the fastest original."""
+    import cpbench.measure.fastest as fastest
+
+    asked = []
+
+    def reference(backend, backends, original, x, budget, **kw):
+        asked.append((backend.name, [b.name for b in backends]))
+        return {"backend": "mkl", "ratio": 0.5, "ratio_ci": [0.45, 0.55], "selection": {"mkl": {"speedup": 0.5}}}
+
+    monkeypatch.setattr(fastest, "fastest_original", reference)
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), processes=1)
+    run = run_tune(_request(against=("torch-cpu", "mkl"), target_against="fastest"), tmp_path / "out", ctx=ctx,
+                   timer=ParamTimer())
+    assert asked == [("torch-cpu", ["torch-cpu", "mkl"])]
+    row = run.rows[0]
+    assert row["rank_spec"] == {"target_speedup": 2.0}
+    assert row["tune"]["backend_target"] == pytest.approx(4.0) and row["tune"]["target_against"]["backend"] == "mkl"
+    assert row["predicted_speedup"] >= 4.0  # searched at 4x on torch-cpu
+    vs = row["vs_fastest_original"]
+    assert row["tune_met"] == (vs["speedup_ci"][1] >= 2.0)  # met against the fastest original, not the backend
+    plan = (tmp_path / "out" / "plan-2.toml").read_text()
+    assert "target_speedup = 2.0" in plan and "backend_target = 4.0" in plan and 'target_against = "mkl"' in plan
+    report = (tmp_path / "out" / "tune-report.md").read_text()
+    assert "2x vs mkl original (4.00x on torch-cpu)" in report and "ran it 2.00x faster than `torch-cpu`" in report
+    assert "tune with --target-against" not in report  # no advice to do what it did
+
+    # a target the candidates cannot reach on the backend once scaled: one error in the user's terms
+    with pytest.raises(TargetUnreachable, match=r"against the original network on mkl \(which runs it 2.00x faster "
+                                                r"than torch-cpu\) that is [0-9.]+x, and the targets asked are 50x"):
+        run_tune(_request(targets=(50.0,), against=("torch-cpu", "mkl"), target_against="fastest"), tmp_path / "o2",
+                 ctx=ctx, timer=ParamTimer())
+
+
 def test_the_rest_network_keeps_the_layers_before_a_stub_for_a_backend_that_compiles_the_graph(tmp_path):
     """The character network with conv2 and conv3 stubbed: conv1 still runs (ONNX export keeps it), and the
     rest computes what the base network computes outside the stubbed layers."""
@@ -176,6 +212,8 @@ def test_a_target_within_the_fastest_plans_interval_is_measured_not_refused(tmp_
     ({"decomposers": ("nope",)}, "unknown decomposer 'nope'"),
     ({"backend": "nope"}, "unknown backend 'nope'"),
     ({"against": ("torch-cpu", "nope")}, "unknown backend 'nope'"),
+    ({"target_against": "nope"}, "--target-against 'nope'"),
+    ({"target_against": "fastest"}, "--target-against fastest needs backends"),
     ({"layers": ["fc*"]}, "matches no Conv2d layer"),
     ({"sensitivity": "accuracy"}, "has no data set"),
 ])
@@ -193,6 +231,8 @@ def test_bad_requests(tmp_path, kw, match):
     (["--backend", "nope"], "unknown backend 'nope'"),
     (["--against", "mkl,nope"], "unknown backend 'nope'"),
     (["--against", ","], "--against is empty"),
+    (["--target-against", "nope"], "invalid choice: 'nope'"),
+    (["--target-against", "fastest", "--against", "none"], "--target-against fastest needs backends"),
     (["--layers", "fc*"], "matches no Conv2d layer"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
@@ -209,7 +249,7 @@ def test_cli_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--target-speedup", "--max-drop", "--drop-rounds", "--backend", "--against", "--threads", "--batch", "--decomposers", "--layers",
+    for opt in ("--target-speedup", "--max-drop", "--drop-rounds", "--backend", "--against", "--target-against", "--threads", "--batch", "--decomposers", "--layers",
                 "--finetune-epochs", "--out"):
         assert opt in out
 
@@ -234,10 +274,35 @@ def test_matrix_rank_spec_runs_a_tuned_cell(tmp_path):
     assert fixed["status"] == "ok" and "predicted_speedup" not in fixed
 
 
+def test_matrix_rank_spec_against_the_fastest_original(tmp_path, monkeypatch):
+    """``{target_speedup = 1.5, target_against = "fastest"}``: the cell searches its backend at 1.5 / ratio, keeps
+    its own rank spec, and is met by the plan's speedup against the fastest original (both fakes here)."""
+    import cpbench.measure.fastest as fastest
+    from cpbench.run.matrix import parse_matrix
+    from cpbench.run.cell import run_cell
+
+    monkeypatch.setattr(fastest, "fastest_original", lambda *a, **k: {
+        "backend": "onnxruntime", "ratio": 0.75, "ratio_ci": [0.7, 0.8], "selection": {}})
+    monkeypatch.setattr(fastest, "against_fastest", lambda *a, **k: {
+        "backend": "onnxruntime", "speedup": 1.4, "speedup_ci": [1.3, 1.45], "selection": {}})
+    plugins = cpbench.get_plugins()
+    big = {"name": "conv", "in_channels": 32, "out_channels": 32, "kernel_size": 7, "input_size": 12, "padding": 3}
+    spec = {"target_speedup": 1.5, "max_drop": 100, "target_against": "fastest"}
+    m = parse_matrix({"matrix": {"model": [big], "decomposer": ["spatial-svd"], "rank": [spec], "backend": ["torch-cpu"]},
+                      "timing": {"warmup": 1, "min_rounds": 3, "max_rounds": 5, "budget_s": 0.05, "min_round_s": 0.0002}},
+                     registries=plugins.registries)
+    row = run_cell(m.cells()[0], RunContext.from_matrix(m, cache_dir=str(tmp_path)))
+    assert row["status"] == "ok", row.get("error")
+    assert row["rank_spec"] == spec and row["tune"]["backend_target"] == pytest.approx(2.0)
+    assert row["predicted_speedup"] >= 2.0 and row["tune"]["target_against"]["backend"] == "onnxruntime"
+    assert row["tune_met"] is False  # 1.4x [1.3, 1.45] against the fastest original misses 1.5x
+
+
 @pytest.mark.parametrize("rank,match", [
     ({"target_speedup": 0.5}, "target_speedup 0.5"),
     ({"target_speedup": 4, "decomposers": ["nope"]}, "unknown decomposer 'nope'"),
     ({"target_speedup": 4, "layers": 3}, "unknown key"),
+    ({"target_speedup": 4, "target_against": "nope"}, "target_against 'nope' is not allowed"),
 ])
 def test_matrix_rank_spec_bad_input(rank, match):
     from cpbench.run.matrix import parse_matrix
