@@ -81,16 +81,21 @@ def against_fastest(backend: Any, backends: Sequence[Any], original, compressed,
         return {"selection": selection, "error": "no backend could run the original network"}
     best_name = min(ran, key=lambda n: ran[n]["speedup"])
     best = next(b for b in backends if b.name == best_name)
+    return {"backend": best_name, **_timed_pair(backend, best, original, compressed, x, budget, infos, threads, processes,
+                                                pin), "selection": selection}
+
+
+def _timed_pair(backend, best, original, compressed, x, budget, infos, threads, processes, pin) -> dict:
+    """The original on ``best`` against ``compressed`` on ``backend``, timed in fresh processes as a cell's network
+    is: ``{"speedup", "speedup_ci", "baseline_ms", "compressed_ms", "processes"}``."""
     spec = PairSpec(LABEL, original, compressed, x, budget,
-                    {"baseline": infos[best_name], "compressed": infos["<compressed>"]},
+                    {"baseline": infos[best.name], "compressed": infos["<compressed>"]},
                     baseline_backend=best, compressed_backend=backend)
     runs = time_in_processes(backend, [spec], threads=threads, processes=processes, pin=pin)
     iv = two_level_interval(pair_samples(runs, LABEL))
-    return {"backend": best_name, "speedup": iv.speedup, "speedup_ci": [float(v) for v in iv.ci],
+    return {"speedup": iv.speedup, "speedup_ci": [float(v) for v in iv.ci],
             "baseline_ms": float(np.median([p.baseline_ms for p in iv.processes])),
-            "compressed_ms": float(np.median([p.compressed_ms for p in iv.processes])),
-            "processes": len(runs), "selection": selection}
-
+            "compressed_ms": float(np.median([p.compressed_ms for p in iv.processes])), "processes": len(runs)}
 
 
 def fastest_original(backend: Any, backends: Sequence[Any], original, x, budget: TimingBudget, *, threads: int,
@@ -116,12 +121,6 @@ def fastest_original(backend: Any, backends: Sequence[Any], original, x, budget:
     if best_name == backend.name:
         return {"backend": backend.name, "ratio": 1.0, "ratio_ci": [1.0, 1.0], "selection": selection}
     best = next(b for b in others if b.name == best_name)
-    spec = PairSpec(LABEL, original, copy.deepcopy(original), x, budget,
-                    {"baseline": infos[best_name], "compressed": infos["<compressed>"]},
-                    baseline_backend=best, compressed_backend=backend)
-    runs = time_in_processes(backend, [spec], threads=threads, processes=processes, pin=pin)
-    iv = two_level_interval(pair_samples(runs, LABEL))
-    return {"backend": best_name, "ratio": iv.speedup, "ratio_ci": [float(v) for v in iv.ci],
-            "fastest_ms": float(np.median([p.baseline_ms for p in iv.processes])),
-            "backend_ms": float(np.median([p.compressed_ms for p in iv.processes])),
-            "processes": len(runs), "selection": selection}
+    t = _timed_pair(backend, best, original, copy.deepcopy(original), x, budget, infos, threads, processes, pin)
+    return {"backend": best_name, "ratio": t["speedup"], "ratio_ci": t["speedup_ci"], "fastest_ms": t["baseline_ms"],
+            "backend_ms": t["compressed_ms"], "processes": t["processes"], "selection": selection}

@@ -46,7 +46,7 @@ class FineTunedPlans:
 
 
 def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
-            batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+                batch: int | None = None, label: str | None = None) -> tuple[dict, Plan, list[Attempt]]:
     """Search, verify and fine-tune ``target``, holding ``--max-drop``: when the fine-tuned plan loses
     more than it, slower plans are tried (:func:`~cpbench.tune.loop.hold_drop`, at most
     ``request.drop_rounds``). When such a step's search returns a plan already fine-tuned, the grid is
@@ -64,6 +64,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
     (:func:`_dominated_by`): it counts as losing what that plan lost, at the speed its verify round measured,
     and its drop round says so (``fine_tuned = false``, ``dominated_by``)."""
     batch = batch or tuner.request.batch
+    name = label or f"{target:g}x"  # how the steps name the target (the user's, for --target-against fastest)
     finished: dict[tuple, Attempt] = {}
     last: list[Attempt] = []
     memory = tuner.fine_tuned.setdefault(batch, FineTunedPlans())
@@ -84,7 +85,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         if last:  # say why this round runs: the step goes down after a loss, up after a hold
             held = last[-1].drop is not None and last[-1].drop <= tuner.request.max_drop
             fell = "lost" if last[-1].fine_tuned else "is predicted to lose"
-            tuner.step(f"target {target:g}x: the plan searched at {last[-1].target:.2f}x "
+            tuner.step(f"target {name}: the plan searched at {last[-1].target:.2f}x "
                       + (f"held {tuner.request.max_drop:g} points; trying a faster one" if held else
                          f"{fell} more than {tuner.request.max_drop:g} points; trying a slower one")
                       + f", searched at {t:.2f}x")
@@ -111,7 +112,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
             return last[-1]
         lost = _dominated_by(done, dict(key), tuner.request.max_drop)
         if lost is not None:  # predicted to lose: not fine-tuned (its verify timing is its speed)
-            tuner.step(f"target {target:g}x: not fine-tuning {_labels(dict(key))}: it compresses every layer at least as "
+            tuner.step(f"target {name}: not fine-tuning {_labels(dict(key))}: it compresses every layer at least as "
                       f"much as {_labels(lost.payload)}, which lost {lost.drop:.2f} points")
             m = outcome.measured
             row, plan = results[_plan_key(lost.payload)]
@@ -142,7 +143,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
 
     def skip(s: Skipped) -> None:
         skipped.append(s)
-        tuner.step(f"target {target:g}x: not fine-tuned: a drop rising with the square of the log-speed through "
+        tuner.step(f"target {name}: not fine-tuned: a drop rising with the square of the log-speed through "
                   f"the {s.held.speedup:.2f}x plan ({s.held.drop:.2f} points) and the {s.lost.speedup:.2f}x plan "
                   f"({s.lost.drop:.2f}) reaches {s.predicted_drop:.1f} points at {target:g}x; stepping back from there")
 

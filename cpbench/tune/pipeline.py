@@ -518,11 +518,11 @@ class Tuner:
                             recalibrate=refit if self.request.calibrate else None)
 
     def tune_target(self, prepared: Prepared, target: float, *, started: float | None = None, cell=None,
-                    batch: int | None = None) -> tuple[dict, Plan, list[Attempt]]:
+                    batch: int | None = None, label: str | None = None) -> tuple[dict, Plan, list[Attempt]]:
         """Stage 6, hold ``--max-drop``: :func:`.drops.tune_target`."""
         from .drops import tune_target
 
-        return tune_target(self, prepared, target, started=started, cell=cell, batch=batch)
+        return tune_target(self, prepared, target, started=started, cell=cell, batch=batch, label=label)
 
     def add_options(self, prepared: Prepared, cands: dict[str, list[Candidate]]) -> None:
         """Timed candidates added to ``prepared``'s options, costed at its calibration and scored as the
