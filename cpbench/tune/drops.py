@@ -85,10 +85,11 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         if last:  # say why this round runs: the step goes down after a loss, up after a hold
             held = last[-1].drop is not None and last[-1].drop <= tuner.request.max_drop
             fell = "lost" if last[-1].fine_tuned else "is predicted to lose"
-            tuner.step(f"target {name}: the plan searched at {last[-1].target:.2f}x "
+            on = f" on {tuner.request.backend}" if label else ""  # the searched speeds are the backend's
+            tuner.step(f"target {name}: the plan searched at {last[-1].target:.2f}x{on} "
                       + (f"held {tuner.request.max_drop:g} points; trying a faster one" if held else
                          f"{fell} more than {tuner.request.max_drop:g} points; trying a slower one")
-                      + f", searched at {t:.2f}x")
+                      + f", searched at {t:.2f}x{on}")
         # a step back is verified once: the bracket is kept on measured speeds, so a step's plan need not
         # meet the step's speed, and a verify loop chasing it tightened a 2.54x step on the character network
         # (3 rounds, timings noisy) back to the 4x plan that had just lost the drop

@@ -92,7 +92,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
             started = time.time()
             step(f"target {target:g}x: search and verify" + (
                 f" ({searched[target]:.2f}x on {request.backend})" if reference is not None else ""))
-            label = f"{target:g}x" if reference is None else f"{target:g}x ({searched[target]:.2f}x on {request.backend})"
+            label = None if reference is None else f"{target:g}x ({searched[target]:.2f}x on {request.backend})"
             row, plan, tried = tuner.tune_target(prepared, searched[target], started=started, label=label)
             if reference is not None:
                 row, plan = against_reference(row, plan, target, searched, reference)
