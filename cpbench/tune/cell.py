@@ -59,7 +59,7 @@ def check_target_spec(spec: dict, decomposers=None) -> None:
 def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
     """The row of a cell whose rank spec is ``{target_speedup = X}``: the tuned plan's, with the cell's axes."""
     from .pipeline import Tuner
-    from .reference import against_reference, measure_reference, searched_targets
+    from .reference import against_reference, measure_reference, prepare_for, searched_targets
     from .request import TuneRequest
 
     spec = cell.rank
@@ -79,7 +79,7 @@ def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step)
     reference = measure_reference(tuner) if target_against == "fastest" else None
     searched = searched_targets((target,), reference)
-    prepared = tuner.prepare(budgets=[1.0 / searched[target]])
+    prepared = prepare_for(tuner, (target,), reference)
     row, plan, _ = tuner.tune_target(prepared, searched[target], started=started, cell=cell)
     if reference is not None:
         row, _ = against_reference(row, plan, target, searched, reference)

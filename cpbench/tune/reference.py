@@ -26,7 +26,7 @@ from .plan import Plan
 if TYPE_CHECKING:
     from .pipeline import Tuner
 
-__all__ = ["measure_reference", "searched_targets", "against_reference"]
+__all__ = ["measure_reference", "searched_targets", "against_reference", "prepare_for"]
 
 
 def measure_reference(tuner: Tuner) -> dict:
@@ -52,6 +52,24 @@ def searched_targets(targets: tuple[float, ...], reference: dict | None) -> dict
     without a reference)."""
     ratio = reference["ratio"] if reference else 1.0
     return {t: t / ratio for t in targets}
+
+
+def prepare_for(tuner: Tuner, targets: tuple[float, ...], reference: dict | None):
+    """``tuner.prepare`` for ``targets`` as searched on the backend; an unreachable target is reported in the
+    user's terms too (what the fastest plan reaches against the reference)."""
+    from .search import TargetUnreachable
+
+    searched = searched_targets(targets, reference)
+    try:
+        return tuner.prepare(budgets=[1.0 / searched[t] for t in targets])
+    except TargetUnreachable as e:
+        if reference is None:
+            raise
+        r = reference["ratio"]
+        raise TargetUnreachable(f"{e}; against the original network on {reference['backend']} (which runs it "
+                                f"{1 / r:.2f}x faster than {tuner.request.backend}) that is {e.best_speedup * r:.2f}x, "
+                                f"and the targets asked are {', '.join(f'{t:g}x' for t in targets)}",
+                                e.best_speedup * r) from None
 
 
 def against_reference(row: dict, plan: Plan, target: float, searched: dict[float, float], reference: dict) -> tuple[dict, Plan]:

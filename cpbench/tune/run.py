@@ -14,10 +14,9 @@ from typing import Any
 
 from ..run.results import RESULTS_FILE, ResultSink, jsonable, read_results
 from .pipeline import StepFn, Tuner
-from .reference import against_reference, measure_reference, searched_targets
+from .reference import against_reference, measure_reference, prepare_for, searched_targets
 from .request import TuneRequest
 from .plan import write_plan
-from .search import TargetUnreachable
 
 __all__ = ["TuneRun", "run_tune", "plan_name", "uniform_matrix"]
 
@@ -70,16 +69,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     searched = searched_targets(request.targets, reference)
     # every target is checked for reach right after the latency table: before any sensitivity is
     # computed, and before anything is verified, fine-tuned or written
-    try:
-        prepared = tuner.prepare(budgets=[1.0 / searched[t] for t in request.targets])
-    except TargetUnreachable as e:
-        if reference is None:
-            raise
-        r = reference["ratio"]
-        raise TargetUnreachable(f"{e}; against the original network on {reference['backend']} (which runs it "
-                                f"{1 / r:.2f}x faster than {request.backend}) that is {e.best_speedup * r:.2f}x, and "
-                                f"the targets asked are {', '.join(f'{t:g}x' for t in request.targets)}",
-                                e.best_speedup * r) from None
+    prepared = prepare_for(tuner, request.targets, reference)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
