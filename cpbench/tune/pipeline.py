@@ -37,7 +37,7 @@ from torch import nn
 from ..run.cache import key_of
 from ..decomposition.decomposer import CPDecomposer
 from ..errors import UsageError
-from ..nn.layers import geometry
+from ..nn.layers import capturing_graph, geometry
 from .candidates import KEEP, Candidate, layer_candidates, speedup_grid
 from ..measure.cell_timing import DEFAULT_PROCESSES
 from .latency import LatencyTable, Timed, backend_timer, plan_variant, savings_calibration
@@ -62,13 +62,6 @@ VAL_FROM_TRAIN = 0.1  # the share of the training split sensitivities use when a
 StepFn = Callable[[str], None]
 
 
-def _capturing_graph() -> bool:
-    """Whether this forward is being traced into a graph: torch.jit tracing (ONNX export's TorchScript path) or
-    dynamo (torch.compile, torch.export, ONNX export's dynamo path). Both checks cost ~0.1-0.2 µs here;
-    ``torch.onnx.is_in_onnx_export()`` costs 2.3 µs and adds nothing (that export traces)."""
-    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
-
-
 class _Stub(nn.Module):
     """Stands in for a layer at no cost: returns a zero tensor of the layer's output shape, in the memory
     format of its input (a channels-last network stays channels-last).
@@ -91,7 +84,7 @@ class _Stub(nn.Module):
         out = self.out
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
-        return out + x.reshape(-1)[:1] * 0.0 if _capturing_graph() else out
+        return out + x.reshape(-1)[:1] * 0.0 if capturing_graph() else out
 
 
 class Tuner:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpbench.nn.layers import capturing_graph
+
 __all__ = ["Maxout", "CharNetModule", "CharNet", "conv_macs", "cpbench_register_models"]
 
 
@@ -62,10 +64,6 @@ def _layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 and x.stride(1) < x.stride(3) else torch.contiguous_format
 
 
-def _capturing_graph() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
 class Maxout(nn.Module):
     """Maxout over groups of ``k`` consecutive channels: (N, C, H, W) -> (N, C/k, H, W).
 
@@ -79,7 +77,7 @@ class Maxout(nn.Module):
         self.k = int(k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.k == 2 and x.requires_grad and torch.is_grad_enabled() and not _capturing_graph():
+        if self.k == 2 and x.requires_grad and torch.is_grad_enabled() and not capturing_graph():
             return _PairMaxout.apply(x)
         n, c, h, w = x.shape
         return x.view(n, c // self.k, self.k, h, w).amax(2)
