@@ -83,8 +83,7 @@ def against_reference(row: dict, plan: Plan, target: float, searched: dict[float
     tune: dict[str, Any] = dict(row.get("tune") or {})
     tune["backend_target"] = searched[target]
     tune["target_speedup"] = target
-    tune["target_against"] = {"reference": "fastest", **{k: v for k, v in reference.items() if k != "selection"},
-                              "selection": reference.get("selection", {})}
+    tune["target_against"] = {"reference": "fastest", **reference}
     if tune.get("kept_from_target") is not None:
         tune["kept_from_target"] = to_user.get(tune["kept_from_target"], tune["kept_from_target"])
     row["tune"] = tune

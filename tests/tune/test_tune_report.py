@@ -25,3 +25,30 @@ def test_a_target_that_kept_an_earlier_targets_plan_is_not_noted_twice():
     earlier, later = _row(8.0, 4.0, "onnxruntime"), {**_row(8.0, 4.0, "onnxruntime"), "tune": {"kept_from_target": 8.0}}
     later["rank_spec"] = {"target_speedup": 12.0}
     assert len(faster_original_notes([earlier, later])) == 1
+
+
+def test_targets_against_the_fastest_original_say_both_targets_and_the_reference(tmp_path):
+    """--target-against fastest: the target column names the reference and the backend's target, the report says
+    which backend the targets are against (or that the tune's own backend was the fastest), and no note advises
+    what the tune already did."""
+    from cpbench.tune.report import _target_cells, write_tune_report
+
+    def tuned(reference_backend, ratio):
+        row = {**_row(9.6, 4.7, "onnxruntime"), "model": "charnet", "threads": 1, "batch": 1, "finetune_epochs": 3,
+               "speedup_ci": [9.0, 10.2], "rank_spec": {"target_speedup": 4.0}}
+        row["tune"] = {"backend_target": 4.0 / ratio, "target_against": {
+            "reference": "fastest", "backend": reference_backend, "ratio": ratio, "ratio_ci": [ratio * 0.95, ratio * 1.05]}}
+        return row
+
+    elsewhere = tuned("onnxruntime", 0.5)
+    assert _target_cells(elsewhere)[0] == "4x vs onnxruntime original (8.00x on mkl)"
+    assert faster_original_notes([elsewhere]) == []
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    write_tune_report(tmp_path / "a", [elsewhere], [])
+    report = (tmp_path / "a" / "tune-report.md").read_text()
+    assert "against the original network on `onnxruntime`, which ran it 2.00x faster than `mkl`" in report
+    assert "ratio 0.500 [0.475, 0.525]" in report
+
+    here = tuned("mkl", 1.0)
+    write_tune_report(tmp_path / "b", [here], [])
+    assert "`mkl` ran it fastest, so they were searched there as they are" in (tmp_path / "b" / "tune-report.md").read_text()

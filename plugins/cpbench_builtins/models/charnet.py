@@ -44,9 +44,9 @@ class _PairMaxout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        first = x[:, 0::2]
-        ctx.save_for_backward(first, x[:, 1::2])
-        return torch.maximum(first, x[:, 1::2])
+        first, second = x[:, 0::2], x[:, 1::2]
+        ctx.save_for_backward(first, second)
+        return torch.maximum(first, second)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -68,8 +68,9 @@ class Maxout(nn.Module):
     """Maxout over groups of ``k`` consecutive channels: (N, C, H, W) -> (N, C/k, H, W).
 
     Inference (and any graph capture: ONNX export, torch.compile) runs ``amax`` over the group, one
-    operator. Training with ``k == 2`` runs :class:`_PairMaxout`, whose backward is ~3x faster in
-    channels-last. For ``k == 4`` (the character network's 1x1 maps) ``amax`` was as fast.
+    operator. Training with ``k == 2`` runs :class:`_PairMaxout`: forward and backward 2.0-2.6x faster
+    than ``amax``'s in channels-last, 1.2-1.4x in NCHW (act1 and act2's shapes at batch 128, 2 threads).
+    For ``k == 4`` (the character network's 1x1 maps) ``amax`` was as fast or faster.
     """
 
     def __init__(self, k: int):
