@@ -79,7 +79,7 @@ def run_tuned_cell(cell, ctx, plugins, step, started: float) -> dict:
     tuner = Tuner(request, ctx=ctx, plugins=plugins, step=step)
     reference = measure_reference(tuner) if target_against == "fastest" else None
     searched = searched_targets((target,), reference)
-    prepared = prepare_for(tuner, (target,), reference)
+    prepared = prepare_for(tuner, searched, reference)
     row, plan, _ = tuner.tune_target(prepared, searched[target], started=started, cell=cell)
     if reference is not None:
         row, _ = against_reference(row, plan, target, searched, reference)

@@ -54,14 +54,14 @@ def searched_targets(targets: tuple[float, ...], reference: dict | None) -> dict
     return {t: t / ratio for t in targets}
 
 
-def prepare_for(tuner: Tuner, targets: tuple[float, ...], reference: dict | None):
-    """``tuner.prepare`` for ``targets`` as searched on the backend; an unreachable target is reported in the
-    user's terms too (what the fastest plan reaches against the reference)."""
+def prepare_for(tuner: Tuner, searched: dict[float, float], reference: dict | None):
+    """``tuner.prepare`` for the targets as searched on the backend (:func:`searched_targets`); an unreachable
+    target is reported in the user's terms too (what the fastest plan reaches against the reference)."""
     from .search import TargetUnreachable
 
-    searched = searched_targets(targets, reference)
+    targets = tuple(searched)
     try:
-        return tuner.prepare(budgets=[1.0 / searched[t] for t in targets])
+        return tuner.prepare(budgets=[1.0 / s for s in searched.values()])
     except TargetUnreachable as e:
         if reference is None:
             raise

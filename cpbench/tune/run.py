@@ -69,7 +69,7 @@ def run_tune(request: TuneRequest, out_dir: str | Path, *, ctx=None, step: StepF
     searched = searched_targets(request.targets, reference)
     # every target is checked for reach right after the latency table: before any sensitivity is
     # computed, and before anything is verified, fine-tuned or written
-    prepared = prepare_for(tuner, request.targets, reference)
+    prepared = prepare_for(tuner, searched, reference)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
