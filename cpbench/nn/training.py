@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemmforms import gemm_forms
+
 __all__ = [
     "Recipe",
     "DEFAULT_RECIPE",
@@ -225,9 +227,10 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 1024) -> float:
     model.eval()
     correct = 0
     try:
-        for i in range(0, len(x), batch_size):
-            out = _logits(model, x[i : i + batch_size])
-            correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
+        with gemm_forms(model, training=False):
+            for i in range(0, len(x), batch_size):
+                out = _logits(model, x[i : i + batch_size])
+                correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
     finally:
         model.train(was_training)
     return correct / len(x)
@@ -288,7 +291,7 @@ def train(
     g = torch.Generator().manual_seed(int(recipe.seed))
     t0 = time.perf_counter()
     was_training = model.training
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), gemm_forms(model, training=True, memory_format=fmt):
         torch.manual_seed(int(recipe.seed) + 1)  # dropout etc.; caller's RNG state is restored
         model.train()
         try:

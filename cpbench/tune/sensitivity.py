@@ -55,8 +55,10 @@ def kl_scorer(base: nn.Module, x: torch.Tensor, batch: int = 256) -> Scorer:
     (base 97.3 %)."""
     import torch.nn.functional as F
 
+    from ..nn.gemmforms import gemm_forms
+
     def outputs(m: nn.Module) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), gemm_forms(m, training=False):
             return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)])
 
     ref = outputs(base)
