@@ -168,6 +168,19 @@ class LatencyTable:
 
         return self._get(key, measure)
 
+    def entry(self, what: str, network_key: Any, parts: Any, measure: Callable[[], dict]) -> tuple[dict, bool]:
+        """``(value, cached)``: a measured record of the network that is not a pair timing (``what``, e.g.
+        the reference of ``--target-against fastest``), read from the table or ``measure()``-d and stored;
+        a record holding an ``error`` is not stored."""
+        key = key_of(what, self.context, network_key, parts)
+        hit = self.store.get(key)
+        if hit is not None:
+            return hit, True
+        value = measure()
+        if not value.get("error"):
+            self.store.put(key, value)
+        return value, False
+
     def recorded(self, network_key: Any, variant: str, input_shape: tuple[int, ...], measured: Timed) -> Timed:
         """The first timing recorded under ``variant`` (``measured``, when none was yet): for a timing the
         table does not take itself (a fine-tuned plan's, taken as a cell takes it), so that a repeated tune

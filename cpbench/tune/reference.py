@@ -30,21 +30,35 @@ __all__ = ["measure_reference", "searched_targets", "against_reference", "prepar
 
 
 def measure_reference(tuner: Tuner) -> dict:
-    """The original network on the tune's backend against the fastest original of ``request.against``."""
+    """The original network on the tune's backend against the fastest original of ``request.against``;
+    kept in the tune's latency table (machine, backend, threads; the network, the backends, the input
+    shape), so that a repeated tune searches the same targets on its backend and walks the same rounds."""
     from ..errors import UsageError
     from ..measure.fastest import fastest_original
+    from .latency import LatencyTable
 
     req = tuner.request
-    tuner.step(f"timing the original network on {req.backend} against {', '.join(req.against)} "
-               "(the reference of --target-against fastest)")
     ctx = replace(tuner.ctx, timing=dataclasses.asdict(req.network_budget))
-    budget, processes, pin = ctx.timing_settings()
-    x = torch.randn(req.batch, *tuner.input_shape(1)[1:], generator=torch.Generator().manual_seed(req.seed))
-    got = fastest_original(tuner.backend, [tuner.plugins.backends.get(b) for b in req.against], tuner.base(), x,
-                           budget, threads=req.threads, processes=processes, pin=pin)
+    table = LatencyTable.for_run(ctx.cache().root if ctx.use_cache else None, backend=req.backend,
+                                 threads=req.threads, timer=tuner.timer)
+    shape = tuner.input_shape(req.batch)
+
+    def measure() -> dict:
+        tuner.step(f"timing the original network on {req.backend} against {', '.join(req.against)} "
+                   "(the reference of --target-against fastest)")
+        budget, processes, pin = ctx.timing_settings()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(req.seed))
+        return fastest_original(tuner.backend, [tuner.plugins.backends.get(b) for b in req.against], tuner.base(), x,
+                                budget, threads=req.threads, processes=processes, pin=pin)
+
+    got, cached = table.entry("reference", tuner._net_key(), {"against": sorted(req.against), "shape": list(shape)},
+                              measure)
     if got.get("error"):
         raise UsageError(f"--target-against fastest: the original network did not run on {req.backend}: {got['error']}")
-    return got
+    if cached:
+        tuner.step(f"the original network on {req.backend} against {', '.join(req.against)}: {got['ratio']:.3f} "
+                   f"of its time on {got['backend']} (measured by an earlier tune on this machine)")
+    return {**got, "cached": cached}
 
 
 def searched_targets(targets: tuple[float, ...], reference: dict | None) -> dict[float, float]:

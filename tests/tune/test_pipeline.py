@@ -112,6 +112,14 @@ def test_a_target_against_the_fastest_original_is_searched_on_the_backend_scaled
     report = (tmp_path / "out" / "tune-report.md").read_text()
     assert "2x vs mkl original (4.00x on torch-cpu)" in report and "ran it 2.00x faster than `torch-cpu`" in report
     assert "tune with --target-against" not in report  # no advice to do what it did
+    assert row["tune"]["target_against"]["cached"] is False
+
+    # a repeat reads the reference from the latency table: the same target searched, nothing timed again
+    again = run_tune(_request(against=("torch-cpu", "mkl"), target_against="fastest"), tmp_path / "out", ctx=ctx,
+                     timer=ParamTimer())
+    assert len(asked) == 1
+    assert again.rows[0]["tune"]["target_against"]["cached"] is True
+    assert again.rows[0]["tune"]["backend_target"] == pytest.approx(4.0) and again.rows[0]["rank"] == row["rank"]
 
     # a target the candidates cannot reach on the backend once scaled: one error in the user's terms
     with pytest.raises(TargetUnreachable, match=r"against the original network on mkl \(which runs it 2.00x faster "
