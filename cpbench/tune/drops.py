@@ -138,6 +138,8 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
         row["tune"]["pooled_speedup"] = speed
         finished[key] = Attempt(t, speed, row.get("accuracy_drop"), (row, plan))
         done.append(Attempt(t, speed, row.get("accuracy_drop"), dict(key)))
+        if _lost_by_margin(done[-1], tuner.request.max_drop) and dict(key) not in prepared.excluded:
+            prepared.excluded.append(dict(key))  # every later search of this tune looks past it
         results[key] = (row, plan)
         last.append(finished[key])
         return finished[key]
@@ -167,6 +169,7 @@ def tune_target(tuner: Tuner, prepared: Prepared, target: float, *, started: flo
                                "through": [{"speedup": a.speedup, "accuracy_drop": a.drop} for a in (s.held, s.lost)]}
                               for s in skipped]
     row["tune"]["refined"] = refined
+    row["tune"]["excluded"] = [dict(p) for p in prepared.excluded]
     return row, plan, tried
 
 def refine(tuner: Tuner, prepared: Prepared, held: dict[str, str], lost: dict[str, str], batch: int) -> list[str]:
@@ -223,8 +226,12 @@ def _dominated_by(done: Sequence[Attempt], labels: dict[str, str], max_drop: flo
 
     Measured on the character network (2026-12-07): after conv1 cp-nls:42, conv2 :27, conv3 :74 lost 1.98 points
     at 10x, the 12x target's plan conv1 :16, conv2 :11, conv3 :20 was fine-tuned (106 s) and lost 12.0."""
-    lost = [a for a in done if a.drop is not None and a.drop > max_drop + DOMINANCE_MARGIN and dominates(labels, a.payload)]
+    lost = [a for a in done if _lost_by_margin(a, max_drop) and dominates(labels, a.payload)]
     return min(lost, key=lambda a: a.drop or 0.0, default=None)
+
+
+def _lost_by_margin(a: Attempt, max_drop: float) -> bool:
+    return a.drop is not None and a.drop > max_drop + DOMINANCE_MARGIN
 
 
 def _plan_key(labels: dict[str, str]) -> tuple:

@@ -439,11 +439,22 @@ class Tuner:
         :attr:`joint_log` (the row's ``tune.joint``)."""
         mode = self.sensitivity_mode
         exponents = (1.0,) if mode == "error" else JOINT_EXPONENTS
-        if self.sensitivity.lazy:
-            self.sensitivity.refresh(prepared.options)
-            plans = lazy_plans(prepared.options, prepared.rest, budget, self.sensitivity.resolve, exponents)
-        else:
-            plans = shaped_plans(prepared.options, prepared.rest, budget, exponents)
+
+        def plans_of(exclude: list[dict[str, str]]) -> list[tuple[float, Selection]]:
+            if self.sensitivity.lazy:
+                self.sensitivity.refresh(prepared.options)
+                return lazy_plans(prepared.options, prepared.rest, budget, self.sensitivity.resolve, exponents,
+                                  exclude=exclude)
+            return shaped_plans(prepared.options, prepared.rest, budget, exponents, exclude=exclude)
+
+        try:
+            plans = plans_of(prepared.excluded)
+        except TargetUnreachable:
+            if not prepared.excluded:
+                raise
+            # every plan of this budget compresses each layer at least as much as a plan that lost: the search
+            # as without exclusions (drops.tune_target then counts its plan lost without fine-tuning it)
+            plans = plans_of([])
         if len(plans) == 1:
             return plans[0][1]
         if self._joint_scorer is None:

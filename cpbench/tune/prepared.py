@@ -48,6 +48,10 @@ class Prepared:
     # the factor on every layer's saving (latency.savings_calibration), from the whole network timed
     # with every layer at its fastest candidate: {"factor", "plan", "predicted_speedup", "speedup", ...}
     calibration: dict[str, Any] = field(default_factory=lambda: {"factor": 1.0})
+    # plans the search rules out, with every plan at least as coarse in every layer (search.excluded_by): the
+    # fine-tuned plans that lost far more than --max-drop (drops.tune_target adds them); shared, not copied,
+    # by recalibrated copies
+    excluded: list[dict[str, str]] = field(default_factory=list)
 
 
 def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:

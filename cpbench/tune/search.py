@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UsageError
-from .candidates import Candidate
+from .candidates import KEEP, Candidate, at_least_as_compressed
 
 __all__ = ["Option", "Selection", "TargetUnreachable", "search", "check_reach", "shaped_plans", "lazy_plans", "brute_force",
-           "fastest", "infeasible"]
+           "fastest", "infeasible", "excluded_by"]
 
 DEFAULT_BINS = 4000
 
@@ -103,11 +103,31 @@ def check_reach(options: dict[str, list[Option]], rest: float, budget: float) ->
         raise _unreachable(options, rest, budget)
 
 
-def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins: int = DEFAULT_BINS) -> Selection:
+def excluded_by(labels: dict[str, str], exclude: Sequence[dict[str, str]]) -> dict[str, str] | None:
+    """The first plan of ``exclude`` that the plan ``labels`` is, or compresses at least as coarsely in every
+    layer (:func:`~cpbench.tune.candidates.at_least_as_compressed`; a layer a plan does not name is kept);
+    None when there is none."""
+    for ex in exclude:
+        if all(at_least_as_compressed(labels.get(n, KEEP), ex.get(n, KEEP)) for n in set(labels) | set(ex)):
+            return ex
+    return None
+
+
+def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins: int = DEFAULT_BINS,
+           exclude: Sequence[dict[str, str]] = ()) -> Selection:
     """The plan of least total loss with ``rest + Σ cost ≤ budget`` (ties: the lower cost).
+
+    ``exclude``: plans (layer -> label) ruled out together with every plan at least as coarse in every layer
+    (:func:`excluded_by`; in a tune, fine-tuned plans that lost far more than the drop allowed). A plan
+    escapes one of them by being finer (or of another method) in at least one layer, so the search branches
+    on that layer: one search per layer with its options restricted to those, the best of all branches
+    (their union is exactly the plans not excluded; they overlap, which does not change the optimum).
+    ``k`` exclusions cost at most ``layers ** k`` searches; branches that cannot meet the budget end at once.
 
     Raises :class:`TargetUnreachable` (naming what the fastest plan reaches) when no plan fits.
     """
+    if exclude:
+        return _search_outside(options, rest, budget, list(exclude), bins)
     check_reach(options, rest, budget)
     avail = budget - rest
     step = avail / bins if avail > 0 else 1.0
@@ -153,8 +173,31 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
     return Selection(choice, rest + sum(o.cost for o in choice.values()), sum(o.loss for o in choice.values()))
 
 
+def _search_outside(options: dict[str, list[Option]], rest: float, budget: float, exclude: list[dict[str, str]],
+                    bins: int) -> Selection:
+    """:func:`search` over the plans that :func:`excluded_by` does not rule out (see there)."""
+    check_reach(options, rest, budget)
+    first, more = exclude[0], exclude[1:]
+    best: Selection | None = None
+    for n, opts in options.items():
+        finer = [o for o in opts if not at_least_as_compressed(o.candidate.label, first.get(n, KEEP))]
+        if not finer:
+            continue
+        try:
+            sel = search({**options, n: finer}, rest, budget, bins=bins, exclude=more)
+        except TargetUnreachable:
+            continue
+        if best is None or (sel.loss, sel.cost) < (best.loss, best.cost):
+            best = sel
+    if best is None:
+        raise TargetUnreachable(f"no plan reaches a predicted speedup of {1 / budget:g}x without compressing every "
+                                f"layer at least as much as an excluded plan ({len(exclude)} excluded)",
+                                fastest(options, rest).predicted_speedup)
+    return best
+
+
 def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, exponents=(1.0,), *,
-                 bins: int = DEFAULT_BINS) -> list[tuple[float, Selection]]:
+                 bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = ()) -> list[tuple[float, Selection]]:
     """:func:`search` with each loss ``l`` taken as ``sign(l) |l|^p``, for each ``p`` of ``exponents``:
     the distinct plans, in the order of ``exponents``, as ``(p, plan)`` with the plan's real losses.
 
@@ -167,7 +210,7 @@ def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, e
     for p in exponents:
         shaped = {n: [Option(o.candidate, o.cost, math.copysign(abs(o.loss) ** p, o.loss)) for o in opts]
                   for n, opts in options.items()}
-        sel = search(shaped, rest, budget, bins=bins)
+        sel = search(shaped, rest, budget, bins=bins, exclude=exclude)
         key = tuple(sorted(sel.labels().items()))
         if key in seen:
             continue
@@ -180,7 +223,7 @@ def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, e
 
 def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
                resolve: Callable[[dict[str, list[Option]]], dict[str, list[Option]]], exponents=(1.0,), *,
-               bins: int = DEFAULT_BINS) -> list[tuple[float, Selection]]:
+               bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = ()) -> list[tuple[float, Selection]]:
     """:func:`shaped_plans` over options whose losses are computed only when a search needs them.
 
     An option with ``known = False`` holds a lower bound of its loss. When a search's plan holds such
@@ -193,7 +236,7 @@ def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
     the character network's sensitivities, and no tuned plan used them). Each round resolves at least
     one option, so the loop ends."""
     while True:
-        plans = shaped_plans(options, rest, budget, exponents, bins=bins)
+        plans = shaped_plans(options, rest, budget, exponents, bins=bins, exclude=exclude)
         pending: dict[str, list[Option]] = {}
         for _, sel in plans:
             for n, o in sel.choice.items():
@@ -209,14 +252,18 @@ def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
                 options[n][options[n].index(old)] = new
 
 
-def brute_force(options: dict[str, list[Option]], rest: float, budget: float) -> Selection:
-    """Every plan enumerated: the least loss within the budget (ties: the lower cost)."""
+def brute_force(options: dict[str, list[Option]], rest: float, budget: float,
+                exclude: Sequence[dict[str, str]] = ()) -> Selection:
+    """Every plan enumerated: the least loss within the budget (ties: the lower cost), none that
+    :func:`excluded_by` rules out."""
     _check(options, rest, budget)
     names = list(options)
     best = None
     for combo in itertools.product(*(options[n] for n in names)):
         cost = rest + sum(o.cost for o in combo)
         if cost > budget:
+            continue
+        if excluded_by({n: o.candidate.label for n, o in zip(names, combo)}, exclude) is not None:
             continue
         key = (sum(o.loss for o in combo), cost)
         if best is None or key < best[0]:

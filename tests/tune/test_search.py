@@ -220,3 +220,45 @@ def test_a_budget_at_the_fastest_plans_cost_returns_it_though_the_bins_round_it_
     assert sel.labels() == fast.labels() and sel.cost <= fast.cost * (1 + 1e-9)
     with pytest.raises(TargetUnreachable):
         search(opts, 0.0, fast.cost * (1 - 1e-6))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_search_outside_excluded_plans_matches_brute_force(seed):
+    """Plans at least as coarse in every layer as an excluded one are ruled out; the branching search finds the
+    optimum of the rest exactly (grid costs), or says that nothing is left."""
+    from cpbench.tune.search import excluded_by
+
+    rng = random.Random(500 + seed)
+    bins = 400
+    rest, budget = 0.1, 0.1 + bins * 0.001
+    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    try:
+        free = brute_force(opts, rest, budget)
+    except TargetUnreachable:
+        return
+    # exclude the unconstrained optimum and, half the time, a random other plan
+    exclude = [free.labels()]
+    if seed % 2:
+        exclude.append({n: rng.choice(o).candidate.label for n, o in opts.items()})
+    try:
+        want = brute_force(opts, rest, budget, exclude)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable, match="excluded"):
+            search(opts, rest, budget, bins=bins, exclude=exclude)
+        return
+    got = search(opts, rest, budget, bins=bins, exclude=exclude)
+    assert got.loss == pytest.approx(want.loss, abs=1e-12) and got.cost <= budget + 1e-12
+    assert excluded_by(got.labels(), exclude) is None
+    assert got.loss >= free.loss - 1e-12
+
+
+def test_excluded_by_orders_ranks_of_one_method_only():
+    from cpbench.tune.search import excluded_by
+
+    lost = {"a": "m:4", "b": "m:8"}
+    assert excluded_by({"a": "m:4", "b": "m:8"}, [lost]) == lost  # the plan itself
+    assert excluded_by({"a": "m:2", "b": "m:8"}, [lost]) == lost  # coarser in one layer, equal in the other
+    assert excluded_by({"a": "m:5", "b": "m:2"}, [lost]) is None  # finer in one layer
+    assert excluded_by({"a": "keep", "b": "m:1"}, [lost]) is None  # a layer kept is finer than any rank
+    assert excluded_by({"a": "n:1", "b": "m:1"}, [lost]) is None  # another method is not ordered against m
+    assert excluded_by({"a": "m:4"}, [lost]) is None  # a layer not named is kept

@@ -101,3 +101,35 @@ def test_a_bad_model_spec_file_is_one_line_exit_2(tmp_path, capsys, body, match)
 def test_a_missing_model_spec_file_is_one_line(tmp_path, capsys):
     assert main(["tune", str(tmp_path / "nope.toml")]) == 2
     assert "model spec file not found" in capsys.readouterr().err
+
+
+def test_a_plan_that_lost_far_more_than_allowed_is_looked_past_by_every_later_search(tmp_path, yours, monkeypatch):
+    """Two layers: the first plan fine-tuned loses 5 points (fine-tuning faked). It and every plan at least as
+    coarse in both layers are excluded from later searches, so the same target searched again fine-tunes a
+    plan finer in one layer, not one that loses for certain; the rows list what was excluded."""
+    from types import SimpleNamespace
+
+    from cpbench.tune.search import excluded_by
+
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), spec_dir=str(tmp_path))
+    tuner = Tuner(_request(model=yours, layers=["conv1", "conv2"], targets=(2.0,), max_drop=1.0, drop_rounds=0),
+                  ctx=ctx, timer=ParamTimer())
+    finished: list[dict[str, str]] = []
+
+    def finish(prepared, target, outcome, batch=None, *, started=None, cell=None):
+        finished.append(outcome.selection.labels())
+        cell = tuner.target_cell(target, 1)
+        row = {"speedup": outcome.measured.speedup, "accuracy_drop": 5.0 if len(finished) == 1 else 0.0,
+               "cell_key": cell.key, "rank_spec": cell.rank,
+               "tune": {"plan": outcome.selection.labels(), "target_speedup": target}}
+        return row, SimpleNamespace(meta={"target_speedup": target})
+
+    monkeypatch.setattr(tuner, "finish", finish)
+    prepared = tuner.prepare(budgets=[1 / 2.0])
+    first, _, _ = tuner.tune_target(prepared, 2.0)
+    assert first["accuracy_drop"] == 5.0 and prepared.excluded == [finished[0]]
+    assert first["tune"]["excluded"] == [finished[0]]
+    second, _, _ = tuner.tune_target(prepared, 2.0)
+    assert len(finished) == 2 and finished[1] != finished[0]
+    assert excluded_by(finished[1], [finished[0]]) is None  # finer (or another method) in at least one layer
+    assert second["accuracy_drop"] == 0.0 and second["speedup"] >= 2.0 * 0.9
