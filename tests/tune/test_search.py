@@ -19,13 +19,16 @@ def _options(rng, layers, per_layer, *, grid=None):
     return out
 
 
+def _grid_case(rng, bins: int = 400):
+    """Options with costs on a grid the DP resolves exactly (``bins`` steps of the budget)."""
+    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    return opts, 0.1, 0.1 + bins * 0.001, bins
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_search_matches_brute_force_on_grid_costs(seed):
     # costs on a grid the DP resolves exactly: the DP's plan must be the brute-force optimum
-    rng = random.Random(seed)
-    bins = 400
-    rest, budget = 0.1, 0.1 + bins * 0.001
-    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    opts, rest, budget, bins = _grid_case(random.Random(seed))
     try:
         want = brute_force(opts, rest, budget)
     except TargetUnreachable:
@@ -229,9 +232,7 @@ def test_search_outside_excluded_plans_matches_brute_force(seed):
     from cpbench.tune.search import excluded_by
 
     rng = random.Random(500 + seed)
-    bins = 400
-    rest, budget = 0.1, 0.1 + bins * 0.001
-    opts = _options(rng, rng.randint(1, 4), rng.randint(1, 5), grid=0.001)
+    opts, rest, budget, bins = _grid_case(rng)
     try:
         free = brute_force(opts, rest, budget)
     except TargetUnreachable:
