@@ -31,10 +31,12 @@ three channels 3→16 3×3, 3→64 11×11 stride 4 0.45×, 0.44×          (not 
 ============================================ ===================== ===================
 
 So the one-channel form is used in training only, from 7×7 up; oneDNN's forward is the faster there and
-in every other shape measured. On the character network (dense; 2 threads), through :func:`~cpbench.nn.training.train` and
-:func:`~cpbench.nn.training.evaluate` with the forms and without, in alternating rounds: a fine-tuning step at batch 128 took
-235 ms instead of 290 (1.23×; the six rounds' ratios 1.16-1.26), evaluating 3,600 images 2.03 s instead of
-2.18 (conv2, which neither form touches, is most of both).
+in every other shape measured. On the character network (dense, 2 threads), through
+:func:`~cpbench.nn.training.train` and :func:`~cpbench.nn.training.evaluate` with the forms and without, in
+alternating rounds (``benchmarks/scripts/gemm_forms.py``, run twice): a fine-tuning step at batch 128 1.19×
+[1.15, 1.24] and 1.21× [1.15, 1.22] faster (284 → 238 ms), evaluating 3,600 images 1.09× [1.06, 1.11] and 1.07×
+[1.05, 1.11] (conv2, which neither form touches, is most of both). In a fresh tune the control's fine-tuning
+took 368-382 s, 417-440 s before.
 """
 from __future__ import annotations
 
