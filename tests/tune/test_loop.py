@@ -238,11 +238,19 @@ def test_without_an_accuracy_to_hold_the_first_plan_is_kept():
     assert kept.target == 9.0 and len(tried) == 1
 
 
-def test_a_bracket_narrower_than_five_percent_stops_the_steps():
+def test_a_bracket_narrower_than_eight_percent_stops_the_steps():
     ft = FakeFineTune(0.5)
     kept, tried = hold_drop(ft, 9.0, 1.0, rounds=5, known=[Attempt(8.8, 8.8, 0.5)])
     assert len(tried) == 1  # nothing between 8.8x and 9x is worth a fine-tuning
     assert kept.target == 8.8 and kept.holds(1.0)  # the known plan that held, not the 9x one that lost
+    # the fresh tune of 2026-12-07: 9.22x held, 9.77x lost (5.9% apart); a hopeless 12x target fine-tunes nothing
+    ft = FakeFineTune(0.5)
+    known = [Attempt(9.2, 9.22, 0.92), Attempt(10.0, 9.77, 2.44)]
+    kept, tried = hold_drop(ft, 12.0, 1.0, rounds=2, known=known)
+    assert ft.calls == [] and tried == [] and kept is known[0]
+    # 9% apart: still worth a step
+    kept, tried = hold_drop(ft, 12.0, 1.0, rounds=2, known=[Attempt(9.2, 9.0, 0.92), Attempt(10.0, 9.81, 2.44)])
+    assert len(ft.calls) >= 1
 
 
 # -- an overshoot: the model was pessimistic, the plan faster than the target asked ------------
