@@ -73,7 +73,7 @@ def finish(tuner: Tuner, prepared: Prepared, target: float, outcome: TuneOutcome
     result.predicted_speedup, result.predicted_loss = sel.predicted_speedup, sel.loss
     result.tune_rounds, result.tune_met, result.tune_stopped = len(outcome.rounds), outcome.met, outcome.stopped
     result.tune = {"plan": sel.labels(), "rounds": [r.as_dict() for r in outcome.rounds],
-                   "shares": prepared.shares, "rest": prepared.rest,
+                   "shares": prepared.shares, "rest": prepared.rest, "kept_in_place": prepared.kept,
                    "sensitivity": tuner.sensitivity_mode, "max_drop": req.max_drop, "target_speedup": target,
                    "decomposers": list(req.decomposers), "candidates": {n: len(o) for n, o in prepared.options.items()},
                    "dropped_slower_than_layer": prepared.dropped,

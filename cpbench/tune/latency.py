@@ -20,6 +20,13 @@ the baseline against the whole network with every layer at its fastest candidate
 kind of entry), so that the fastest plan's prediction is its measurement and the baseline's stays 1.
 The verify loop refits the factor to each plan it measures (:mod:`cpbench.tune.loop`).
 
+A layer left whole is not free of its neighbours either: its share is timed in the dense baseline, and
+beside compressed layers it can cost a fraction of that (the character network's conv1 on mkl: 0.038 of
+the baseline's latency against a share of 0.09-0.12). So each layer is also timed kept whole inside the
+fastest plan (a fourth kind of entry, :meth:`cpbench.tune.pipeline.Tuner.kept_in_place`), and that cost,
+not its share, is the keep option's in every plan that replaces a layer (``predicted_cost(..., kept=)``);
+the plan that keeps every layer stays the baseline, exactly 1.
+
 How far layers alone are from layers in place, measured on the character network at batch 1 (mkl, one
 thread; each layer stubbed out of the network against the network, beside the layer alone): the
 original conv1 costs 2.2-2.9x in place what it costs alone, conv3 1.3x, conv2 0.9-1.1x; in the 10x plan
@@ -200,11 +207,16 @@ def plan_variant(labels: dict[str, str], stage: str = "plan") -> str:
 
 
 def predicted_cost(rest: float, shares: dict[str, float], speedups: dict[str, float],
-                   calibration: float = 1.0) -> float:
+                   calibration: float = 1.0, kept: dict[str, float] | None = None) -> float:
     """Predicted latency of a plan as a fraction of the baseline network's: the part never replaced
-    plus each layer's share over its speedup (layers absent from ``speedups`` are left as they are),
-    each layer's saving scaled by ``calibration`` (:func:`calibrated`)."""
-    return rest + sum(calibrated(s, s / speedups.get(n, 1.0), calibration) for n, s in shares.items())
+    plus each replaced layer's share over its speedup (``speedups`` names the replaced layers), each
+    layer's saving scaled by ``calibration`` (:func:`calibrated`; 0 gives the plan's cost before any
+    saving), plus each kept layer's cost: its share, or, when the plan replaces a layer, its cost kept
+    in a compressed network where ``kept`` gives it (:meth:`cpbench.tune.pipeline.Tuner.kept_in_place`).
+    A plan that replaces nothing is the baseline: exactly ``rest + Σ shares``."""
+    in_place = kept if speedups else None
+    return rest + sum(calibrated(s, s / speedups[n], calibration) if n in speedups else (in_place or {}).get(n, s)
+                      for n, s in shares.items())
 
 
 def calibrated(share: float, cost: float, calibration: float) -> float:
@@ -218,11 +230,13 @@ def calibrated(share: float, cost: float, calibration: float) -> float:
 CALIBRATION_BOUNDS = (0.2, 5.0)
 
 
-def savings_calibration(predicted: float, measured: float) -> float:
+def savings_calibration(predicted: float, measured: float, unscaled: float = 1.0) -> float:
     """The factor on every layer's saving that makes a plan predicted at ``predicted`` (a fraction of the
-    baseline's latency) cost its ``measured`` one: ``(1 − measured) / (1 − predicted)``. 1 where the plan
-    saves nothing predicted (nothing to scale); clipped to :data:`CALIBRATION_BOUNDS`."""
-    if not predicted < 1.0:
+    baseline's latency) cost its ``measured`` one: ``(unscaled − measured) / (unscaled − predicted)``,
+    ``unscaled`` the plan's predicted cost before any saving (1 where it keeps no layer at another cost
+    than its share: ``predicted_cost(..., calibration=0)``). 1 where the plan saves nothing predicted
+    (nothing to scale); clipped to :data:`CALIBRATION_BOUNDS`."""
+    if not predicted < unscaled:
         return 1.0
-    k = (1.0 - measured) / (1.0 - predicted)
+    k = (unscaled - measured) / (unscaled - predicted)
     return min(max(k, CALIBRATION_BOUNDS[0]), CALIBRATION_BOUNDS[1])

@@ -47,7 +47,7 @@ from .plan import Plan
 from .search import Option, Selection, TargetUnreachable, check_reach, fastest, infeasible, lazy_plans, shaped_plans
 from .sensitivity import Sensitivities, cand_key, scorer
 from .store import JsonStore
-from .prepared import Prepared, normalised_shares, option_cost, reach, recalibrated, nearest_verified
+from .prepared import Prepared, layer_costs, normalised_shares, option_cost, reach, recalibrated, nearest_verified
 from .request import TuneRequest, select_layers
 
 __all__ = ["Tuner", "StepFn"]
@@ -120,6 +120,8 @@ class Tuner:
         # the verify step is the tune's measurement: timed like a cell's network, in fresh processes
         self.network_timer = timer or backend_timer(self.backend, request.threads, request.network_budget,
                                                     processes=DEFAULT_PROCESSES)
+        # a kept layer's cost in the fastest plan (kept_in_place): two whole compressed networks, in this process
+        self.in_place_timer = timer or backend_timer(self.backend, request.threads, request.network_budget)
 
     # -- stage 0: the base network, its data set and its layers ----------------------------------
     @property
@@ -284,9 +286,10 @@ class Tuner:
                     dropped[n].append(c.label)
         rest, shares = normalised_shares(rest, shares)
 
-        alone = {n: [option_cost(shares[n], timed[cand_key(c)], 1.0) for c in kept[n]] for n in self.layers}
+        alone = layer_costs(shares, {}, timed, kept, 1.0)
         calibration = self._calibrate(table, net_key, rest, kept, alone, batch)
-        costs = {n: [option_cost(shares[n], timed[cand_key(c)], calibration["factor"]) for c in kept[n]] for n in self.layers}
+        in_place = self.kept_in_place(table, net_key, shares, timed, calibration, kept, batch)
+        costs = layer_costs(shares, in_place, timed, kept, calibration["factor"])
         seconds["latency"] = time.perf_counter() - t0
         options_now = {n: [Option(c, cost, 0.0) for c, cost in zip(kept[n], costs[n])] for n in self.layers}
         top = reach(calibration, options_now, rest)
@@ -313,7 +316,7 @@ class Tuner:
         options = {n: self.sensitivity.options(kept[n], costs[n]) for n in self.layers}
         seconds["sensitivity"] = time.perf_counter() - t0
         return Prepared(list(self.layers), rest, shares, options, timed, dropped=dropped, out_of_reach=out_of_reach,
-                        seconds=seconds, calibration=calibration, reserve=reserve, loosest=loosest)
+                        seconds=seconds, calibration=calibration, reserve=reserve, loosest=loosest, kept=in_place)
 
     def admit(self, prepared: Prepared, budget: float) -> list[str]:
         """Before a search at ``budget`` looser than the one the candidates were pruned for (a drop round
@@ -323,7 +326,7 @@ class Tuner:
             return []
         factor = prepared.calibration["factor"]
         pool = {n: [o.candidate for o in prepared.options[n]] + prepared.reserve.get(n, []) for n in prepared.layers}
-        costs = {n: [option_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs] for n, cs in pool.items()}
+        costs = layer_costs(prepared.shares, prepared.kept, prepared.timed, pool, factor)
         far = infeasible(costs, prepared.rest, budget)
         come = {n: [c for i, c in enumerate(cs) if i not in set(far.get(n, [])) and c in prepared.reserve.get(n, [])]
                 for n, cs in pool.items()}
@@ -361,6 +364,44 @@ class Tuner:
             self.input_shape(batch), self.network_timer)
         return {"factor": savings_calibration(predicted, 1.0 / t.speedup), "plan": {n: c.label for n, c in replaced.items()},
                 "predicted_speedup_alone": 1.0 / predicted, "speedup": t.speedup, "speedup_ci": list(t.speedup_ci)}
+
+    def kept_in_place(self, table: LatencyTable, net_key: Any, shares: dict[str, float], timed: dict[str, Timed],
+                      calibration: dict[str, Any], pool: dict[str, list[Candidate]], batch: int) -> dict[str, float]:
+        """Each layer's cost kept whole in a compressed network, a fraction of the baseline's latency: the
+        fastest plan (the calibration's) timed against the same plan with that layer kept (in this process,
+        ``request.network_budget``, cached like the rest); the layer then costs the fastest candidate's
+        calibrated cost plus the difference, ``(t(with it kept) − t(fastest)) / t(baseline)``. The keep
+        option's cost in every plan that replaces a layer (:class:`Prepared` ``kept``).
+
+        Why: a layer's share is timed in the baseline, and a layer kept beside compressed ones need not cost
+        that. On the character network (mkl, one thread, batch 1), with conv2 and conv3 as CP blocks, keeping
+        conv1 cost 0.038 of the baseline's latency against its share of 0.09-0.12 (twice each,
+        interleaved); the profiler gave conv1's own GEMM 54 and 62 us in the two networks, the rest is the
+        dense network's memory traffic around it. Plans that kept conv1 measured 25-45% faster than
+        predicted. Empty without a calibration plan or with one layer (that plan with it kept is the baseline)."""
+        plan = calibration.get("plan")
+        if not plan or len(self.layers) < 2 or "speedup" not in calibration:
+            return {}
+        from ..nn.surgery import replace_layers
+
+        by_label = {n: {c.label: c for c in pool[n]} for n in plan}
+        cands = {n: by_label[n][label] for n, label in plan.items()}
+        shapes = self.layer_shapes(batch)
+
+        def build(keep: str | None = None) -> nn.Module:
+            return replace_layers(self.base(), {n: self.timing_module(c, shapes[n][-2:])
+                                                for n, c in cands.items() if n != keep}).eval()
+
+        fastest_net = build()
+        label = "fastest " + ",".join(f"{n}={c.label}" for n, c in cands.items())
+        out: dict[str, float] = {}
+        for n, c in cands.items():
+            self.step(f"timing {n} kept whole in the fastest plan")
+            t = table.network_ratio(net_key, f"{label} with {n} kept", fastest_net, partial(build, n),
+                                    self.input_shape(batch), self.in_place_timer)
+            fast_cost = option_cost(shares[n], timed[cand_key(c)], calibration["factor"])
+            out[n] = max(0.0, fast_cost + (1.0 / t.speedup - 1.0) / calibration["speedup"])
+        return out
 
     @property
     def sensitivity(self) -> Sensitivities:
@@ -440,12 +481,14 @@ class Tuner:
         mode = self.sensitivity_mode
         exponents = (1.0,) if mode == "error" else JOINT_EXPONENTS
 
+        all_kept = prepared.all_kept_cost if prepared.kept else None
+
         def plans_of(exclude: list[dict[str, str]]) -> list[tuple[float, Selection]]:
             if self.sensitivity.lazy:
                 self.sensitivity.refresh(prepared.options)
                 return lazy_plans(prepared.options, prepared.rest, budget, self.sensitivity.resolve, exponents,
-                                  exclude=exclude)
-            return shaped_plans(prepared.options, prepared.rest, budget, exponents, exclude=exclude)
+                                  exclude=exclude, all_kept=all_kept)
+            return shaped_plans(prepared.options, prepared.rest, budget, exponents, exclude=exclude, all_kept=all_kept)
 
         try:
             plans = plans_of(prepared.excluded)
@@ -532,9 +575,9 @@ class Tuner:
         """Timed candidates added to ``prepared``'s options, costed at its calibration and scored as the
         grid's are (:meth:`.sensitivity.Sensitivities.options`)."""
         factor = prepared.calibration["factor"]
+        costs = layer_costs(prepared.shares, prepared.kept, prepared.timed, cands, factor)
         for n, cs in cands.items():
-            costs = [option_cost(prepared.shares[n], prepared.timed[cand_key(c)], factor) for c in cs]
-            prepared.options[n] += self.sensitivity.options(cs, costs)
+            prepared.options[n] += self.sensitivity.options(cs, costs[n])
 
     # -- stage 5: fine-tune, evaluate, time; the row and the plan ---------------------------------
     def target_cell(self, target: float, batch: int):

@@ -14,7 +14,8 @@ from .latency import Timed, calibrated, predicted_cost, savings_calibration
 from .search import Option, fastest
 from .sensitivity import cand_key
 
-__all__ = ["Prepared", "normalised_shares", "recalibrated", "nearest_verified", "predicted_speedup", "option_cost", "reach"]
+__all__ = ["Prepared", "normalised_shares", "recalibrated", "nearest_verified", "predicted_speedup", "option_cost", "layer_costs",
+           "reach"]
 
 
 def normalised_shares(rest: float, shares: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -52,15 +53,29 @@ class Prepared:
     # fine-tuned plans that lost far more than --max-drop (drops.tune_target adds them); shared, not copied,
     # by recalibrated copies
     excluded: list[dict[str, str]] = field(default_factory=list)
+    # layer -> its cost kept whole in a compressed network (a fraction of the baseline's latency, measured
+    # against the fastest plan: Tuner.kept_in_place), the keep option's cost in every plan that replaces a
+    # layer; absent: its share (the baseline's, where the layer was timed)
+    kept: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def all_kept_cost(self) -> float:
+        """The real cost of the plan that keeps every layer: the baseline's, 1 (``rest + Σ shares``), which the
+        keep options' in-place costs need not sum to (the search is told: :func:`~.search.search`)."""
+        return self.rest + sum(self.shares.values())
 
 
 def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: float) -> Prepared:
     """``prepared`` with its options' costs calibrated by the factor that makes the predicted latency of
     the plan ``labels`` its measured one (:func:`~cpbench.tune.latency.savings_calibration` on the
     layers' timings alone); the losses, the shares and the timings unchanged."""
-    alone = predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels))
-    k = savings_calibration(alone, 1.0 / measured_speedup)
-    options = {n: [replace(o, cost=option_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k)) for o in opts]
+    speedups = _alone_speedups(prepared, labels)
+    alone = predicted_cost(prepared.rest, prepared.shares, speedups, 1.0, prepared.kept)
+    unscaled = predicted_cost(prepared.rest, prepared.shares, speedups, 0.0, prepared.kept)
+    k = savings_calibration(alone, 1.0 / measured_speedup, unscaled)
+    options = {n: [replace(o, cost=option_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k,
+                                               prepared.kept.get(n) if o.candidate.is_keep else None))
+                   for o in opts]
                for n, opts in prepared.options.items()}
     return replace(prepared, options=options,
                    calibration={**prepared.calibration, "factor": k, "refitted_on": {"plan": labels, "speedup": measured_speedup}})
@@ -74,21 +89,31 @@ def nearest_verified(verified: Sequence[tuple[dict[str, str], float]], target: f
     return min(reversed(verified), key=lambda v: abs(math.log(v[1] / target)))
 
 
-def option_cost(share: float, timed: Timed, factor: float) -> float:
+def option_cost(share: float, timed: Timed, factor: float, kept: float | None = None) -> float:
     """A candidate's predicted cost in the network: its layer's share over its speedup alone, the saving
-    calibrated by ``factor``."""
+    calibrated by ``factor``; for the keep option, ``kept`` where given (the layer's cost kept whole in a
+    compressed network), else its share."""
+    if kept is not None:
+        return kept
     return calibrated(share, share / timed.speedup, factor)
 
 
+def layer_costs(shares: dict[str, float], kept: dict[str, float], timed: dict[str, Timed],
+                pool: dict[str, list[Candidate]], factor: float) -> dict[str, list[float]]:
+    """:func:`option_cost` of every candidate of ``pool`` (layer -> candidates)."""
+    return {n: [option_cost(shares[n], timed[cand_key(c)], factor, kept.get(n) if c.is_keep else None) for c in cs]
+            for n, cs in pool.items()}
+
+
 def _alone_speedups(prepared: Prepared, labels: dict[str, str]) -> dict[str, float]:
-    """Each layer's speedup timed alone under a plan given by labels (absent or "keep": 1)."""
-    return {n: 1.0 if labels.get(n, KEEP) == KEEP else prepared.timed[f"{n}/{labels[n]}"].speedup
-            for n in prepared.layers}
+    """Each replaced layer's speedup timed alone under a plan given by labels (absent or "keep": kept, not named)."""
+    return {n: prepared.timed[f"{n}/{labels[n]}"].speedup for n in prepared.layers if labels.get(n, KEEP) != KEEP}
+
 
 def predicted_speedup(prepared: Prepared, labels: dict[str, str]) -> float:
     """The predicted speedup of a plan given by labels (``{"conv2": "cp-nls:48"}``, absent: kept)."""
     return 1.0 / predicted_cost(prepared.rest, prepared.shares, _alone_speedups(prepared, labels),
-                                prepared.calibration["factor"])
+                                prepared.calibration["factor"], prepared.kept)
 
 
 def reach(calibration: dict[str, Any], options: dict[str, list[Option]], rest: float) -> float:

@@ -114,7 +114,7 @@ def excluded_by(labels: dict[str, str], exclude: Sequence[dict[str, str]]) -> di
 
 
 def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins: int = DEFAULT_BINS,
-           exclude: Sequence[dict[str, str]] = ()) -> Selection:
+           exclude: Sequence[dict[str, str]] = (), all_kept: float | None = None) -> Selection:
     """The plan of least total loss with ``rest + Σ cost ≤ budget`` (ties: the lower cost).
 
     ``exclude``: plans (layer -> label) ruled out together with every plan at least as coarse in every layer
@@ -124,11 +124,35 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
     (their union is exactly the plans not excluded; they overlap, which does not change the optimum).
     ``k`` exclusions cost at most ``layers ** k`` searches; branches that cannot meet the budget end at once.
 
+    ``all_kept``: the real cost of the plan that keeps every layer, where the keep options' costs are not
+    the layers' shares but their costs kept in a compressed network (a tune's ``Prepared.kept``), so that
+    they need not add up to the baseline. When that plan is chosen and its real cost is over the budget, the
+    search branches on the layer it replaces (one search per layer without its keep option; the best).
+
     Raises :class:`TargetUnreachable` (naming what the fastest plan reaches) when no plan fits.
     """
     if exclude:
-        return _search_outside(options, rest, budget, list(exclude), bins)
+        return _search_outside(options, rest, budget, list(exclude), bins, all_kept)
     check_reach(options, rest, budget)
+    sel = _knapsack(options, rest, budget, bins)
+    if all_kept is None:
+        return sel
+    if all(o.candidate.is_keep for o in sel.choice.values()):
+        if all_kept > budget:
+            return _best_branch(options, rest, budget, bins, None,
+                                lambda n, opts: [o for o in opts if not o.candidate.is_keep], "replacing a layer")
+        return Selection(sel.choice, all_kept, sel.loss)
+    keep = {n: [o for o in opts if o.candidate.is_keep] for n, opts in options.items()}
+    if all_kept <= budget and all(keep.values()):
+        choice = {n: min(os, key=lambda o: o.loss) for n, os in keep.items()}
+        every = Selection(choice, all_kept, sum(o.loss for o in choice.values()))
+        if (every.loss, every.cost) < (sel.loss, sel.cost):
+            return every
+    return sel
+
+
+def _knapsack(options: dict[str, list[Option]], rest: float, budget: float, bins: int) -> Selection:
+    """The dynamic programme of :func:`search`, without exclusions."""
     avail = budget - rest
     step = avail / bins if avail > 0 else 1.0
     # best_*[b]: (loss, real cost) of the best partial plan whose rounded cost is exactly b bins. One
@@ -174,30 +198,41 @@ def search(options: dict[str, list[Option]], rest: float, budget: float, *, bins
 
 
 def _search_outside(options: dict[str, list[Option]], rest: float, budget: float, exclude: list[dict[str, str]],
-                    bins: int) -> Selection:
+                    bins: int, all_kept: float | None) -> Selection:
     """:func:`search` over the plans that :func:`excluded_by` does not rule out (see there)."""
     check_reach(options, rest, budget)
     first, more = exclude[0], exclude[1:]
+    return _best_branch(options, rest, budget, bins, all_kept,
+                        lambda n, opts: [o for o in opts if not at_least_as_compressed(o.candidate.label, first.get(n, KEEP))],
+                        f"without compressing every layer at least as much as an excluded plan ({len(exclude)} excluded)",
+                        more)
+
+
+def _best_branch(options: dict[str, list[Option]], rest: float, budget: float, bins: int, all_kept: float | None,
+                 restrict: Callable[[str, list[Option]], list[Option]], what: str,
+                 exclude: Sequence[dict[str, str]] = ()) -> Selection:
+    """The best of one :func:`search` per layer with that layer's options ``restrict``-ed (a branch whose
+    layer keeps none, or that meets no plan within the budget, is skipped)."""
     best: Selection | None = None
     for n, opts in options.items():
-        finer = [o for o in opts if not at_least_as_compressed(o.candidate.label, first.get(n, KEEP))]
-        if not finer:
+        kept = restrict(n, opts)
+        if not kept:
             continue
         try:
-            sel = search({**options, n: finer}, rest, budget, bins=bins, exclude=more)
+            sel = search({**options, n: kept}, rest, budget, bins=bins, exclude=exclude, all_kept=all_kept)
         except TargetUnreachable:
             continue
         if best is None or (sel.loss, sel.cost) < (best.loss, best.cost):
             best = sel
     if best is None:
-        raise TargetUnreachable(f"no plan reaches a predicted speedup of {1 / budget:g}x without compressing every "
-                                f"layer at least as much as an excluded plan ({len(exclude)} excluded)",
+        raise TargetUnreachable(f"no plan reaches a predicted speedup of {1 / budget:g}x {what}",
                                 fastest(options, rest).predicted_speedup)
     return best
 
 
 def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, exponents=(1.0,), *,
-                 bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = ()) -> list[tuple[float, Selection]]:
+                 bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = (),
+                 all_kept: float | None = None) -> list[tuple[float, Selection]]:
     """:func:`search` with each loss ``l`` taken as ``sign(l) |l|^p``, for each ``p`` of ``exponents``:
     the distinct plans, in the order of ``exponents``, as ``(p, plan)`` with the plan's real losses.
 
@@ -210,7 +245,7 @@ def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, e
     for p in exponents:
         shaped = {n: [Option(o.candidate, o.cost, math.copysign(abs(o.loss) ** p, o.loss)) for o in opts]
                   for n, opts in options.items()}
-        sel = search(shaped, rest, budget, bins=bins, exclude=exclude)
+        sel = search(shaped, rest, budget, bins=bins, exclude=exclude, all_kept=all_kept)
         key = tuple(sorted(sel.labels().items()))
         if key in seen:
             continue
@@ -223,7 +258,8 @@ def shaped_plans(options: dict[str, list[Option]], rest: float, budget: float, e
 
 def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
                resolve: Callable[[dict[str, list[Option]]], dict[str, list[Option]]], exponents=(1.0,), *,
-               bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = ()) -> list[tuple[float, Selection]]:
+               bins: int = DEFAULT_BINS, exclude: Sequence[dict[str, str]] = (),
+               all_kept: float | None = None) -> list[tuple[float, Selection]]:
     """:func:`shaped_plans` over options whose losses are computed only when a search needs them.
 
     An option with ``known = False`` holds a lower bound of its loss. When a search's plan holds such
@@ -236,7 +272,7 @@ def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
     the character network's sensitivities, and no tuned plan used them). Each round resolves at least
     one option, so the loop ends."""
     while True:
-        plans = shaped_plans(options, rest, budget, exponents, bins=bins, exclude=exclude)
+        plans = shaped_plans(options, rest, budget, exponents, bins=bins, exclude=exclude, all_kept=all_kept)
         pending: dict[str, list[Option]] = {}
         for _, sel in plans:
             for n, o in sel.choice.items():
@@ -253,14 +289,16 @@ def lazy_plans(options: dict[str, list[Option]], rest: float, budget: float,
 
 
 def brute_force(options: dict[str, list[Option]], rest: float, budget: float,
-                exclude: Sequence[dict[str, str]] = ()) -> Selection:
+                exclude: Sequence[dict[str, str]] = (), all_kept: float | None = None) -> Selection:
     """Every plan enumerated: the least loss within the budget (ties: the lower cost), none that
-    :func:`excluded_by` rules out."""
+    :func:`excluded_by` rules out; the plan that keeps every layer costs ``all_kept`` where given."""
     _check(options, rest, budget)
     names = list(options)
     best = None
     for combo in itertools.product(*(options[n] for n in names)):
         cost = rest + sum(o.cost for o in combo)
+        if all_kept is not None and all(o.candidate.is_keep for o in combo):
+            cost = all_kept
         if cost > budget:
             continue
         if excluded_by({n: o.candidate.label for n, o in zip(names, combo)}, exclude) is not None:

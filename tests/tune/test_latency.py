@@ -133,6 +133,18 @@ def test_calibration_makes_the_fastest_plan_its_measurement_and_keeps_the_baseli
     assert calibrated(0.3, 0.05, 2.0) == 0.0  # never a negative cost
 
 
+def test_a_kept_layer_costs_what_it_costs_beside_compressed_ones_and_the_refit_leaves_that_alone():
+    rest, shares, kept = 0.1, {"a": 0.6, "b": 0.3}, {"a": 0.2}  # "a" kept beside a compressed "b": 0.2, not 0.6
+    assert predicted_cost(rest, shares, {}, 1.0, kept) == pytest.approx(1.0)  # nothing replaced: the baseline
+    assert predicted_cost(rest, shares, {"b": 3.0}, 1.0, kept) == pytest.approx(0.1 + 0.2 + 0.1)
+    assert predicted_cost(rest, shares, {"b": 3.0}, 0.0, kept) == pytest.approx(0.1 + 0.2 + 0.3)  # before savings
+    # a measured 0.36 refits only the replaced layer's saving: 0.3 - k * 0.2 = 0.36 - 0.3
+    k = savings_calibration(0.4, 0.36, unscaled=0.6)
+    assert k == pytest.approx(1.2)
+    assert predicted_cost(rest, shares, {"b": 3.0}, k, kept) == pytest.approx(0.36)
+    assert predicted_cost(rest, shares, {"a": 6.0, "b": 3.0}, k, kept) == pytest.approx(0.1 + 0.6 - 1.2 * 0.5 + 0.3 - 1.2 * 0.2)
+
+
 def test_calibration_factor_bounds():
     assert savings_calibration(1.0, 0.7) == 1.0  # nothing predicted saved: nothing to scale
     assert savings_calibration(0.5, 0.5) == 1.0

@@ -263,3 +263,31 @@ def test_excluded_by_orders_ranks_of_one_method_only():
     assert excluded_by({"a": "keep", "b": "m:1"}, [lost]) is None  # a layer kept is finer than any rank
     assert excluded_by({"a": "n:1", "b": "m:1"}, [lost]) is None  # another method is not ordered against m
     assert excluded_by({"a": "m:4"}, [lost]) is None  # a layer not named is kept
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_plan_keeping_every_layer_costs_the_baseline_whatever_the_keep_options_cost(seed):
+    """With the keep options costed as layers kept in a compressed network (cheaper than their shares), the
+    plan that keeps every layer is the baseline: at ``all_kept``, never inside a budget that is not. The
+    search finds the optimum exactly against brute force (grid costs), or says that nothing fits."""
+    rng = random.Random(900 + seed)
+    opts, rest, budget, bins = _grid_case(rng)
+    opts = {n: [Option(o.candidate, rng.randint(0, 20) * 0.001, 0.0) if o.candidate.is_keep else o for o in os]
+            for n, os in opts.items()}
+    additive = rest + sum(o.cost for os in opts.values() for o in os if o.candidate.is_keep)
+    assert additive <= budget  # the keep options alone fit: the case the guard is for
+    all_kept = budget + 0.05 if seed % 3 else budget - 0.001 * rng.randint(0, 5)
+    try:
+        want = brute_force(opts, rest, budget, all_kept=all_kept)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable, match="replacing a layer"):
+            search(opts, rest, budget, bins=bins, all_kept=all_kept)
+        return
+    got = search(opts, rest, budget, bins=bins, all_kept=all_kept)
+    assert got.loss == pytest.approx(want.loss, abs=1e-12) and got.cost <= budget + 1e-12
+    keeps_all = all(o.candidate.is_keep for o in got.choice.values())
+    assert keeps_all == (all_kept <= budget)  # zero loss wins where it fits, and only there
+    if keeps_all:
+        assert got.cost == all_kept
+    # without the guard the search keeps every layer, predicted inside the budget
+    assert all(o.candidate.is_keep for o in search(opts, rest, budget, bins=bins).choice.values())

@@ -133,3 +133,65 @@ def test_a_plan_that_lost_far_more_than_allowed_is_looked_past_by_every_later_se
     assert len(finished) == 2 and finished[1] != finished[0]
     assert excluded_by(finished[1], [finished[0]]) is None  # finer (or another method) in at least one layer
     assert second["accuracy_drop"] == 0.0 and second["speedup"] >= 2.0 * 0.9
+
+
+class KeptCheaperTimer(ParamTimer):
+    """A layer alone costs one unit per parameter; a network 100 plus its parameters, except that a dense
+    layer beside a replaced one costs ``cheaper`` of its parameters (as the character network's conv1 does on
+    mkl beside CP blocks): its share, timed in the dense baseline, overstates what keeping it costs."""
+
+    def __init__(self, cheaper: float = 0.3):
+        super().__init__()
+        self.cheaper = cheaper
+
+    def cost(self, m) -> float:
+        import torch.nn as nn
+
+        if not hasattr(m, "conv1"):  # a layer alone
+            return float(sum(p.numel() for p in m.parameters()))
+        layers = [m.conv1, m.conv2]
+        replaced = any(not isinstance(l, nn.Conv2d) and any(True for _ in l.parameters()) for l in layers)
+        total = 100.0 + sum(p.numel() for p in m.fc.parameters())
+        for l in layers:
+            own = sum(p.numel() for p in l.parameters())
+            total += own * (self.cheaper if replaced and isinstance(l, nn.Conv2d) else 1.0)
+        return total
+
+    def __call__(self, ref, cand, x_ref, x_cand):
+        from cpbench.tune.latency import Timed
+
+        self.calls += 1
+        s = self.cost(ref) / self.cost(cand)
+        return Timed(s, (0.98 * s, 1.02 * s), self.cost(ref), self.cost(cand))
+
+
+def test_a_layer_kept_beside_replaced_ones_is_costed_as_timed_there(tmp_path, yours):
+    """The keep option's cost is the layer timed whole inside the fastest plan, so a plan that keeps a layer is
+    predicted at what it measures; its share of the dense baseline would have predicted it more than 10% slow."""
+    from dataclasses import replace
+
+    from cpbench.tune.prepared import predicted_speedup
+    from cpbench.tune.search import Selection
+
+    ctx = RunContext(cache_dir=str(tmp_path / "cache"), spec_dir=str(tmp_path), train={"epochs": 1, "batch_size": 16})
+    timer = KeptCheaperTimer()
+    tuner = Tuner(_request(model=yours, layers=["conv1", "conv2"], targets=(1.5,)), ctx=ctx, timer=timer)
+    prepared = tuner.prepare(budgets=[1 / 1.5])
+    base = timer.cost(tuner.base())
+    conv1 = sum(p.numel() for p in tuner.base().conv1.parameters())
+    assert prepared.shares["conv1"] == pytest.approx(conv1 / base)
+    assert prepared.kept["conv1"] == pytest.approx(0.3 * conv1 / base)
+    keep = next(o for o in prepared.options["conv1"] if o.candidate.is_keep)
+    assert keep.cost == prepared.kept["conv1"]
+
+    for o in prepared.options["conv2"]:
+        if o.candidate.is_keep:
+            continue
+        labels = {"conv1": "keep", "conv2": o.candidate.label}
+        measured = tuner.measure(Selection({"conv1": keep, "conv2": o}, 0.0, 0.0), 1).speedup
+        assert predicted_speedup(prepared, labels) == pytest.approx(measured, rel=1e-6)
+        assert predicted_speedup(replace(prepared, kept={}), labels) < 0.9 * measured  # as before: its share, >10% slow
+    assert predicted_speedup(prepared, {}) == pytest.approx(1.0)  # keeping both is the baseline
+    row = run_tune(_request(model=yours, layers=["conv1", "conv2"], targets=(1.5,)), tmp_path / "out", ctx=ctx,
+                   timer=timer).rows[0]
+    assert row["tune"]["kept_in_place"]["conv1"] == pytest.approx(prepared.kept["conv1"])
