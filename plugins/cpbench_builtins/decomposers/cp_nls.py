@@ -19,7 +19,9 @@ class CPNLS(CPDecomposer):
     # 3: the polish without the penalty after the conditioned phase (exact on exactly low-rank kernels).
     # 4: max_iter 400, the polish keeps 1/5 of it, and lowers the penalty in stages.
     # 5: at the cap, the polish bisects the penalty that holds it instead of ending at the first crossing.
-    version = "5"
+    # 6: a fit far from exact (error > 5 %) holds the cap as given; above it after the conditioned phase,
+    #    the penalty is raised until it holds.
+    version = "6"
 
     @property
     def accepted_options(self) -> frozenset[str]:

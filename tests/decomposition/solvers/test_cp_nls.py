@@ -458,6 +458,26 @@ def test_polish_holds_the_cap_rather_than_ending_at_its_first_crossing(monkeypat
     assert held.info["rel_error"] < ended.info["rel_error"] - 1e-5
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_fit_far_from_exact_holds_the_cap_even_where_the_conditioned_phase_ended_above_it(monkeypatch, seed):
+    """A random kernel (far from exact: error ~0.7) with a cap below where the conditioned phase ends: the
+    penalty is raised until the cap holds, and the polish keeps it; without the raises the fit ends above the
+    cap, at up to 1.1x the conditioned point's degeneracy (the slack kept for fits heading to exact)."""
+    import importlib
+
+    mod = importlib.import_module("cpbench.decomposition.solvers.cp_nls")
+    t = torch.randn((12, 10, 3, 3), generator=_gen(seed), dtype=torch.float64)
+    free = cp_nls(t, 8)
+    cap = 0.9 * free.info["conditioned_degeneracy"]
+    capped = cp_nls(t, 8, degeneracy_cap=cap)
+    assert capped.info["conditioned_degeneracy"] > cap and capped.info["rel_error"] > 0.05
+    assert capped.info["penalty_raises"] >= 1 and capped.info["degeneracy"] <= cap * (1 + 1e-9)
+    assert capped.info["rel_error"] < free.info["rel_error"] * 1.05  # a fit still (another local minimum, here)
+    monkeypatch.setattr(mod, "_RAISES", 0)
+    slack = cp_nls(t, 8, degeneracy_cap=cap)
+    assert slack.info["penalty_raises"] == 0 and slack.info["degeneracy"] > cap
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
