@@ -225,6 +225,20 @@ def test_a_budget_at_the_fastest_plans_cost_returns_it_though_the_bins_round_it_
         search(opts, 0.0, fast.cost * (1 - 1e-6))
 
 
+def _against_brute_force(opts, rest, budget, bins, unreachable: str, **kw):
+    """The search's plan, checked to be the brute-force optimum within the budget; None where brute force finds
+    no plan, and the search must say so (``unreachable`` in its message)."""
+    try:
+        want = brute_force(opts, rest, budget, **kw)
+    except TargetUnreachable:
+        with pytest.raises(TargetUnreachable, match=unreachable):
+            search(opts, rest, budget, bins=bins, **kw)
+        return None
+    got = search(opts, rest, budget, bins=bins, **kw)
+    assert got.loss == pytest.approx(want.loss, abs=1e-12) and got.cost <= budget + 1e-12
+    return got
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_search_outside_excluded_plans_matches_brute_force(seed):
     """Plans at least as coarse in every layer as an excluded one are ruled out; the branching search finds the
@@ -241,14 +255,9 @@ def test_search_outside_excluded_plans_matches_brute_force(seed):
     exclude = [free.labels()]
     if seed % 2:
         exclude.append({n: rng.choice(o).candidate.label for n, o in opts.items()})
-    try:
-        want = brute_force(opts, rest, budget, exclude)
-    except TargetUnreachable:
-        with pytest.raises(TargetUnreachable, match="excluded"):
-            search(opts, rest, budget, bins=bins, exclude=exclude)
+    got = _against_brute_force(opts, rest, budget, bins, "excluded", exclude=exclude)
+    if got is None:
         return
-    got = search(opts, rest, budget, bins=bins, exclude=exclude)
-    assert got.loss == pytest.approx(want.loss, abs=1e-12) and got.cost <= budget + 1e-12
     assert excluded_by(got.labels(), exclude) is None
     assert got.loss >= free.loss - 1e-12
 
@@ -277,14 +286,9 @@ def test_a_plan_keeping_every_layer_costs_the_baseline_whatever_the_keep_options
     additive = rest + sum(o.cost for os in opts.values() for o in os if o.candidate.is_keep)
     assert additive <= budget  # the keep options alone fit: the case the guard is for
     all_kept = budget + 0.05 if seed % 3 else budget - 0.001 * rng.randint(0, 5)
-    try:
-        want = brute_force(opts, rest, budget, all_kept=all_kept)
-    except TargetUnreachable:
-        with pytest.raises(TargetUnreachable, match="replacing a layer"):
-            search(opts, rest, budget, bins=bins, all_kept=all_kept)
+    got = _against_brute_force(opts, rest, budget, bins, "replacing a layer", all_kept=all_kept)
+    if got is None:
         return
-    got = search(opts, rest, budget, bins=bins, all_kept=all_kept)
-    assert got.loss == pytest.approx(want.loss, abs=1e-12) and got.cost <= budget + 1e-12
     keeps_all = all(o.candidate.is_keep for o in got.choice.values())
     assert keeps_all == (all_kept <= budget)  # zero loss wins where it fits, and only there
     if keeps_all:
