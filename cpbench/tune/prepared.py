@@ -73,10 +73,9 @@ def recalibrated(prepared: Prepared, labels: dict[str, str], measured_speedup: f
     alone = predicted_cost(prepared.rest, prepared.shares, speedups, 1.0, prepared.kept)
     unscaled = predicted_cost(prepared.rest, prepared.shares, speedups, 0.0, prepared.kept)
     k = savings_calibration(alone, 1.0 / measured_speedup, unscaled)
-    options = {n: [replace(o, cost=option_cost(prepared.shares[n], prepared.timed[cand_key(o.candidate)], k,
-                                               prepared.kept.get(n) if o.candidate.is_keep else None))
-                   for o in opts]
-               for n, opts in prepared.options.items()}
+    costs = layer_costs(prepared.shares, prepared.kept, prepared.timed,
+                        {n: [o.candidate for o in opts] for n, opts in prepared.options.items()}, k)
+    options = {n: [replace(o, cost=c) for o, c in zip(opts, costs[n])] for n, opts in prepared.options.items()}
     return replace(prepared, options=options,
                    calibration={**prepared.calibration, "factor": k, "refitted_on": {"plan": labels, "speedup": measured_speedup}})
 
