@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     ap.add_argument("--restarts", type=int, default=3, help="restarts of the 'cp-nls r=N' row (small and synthetic classes; 0: none)")
     ap.add_argument("--wall", action="store_true", help="time solvers by wall clock instead of this thread's CPU time")
     ap.add_argument("--json", metavar="OUT", help="write every pair and the summary as JSON")
-    ap.add_argument("--jsonl", metavar="OUT", help="append each pair's record to OUT as it finishes")
+    ap.add_argument("--jsonl", metavar="OUT", help="append each pair's record to OUT as it finishes; pairs already "
+                                                "in OUT are not run again (a stopped run resumes) and are reported")
     ap.add_argument("--summarise", metavar="JSONL", help="print the table of the pairs in JSONL (a --jsonl file); run nothing")
     args = ap.parse_args(argv)
     if args.wall:
@@ -263,9 +264,13 @@ def main(argv=None) -> int:
         keep = set(args.only.split(","))
         pairs = [p for p in pairs if p[0] in keep]
     pairs.sort(key=lambda p: p[1].numel() * p[2])
-    recs = []
+    recs = _done(args.jsonl, {(name, rank) for name, _, rank, _ in pairs})
+    if recs:
+        print(f"{len(recs)} pairs already in {args.jsonl}: not run again", file=sys.stderr)
+        done = {(r["kernel"], r["rank"]) for r in recs}
+        pairs = [p for p in pairs if (p[0], p[2]) not in done]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    for i, (name, w, rank, kind) in enumerate(pairs):
+    for i, (name, w, rank, kind) in enumerate(pairs, start=len(recs)):
         names = list(tables[kind])
         order = names[i % len(names):] + names[: i % len(names)]
         rec = run_pair(name, w, rank, kind, order, tables[kind])
@@ -282,6 +287,14 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"pairs": recs, "summary": rows, "targets": [
             {"target": a, "pass": b, "value": c} for a, b, c in checks]}, indent=1))
     return 0
+
+
+def _done(jsonl: str | None, wanted: set) -> list[dict]:
+    """The records of ``wanted`` (kernel, rank) pairs already in ``jsonl`` (a stopped run's)."""
+    if not jsonl or not Path(jsonl).exists():
+        return []
+    recs = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    return [r for r in recs if (r["kernel"], r["rank"]) in wanted]
 
 
 def _report(recs: list[dict], title: str):

@@ -21,7 +21,9 @@ class CPNLS(CPDecomposer):
     # 5: at the cap, the polish bisects the penalty that holds it instead of ending at the first crossing.
     # 6: a fit far from exact (error > 5 %) holds the cap as given; above it after the conditioned phase,
     #    the penalty is raised until it holds.
-    version = "6"
+    # 7: a fit the cap stopped on a tensor of <= 1e5 entries gets one more start (cap_restarts); the Gram
+    #    operator's blocks in batched ops (float32 CG sums in another order).
+    version = "7"
 
     @property
     def accepted_options(self) -> frozenset[str]:

@@ -449,9 +449,9 @@ def test_polish_holds_the_cap_rather_than_ending_at_its_first_crossing(monkeypat
 
     mod = importlib.import_module("cpbench.decomposition.solvers.cp_nls")
     t = torch.randn((12, 10, 3, 3), generator=_gen(seed), dtype=torch.float64)
-    held = cp_nls(t, 8)
+    held = cp_nls(t, 8, cap_restarts=0)  # one run: the polish's own behaviour
     monkeypatch.setattr(mod, "_CAP_BISECT", 0)
-    ended = cp_nls(t, 8)
+    ended = cp_nls(t, 8, cap_restarts=0)
     assert ended.info["stop_reason"] == "degeneracy_cap" and ended.info["degeneracy"] < 1.8
     cap = max(2.0, 1.1 * held.info["conditioned_degeneracy"])
     assert ended.info["degeneracy"] < held.info["degeneracy"] <= cap * (1 + 1e-9)
@@ -467,14 +467,14 @@ def test_a_fit_far_from_exact_holds_the_cap_even_where_the_conditioned_phase_end
 
     mod = importlib.import_module("cpbench.decomposition.solvers.cp_nls")
     t = torch.randn((12, 10, 3, 3), generator=_gen(seed), dtype=torch.float64)
-    free = cp_nls(t, 8)
+    free = cp_nls(t, 8, cap_restarts=0)
     cap = 0.9 * free.info["conditioned_degeneracy"]
-    capped = cp_nls(t, 8, degeneracy_cap=cap)
+    capped = cp_nls(t, 8, degeneracy_cap=cap, cap_restarts=0)
     assert capped.info["conditioned_degeneracy"] > cap and capped.info["rel_error"] > 0.05
     assert capped.info["penalty_raises"] >= 1 and capped.info["degeneracy"] <= cap * (1 + 1e-9)
     assert capped.info["rel_error"] < free.info["rel_error"] * 1.05  # a fit still (another local minimum, here)
     monkeypatch.setattr(mod, "_RAISES", 0)
-    slack = cp_nls(t, 8, degeneracy_cap=cap)
+    slack = cp_nls(t, 8, degeneracy_cap=cap, cap_restarts=0)
     assert slack.info["penalty_raises"] == 0 and slack.info["degeneracy"] > cap
 
 
@@ -587,3 +587,43 @@ def test_restarts_stop_at_an_exact_fit():
     t, _ = _low_rank((6, 5, 3, 3), 3, 7)
     res = cp_nls(t, 3, restarts=4)
     assert res.info["rel_error"] < 1e-9 and res.info["starts"] == [res.info["rel_error"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# cap_restarts: another start when the polish ended at the degeneracy cap (small tensors)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_a_fit_stopped_by_the_cap_is_restarted_and_the_lower_error_kept(seed):
+    t = torch.randn((12, 10, 3, 3), generator=_gen(seed), dtype=torch.float64)
+    single = cp_nls(t, 8, cap_restarts=0)
+    assert single.info["stop_reason"] == "degeneracy_cap" and "starts" not in single.info
+    res = cp_nls(t, 8)
+    other = cp_nls(t, 8, seed=1, init="random", cap_restarts=0)  # the restart is a plain run from seed + 1
+    assert res.info["starts"] == pytest.approx([single.info["rel_error"], other.info["rel_error"]], rel=1e-12)
+    assert res.info["rel_error"] == min(res.info["starts"])
+    assert res.info["degeneracy"] <= 2.0 * (1 + 1e-9)  # every start holds the cap
+    again = cp_nls(t, 8)
+    assert all(torch.equal(a, b) for a, b in zip(res.factors, again.factors))
+    more = cp_nls(t, 8, cap_restarts=3)
+    assert len(more.info["starts"]) == 4 and more.info["rel_error"] <= res.info["rel_error"]
+
+
+def test_no_cap_restart_where_the_cap_did_not_stop_the_fit_or_the_tensor_is_large(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("cpbench.decomposition.solvers.cp_nls")
+    exact, _ = _low_rank((6, 5, 3, 3), 3, 7)
+    assert "starts" not in cp_nls(exact, 3).info  # an exact fit ends by tol
+    t = torch.randn((12, 10, 3, 3), generator=_gen(1), dtype=torch.float64)
+    given = cp_nls(t, 8, init=cp_nls(t, 8, max_iter=0, cap_restarts=0).factors)
+    assert given.info["stop_reason"] == "degeneracy_cap" and "starts" not in given.info  # factors given: kept
+    monkeypatch.setattr(mod, "_CAP_RESTART_ENTRIES", t.numel() - 1)
+    large = cp_nls(t, 8)
+    assert large.info["stop_reason"] == "degeneracy_cap" and "starts" not in large.info
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_cap_restarts(bad):
+    with pytest.raises(SolverInputError, match=r"cap_restarts must be an integer >= 0, got"):
+        cp_nls(_kernel((4, 3, 3), 0), 2, cap_restarts=bad)
