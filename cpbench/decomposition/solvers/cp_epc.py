@@ -34,7 +34,8 @@ from ._cp_common import (
     rel_error,
     validate_inputs,
 )
-from .cp_nls import CG_PRECISIONS, _LMRun, _Problem, _StepRule
+from ._lm import LMRun, Problem, StepRule
+from .cp_nls import CG_PRECISIONS
 
 __all__ = ["cp_epc"]
 
@@ -120,9 +121,9 @@ def cp_epc(
     if cg_precision not in CG_PRECISIONS:
         raise SolverInputError(f"cg_precision must be one of {tuple(CG_PRECISIONS)}, got {cg_precision!r}")
     deadline = None if time_budget_s is None else t_start + float(time_budget_s)
-    rule = _StepRule(int(cg_max_iter), float(cg_tol), CG_PRECISIONS[cg_precision], float(inner_tol),
+    rule = StepRule(int(cg_max_iter), float(cg_tol), CG_PRECISIONS[cg_precision], float(inner_tol),
                      1e-12, 0.0, deadline)
-    prob = _Problem(t, int(rank))
+    prob = Problem(t, int(rank))
     fit_error = rel_error(t, start)
     fit_degeneracy = degeneracy(start, prob.norm_sq) if prob.norm_sq > 0 else 0.0
     bound = fit_error if error is None else float(error)
@@ -145,7 +146,7 @@ def cp_epc(
         if deadline is not None and time.perf_counter() >= deadline:
             stop = "time_budget"
             break
-        run = _LMRun(prob, best, mu, rule, lam=lam)
+        run = LMRun(prob, best, mu, rule, lam=lam)
         while run.iterations < min(int(inner_iter), int(max_iter) - iterations):
             accepted, decrease, f_before, tiny = run.step()
             if (accepted and decrease <= inner_tol * f_before) or tiny or run.out_of_time():

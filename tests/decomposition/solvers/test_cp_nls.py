@@ -18,7 +18,7 @@ from cpbench.decomposition.solvers._cp_common import (
     tree_split,
 )
 from cpbench.decomposition.solvers.cp_als import _als_sweeps
-from cpbench.decomposition.solvers.cp_nls import _GramOperator, _partial_mttkrps, _pcg, _Problem, _solve
+from cpbench.decomposition.solvers._lm import GramOperator, Problem, partial_mttkrps, pcg, solve
 
 torch.set_num_threads(1)
 
@@ -119,7 +119,7 @@ def test_partial_mttkrps_match_explicit(dims):
     rank = 3
     p = torch.randn(dims + (rank,), generator=g, dtype=torch.float64)
     mats = [torch.randn((d, rank), generator=g, dtype=torch.float64) for d in dims]
-    out = _partial_mttkrps(p, mats)
+    out = partial_mttkrps(p, mats)
     k = len(dims)
     for j in range(k):
         # move mode j first, unfold, multiply column-wise by the Khatri-Rao of the others
@@ -148,7 +148,7 @@ def test_gradient_and_gram_operator_match_autograd(shape):
     g = _gen(2)
     fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
     t = torch.randn(shape, generator=g, dtype=torch.float64)
-    prob = _Problem(t, rank)
+    prob = Problem(t, rank)
     ev = prob.evaluate(fs, mu)
     grad = torch.cat([x.reshape(-1) for x in prob.gradient(ev, mu)])
 
@@ -173,7 +173,7 @@ def test_gradient_and_gram_operator_match_autograd(shape):
     ref = jac.T @ (jac @ v) + mu * jp.T @ (jp @ v) + lam * v
     ref_undamped = ref - lam * v
     for batched in (True, False):
-        op = _GramOperator(fs, ev["grams"], mu, lam, batched=batched)
+        op = GramOperator(fs, ev["grams"], mu, lam, batched=batched)
         hv = torch.cat([y.reshape(-1) for y in op.unpack(op.apply(op.pack(split(v))))])
         assert torch.allclose(hv, ref, rtol=1e-10, atol=1e-10)
         hu = torch.cat([y.reshape(-1) for y in op.unpack(op.apply(op.pack(split(v)), damped=False))])
@@ -197,19 +197,19 @@ def test_gradient_at_a_new_penalty_reuses_the_fit_part(monkeypatch):
     shape, rank = (6, 5, 3, 3), 4
     g = _gen(3)
     fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
-    prob = _Problem(torch.randn(shape, generator=g, dtype=torch.float64), rank)
+    prob = Problem(torch.randn(shape, generator=g, dtype=torch.float64), rank)
     ev = prob.evaluate(fs, 0.3)
     calls = []
     fit = prob._fit_gradient
     monkeypatch.setattr(prob, "_fit_gradient", lambda e: calls.append(1) or fit(e))
     prob.gradient(ev, 0.3)
     moved = prob.gradient(ev, 0.05)
-    fresh = _Problem(prob.t, rank).gradient(_Problem(prob.t, rank).evaluate(fs, 0.05), 0.05)
+    fresh = Problem(prob.t, rank).gradient(Problem(prob.t, rank).evaluate(fs, 0.05), 0.05)
     assert len(calls) == 1
     for a, b in zip(moved, fresh):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     calls.clear()
-    monkeypatch.setattr(_Problem, "_fit_gradient", lambda self, e: calls.append(1) or fit.__func__(self, e))
+    monkeypatch.setattr(Problem, "_fit_gradient", lambda self, e: calls.append(1) or fit.__func__(self, e))
     info = cp_nls(prob.t, rank, max_iter=40).info
     assert info["accepted_steps"] >= 20
     # one per accepted point and one per phase's start; recomputed at every change of mu it had been ~2x
@@ -222,7 +222,7 @@ def test_gradient_of_exact_residual_path_matches_autograd():
     t, fs = _low_rank(shape, rank, 7)
     g = _gen(3)
     fs = [f + 1e-5 * torch.randn(f.shape, generator=g, dtype=torch.float64) for f in fs]
-    prob = _Problem(t, rank)
+    prob = Problem(t, rank)
     ev = prob.evaluate(fs, mu)
     assert ev["resid"] is not None
     grad = torch.cat([x.reshape(-1) for x in prob.gradient(ev, mu)])
@@ -248,16 +248,16 @@ def test_pcg_single_precision_solves_the_system(batched):
     g = _gen(5)
     fs = [torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape]
     t = torch.randn(shape, generator=g, dtype=torch.float64)
-    ev = _Problem(t, rank).evaluate(fs, 0.1)
-    op = _GramOperator(fs, ev["grams"], 0.1, 0.5, batched=batched)
+    ev = Problem(t, rank).evaluate(fs, 0.1)
+    op = GramOperator(fs, ev["grams"], 0.1, 0.5, batched=batched)
     b = op.pack([torch.randn((s, rank), generator=g, dtype=torch.float64) for s in shape])
-    x64, _ = _pcg(op, b, 200, 1e-12)
+    x64, _ = pcg(op, b, 200, 1e-12)
     assert torch.allclose(op.apply(x64), b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
     for scale in (1.0, 1e30, 1e-30):  # the lowered system is rescaled: no overflow/underflow
-        x32, it = _solve(op, b * scale, 200, 1e-5, torch.float32)
+        x32, it = solve(op, b * scale, 200, 1e-5, torch.float32)
         assert x32.dtype == torch.float64 and it >= 1
         assert torch.allclose(x32 / scale, x64, rtol=1e-3, atol=1e-3 * float(x64.abs().max()))
-    x, it = _solve(op, b, 200, 1e-12, torch.float64)
+    x, it = solve(op, b, 200, 1e-12, torch.float64)
     assert torch.equal(x, x64)
 
 
