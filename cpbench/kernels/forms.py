@@ -66,6 +66,7 @@ __all__ = [
     "as_layout",
     "build_form",
     "configure_malloc",
+    "FORMS_VERSION",
     "chunk_size",
     "optimize_cp_blocks",
     "rel_error",
@@ -397,10 +398,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 class ConvGemm(nn.Module):
     """A plain ``nn.Conv2d`` that is one matrix product (form ``conv-gemm``), exact.
 
-    Three cases, all ``groups == 1``: a kernel that covers its whole unpadded input (the output is
+    Four cases, all ``groups == 1``: a kernel that covers its whole unpadded input (the output is
     1×1: ``addmm(bias, x.flatten(1), Wᵀ)``; the character network's conv3, 8×8 on 8×8, is one); a
     1×1 stride-1 unpadded kernel (``W @ x`` per image on the NCHW view, or ``x @ Wᵀ`` on the
-    channels-last view); and a layer with at most :data:`IM2COL_MAX_IN` input channels — a network's
+    channels-last view); a ``kh×1`` kernel that covers the input's whole height (``rows``: one
+    ``(N·W, S·H) @ Wᵀ``; the first layer of a spatial SVD of a kernel that
+    covers its input, e.g. the character network's conv3 as 8×1 then 1×8, where oneDNN runs a general
+    conv); and a layer with at most :data:`IM2COL_MAX_IN` input channels — a network's
     first layer — as ``W @ unfold(x)`` (im2col: the patches are small, and a direct conv kernel
     vectorised over input channels has almost nothing to vectorise; the character network's conv1,
     9×9 on one channel, is one).
@@ -419,7 +423,7 @@ class ConvGemm(nn.Module):
         w = conv.weight.detach().reshape(conv.weight.shape[0], -1)  # (T, S·kh·kw)
         # Wᵀ contiguous, not a transposed view: addmm on the view measured 1.61 ms against 1.14 ms at
         # batch 32 for charnet's conv3. W itself is kept only where it is used (pointwise on NCHW, im2col).
-        self.register_buffer("wt", w.t().contiguous() if self.kind != "im2col" else None)
+        self.register_buffer("wt", w.t().contiguous() if self.kind in ("cover", "pointwise", "rows") else None)
         self.register_buffer("w", w.clone() if self.kind in ("pointwise", "im2col") else None)
         self.unfold = None
         if self.kind == "im2col":
@@ -463,6 +467,17 @@ class ConvGemm(nn.Module):
             y = y.view(n, -1, ho, wo)
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+        if self.kind == "rows":
+            # one GEMM (N·W, S·H) @ (S·H, T): the columns of every image as the rows of one matrix (a
+            # transposed view at batch 1, one copy above). Not W @ x per image, (T, S·H) @ (S·H, W): with
+            # W = 8 columns that skinny product ran no faster than oneDNN's conv (charnet's conv3 as an
+            # 8x1 layer of rank 96, one thread: conv 344 us, W @ x 331 us, this 35 us; at batch 32 W @ x
+            # was 5x slower than the conv, this 1.05x faster than it, measured interleaved on a loaded host)
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            rows = x.contiguous().view(n, s * h, w).transpose(1, 2).reshape(n * w, s * h)
+            y = rows @ self.wt if self.bias is None else torch.addmm(self.bias, rows, self.wt)
+            y = y.view(n, w, -1).permute(0, 2, 1).unsqueeze(2)  # (N, T, 1, W) in channels-last strides
+            return y if channels_last else y.contiguous()
         if self.kind == "cover":
             flat = x.reshape(n, -1)
             y = flat @ self.wt if self.bias is None else torch.addmm(self.bias, flat, self.wt)
@@ -483,7 +498,7 @@ IM2COL_MAX_IN = 4
 
 
 def conv_gemm_kind(conv: nn.Module, input_shape: tuple[int, ...]) -> str | None:
-    """"cover", "pointwise", "im2col" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
+    """"cover", "pointwise", "rows", "im2col" or None: whether (and how) ``conv`` on ``input_shape`` is one GEMM."""
     if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
         return None
     pad = geometry(conv).symmetric_padding()
@@ -493,6 +508,8 @@ def conv_gemm_kind(conv: nn.Module, input_shape: tuple[int, ...]) -> str | None:
         return "cover"
     if pad == (0, 0) and (kh, kw) == (1, 1) and conv.stride == (1, 1):
         return "pointwise"
+    if pad == (0, 0) and kh == h and kw == 1 and conv.stride[1] == 1 and conv.dilation[0] == 1:
+        return "rows"
     if pad is not None and conv.in_channels <= IM2COL_MAX_IN:
         return "im2col"
     return None
@@ -517,6 +534,9 @@ def _plain_convs(model: nn.Module) -> list[str]:
 # for exactness on the real weights before use. `cpbench run --no-cache` chooses afresh.
 _CHOICES_VERSION = 1
 _CHOICE_STORE: Any = None
+#: Bumped when an execution form is added or changed, so timings kept elsewhere (the tune's latency
+#: table) are not reused across it. 2: ConvGemm's ``rows`` kind.
+FORMS_VERSION = 2
 
 
 def use_choice_store(store: Any) -> None:

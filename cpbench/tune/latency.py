@@ -131,7 +131,10 @@ class LatencyTable:
     @classmethod
     def for_run(cls, cache_root: str | Path | None, *, backend: str, threads: int, timer: PairTimer,
                 machine: dict | None = None) -> "LatencyTable":
-        context = {"machine": machine or machine_key(), "backend": backend, "threads": threads}
+        from ..kernels.forms import FORMS_VERSION
+
+        # the forms a backend may choose are part of what was timed: a new one times everything anew
+        context = {"machine": machine or machine_key(), "backend": backend, "threads": threads, "forms": FORMS_VERSION}
         path = None if cache_root is None else Path(cache_root) / "latency" / f"{key_of(context)}.json"
         return cls(context, timer, path)
 

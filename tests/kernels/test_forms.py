@@ -159,6 +159,9 @@ def test_band_form_refuses_other_padding_modes():
     (nn.Conv2d(6, 10, (3, 5), bias=False), (1, 6, 3, 5), "cover"),
     (nn.Conv2d(6, 10, 1), (3, 6, 5, 7), "pointwise"),
     (nn.Conv2d(6, 10, 1, bias=False), (1, 6, 2, 2), "pointwise"),
+    (nn.Conv2d(128, 96, (8, 1)), (1, 128, 8, 8), "rows"),  # a spatial SVD's first layer of charnet's conv3
+    (nn.Conv2d(6, 10, (5, 1), stride=(3, 1), bias=False), (3, 6, 5, 7), "rows"),
+    (nn.Conv2d(6, 10, (4, 1), dilation=(1, 3)), (2, 6, 4, 5), "rows"),  # a 1-wide kernel: its width dilation is moot
     (nn.Conv2d(1, 96, 9), (2, 1, 24, 24), "im2col"),  # the character network's conv1
     (nn.Conv2d(3, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False), (3, 3, 11, 9), "im2col"),
     (nn.Conv2d(2, 5, 3, padding="same", dilation=2), (1, 2, 7, 6), "im2col"),
@@ -179,6 +182,10 @@ def test_conv_gemm_is_exact(conv, shape, kind, layout):
     (nn.Conv2d(6, 10, 3), (1, 6, 5, 5)),  # an ordinary conv
     (nn.Conv2d(3, 4, 4, padding="same"), (1, 3, 6, 6)),  # 'same' with an odd total padding: not unfoldable
     (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (1, 3, 6, 6)),
+    (nn.Conv2d(6, 10, (8, 1), padding=(0, 1)), (1, 6, 8, 8)),  # rows, but padded
+    (nn.Conv2d(6, 10, (8, 1), stride=(1, 2)), (1, 6, 8, 8)),  # rows, but strided across them
+    (nn.Conv2d(6, 10, (4, 1), dilation=(2, 1)), (1, 6, 7, 5)),  # rows 0, 2, 4, 6 of 7: not one view
+    (nn.Conv2d(6, 10, (3, 1)), (1, 6, 8, 8)),  # fewer rows than the input
 ])
 def test_conv_gemm_only_where_it_is_one_gemm(conv, shape):
     assert conv_gemm_kind(conv, shape) is None
