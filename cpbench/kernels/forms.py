@@ -115,6 +115,11 @@ def configure_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = (1 << 
     return dict(state)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also contiguous, as a 1×1 or one-channel tensor is)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def rel_error(out, ref) -> float:
     """max |out - ref| / max |ref|, the largest over the output tensors (a network may return a tuple,
     list or dict of them, :mod:`cpbench.nn.outputs`: a small head is held to the same bound as a large
@@ -465,15 +470,16 @@ class ConvGemm(nn.Module):
                 if self.bias is not None:
                     y = y.add_(self.bias[:, None])
             y = y.view(n, -1, ho, wo)
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            channels_last = is_channels_last(x)
             return y.contiguous(memory_format=torch.channels_last) if channels_last else y
         if self.kind == "rows":
             # one GEMM (N·W, S·H) @ (S·H, T): the columns of every image as the rows of one matrix (a
             # transposed view at batch 1, one copy above). Not W @ x per image, (T, S·H) @ (S·H, W): with
             # W = 8 columns that skinny product ran no faster than oneDNN's conv (charnet's conv3 as an
             # 8x1 layer of rank 96, one thread: conv 344 us, W @ x 331 us, this 35 us; at batch 32 W @ x
-            # was 5x slower than the conv, this 1.05x faster than it, measured interleaved on a loaded host)
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            # was 5x slower than the conv, this within 5% of it at rank 96 and 1.2x faster at 170; measured
+            # interleaved on a loaded host. The backend times it against the conv and keeps the faster)
+            channels_last = is_channels_last(x)
             rows = x.contiguous().view(n, s * h, w).transpose(1, 2).reshape(n * w, s * h)
             y = rows @ self.wt if self.bias is None else torch.addmm(self.bias, rows, self.wt)
             y = y.view(n, w, -1).permute(0, 2, 1).unsqueeze(2)  # (N, T, 1, W) in channels-last strides
@@ -482,7 +488,7 @@ class ConvGemm(nn.Module):
             flat = x.reshape(n, -1)
             y = flat @ self.wt if self.bias is None else torch.addmm(self.bias, flat, self.wt)
             return y.view(n, -1, 1, 1)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             y = torch.matmul(x.permute(0, 2, 3, 1), self.wt)
             if self.bias is not None:
                 y = y.add_(self.bias)
