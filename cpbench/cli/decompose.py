@@ -106,5 +106,13 @@ def cmd_decompose(args) -> int:
     else:
         print(f"{dec.name} rank {spec.value} on {tuple(w.shape)}: rel_error {fact.rel_error:.6g} in {seconds:.3f} s")
         for k, v in out["info"].items():
-            print(f"  {k}: {v}")
+            print(f"  {k}: {_brief(v)}")
     return 0
+
+
+def _brief(value, keep: int = 4):
+    """A long list (a history of every step) as its length, first and last values; ``--json`` has it all."""
+    if isinstance(value, list) and len(value) > 2 * keep:
+        head, tail = ", ".join(map(str, value[:keep // 2])), ", ".join(map(str, value[-(keep // 2):]))
+        return f"[{head}, ... {tail}] ({len(value)} values; --json for all)"
+    return value

@@ -61,6 +61,18 @@ def test_decompose_kernel_files(tmp_path, capsys, suffix):
     assert "seconds" in out and out["info"]["converged"] is True
 
 
+def test_decompose_text_output_shortens_the_step_history(tmp_path, capsys):
+    path = tmp_path / "k.npy"
+    np.save(path, torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)).numpy())
+    assert main(["decompose", str(path), "--rank", "3", "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)["info"]["rel_error_history"]
+    assert len(history) > 8  # the full list is in --json
+    assert main(["decompose", str(path), "--rank", "3"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "rel_error_history" in x)
+    assert f"({len(history)} values; --json for all)" in line and str(history[-1]) in line
+    assert str(history[len(history) // 2]) not in line
+
+
 @pytest.mark.parametrize("argv, text", [
     (["decompose", "missing.npy", "--rank", "3"], "kernel file not found"),
     (["decompose", "{k}", "--rank", "0", "--method", "cp-als"], "out of range"),
