@@ -422,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cpbench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cpbench ... | head`): stop quietly, exit 1 as rich's tables do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 
 
 if __name__ == "__main__":

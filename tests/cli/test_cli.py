@@ -154,3 +154,17 @@ def test_executor_flags_go_to_the_executors_that_declare_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--scheduler is not an option of executor 'local'; executors that take it: dask" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["plugins", "decompose"])
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path, command):
+    """`cpbench ... | head -0`: the reader is gone before cpbench writes; no traceback, exit 1 (plain prints and
+    rich's tables alike)."""
+    kernel = tmp_path / "k.npy"
+    np.save(kernel, np.random.default_rng(0).standard_normal((8, 4, 3, 3)))
+    argv = ["plugins"] if command == "plugins" else ["decompose", str(kernel), "--rank", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "cpbench", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before cpbench has imported, let alone written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
